@@ -1,0 +1,18 @@
+//! external-db-sync: keeps each tenant's user data continuously copied from the internal
+//! PostgreSQL into PostgreSQL databases that the tenants own.
+//!
+//! The flow (DESIGN.md §1): triggers flag changed rows; the [`sequencer`] numbers them
+//! and queues one request per dirty tenancy; the poller publishes those requests; the
+//! sync engine applies each tenancy's changes to its databases.
+
+pub mod auth;
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod routes;
+pub mod sequencer;
+pub mod startup;
+pub mod telemetry;
+pub mod workers;

@@ -1,0 +1,41 @@
+//! The HTTP interface (DESIGN.md §7). Handlers are thin: they authenticate, extract,
+//! call a plain function and shape the answer.
+
+mod cron;
+mod health;
+mod sequencer;
+
+use axum::routing::get;
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+use crate::startup::AppState;
+
+/// Common prefix of the service's internal routes, as in the platform this mirrors.
+const PREFIX: &str = "/api/latest/internal/external-db-sync";
+
+/// Path of the sync-engine webhook; also what QStash is asked to call and what the
+/// signature's `sub` claim names (after `PUBLIC_URL`).
+pub const SYNC_ENGINE_PATH: &str = "/api/latest/internal/external-db-sync/sync-engine";
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route(
+            &format!("{PREFIX}/sequencer"),
+            get(sequencer::run).post(sequencer::run),
+        )
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_engine_path_is_under_the_prefix() {
+        assert_eq!(SYNC_ENGINE_PATH, format!("{PREFIX}/sync-engine"));
+    }
+}

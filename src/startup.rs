@@ -1,0 +1,167 @@
+//! Building and running the service: the HTTP server and, with `RUN_WORKERS=true`, the
+//! in-process workers, all stopped by one cancellation token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::{db, routes, sequencer, workers};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    /// Cancelled when the service shuts down; long-running handlers stop early on it.
+    pub shutdown: CancellationToken,
+}
+
+/// A bound, not yet running service. Binding first lets tests ask for port 0 and learn
+/// the real port before serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Binds `config.bind_addr`. The database must already be migrated.
+    pub async fn build(
+        config: Config,
+        pool: PgPool,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.bind_addr)
+            .await
+            .with_context(|| format!("cannot listen on BIND_ADDR {}", config.bind_addr))?;
+        Ok(Self {
+            listener,
+            state: AppState {
+                pool,
+                config: Arc::new(config),
+                shutdown,
+            },
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has a local address")
+    }
+
+    /// Serves until the shutdown token is cancelled, then waits for in-flight requests
+    /// and workers to finish. If any task ends on its own, the others are stopped too
+    /// and the error names the task.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Application { listener, state } = self;
+        let shutdown = state.shutdown.clone();
+        let mut tasks = JoinSet::new();
+
+        let router = routes::router(state.clone());
+        let http_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .await;
+            ("http server", served.map_err(anyhow::Error::from))
+        });
+
+        if state.config.run_workers {
+            let worker_state = state.clone();
+            tasks.spawn(async move {
+                let settings = &worker_state.config.sequencer;
+                workers::run_loop(
+                    "sequencer",
+                    worker_state.shutdown.clone(),
+                    settings.idle_interval,
+                    || async {
+                        sequencer::run_once(&worker_state.pool, settings)
+                            .await
+                            .map(|run| run.outcome(settings.batch_size))
+                    },
+                )
+                .await;
+                ("sequencer worker", Ok(()))
+            });
+        }
+
+        let mut first_failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (task, result) = match joined {
+                Ok(ended) => ended,
+                Err(join_error) => ("a task", Err(anyhow::anyhow!("panicked: {join_error}"))),
+            };
+            let unexpected = !shutdown.is_cancelled();
+            match (&result, unexpected) {
+                (Ok(()), false) => tracing::info!(task, "stopped"),
+                (Ok(()), true) => tracing::error!(task, "ended unexpectedly; stopping the service"),
+                (Err(error), _) => {
+                    tracing::error!(task, error = %format!("{error:#}"), "failed; stopping the service")
+                }
+            }
+            if unexpected || result.is_err() {
+                shutdown.cancel();
+                if first_failure.is_none() {
+                    first_failure = Some(match result {
+                        Ok(()) => anyhow::anyhow!("{task} ended unexpectedly"),
+                        Err(error) => error.context(format!("{task} failed")),
+                    });
+                }
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
+    }
+}
+
+/// `serve`: connect, migrate, listen, and run until SIGINT or SIGTERM.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let pool = db::connect(&config.database)
+        .await
+        .context("cannot connect to the internal database (DATABASE_URL)")?;
+    db::migrate(&pool)
+        .await
+        .context("cannot migrate the internal database")?;
+    let shutdown = CancellationToken::new();
+    let application = Application::build(config, pool.clone(), shutdown.clone()).await?;
+    tracing::info!(address = %application.local_addr(), "listening");
+    tokio::spawn(cancel_on_signal(shutdown));
+    application.run().await?;
+    pool.close().await;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!(signal = "SIGINT", "shutting down"),
+        () = terminate => tracing::info!(signal = "SIGTERM", "shutting down"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,84 @@
+//! Background loops that `serve` runs in-process (`RUN_WORKERS=true`), so that one
+//! process does the whole job without an external cron.
+//!
+//! A worker is a loop around a testable run-once function. It goes again at once while
+//! there is work, sleeps only when idle (or switched off by the fusebox), backs off with
+//! jitter after an error, and ends when the shutdown token is cancelled.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff;
+use crate::error::error_chain;
+
+/// What one step of a worker did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Switched off by the fusebox; nothing was done.
+    Disabled,
+    /// Nothing to do.
+    Idle,
+    /// `n` items processed; `more` when the step stopped at its batch limit, so more work
+    /// is probably waiting.
+    Worked { n: u64, more: bool },
+}
+
+impl Outcome {
+    pub fn is_idle(&self) -> bool {
+        matches!(self, Outcome::Idle | Outcome::Disabled)
+    }
+}
+
+/// Runs `step` until `shutdown` is cancelled. Errors are logged and retried with
+/// backoff; they never end the loop, because the next attempt may well succeed (the
+/// database restarted, a lock timed out).
+pub async fn run_loop<F, Fut, E>(
+    name: &'static str,
+    shutdown: CancellationToken,
+    idle_interval: Duration,
+    mut step: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Outcome, E>>,
+    E: std::error::Error + 'static,
+{
+    tracing::info!(worker = name, "worker started");
+    let mut consecutive_failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let pause = match step().await {
+            Ok(outcome) => {
+                consecutive_failures = 0;
+                if outcome.is_idle() {
+                    idle_interval
+                } else {
+                    Duration::ZERO
+                }
+            }
+            Err(error) => {
+                consecutive_failures = consecutive_failures.saturating_add(1);
+                let wait = backoff::delay(
+                    consecutive_failures,
+                    Duration::from_millis(200),
+                    Duration::from_secs(30),
+                );
+                tracing::warn!(
+                    worker = name,
+                    error = %error_chain(&error),
+                    consecutive_failures,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "worker step failed"
+                );
+                wait
+            }
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+    tracing::info!(worker = name, "worker stopped");
+}
