@@ -1,0 +1,222 @@
+//! The binary itself: configuration errors, `migrate`, `serve` and its shutdown.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+use crate::harness::app::CRON_SECRET;
+use crate::harness::postgres::server;
+use crate::harness::wait;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_external-db-sync");
+/// Every variable the service reads, cleared so that the caller's environment cannot leak
+/// into a test.
+const VARIABLES: [&str; 16] = [
+    "DATABASE_URL",
+    "DATABASE_MAX_CONNECTIONS",
+    "BIND_ADDR",
+    "PUBLIC_URL",
+    "CRON_SECRET",
+    "SYNC_QUEUE",
+    "QSTASH_URL",
+    "QSTASH_TOKEN",
+    "QSTASH_CURRENT_SIGNING_KEY",
+    "QSTASH_NEXT_SIGNING_KEY",
+    "RUN_WORKERS",
+    "ALLOW_PRIVATE_TARGETS",
+    "RUST_LOG",
+    "LOG_FORMAT",
+    "SEQUENCER_BATCH_SIZE",
+    "SEQUENCER_IDLE_INTERVAL_MS",
+];
+
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BINARY);
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    for variable in VARIABLES {
+        command.env_remove(variable);
+    }
+    command.envs(env.iter().copied());
+    command
+}
+
+/// Runs the binary to completion (bounded) and returns (exit code, stderr).
+async fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let output = tokio::time::timeout(Duration::from_secs(60), command(args, env).output())
+        .await
+        .expect("the command finished within a minute")
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn assert_config_error(env: &[(&str, &str)], variable: &str, secret: Option<&str>) {
+    let (code, stderr) = run(&["serve"], env).await;
+    assert_eq!(code, Some(2), "{variable}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].contains(variable), "names {variable}: {stderr}");
+    if let Some(secret) = secret {
+        assert!(!stderr.contains(secret), "leaks a secret: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn an_unparsable_database_url_stops_start_up_naming_the_variable() {
+    let env = [
+        (
+            "DATABASE_URL",
+            "postgres://app:s3cr3t-pass@host:notaport/db",
+        ),
+        ("CRON_SECRET", CRON_SECRET),
+    ];
+    assert_config_error(&env, "DATABASE_URL", Some("s3cr3t-pass")).await;
+}
+
+#[tokio::test]
+async fn an_unknown_sync_queue_stops_start_up_naming_the_variable() {
+    let env = [
+        ("DATABASE_URL", "postgres://app:s3cr3t-pass@localhost/db"),
+        ("CRON_SECRET", CRON_SECRET),
+        ("SYNC_QUEUE", "nonsense"),
+    ];
+    assert_config_error(&env, "SYNC_QUEUE", Some(CRON_SECRET)).await;
+}
+
+#[tokio::test]
+async fn missing_required_variables_stop_start_up_naming_them() {
+    assert_config_error(&[("CRON_SECRET", CRON_SECRET)], "DATABASE_URL", None).await;
+    assert_config_error(
+        &[("DATABASE_URL", "postgres://localhost/db")],
+        "CRON_SECRET",
+        None,
+    )
+    .await;
+    let bad_log = [
+        ("DATABASE_URL", "postgres://localhost/db"),
+        ("CRON_SECRET", CRON_SECRET),
+        ("LOG_FORMAT", "xml"),
+    ];
+    assert_config_error(&bad_log, "LOG_FORMAT", None).await;
+}
+
+#[tokio::test]
+async fn help_documents_every_command() {
+    let (code, _) = run(&["--help"], &[]).await;
+    assert_eq!(code, Some(0));
+    let output = command(&["--help"], &[]).output().await.unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("serve") && help.contains("migrate"), "{help}");
+    for subcommand in ["serve", "migrate"] {
+        let output = command(&[subcommand, "--help"], &[])
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success());
+        assert!(!output.stdout.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_and_can_run_again() {
+    let url = server().empty_database("migrate").await;
+
+    for attempt in 1..=2 {
+        let (code, stderr) = run(&["migrate"], &[("DATABASE_URL", &url)]).await;
+        assert_eq!(code, Some(0), "attempt {attempt}: {stderr}");
+    }
+
+    let pool = crate::harness::postgres::pool(&url).await;
+    let tables: i64 = sqlx::query_scalar(
+        r#"select count(*) from information_schema.tables where table_schema = 'public' and table_name in
+           ('Tenancy', 'ProjectUser', 'ContactChannel', 'DeletedRow', 'OutgoingRequest', 'ExternalDbSyncMetadata')"#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 6);
+}
+
+#[tokio::test]
+async fn migrate_reports_an_unreachable_database_on_one_line() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://app:s3cr3t-pass@127.0.0.1:{port}/db?connect_timeout=2");
+    let (code, stderr) = run(&["migrate"], &[("DATABASE_URL", &url)]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t-pass"), "{stderr}");
+}
+
+async fn wait_until_healthy(address: &str, child: &mut Child) {
+    let client = reqwest::Client::new();
+    wait::until("serve to answer /healthz", Duration::from_secs(30), || {
+        let exited = child.try_wait().unwrap();
+        let client = &client;
+        async move {
+            assert!(exited.is_none(), "serve exited early: {exited:?}");
+            let response = client
+                .get(format!("http://{address}/healthz"))
+                .send()
+                .await
+                .ok()?;
+            (response.status() == 200).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn serve_shuts_down_cleanly_on_sigterm() {
+    let url = server().migrated_database().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let mut child = command(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &url),
+            ("CRON_SECRET", CRON_SECRET),
+            ("BIND_ADDR", &address),
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_until_healthy(&address, &mut child).await;
+
+    // SAFETY: kill has no memory-safety preconditions; the pid is our live child's.
+    let sent = unsafe { libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("serve exits within 30 s of SIGTERM")
+        .unwrap();
+
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("shut down cleanly"), "{stderr}");
+    assert!(
+        stderr.contains("sequencer"),
+        "the worker reported its end: {stderr}"
+    );
+    assert!(!stderr.contains(CRON_SECRET), "{stderr}");
+}

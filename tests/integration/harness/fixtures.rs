@@ -1,0 +1,132 @@
+//! Writing source rows the way the application would: plain SQL on the internal tables.
+
+use std::time::Duration;
+
+use external_db_sync::config::SequencerSettings;
+use external_db_sync::sequencer;
+use external_db_sync::workers::Outcome;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub async fn tenancy(pool: &PgPool) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(r#"insert into "Tenancy" ("id", "projectId") values ($1, 'test-project')"#)
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+    id
+}
+
+pub async fn user(pool: &PgPool, tenancy: Uuid, display_name: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName", "serverMetadata")
+           values ($1, $2, $3, $4)"#,
+    )
+    .bind(tenancy)
+    .bind(id)
+    .bind(display_name)
+    .bind(json!({ "plan": "pro" }))
+    .execute(pool)
+    .await
+    .unwrap();
+    id
+}
+
+pub async fn email(pool: &PgPool, tenancy: Uuid, user: Uuid, value: &str, primary: bool) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        r#"insert into "ContactChannel"
+               ("tenancyId", "projectUserId", "id", "type", "isPrimary", "usedForAuth", "value")
+           values ($1, $2, $3, 'EMAIL', $4, true, $5)"#,
+    )
+    .bind(tenancy)
+    .bind(user)
+    .bind(id)
+    .bind(primary.then_some(true))
+    .bind(value)
+    .execute(pool)
+    .await
+    .unwrap();
+    id
+}
+
+pub async fn rename_user(pool: &PgPool, user: Uuid, name: &str) {
+    sqlx::query(r#"update "ProjectUser" set "displayName" = $1 where "projectUserId" = $2"#)
+        .bind(name)
+        .bind(user)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// `("shouldUpdateSequenceId", "sequenceId")` of a user.
+pub async fn user_state(pool: &PgPool, tenancy: Uuid, user: Uuid) -> (bool, Option<i64>) {
+    sqlx::query_as(
+        r#"select "shouldUpdateSequenceId", "sequenceId" from "ProjectUser"
+           where "tenancyId" = $1 and "projectUserId" = $2"#,
+    )
+    .bind(tenancy)
+    .bind(user)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// `("shouldUpdateSequenceId", "sequenceId")` of a contact channel.
+pub async fn channel_state(pool: &PgPool, channel: Uuid) -> (bool, Option<i64>) {
+    sqlx::query_as(
+        r#"select "shouldUpdateSequenceId", "sequenceId" from "ContactChannel" where "id" = $1"#,
+    )
+    .bind(channel)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Rows of the three source tables that still wait for the sequencer.
+pub async fn flagged_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        r#"select (select count(*) from "ProjectUser" where "shouldUpdateSequenceId")
+                + (select count(*) from "ContactChannel" where "shouldUpdateSequenceId")
+                + (select count(*) from "DeletedRow" where "shouldUpdateSequenceId")"#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Deduplication keys of the pending (not yet claimed) sync requests, sorted.
+pub async fn pending_request_keys(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        r#"select "deduplicationKey" from "OutgoingRequest"
+           where "startedFulfillingAt" is null order by 1"#,
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+pub fn request_key(tenancy: Uuid) -> String {
+    format!("external-db-sync:{tenancy}")
+}
+
+/// Runs sequencer batches of `batch_size` until one finds nothing; returns how many
+/// batches did work.
+pub async fn sequence_all(pool: &PgPool, batch_size: u32) -> u32 {
+    let settings = SequencerSettings {
+        batch_size,
+        idle_interval: Duration::from_millis(50),
+    };
+    let mut batches = 0;
+    loop {
+        let run = sequencer::run_once(pool, &settings).await.unwrap();
+        match run.outcome(batch_size) {
+            Outcome::Worked { .. } => batches += 1,
+            Outcome::Idle => return batches,
+            Outcome::Disabled => panic!("the sequencer is switched off"),
+        }
+    }
+}

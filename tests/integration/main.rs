@@ -1,0 +1,12 @@
+//! Integration tests: the real service against a real PostgreSQL server.
+//!
+//! One test binary (rather than one per file) so that every test shares one throwaway
+//! PostgreSQL cluster and the crate is linked once.
+
+mod harness;
+
+mod command_line;
+mod http;
+mod migrations;
+mod sequencer;
+mod triggers;

@@ -1,0 +1,260 @@
+//! Change capture: the triggers of the internal schema (DESIGN.md §3).
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::harness::fixtures::{self, channel_state, sequence_all, user_state};
+use crate::harness::postgres::migrated_pool;
+
+#[tokio::test]
+async fn new_rows_are_flagged_for_the_sequencer() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    let channel = fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+
+    assert_eq!(user_state(&pool, tenancy, user).await, (true, None));
+    assert_eq!(channel_state(&pool, channel).await, (true, None));
+}
+
+#[tokio::test]
+async fn the_sequencers_own_update_does_not_mark_rows_again() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    let channel = fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+
+    sequence_all(&pool, 100).await;
+
+    let (user_flag, user_sequence) = user_state(&pool, tenancy, user).await;
+    let (channel_flag, channel_sequence) = channel_state(&pool, channel).await;
+    assert!(!user_flag && !channel_flag);
+    assert!(user_sequence.is_some() && channel_sequence.is_some());
+    // A second pass finds nothing: sequencing did not flag anything again.
+    assert_eq!(sequence_all(&pool, 100).await, 0);
+    assert_eq!(
+        user_state(&pool, tenancy, user).await,
+        (false, user_sequence)
+    );
+}
+
+#[tokio::test]
+async fn updating_a_sequenced_user_marks_it_again() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    sequence_all(&pool, 100).await;
+    let (_, sequence_before) = user_state(&pool, tenancy, user).await;
+
+    fixtures::rename_user(&pool, user, "Ada L.").await;
+
+    assert_eq!(
+        user_state(&pool, tenancy, user).await,
+        (true, sequence_before)
+    );
+    sequence_all(&pool, 100).await;
+    let (flag, sequence_after) = user_state(&pool, tenancy, user).await;
+    assert!(!flag);
+    assert!(sequence_after > sequence_before);
+}
+
+#[tokio::test]
+async fn updating_a_sequenced_contact_channel_marks_it_again() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    let channel = fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+    sequence_all(&pool, 100).await;
+
+    sqlx::query(r#"update "ContactChannel" set "isVerified" = true where "id" = $1"#)
+        .bind(channel)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    assert!(channel_state(&pool, channel).await.0);
+}
+
+async fn assert_channel_change_marks_user(change: &str) {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    let channel = fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+    sequence_all(&pool, 100).await;
+    assert!(!user_state(&pool, tenancy, user).await.0);
+
+    let statement = match change {
+        "insert" => {
+            r#"insert into "ContactChannel" ("tenancyId", "projectUserId", "id", "type", "value")
+                       values ($1, $2, gen_random_uuid(), 'EMAIL', 'second@example.com')"#
+        }
+        "update" => {
+            r#"update "ContactChannel" set "value" = 'new@example.com'
+                       where "tenancyId" = $1 and "projectUserId" = $2"#
+        }
+        "delete" => {
+            r#"delete from "ContactChannel" where "tenancyId" = $1 and "projectUserId" = $2"#
+        }
+        other => panic!("unknown change {other}"),
+    };
+    sqlx::query(statement)
+        .bind(tenancy)
+        .bind(user)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    assert!(
+        user_state(&pool, tenancy, user).await.0,
+        "{change} of a channel marks its user"
+    );
+    let _ = channel;
+}
+
+#[tokio::test]
+async fn inserting_a_contact_channel_marks_its_user() {
+    assert_channel_change_marks_user("insert").await;
+}
+
+#[tokio::test]
+async fn updating_a_contact_channel_marks_its_user() {
+    assert_channel_change_marks_user("update").await;
+}
+
+#[tokio::test]
+async fn deleting_a_contact_channel_marks_its_user() {
+    assert_channel_change_marks_user("delete").await;
+}
+
+#[tokio::test]
+async fn moving_a_contact_channel_marks_both_users() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let first = fixtures::user(&pool, tenancy, "First").await;
+    let second = fixtures::user(&pool, tenancy, "Second").await;
+    let channel = fixtures::email(&pool, tenancy, first, "moving@example.com", false).await;
+    sequence_all(&pool, 100).await;
+
+    sqlx::query(r#"update "ContactChannel" set "projectUserId" = $1 where "id" = $2"#)
+        .bind(second)
+        .bind(channel)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    assert!(user_state(&pool, tenancy, first).await.0);
+    assert!(user_state(&pool, tenancy, second).await.0);
+}
+
+/// `("primaryKey", "data")` of the tombstones of `table`.
+async fn tombstones(pool: &sqlx::PgPool, table: &str) -> Vec<(Value, Value)> {
+    sqlx::query_as(
+        r#"select "primaryKey", "data" from "DeletedRow" where "tableName" = $1 order by "deletedAt", "id""#,
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn deleting_a_user_writes_tombstones_for_it_and_its_channels() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "O'Connor 🚀").await;
+    let channel = fixtures::email(&pool, tenancy, user, "oc@example.com", true).await;
+
+    sqlx::query(r#"delete from "ProjectUser" where "projectUserId" = $1"#)
+        .bind(user)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let users = tombstones(&pool, "ProjectUser").await;
+    assert_eq!(users.len(), 1);
+    let (primary_key, data) = &users[0];
+    assert_eq!(
+        primary_key,
+        &json!({ "tenancyId": tenancy, "projectUserId": user })
+    );
+    assert_eq!(data["displayName"], "O'Connor 🚀");
+    assert_eq!(data["serverMetadata"], json!({ "plan": "pro" }));
+
+    let channels = tombstones(&pool, "ContactChannel").await;
+    assert_eq!(
+        channels.len(),
+        1,
+        "the cascade deletes the channel, and records it"
+    );
+    assert_eq!(
+        channels[0].0,
+        json!({ "tenancyId": tenancy, "projectUserId": user, "id": channel })
+    );
+    assert_eq!(channels[0].1["value"], "oc@example.com");
+
+    let (tenancy_column, flagged): (Uuid, bool) = sqlx::query_as(
+        r#"select "tenancyId", "shouldUpdateSequenceId" from "DeletedRow" where "tableName" = 'ProjectUser'"#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((tenancy_column, flagged), (tenancy, true));
+}
+
+#[tokio::test]
+async fn deleting_a_contact_channel_writes_a_tombstone() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    let channel = fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+
+    sqlx::query(r#"delete from "ContactChannel" where "id" = $1"#)
+        .bind(channel)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let channels = tombstones(&pool, "ContactChannel").await;
+    assert_eq!(channels.len(), 1);
+    assert_eq!(
+        channels[0].0,
+        json!({ "tenancyId": tenancy, "projectUserId": user, "id": channel })
+    );
+    assert_eq!(channels[0].1["value"], "ada@example.com");
+    assert_eq!(channels[0].1["isPrimary"], true);
+    assert!(tombstones(&pool, "ProjectUser").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_rolled_back_delete_leaves_no_tombstone() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+
+    let mut transaction = pool.begin().await.unwrap();
+    sqlx::query(r#"delete from "ProjectUser" where "projectUserId" = $1"#)
+        .bind(user)
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    let inside: i64 = sqlx::query_scalar(r#"select count(*) from "DeletedRow""#)
+        .fetch_one(&mut *transaction)
+        .await
+        .unwrap();
+    transaction.rollback().await.unwrap();
+
+    assert_eq!(
+        inside, 2,
+        "the tombstones are written in the deleting transaction"
+    );
+    let after: i64 = sqlx::query_scalar(r#"select count(*) from "DeletedRow""#)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(after, 0);
+    assert!(
+        user_state(&pool, tenancy, user).await.0,
+        "the user is still there"
+    );
+}
