@@ -14,6 +14,9 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
 use url::Url;
 
+use crate::sync::target::{InternalDatabase, SessionSettings};
+use crate::sync::SyncSettings;
+
 /// A configuration value that cannot be used. Displayed as one line that names the
 /// variable and never contains the value (it may be a secret).
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,8 @@ pub struct QstashSettings {
     pub token: Option<SecretString>,
     pub current_signing_key: Option<SecretString>,
     pub next_signing_key: Option<SecretString>,
+    /// How far `exp` and `nbf` of a signature may be off (`QSTASH_CLOCK_TOLERANCE_SECS`).
+    pub clock_tolerance: Duration,
 }
 
 /// Tuning of the sequencer.
@@ -102,6 +107,22 @@ pub struct Config {
     pub run_workers: bool,
     pub allow_private_targets: bool,
     pub sequencer: SequencerSettings,
+    pub sync: SyncSettings,
+}
+
+impl DatabaseSettings {
+    /// Where the internal database is, for the sync engine's target policy.
+    pub fn location(&self) -> InternalDatabase {
+        let options = &self.connect_options;
+        InternalDatabase {
+            host: options.get_host().to_owned(),
+            port: options.get_port(),
+            dbname: options
+                .get_database()
+                .unwrap_or_else(|| options.get_username())
+                .to_owned(),
+        }
+    }
 }
 
 /// How logs are written; read before anything else so that start-up is logged.
@@ -239,6 +260,11 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             token: self.secret("QSTASH_TOKEN"),
             current_signing_key: self.secret("QSTASH_CURRENT_SIGNING_KEY"),
             next_signing_key: self.secret("QSTASH_NEXT_SIGNING_KEY"),
+            clock_tolerance: Duration::from_secs(self.parse_or(
+                "QSTASH_CLOCK_TOLERANCE_SECS",
+                5,
+                |raw| parse_in_range(raw, 0, 300),
+            )?),
         };
         if sync_queue == SyncQueue::Qstash && qstash.token.is_none() {
             return Err(ConfigError::new(
@@ -256,6 +282,7 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 |raw| parse_in_range(raw, 1, 3_600_000),
             )?),
         };
+        let sync = self.sync_settings()?;
         Ok(Config {
             database,
             bind_addr,
@@ -266,6 +293,50 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             run_workers: self.bool_or("RUN_WORKERS", true)?,
             allow_private_targets: self.bool_or("ALLOW_PRIVATE_TARGETS", false)?,
             sequencer,
+            sync,
+        })
+    }
+
+    /// `SYNC_*`: batch size, per-run budget, concurrency and tenant-session timeouts.
+    fn sync_settings(&self) -> Result<SyncSettings, ConfigError> {
+        let defaults = SyncSettings::default();
+        let millis = |name: &'static str, default: Duration, max: u64| {
+            let default = u64::try_from(default.as_millis()).unwrap_or(max);
+            self.parse_or(name, default, |raw| parse_in_range(raw, 1, max))
+                .map(Duration::from_millis)
+        };
+        Ok(SyncSettings {
+            batch_size: self.parse_or("SYNC_BATCH_SIZE", defaults.batch_size, |raw| {
+                parse_in_range(raw, 1, 100_000)
+            })?,
+            max_batches_per_run: self.parse_or(
+                "SYNC_MAX_BATCHES_PER_RUN",
+                defaults.max_batches_per_run,
+                |raw| parse_in_range(raw, 1, 100_000),
+            )?,
+            database_concurrency: self.parse_or(
+                "SYNC_DATABASE_CONCURRENCY",
+                defaults.database_concurrency,
+                |raw| parse_in_range(raw, 1, 256),
+            )?,
+            session: SessionSettings {
+                connect_timeout: millis(
+                    "SYNC_CONNECT_TIMEOUT_MS",
+                    defaults.session.connect_timeout,
+                    300_000,
+                )?,
+                statement_timeout: millis(
+                    "SYNC_STATEMENT_TIMEOUT_MS",
+                    defaults.session.statement_timeout,
+                    3_600_000,
+                )?,
+                lock_timeout: millis(
+                    "SYNC_LOCK_TIMEOUT_MS",
+                    defaults.session.lock_timeout,
+                    3_600_000,
+                )?,
+                idle_in_transaction_timeout: defaults.session.idle_in_transaction_timeout,
+            },
         })
     }
 }
@@ -329,6 +400,9 @@ mod tests {
         assert!(config.run_workers);
         assert!(!config.allow_private_targets);
         assert_eq!(config.sequencer.batch_size, 1000);
+        assert_eq!(config.sync.batch_size, 5000);
+        assert_eq!(config.qstash.clock_tolerance, Duration::from_secs(5));
+        assert_eq!(config.database.location().dbname, "app");
     }
 
     #[test]
@@ -359,6 +433,13 @@ mod tests {
             ("ALLOW_PRIVATE_TARGETS", "2"),
             ("SEQUENCER_BATCH_SIZE", "0"),
             ("DATABASE_MAX_CONNECTIONS", "lots"),
+            ("QSTASH_CLOCK_TOLERANCE_SECS", "-1"),
+            ("SYNC_BATCH_SIZE", "0"),
+            ("SYNC_MAX_BATCHES_PER_RUN", "x"),
+            ("SYNC_DATABASE_CONCURRENCY", "1000"),
+            ("SYNC_CONNECT_TIMEOUT_MS", "0"),
+            ("SYNC_STATEMENT_TIMEOUT_MS", "soon"),
+            ("SYNC_LOCK_TIMEOUT_MS", "1.5"),
         ];
         for (variable, value) in cases {
             let error = error_for(&[(variable, value)]);

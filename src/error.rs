@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::auth::qstash::SignatureError;
 use crate::sequencer::SequencerError;
 
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +15,12 @@ pub enum AppError {
     /// Missing, malformed or wrong `Authorization: Bearer …`.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// The `/sync-engine` request is not signed by QStash with a configured key.
+    #[error("invalid Upstash-Signature: {0}")]
+    InvalidSignature(SignatureError),
+    /// `/sync-engine` cannot check signatures because no signing key is configured.
+    #[error("QSTASH_CURRENT_SIGNING_KEY and QSTASH_NEXT_SIGNING_KEY are not set; /sync-engine is disabled")]
+    SigningKeysMissing,
     /// The request itself is wrong; the message is safe to show the caller.
     #[error("{0}")]
     BadRequest(String),
@@ -27,6 +34,11 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, message) = match &self {
             AppError::Unauthorized => (StatusCode::UNAUTHORIZED, self.to_string()),
+            AppError::InvalidSignature(error) => {
+                tracing::warn!(%error, "rejected a sync-engine request");
+                (StatusCode::UNAUTHORIZED, self.to_string())
+            }
+            AppError::SigningKeysMissing => (StatusCode::SERVICE_UNAVAILABLE, self.to_string()),
             AppError::BadRequest(message) => (StatusCode::BAD_REQUEST, message.clone()),
             AppError::Sequencer(_) | AppError::Database(_) => {
                 tracing::error!(error = %error_chain(&self), "request failed");
@@ -37,7 +49,7 @@ impl IntoResponse for AppError {
             }
         };
         let mut response = (status, Json(json!({ "ok": false, "error": message }))).into_response();
-        if status == StatusCode::UNAUTHORIZED {
+        if matches!(self, AppError::Unauthorized) {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"external-db-sync\""),

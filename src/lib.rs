@@ -14,5 +14,6 @@ pub mod error;
 pub mod routes;
 pub mod sequencer;
 pub mod startup;
+pub mod sync;
 pub mod telemetry;
 pub mod workers;

@@ -10,7 +10,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::qstash::Verifier;
 use crate::config::Config;
+use crate::sync::target::TargetPolicy;
+use crate::sync::SyncEngine;
 use crate::{db, routes, sequencer, workers};
 
 /// What every handler can reach.
@@ -18,6 +21,9 @@ use crate::{db, routes, sequencer, workers};
 pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
+    pub engine: Arc<SyncEngine>,
+    /// Checks `/sync-engine` signatures; `None` when no signing key is configured.
+    pub verifier: Option<Arc<Verifier>>,
     /// Cancelled when the service shuts down; long-running handlers stop early on it.
     pub shutdown: CancellationToken,
 }
@@ -39,11 +45,29 @@ impl Application {
         let listener = TcpListener::bind(config.bind_addr)
             .await
             .with_context(|| format!("cannot listen on BIND_ADDR {}", config.bind_addr))?;
+        let engine = SyncEngine::new(
+            pool.clone(),
+            config.sync.clone(),
+            TargetPolicy::new(config.allow_private_targets, config.database.location()),
+        );
+        let sync_engine_url = format!(
+            "{}{}",
+            config.public_url.as_str().trim_end_matches('/'),
+            routes::SYNC_ENGINE_PATH
+        );
+        let verifier = Verifier::new(
+            config.qstash.current_signing_key.as_ref(),
+            config.qstash.next_signing_key.as_ref(),
+            &sync_engine_url,
+            config.qstash.clock_tolerance,
+        );
         Ok(Self {
             listener,
             state: AppState {
                 pool,
                 config: Arc::new(config),
+                engine: Arc::new(engine),
+                verifier: verifier.map(Arc::new),
                 shutdown,
             },
         })

@@ -1,8 +1,12 @@
 //! The internal database: connecting, migrating, and the queries the rest of the
 //! service runs against it. SQL lives here and nowhere else.
 
+pub mod changes;
 pub mod fusebox;
+pub mod queue;
 pub mod sequencing;
+pub mod sync_status;
+pub mod tenancy;
 
 use std::time::Duration;
 

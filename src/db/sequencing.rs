@@ -2,6 +2,8 @@
 
 use sqlx::{PgConnection, PgExecutor};
 
+use super::queue::SYNC_REQUEST_KEY_PREFIX;
+
 /// Key of the transaction-scoped advisory lock that serializes sequencer batches across
 /// every process and replica. Arbitrary but fixed: it is the ASCII of "extdbseq".
 const SEQUENCER_LOCK_KEY: i64 = 0x6578_7464_6273_6571;
@@ -93,7 +95,7 @@ pub async fn sequence_batch(
         ), enqueued as (
             insert into "OutgoingRequest" ("deduplicationKey", "qstashOptions")
             select
-                'external-db-sync:' || "tenancyId",
+                $3::text || "tenancyId"::text,
                 jsonb_build_object(
                     'url', $2::text,
                     'body', jsonb_build_object('tenancyId', "tenancyId"))
@@ -111,6 +113,7 @@ pub async fn sequence_batch(
     )
     .bind(i64::from(batch_size))
     .bind(sync_engine_path)
+    .bind(SYNC_REQUEST_KEY_PREFIX)
     .fetch_one(executor)
     .await
 }

@@ -4,8 +4,10 @@
 mod cron;
 mod health;
 mod sequencer;
+mod sync_engine;
 
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
 use axum::Router;
 use tower_http::trace::TraceLayer;
 
@@ -25,6 +27,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             &format!("{PREFIX}/sequencer"),
             get(sequencer::run).post(sequencer::run),
+        )
+        .route(
+            SYNC_ENGINE_PATH,
+            post(sync_engine::run).layer(DefaultBodyLimit::max(sync_engine::BODY_LIMIT)),
         )
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -9,4 +9,8 @@ mod command_line;
 mod http;
 mod migrations;
 mod sequencer;
+mod sync_engine;
+mod sync_isolation;
+mod sync_targets;
+mod sync_webhook;
 mod triggers;

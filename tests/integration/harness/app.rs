@@ -85,6 +85,19 @@ impl TestApp {
         request.send().await.expect("the app answers")
     }
 
+    /// `POST {path}` with `body` and the given headers.
+    pub async fn post(&self, path: &str, body: Vec<u8>, headers: &[(&str, String)]) -> Response {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.address))
+            .header("content-type", "application/json")
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        request.send().await.expect("the app answers")
+    }
+
     /// `GET {PREFIX}/sequencer?{query}` with the right bearer; asserts 200.
     pub async fn run_sequencer(&self, query: &str) -> Value {
         let response = self

@@ -130,3 +130,60 @@ pub async fn sequence_all(pool: &PgPool, batch_size: u32) -> u32 {
         }
     }
 }
+
+pub async fn delete_user(pool: &PgPool, user: Uuid) {
+    sqlx::query(r#"delete from "ProjectUser" where "projectUserId" = $1"#)
+        .bind(user)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Makes `channel` the primary one of its type (clearing the previous primary first,
+/// as the unique index demands), or not primary.
+pub async fn set_primary(pool: &PgPool, channel: Uuid, primary: bool) {
+    let mut transaction = pool.begin().await.unwrap();
+    if primary {
+        sqlx::query(
+            r#"update "ContactChannel" as other set "isPrimary" = null
+               from "ContactChannel" as this
+               where this."id" = $1 and other."tenancyId" = this."tenancyId"
+                 and other."projectUserId" = this."projectUserId"
+                 and other."type" = this."type" and other."id" <> this."id""#,
+        )
+        .bind(channel)
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    }
+    sqlx::query(r#"update "ContactChannel" set "isPrimary" = $2 where "id" = $1"#)
+        .bind(channel)
+        .bind(primary.then_some(true))
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    transaction.commit().await.unwrap();
+}
+
+pub async fn verify_channel(pool: &PgPool, channel: Uuid) {
+    sqlx::query(r#"update "ContactChannel" set "isVerified" = true where "id" = $1"#)
+        .bind(channel)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+pub async fn delete_channel(pool: &PgPool, channel: Uuid) {
+    sqlx::query(r#"delete from "ContactChannel" where "id" = $1"#)
+        .bind(channel)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// A tenant database: an empty database on the test server and a pool on it.
+pub async fn tenant_database() -> (String, PgPool) {
+    let url = super::postgres::server().empty_database("tenant").await;
+    let pool = super::postgres::pool(&url).await;
+    (url, pool)
+}

@@ -1,7 +1,11 @@
-//! Shared test support: a real PostgreSQL server, the real app on a random port, and
-//! helpers to write source rows and wait on conditions.
+//! Shared test support: a real PostgreSQL server (and a TLS-only one), the real app on a
+//! random port, QStash-style signing, and helpers to write source rows, drive the sync
+//! engine and wait on conditions.
 
 pub mod app;
 pub mod fixtures;
 pub mod postgres;
+pub mod qstash;
+pub mod sync;
+pub mod tls;
 pub mod wait;

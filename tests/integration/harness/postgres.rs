@@ -44,7 +44,7 @@ pub fn server() -> &'static Server {
         std::thread::spawn(|| {
             let base_url = match std::env::var(EXTERNAL_SERVER_VARIABLE) {
                 Ok(url) if !url.trim().is_empty() => strip_database(&url),
-                _ => start_cluster(),
+                _ => start_cluster(&ClusterSetup::default()),
             };
             let template = format!("eds_template_{}", short_id());
             tokio::runtime::Runtime::new()
@@ -58,6 +58,14 @@ pub fn server() -> &'static Server {
 }
 
 impl Server {
+    /// A server without a migrated template: only for tenant databases.
+    pub fn without_template(base_url: String) -> Server {
+        Server {
+            base_url,
+            template: String::new(),
+        }
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("{}/{database}", self.base_url)
     }
@@ -124,7 +132,7 @@ pub async fn pool(url: &str) -> PgPool {
         .unwrap_or_else(|error| panic!("connecting to a test database: {error}"))
 }
 
-fn short_id() -> String {
+pub fn short_id() -> String {
     Uuid::new_v4().simple().to_string()[..16].to_owned()
 }
 
@@ -159,7 +167,19 @@ async fn create_template(base_url: &str, template: &str) {
 // ---------------------------------------------------------------------------------------
 // Starting a cluster
 
-fn start_cluster() -> String {
+/// What a cluster needs beyond the defaults: files placed in its directory (readable
+/// only by the server's account, as PostgreSQL demands of key files) and settings,
+/// where `{dir}` stands for that directory.
+#[derive(Default)]
+pub struct ClusterSetup {
+    pub files: Vec<(&'static str, String)>,
+    pub settings: Vec<(&'static str, String)>,
+}
+
+/// Starts a cluster of its own (never the external server of
+/// `EXTERNAL_DB_SYNC_TEST_DATABASE_URL`) and returns its superuser URL without a
+/// database name. It lives as long as the test process.
+pub fn start_cluster(setup: &ClusterSetup) -> String {
     sweep_stale_directories();
     let bin = find_server_binaries();
     let directory = std::env::temp_dir().join(format!(
@@ -173,6 +193,26 @@ fn start_cluster() -> String {
     if let Some((uid, gid)) = account {
         chown(&directory, uid, gid);
     }
+    for (name, contents) in &setup.files {
+        let path = directory.join(name);
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        if let Some((uid, gid)) = account {
+            chown(&path, uid, gid);
+        }
+    }
+    let directory_text = directory.to_string_lossy().into_owned();
+    let settings: Vec<String> = setup
+        .settings
+        .iter()
+        .flat_map(|(name, value)| {
+            [
+                "-c".to_owned(),
+                format!("{name}={}", value.replace("{dir}", &directory_text)),
+            ]
+        })
+        .collect();
 
     let initdb = run_as(Command::new(bin.join("initdb")), account)
         .args([
@@ -208,6 +248,7 @@ fn start_cluster() -> String {
                 "unix_socket_directories=",
             ])
             .args(["-c", "max_connections=400", "-c", "shared_buffers=128MB"])
+            .args(&settings)
             // A throwaway cluster: durability buys nothing and costs seconds.
             .args([
                 "-c",

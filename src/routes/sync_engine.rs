@@ -1,0 +1,181 @@
+//! `POST /api/latest/internal/external-db-sync/sync-engine`: the webhook QStash calls
+//! with `{"tenancyId": "<uuid>"}`. The signature is checked on the raw body before
+//! anything is parsed; then the tenancy is synced and every database's result returned.
+//!
+//! The status code tells QStash whether to deliver again: 5xx only when some database
+//! failed in a way a retry can fix. Permanent failures (a bad connection string, a
+//! refused target) are recorded and answered 200, so they do not burn retries.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::auth::qstash::SIGNATURE_HEADER;
+use crate::error::{error_chain, AppError};
+use crate::startup::AppState;
+use crate::sync::engine::{DatabaseReport, MappingReport, TenancySync};
+use crate::sync::sync_tenancy;
+
+/// Largest accepted body; a sync request is a few dozen bytes.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SyncRequest {
+    tenancy_id: Uuid,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SyncResponse {
+    /// Every database synced.
+    ok: bool,
+    tenancy_id: Uuid,
+    /// `synced`, `unknownTenancy` or `invalidConfig`.
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    databases: Vec<DatabaseResult>,
+    /// Work was left over and a new sync request was queued.
+    requeued: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DatabaseResult {
+    database_id: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    synced_through: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mappings: Option<Vec<MappingResult>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retryable: Option<bool>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MappingResult {
+    mapping: &'static str,
+    batches: u32,
+    changes: u64,
+    upserted: u64,
+    deleted: u64,
+    last_synced_sequence_id: i64,
+    more_remaining: bool,
+}
+
+pub async fn run(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let verifier = state
+        .verifier
+        .as_ref()
+        .ok_or(AppError::SigningKeysMissing)?;
+    let token = headers
+        .get(SIGNATURE_HEADER)
+        .map(|value| value.to_str().unwrap_or_default());
+    let verified = verifier
+        .verify(token, body)
+        .map_err(AppError::InvalidSignature)?;
+    let request: SyncRequest = serde_json::from_slice(verified.bytes()).map_err(|error| {
+        AppError::BadRequest(format!(
+            "expected {{\"tenancyId\": \"<uuid>\"}} ({})",
+            error_chain(&error)
+        ))
+    })?;
+    let tenancy_id = request.tenancy_id;
+
+    let outcome = sync_tenancy(&state.engine, tenancy_id).await?;
+    let (status, response) = match outcome {
+        TenancySync::UnknownTenancy => (
+            StatusCode::OK,
+            SyncResponse {
+                ok: true,
+                tenancy_id,
+                outcome: "unknownTenancy",
+                error: None,
+                databases: Vec::new(),
+                requeued: false,
+            },
+        ),
+        TenancySync::InvalidConfig(error) => (
+            StatusCode::OK,
+            SyncResponse {
+                ok: false,
+                tenancy_id,
+                outcome: "invalidConfig",
+                error: Some(error.to_string()),
+                databases: Vec::new(),
+                requeued: false,
+            },
+        ),
+        TenancySync::Synced(report) => {
+            let status = if report.has_retryable_failure() {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            };
+            let databases: Vec<DatabaseResult> =
+                report.databases.iter().map(DatabaseResult::from).collect();
+            (
+                status,
+                SyncResponse {
+                    ok: databases.iter().all(|database| database.ok),
+                    tenancy_id,
+                    outcome: "synced",
+                    error: None,
+                    databases,
+                    requeued: report.requeued,
+                },
+            )
+        }
+    };
+    Ok((status, Json(response)).into_response())
+}
+
+impl From<&DatabaseReport> for DatabaseResult {
+    fn from(report: &DatabaseReport) -> Self {
+        let database_id = report.database_id.clone();
+        match &report.result {
+            Ok(synced) => DatabaseResult {
+                database_id,
+                ok: true,
+                synced_through: Some(synced.synced_through()),
+                mappings: Some(synced.mappings.iter().map(MappingResult::from).collect()),
+                error: None,
+                retryable: None,
+            },
+            Err(error) => DatabaseResult {
+                database_id,
+                ok: false,
+                synced_through: None,
+                mappings: None,
+                error: Some(error_chain(error)),
+                retryable: Some(error.is_retryable()),
+            },
+        }
+    }
+}
+
+impl From<&MappingReport> for MappingResult {
+    fn from(report: &MappingReport) -> Self {
+        MappingResult {
+            mapping: report.mapping.name(),
+            batches: report.batches,
+            changes: report.changes,
+            upserted: report.upserted,
+            deleted: report.deleted,
+            last_synced_sequence_id: report.watermark,
+            more_remaining: report.more_remaining,
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! [`sync_tenancy`]: brings every external database of one tenancy up to date.
+//!
+//! For each database (several at once, up to a bound): check the target, connect,
+//! prepare the schema, then for each mapping apply batches until the database is caught
+//! up or the per-run batch budget is spent. A batch is applied in one transaction in the
+//! tenant database, under an advisory lock, after re-reading the watermark inside that
+//! lock: two runs for the same database take turns, and the later one starts from where
+//! the earlier one stopped, reading the internal database after it did, so it can only
+//! move the tenant's copy forward.
+
+use std::time::Duration;
+
+use futures::stream::{self, StreamExt};
+use sqlx::PgPool;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use super::error::SyncError;
+use super::external_database::{self, ExternalDatabase};
+use super::mapping::{self, Mapping};
+use super::schema;
+use super::target::{self, SessionSettings, TargetPolicy};
+use crate::db;
+use crate::error::error_chain;
+use crate::routes::SYNC_ENGINE_PATH;
+
+/// Tuning of the sync engine.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    /// Changes read and applied per transaction (`SYNC_BATCH_SIZE`).
+    pub batch_size: u32,
+    /// Batches per mapping and database in one run before the tenancy is re-queued
+    /// (`SYNC_MAX_BATCHES_PER_RUN`).
+    pub max_batches_per_run: u32,
+    /// Databases of one tenancy synced at the same time (`SYNC_DATABASE_CONCURRENCY`).
+    pub database_concurrency: usize,
+    /// Timeouts of every tenant-database session.
+    pub session: SessionSettings,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 5000,
+            max_batches_per_run: 20,
+            database_concurrency: 4,
+            session: SessionSettings {
+                connect_timeout: Duration::from_secs(10),
+                statement_timeout: Duration::from_secs(60),
+                lock_timeout: Duration::from_secs(30),
+                idle_in_transaction_timeout: Duration::from_secs(120),
+            },
+        }
+    }
+}
+
+/// What the engine needs: the internal database, its settings, and the target policy.
+pub struct SyncEngine {
+    pool: PgPool,
+    settings: SyncSettings,
+    policy: TargetPolicy,
+}
+
+impl SyncEngine {
+    pub fn new(pool: PgPool, settings: SyncSettings, policy: TargetPolicy) -> Self {
+        Self {
+            pool,
+            settings,
+            policy,
+        }
+    }
+}
+
+/// The outcome of [`sync_tenancy`].
+#[derive(Debug)]
+pub enum TenancySync {
+    /// No such tenancy; nothing was done.
+    UnknownTenancy,
+    /// `dbSync.externalDatabases` itself is unusable. Permanent.
+    InvalidConfig(SyncError),
+    /// Each configured database was attempted.
+    Synced(TenancyReport),
+}
+
+#[derive(Debug)]
+pub struct TenancyReport {
+    /// One entry per configured database, in id order.
+    pub databases: Vec<DatabaseReport>,
+    /// Whether a new sync request was queued because work was left over.
+    pub requeued: bool,
+}
+
+impl TenancyReport {
+    /// Whether some database failed in a way that a later attempt may fix.
+    pub fn has_retryable_failure(&self) -> bool {
+        self.databases
+            .iter()
+            .any(|database| matches!(&database.result, Err(error) if error.is_retryable()))
+    }
+}
+
+#[derive(Debug)]
+pub struct DatabaseReport {
+    pub database_id: String,
+    pub result: Result<DatabaseSynced, SyncError>,
+}
+
+#[derive(Debug)]
+pub struct DatabaseSynced {
+    pub mappings: Vec<MappingReport>,
+}
+
+impl DatabaseSynced {
+    /// The sequence id up to which every mapping of the database is synced.
+    pub fn synced_through(&self) -> i64 {
+        self.mappings
+            .iter()
+            .map(|mapping| mapping.watermark)
+            .min()
+            .unwrap_or(-1)
+    }
+
+    pub fn more_remaining(&self) -> bool {
+        self.mappings.iter().any(|mapping| mapping.more_remaining)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingReport {
+    pub mapping: Mapping,
+    pub batches: u32,
+    pub changes: u64,
+    pub upserted: u64,
+    pub deleted: u64,
+    /// The watermark after this run.
+    pub watermark: i64,
+    /// The batch budget ran out before the mapping was caught up.
+    pub more_remaining: bool,
+}
+
+/// Syncs every external database of `tenancy_id`. Failures of single databases are in
+/// the report; only a failure to read the tenancy itself is an error.
+pub async fn sync_tenancy(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+) -> Result<TenancySync, sqlx::Error> {
+    let Some(config) = db::tenancy::external_databases(&engine.pool, tenancy_id).await? else {
+        tracing::info!(%tenancy_id, "sync requested for an unknown tenancy; nothing to do");
+        return Ok(TenancySync::UnknownTenancy);
+    };
+    let entries = match external_database::parse_all(&config) {
+        Ok(entries) => entries,
+        Err(error) => {
+            tracing::warn!(%tenancy_id, %error, "unusable external database configuration");
+            return Ok(TenancySync::InvalidConfig(error));
+        }
+    };
+
+    let mut databases: Vec<DatabaseReport> = stream::iter(entries)
+        .map(|(database_id, entry)| sync_database(engine, tenancy_id, database_id, entry))
+        .buffer_unordered(engine.settings.database_concurrency.max(1))
+        .collect()
+        .await;
+    databases.sort_by(|a, b| a.database_id.cmp(&b.database_id));
+
+    let more_remaining = databases
+        .iter()
+        .any(|database| matches!(&database.result, Ok(synced) if synced.more_remaining()));
+    let requeued = more_remaining
+        && db::queue::enqueue_sync(&engine.pool, tenancy_id, SYNC_ENGINE_PATH).await?;
+    Ok(TenancySync::Synced(TenancyReport {
+        databases,
+        requeued,
+    }))
+}
+
+/// Syncs one database and records the outcome in `"ExternalDbSyncStatus"`.
+async fn sync_database(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+    database_id: String,
+    entry: Result<ExternalDatabase, SyncError>,
+) -> DatabaseReport {
+    let target = entry
+        .as_ref()
+        .map(|database| database.target.describe())
+        .ok();
+    let result = match entry {
+        Ok(database) => sync_target(engine, tenancy_id, &database).await,
+        Err(error) => Err(error),
+    };
+    let recorded = match &result {
+        Ok(synced) => {
+            tracing::info!(
+                %tenancy_id,
+                %database_id,
+                target = target.as_deref().unwrap_or_default(),
+                synced_through = synced.synced_through(),
+                more_remaining = synced.more_remaining(),
+                "external database synced"
+            );
+            db::sync_status::record_success(
+                &engine.pool,
+                tenancy_id,
+                &database_id,
+                synced.synced_through(),
+            )
+            .await
+        }
+        Err(error) => {
+            let message = error_chain(error);
+            tracing::warn!(
+                %tenancy_id,
+                %database_id,
+                target = target.as_deref().unwrap_or_default(),
+                retryable = error.is_retryable(),
+                error = %message,
+                "external database sync failed"
+            );
+            db::sync_status::record_failure(
+                &engine.pool,
+                tenancy_id,
+                &database_id,
+                &message,
+                error.is_retryable(),
+            )
+            .await
+        }
+    };
+    if let Err(error) = recorded {
+        // The sync itself is done; losing one status update is not worth failing it.
+        tracing::warn!(%tenancy_id, %database_id, error = %error_chain(&error), "cannot record sync status");
+    }
+    DatabaseReport {
+        database_id,
+        result,
+    }
+}
+
+async fn sync_target(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+    database: &ExternalDatabase,
+) -> Result<DatabaseSynced, SyncError> {
+    let session = &engine.settings.session;
+    let addresses = engine
+        .policy
+        .check(&database.target, session.connect_timeout)
+        .await?;
+    let mut client = target::connect(&database.target, &addresses, session).await?;
+    schema::prepare(&mut client, tenancy_id, &database.read_roles).await?;
+    let mut mappings = Vec::with_capacity(Mapping::ALL.len());
+    for mapping in Mapping::ALL {
+        mappings.push(sync_mapping(engine, &mut client, tenancy_id, mapping).await?);
+    }
+    Ok(DatabaseSynced { mappings })
+}
+
+/// Applies batches of `mapping` until it is caught up or the batch budget is spent.
+async fn sync_mapping(
+    engine: &SyncEngine,
+    client: &mut Client,
+    tenancy_id: Uuid,
+    mapping: Mapping,
+) -> Result<MappingReport, SyncError> {
+    let settings = &engine.settings;
+    let mut report = MappingReport {
+        mapping,
+        batches: 0,
+        changes: 0,
+        upserted: 0,
+        deleted: 0,
+        watermark: -1,
+        more_remaining: false,
+    };
+    loop {
+        let step = apply_next_batch(engine, client, tenancy_id, mapping).await?;
+        report.watermark = step.watermark;
+        let Some(applied) = step.applied else {
+            break;
+        };
+        report.batches += 1;
+        report.changes += applied.changes;
+        report.upserted += applied.upserted;
+        report.deleted += applied.deleted;
+        if applied.changes < u64::from(settings.batch_size) {
+            break;
+        }
+        if report.batches >= settings.max_batches_per_run {
+            report.more_remaining = true;
+            break;
+        }
+    }
+    Ok(report)
+}
+
+struct Step {
+    /// The watermark after the step.
+    watermark: i64,
+    /// `None` when there was nothing to apply.
+    applied: Option<AppliedBatch>,
+}
+
+struct AppliedBatch {
+    changes: u64,
+    upserted: u64,
+    deleted: u64,
+}
+
+/// One batch in one tenant-database transaction: lock, re-read the watermark, read
+/// the internal changes after it, write them, move the watermark.
+async fn apply_next_batch(
+    engine: &SyncEngine,
+    client: &mut Client,
+    tenancy_id: Uuid,
+    mapping: Mapping,
+) -> Result<Step, SyncError> {
+    let transaction = client.transaction().await.map_err(SyncError::target)?;
+    transaction
+        .execute("select pg_advisory_xact_lock($1)", &[&mapping.lock_key()])
+        .await
+        .map_err(SyncError::target)?;
+    let watermark: i64 = transaction
+        .query_one(
+            "select last_synced_sequence_id from _stack_sync_metadata where mapping_name = $1",
+            &[&mapping.name()],
+        )
+        .await
+        .map_err(SyncError::target)?
+        .get(0);
+
+    let batch = db::changes::next_batch(
+        &engine.pool,
+        mapping,
+        tenancy_id,
+        watermark,
+        engine.settings.batch_size,
+    )
+    .await?;
+    let Some(batch) = batch else {
+        transaction.commit().await.map_err(SyncError::target)?;
+        return Ok(Step {
+            watermark,
+            applied: None,
+        });
+    };
+
+    let applied = mapping::apply(&transaction, mapping, &batch)
+        .await
+        .map_err(SyncError::target)?;
+    transaction
+        .execute(
+            "update _stack_sync_metadata \
+             set last_synced_sequence_id = $2, updated_at = now() \
+             where mapping_name = $1 and last_synced_sequence_id < $2",
+            &[&mapping.name(), &batch.last_sequence_id],
+        )
+        .await
+        .map_err(SyncError::target)?;
+    transaction.commit().await.map_err(SyncError::target)?;
+    Ok(Step {
+        watermark: batch.last_sequence_id,
+        applied: Some(AppliedBatch {
+            changes: batch.changes,
+            upserted: applied.upserted,
+            deleted: applied.deleted,
+        }),
+    })
+}

@@ -1,0 +1,139 @@
+//! Why a tenant database could not be synced, and whether trying again can help.
+//!
+//! The classification decides what QStash is told: a retryable failure answers 5xx so
+//! the message is delivered again; a permanent one is recorded and answered 200, because
+//! retrying the same configuration cannot succeed and would only burn retries. Messages
+//! never contain passwords or row values; they may name hosts, users and roles.
+
+use std::io;
+
+/// A failure while syncing one tenant database.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The database's entry in the tenancy config is unusable (type, connection string,
+    /// role names). Permanent.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The target address is not allowed (loopback, private, link-local, or the internal
+    /// database itself). Permanent.
+    #[error("target refused: {0}")]
+    TargetRefused(String),
+    /// The database already holds another tenancy's data. Permanent.
+    #[error("database belongs to another tenancy: {0}")]
+    ForeignOwner(String),
+    /// The host name did not resolve. Retryable: DNS outages pass.
+    #[error("cannot resolve host {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    /// The certificate was rejected, or TLS was required and not offered. Permanent.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// Connecting took longer than the connect timeout. Retryable.
+    #[error("timed out connecting to {0}")]
+    ConnectTimeout(String),
+    /// An error from the tenant database or the connection to it. Shown without the
+    /// server's DETAIL, which can quote row values.
+    #[error("tenant database: {}", describe_postgres_error(.0))]
+    Target(tokio_postgres::Error),
+    /// An error reading the internal database. Retryable.
+    #[error("internal database: {0}")]
+    Internal(#[from] sqlx::Error),
+}
+
+impl SyncError {
+    /// Whether the same attempt may succeed later without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SyncError::InvalidConfig(_)
+            | SyncError::TargetRefused(_)
+            | SyncError::ForeignOwner(_)
+            | SyncError::Tls(_) => false,
+            SyncError::Resolve { .. } | SyncError::ConnectTimeout(_) | SyncError::Internal(_) => {
+                true
+            }
+            SyncError::Target(error) => target_error_is_retryable(error),
+        }
+    }
+
+    pub(crate) fn target(error: tokio_postgres::Error) -> Self {
+        // A certificate that fails verification surfaces as an I/O error wrapping a rustls
+        // error; it is permanent and deserves a plain explanation.
+        if let Some(tls) = find_source::<rustls::Error>(&error) {
+            return SyncError::Tls(format!("certificate rejected ({tls})"));
+        }
+        SyncError::Target(error)
+    }
+}
+
+/// SQLSTATE classes and codes that a retry can fix: connection loss, resource shortage,
+/// shutdowns, timeouts, serialization failures and deadlocks. Everything else the server
+/// reports (authentication, permissions, undefined objects, bad data) needs a person.
+fn target_error_is_retryable(error: &tokio_postgres::Error) -> bool {
+    match error.code() {
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") // connection exception
+                || code.starts_with("53") // insufficient resources
+                || code.starts_with("57P") // admin shutdown, crash shutdown, cannot connect now
+                || matches!(
+                    code,
+                    "40001" // serialization failure
+                    | "40P01" // deadlock detected
+                    | "55P03" // lock not available (lock_timeout)
+                    | "57014" // query canceled (statement_timeout)
+                    | "25P03" // idle in transaction timeout
+                )
+        }
+        // No SQLSTATE: the connection itself failed (refused, reset, closed).
+        None => true,
+    }
+}
+
+fn describe_postgres_error(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => crate::error::error_chain(error),
+    }
+}
+
+/// Finds an error of type `T` in `error`'s source chain. `io::Error` needs help: its
+/// `source()` skips the error it wraps, which is where rustls puts its own.
+fn find_source<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(found) = error.downcast_ref::<T>() {
+            return Some(found);
+        }
+        let wrapped = error.downcast_ref::<io::Error>().and_then(io::Error::get_ref);
+        if let Some(found) = wrapped.and_then(|inner| inner.downcast_ref::<T>()) {
+            return Some(found);
+        }
+        current = error.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_problems_are_permanent() {
+        assert!(!SyncError::InvalidConfig("x".into()).is_retryable());
+        assert!(!SyncError::TargetRefused("x".into()).is_retryable());
+        assert!(!SyncError::ForeignOwner("x".into()).is_retryable());
+        assert!(!SyncError::Tls("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn transient_problems_are_retryable() {
+        let resolve = SyncError::Resolve {
+            host: "db.example".into(),
+            source: io::Error::other("no answer"),
+        };
+        assert!(resolve.is_retryable());
+        assert!(SyncError::ConnectTimeout("db.example:5432".into()).is_retryable());
+        assert!(SyncError::Internal(sqlx::Error::PoolTimedOut).is_retryable());
+    }
+}

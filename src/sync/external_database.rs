@@ -1,0 +1,124 @@
+//! A tenancy's external databases, from `"Tenancy"."config".dbSync.externalDatabases`:
+//!
+//! ```json
+//! {"<dbId>": {"type": "postgres", "connectionString": "postgres://…", "readRoles": ["analyst"]}}
+//! ```
+//!
+//! Each entry is parsed on its own, so one broken entry is reported for that database
+//! and does not stop the others.
+
+use serde_json::Value;
+
+use super::error::SyncError;
+use super::schema::validate_role_name;
+use super::target::Target;
+
+/// One usable entry.
+#[derive(Debug, Clone)]
+pub struct ExternalDatabase {
+    pub target: Target,
+    /// Roles granted `SELECT` on the synced tables.
+    pub read_roles: Vec<String>,
+}
+
+/// One configured database: its id, and the entry or why it cannot be used.
+pub type Entry = (String, Result<ExternalDatabase, SyncError>);
+
+/// The entries of `externalDatabases` by id, in id order. `null` (no `dbSync` section)
+/// means no databases; anything but an object is an error.
+pub fn parse_all(external_databases: &Value) -> Result<Vec<Entry>, SyncError> {
+    let entries = match external_databases {
+        Value::Null => return Ok(Vec::new()),
+        Value::Object(entries) => entries,
+        _ => {
+            return Err(SyncError::InvalidConfig(
+                "dbSync.externalDatabases must be an object keyed by database id".to_owned(),
+            ))
+        }
+    };
+    let mut parsed: Vec<_> = entries
+        .iter()
+        .map(|(id, entry)| (id.clone(), parse_one(entry)))
+        .collect();
+    parsed.sort_by(|(a, _), (b, _)| a.cmp(b));
+    Ok(parsed)
+}
+
+fn parse_one(entry: &Value) -> Result<ExternalDatabase, SyncError> {
+    let invalid = |reason: &str| SyncError::InvalidConfig(reason.to_owned());
+    let entry = entry
+        .as_object()
+        .ok_or_else(|| invalid("each external database must be an object"))?;
+    match entry.get("type").and_then(Value::as_str) {
+        Some("postgres") => {}
+        Some(other) => {
+            return Err(invalid(&format!(
+                "type `{}` is not supported (only `postgres`)",
+                other
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(40)
+                    .collect::<String>()
+            )))
+        }
+        None => return Err(invalid("type is missing (expected `postgres`)")),
+    }
+    let connection_string = entry
+        .get("connectionString")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("connectionString is missing or not a string"))?;
+    let target = Target::parse(connection_string)?;
+    let read_roles = match entry.get("readRoles") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(roles)) => roles
+            .iter()
+            .map(|role| {
+                let role = role
+                    .as_str()
+                    .ok_or_else(|| invalid("readRoles must be a list of role names"))?;
+                validate_role_name(role)
+                    .map_err(|reason| invalid(&format!("readRoles: {reason}")))?;
+                Ok(role.to_owned())
+            })
+            .collect::<Result<_, SyncError>>()?,
+        Some(_) => return Err(invalid("readRoles must be a list of role names")),
+    };
+    Ok(ExternalDatabase { target, read_roles })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn no_configuration_means_no_databases() {
+        assert!(parse_all(&Value::Null).unwrap().is_empty());
+        assert!(parse_all(&json!({})).unwrap().is_empty());
+        assert!(parse_all(&json!(["x"])).is_err());
+    }
+
+    #[test]
+    fn each_entry_stands_on_its_own() {
+        let parsed = parse_all(&json!({
+            "b-good": {"type": "postgres", "connectionString": "postgres://a@db.example.com/x",
+                       "readRoles": ["analyst", "bi \"team\""]},
+            "a-mysql": {"type": "mysql", "connectionString": "mysql://a@h/x"},
+            "c-roles": {"type": "postgres", "connectionString": "postgres://a@h/x",
+                        "readRoles": "analyst"},
+            "d-missing": {"type": "postgres"},
+        }))
+        .unwrap();
+        let ids: Vec<&str> = parsed.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["a-mysql", "b-good", "c-roles", "d-missing"]);
+        let error = |index: usize| parsed[index].1.as_ref().unwrap_err().to_string();
+        assert!(error(0).contains("type `mysql` is not supported"));
+        let good = parsed[1].1.as_ref().unwrap();
+        assert_eq!(good.read_roles, ["analyst", "bi \"team\""]);
+        assert!(error(2).contains("readRoles must be a list"));
+        assert!(error(3).contains("connectionString is missing"));
+        assert!(parsed.iter().all(|(_, entry)| entry
+            .as_ref()
+            .map_or_else(|error| !error.is_retryable(), |_| true)));
+    }
+}

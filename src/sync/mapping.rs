@@ -1,0 +1,291 @@
+//! The mappings from internal tables to a tenant's tables (DESIGN.md §6), and how one
+//! batch of changes is written: deletes and one set-based upsert per batch, never a
+//! statement per row.
+//!
+//! A batch carries the *current* state of every row it touches (see
+//! [`crate::db::changes`]), so applying a batch twice, or an older batch after a newer
+//! one, converges on the same result; the watermark only moves forward.
+
+use chrono::NaiveDateTime;
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+/// One synced table in the tenant database and the internal rows behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// `users`: one row per `"ProjectUser"`, with its primary e-mail.
+    Users,
+    /// `contact_channels`: one row per `"ContactChannel"`.
+    ContactChannels,
+}
+
+impl Mapping {
+    pub const ALL: [Mapping; 2] = [Mapping::Users, Mapping::ContactChannels];
+
+    /// The external table's name, also the key of its watermark in
+    /// `_stack_sync_metadata`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mapping::Users => "users",
+            Mapping::ContactChannels => "contact_channels",
+        }
+    }
+
+    /// Advisory lock (in the tenant database) that serializes writers of this mapping.
+    pub fn lock_key(self) -> i64 {
+        // "extdbsm" followed by the mapping's number.
+        const BASE: i64 = 0x6578_7464_6273_6d00;
+        match self {
+            Mapping::Users => BASE + 1,
+            Mapping::ContactChannels => BASE + 2,
+        }
+    }
+}
+
+/// A `users` row as the tenant sees it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: Uuid,
+    pub display_name: Option<String>,
+    pub profile_image_url: Option<String>,
+    pub primary_email: Option<String>,
+    pub primary_email_verified: bool,
+    pub signed_up_at: NaiveDateTime,
+    pub client_metadata: Value,
+    pub client_read_only_metadata: Value,
+    pub server_metadata: Value,
+    pub is_anonymous: bool,
+}
+
+/// A `contact_channels` row as the tenant sees it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ContactChannelRow {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub value: String,
+    pub is_primary: bool,
+    pub is_verified: bool,
+    pub used_for_auth: bool,
+    pub created_at: NaiveDateTime,
+}
+
+/// The rows to write for one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Upserts {
+    Users(Vec<UserRow>),
+    ContactChannels(Vec<ContactChannelRow>),
+}
+
+impl Upserts {
+    pub fn len(&self) -> usize {
+        match self {
+            Upserts::Users(rows) => rows.len(),
+            Upserts::ContactChannels(rows) => rows.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One batch of changes of one mapping, in sequence order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Rows that exist now, with their current values.
+    pub upserts: Upserts,
+    /// Ids of rows that no longer exist.
+    pub deletes: Vec<Uuid>,
+    /// How many changes (sequence ids) the batch covers; several changes of one row
+    /// collapse into one upsert or delete.
+    pub changes: u64,
+    /// The highest sequence id in the batch: the watermark once it is applied.
+    pub last_sequence_id: i64,
+}
+
+/// Rows the statements of [`apply`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub upserted: u64,
+    pub deleted: u64,
+}
+
+const UPSERT_USERS: &str = r#"
+insert into users (
+    id, display_name, profile_image_url, primary_email, primary_email_verified,
+    signed_up_at, client_metadata, client_read_only_metadata, server_metadata, is_anonymous)
+select * from unnest(
+    $1::uuid[], $2::text[], $3::text[], $4::text[], $5::boolean[],
+    $6::timestamp[], $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::boolean[])
+on conflict (id) do update set
+    display_name = excluded.display_name,
+    profile_image_url = excluded.profile_image_url,
+    primary_email = excluded.primary_email,
+    primary_email_verified = excluded.primary_email_verified,
+    signed_up_at = excluded.signed_up_at,
+    client_metadata = excluded.client_metadata,
+    client_read_only_metadata = excluded.client_read_only_metadata,
+    server_metadata = excluded.server_metadata,
+    is_anonymous = excluded.is_anonymous
+where (users.display_name, users.profile_image_url, users.primary_email,
+       users.primary_email_verified, users.signed_up_at, users.client_metadata,
+       users.client_read_only_metadata, users.server_metadata, users.is_anonymous)
+    is distinct from
+      (excluded.display_name, excluded.profile_image_url, excluded.primary_email,
+       excluded.primary_email_verified, excluded.signed_up_at, excluded.client_metadata,
+       excluded.client_read_only_metadata, excluded.server_metadata, excluded.is_anonymous)
+"#;
+
+const UPSERT_CONTACT_CHANNELS: &str = r#"
+insert into contact_channels (
+    id, user_id, type, value, is_primary, is_verified, used_for_auth, created_at)
+select * from unnest(
+    $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::boolean[], $6::boolean[],
+    $7::boolean[], $8::timestamp[])
+on conflict (id) do update set
+    user_id = excluded.user_id,
+    type = excluded.type,
+    value = excluded.value,
+    is_primary = excluded.is_primary,
+    is_verified = excluded.is_verified,
+    used_for_auth = excluded.used_for_auth,
+    created_at = excluded.created_at
+where (contact_channels.user_id, contact_channels.type, contact_channels.value,
+       contact_channels.is_primary, contact_channels.is_verified,
+       contact_channels.used_for_auth, contact_channels.created_at)
+    is distinct from
+      (excluded.user_id, excluded.type, excluded.value, excluded.is_primary,
+       excluded.is_verified, excluded.used_for_auth, excluded.created_at)
+"#;
+
+/// Writes `batch` in the caller's transaction: one delete and one upsert statement,
+/// whatever the batch size. Rows whose values did not change are left untouched, so
+/// a repeated sync writes nothing.
+pub async fn apply(
+    transaction: &Transaction<'_>,
+    mapping: Mapping,
+    batch: &Batch,
+) -> Result<Applied, tokio_postgres::Error> {
+    let mut applied = Applied::default();
+    if !batch.deletes.is_empty() {
+        let delete = match mapping {
+            Mapping::Users => "delete from users where id = any($1::uuid[])",
+            Mapping::ContactChannels => "delete from contact_channels where id = any($1::uuid[])",
+        };
+        applied.deleted = transaction.execute(delete, &[&batch.deletes]).await?;
+    }
+    applied.upserted = match &batch.upserts {
+        Upserts::Users(rows) if !rows.is_empty() => {
+            let columns = UserColumns::from(rows.as_slice());
+            transaction.execute(UPSERT_USERS, &columns.params()).await?
+        }
+        Upserts::ContactChannels(rows) if !rows.is_empty() => {
+            let columns = ContactChannelColumns::from(rows.as_slice());
+            transaction
+                .execute(UPSERT_CONTACT_CHANNELS, &columns.params())
+                .await?
+        }
+        _ => 0,
+    };
+    Ok(applied)
+}
+
+/// `users` rows turned into one array per column, for `unnest`.
+struct UserColumns {
+    id: Vec<Uuid>,
+    display_name: Vec<Option<String>>,
+    profile_image_url: Vec<Option<String>>,
+    primary_email: Vec<Option<String>>,
+    primary_email_verified: Vec<bool>,
+    signed_up_at: Vec<NaiveDateTime>,
+    client_metadata: Vec<Value>,
+    client_read_only_metadata: Vec<Value>,
+    server_metadata: Vec<Value>,
+    is_anonymous: Vec<bool>,
+}
+
+impl From<&[UserRow]> for UserColumns {
+    fn from(rows: &[UserRow]) -> Self {
+        Self {
+            id: rows.iter().map(|row| row.id).collect(),
+            display_name: rows.iter().map(|row| row.display_name.clone()).collect(),
+            profile_image_url: rows
+                .iter()
+                .map(|row| row.profile_image_url.clone())
+                .collect(),
+            primary_email: rows.iter().map(|row| row.primary_email.clone()).collect(),
+            primary_email_verified: rows.iter().map(|row| row.primary_email_verified).collect(),
+            signed_up_at: rows.iter().map(|row| row.signed_up_at).collect(),
+            client_metadata: rows.iter().map(|row| row.client_metadata.clone()).collect(),
+            client_read_only_metadata: rows
+                .iter()
+                .map(|row| row.client_read_only_metadata.clone())
+                .collect(),
+            server_metadata: rows.iter().map(|row| row.server_metadata.clone()).collect(),
+            is_anonymous: rows.iter().map(|row| row.is_anonymous).collect(),
+        }
+    }
+}
+
+impl UserColumns {
+    fn params(&self) -> [&(dyn ToSql + Sync); 10] {
+        [
+            &self.id,
+            &self.display_name,
+            &self.profile_image_url,
+            &self.primary_email,
+            &self.primary_email_verified,
+            &self.signed_up_at,
+            &self.client_metadata,
+            &self.client_read_only_metadata,
+            &self.server_metadata,
+            &self.is_anonymous,
+        ]
+    }
+}
+
+/// `contact_channels` rows turned into one array per column, for `unnest`.
+struct ContactChannelColumns {
+    id: Vec<Uuid>,
+    user_id: Vec<Uuid>,
+    kind: Vec<String>,
+    value: Vec<String>,
+    is_primary: Vec<bool>,
+    is_verified: Vec<bool>,
+    used_for_auth: Vec<bool>,
+    created_at: Vec<NaiveDateTime>,
+}
+
+impl From<&[ContactChannelRow]> for ContactChannelColumns {
+    fn from(rows: &[ContactChannelRow]) -> Self {
+        Self {
+            id: rows.iter().map(|row| row.id).collect(),
+            user_id: rows.iter().map(|row| row.user_id).collect(),
+            kind: rows.iter().map(|row| row.kind.clone()).collect(),
+            value: rows.iter().map(|row| row.value.clone()).collect(),
+            is_primary: rows.iter().map(|row| row.is_primary).collect(),
+            is_verified: rows.iter().map(|row| row.is_verified).collect(),
+            used_for_auth: rows.iter().map(|row| row.used_for_auth).collect(),
+            created_at: rows.iter().map(|row| row.created_at).collect(),
+        }
+    }
+}
+
+impl ContactChannelColumns {
+    fn params(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.id,
+            &self.user_id,
+            &self.kind,
+            &self.value,
+            &self.is_primary,
+            &self.is_verified,
+            &self.used_for_auth,
+            &self.created_at,
+        ]
+    }
+}

@@ -1,0 +1,22 @@
+//! The sync engine (DESIGN.md §6): copies a tenancy's users and contact channels into
+//! each of the tenancy's own PostgreSQL databases.
+//!
+//! - [`engine`]: [`engine::sync_tenancy`], the entry point the webhook, the queue and
+//!   tests call;
+//! - [`external_database`]: the tenancy's `dbSync.externalDatabases` configuration;
+//! - [`target`]: connection strings, the address policy, connecting;
+//! - [`tls`]: `sslmode` with rustls;
+//! - [`schema`]: the tables in the tenant database, ownership and privileges;
+//! - [`mapping`]: the two mappings and how a batch is written;
+//! - [`error`]: what went wrong, and whether a retry can help.
+
+pub mod engine;
+pub mod error;
+pub mod external_database;
+pub mod mapping;
+pub mod schema;
+pub mod target;
+pub mod tls;
+
+pub use engine::{sync_tenancy, SyncEngine, SyncSettings, TenancySync};
+pub use error::SyncError;

@@ -1,0 +1,234 @@
+//! The tables this service owns in a tenant database (DESIGN.md §6), who may read them,
+//! and which tenancy the database belongs to.
+//!
+//! [`prepare`] runs at the start of every sync, in one transaction under an advisory
+//! lock: two runs racing to create the tables would otherwise fail on PostgreSQL's
+//! catalog uniqueness (`create table if not exists` is not safe under concurrency).
+
+use std::collections::BTreeSet;
+
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use super::error::SyncError;
+use super::mapping::Mapping;
+
+/// Advisory lock key serializing schema preparation in a tenant database ("extdbsch").
+const SCHEMA_LOCK_KEY: i64 = 0x6578_7464_6273_6368;
+
+/// The synced tables, in the fixed shape of DESIGN.md §6.
+const CREATE_DATA_TABLES: &str = r#"
+create table if not exists users (
+    id uuid primary key,
+    display_name text,
+    profile_image_url text,
+    primary_email text,
+    primary_email_verified boolean not null default false,
+    signed_up_at timestamp without time zone not null,
+    client_metadata jsonb not null default '{}',
+    client_read_only_metadata jsonb not null default '{}',
+    server_metadata jsonb not null default '{}',
+    is_anonymous boolean not null default false
+);
+create table if not exists contact_channels (
+    id uuid primary key,
+    user_id uuid not null,
+    type text not null,
+    value text not null,
+    is_primary boolean not null,
+    is_verified boolean not null,
+    used_for_auth boolean not null,
+    created_at timestamp without time zone not null
+);
+"#;
+
+/// The bookkeeping table: one watermark per mapping, and the owning tenancy.
+const CREATE_METADATA_TABLE: &str = r#"
+create table if not exists _stack_sync_metadata (
+    mapping_name text primary key,
+    last_synced_sequence_id bigint not null default -1,
+    updated_at timestamp without time zone not null default now(),
+    tenancy_id uuid
+)
+"#;
+
+/// Tables whose privileges this service manages, and whether read roles get `SELECT`.
+const MANAGED_TABLES: [(&str, bool); 3] = [
+    ("users", true),
+    ("contact_channels", true),
+    ("_stack_sync_metadata", false),
+];
+
+/// Creates what is missing, refuses a database that belongs to another tenancy, claims
+/// it for `tenancy_id`, and makes the privileges on the tables exactly: `SELECT` for each
+/// of `read_roles` on the synced tables, nothing for anyone else but the owner.
+pub async fn prepare(
+    client: &mut Client,
+    tenancy_id: Uuid,
+    read_roles: &[String],
+) -> Result<(), SyncError> {
+    let transaction = client.transaction().await.map_err(SyncError::target)?;
+    transaction
+        .execute("select pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+        .await
+        .map_err(SyncError::target)?;
+    transaction
+        .batch_execute(CREATE_METADATA_TABLE)
+        .await
+        .map_err(SyncError::target)?;
+    let foreign = transaction
+        .query_opt(
+            "select 1 from _stack_sync_metadata \
+             where tenancy_id is not null and tenancy_id <> $1 limit 1",
+            &[&tenancy_id],
+        )
+        .await
+        .map_err(SyncError::target)?;
+    if foreign.is_some() {
+        return Err(SyncError::ForeignOwner(
+            "_stack_sync_metadata names another tenancy; give each tenancy its own database"
+                .to_owned(),
+        ));
+    }
+    transaction
+        .batch_execute(CREATE_DATA_TABLES)
+        .await
+        .map_err(SyncError::target)?;
+    let mapping_names: Vec<&str> = Mapping::ALL.iter().map(|mapping| mapping.name()).collect();
+    transaction
+        .execute(
+            "insert into _stack_sync_metadata (mapping_name, tenancy_id) \
+             select unnest($1::text[]), $2 \
+             on conflict (mapping_name) do update set tenancy_id = excluded.tenancy_id \
+             where _stack_sync_metadata.tenancy_id is null",
+            &[&mapping_names, &tenancy_id],
+        )
+        .await
+        .map_err(SyncError::target)?;
+    reconcile_privileges(&transaction, read_roles).await?;
+    transaction.commit().await.map_err(SyncError::target)
+}
+
+/// Grants and revokes only what differs, so that a steady state issues no DDL.
+async fn reconcile_privileges(
+    transaction: &tokio_postgres::Transaction<'_>,
+    read_roles: &[String],
+) -> Result<(), SyncError> {
+    let tables: Vec<&str> = MANAGED_TABLES.iter().map(|(table, _)| *table).collect();
+    // Every privilege on the managed tables held by someone other than their owner;
+    // grantee 0 is PUBLIC.
+    let rows = transaction
+        .query(
+            "select c.relname::text, coalesce(r.rolname::text, ''), a.privilege_type \
+             from pg_class c \
+             cross join lateral aclexplode(c.relacl) a \
+             left join pg_roles r on r.oid = a.grantee \
+             where c.oid = any(array(select to_regclass(t)::oid from unnest($1::text[]) t)) \
+               and a.grantee <> c.relowner",
+            &[&tables],
+        )
+        .await
+        .map_err(SyncError::target)?;
+    let held: BTreeSet<(String, String, String)> = rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let wanted: BTreeSet<(String, String, String)> = MANAGED_TABLES
+        .iter()
+        .filter(|(_, readable)| *readable)
+        .flat_map(|(table, _)| {
+            read_roles
+                .iter()
+                .map(|role| ((*table).to_owned(), role.clone(), "SELECT".to_owned()))
+        })
+        .collect();
+
+    for (table, grantee, privilege) in held.difference(&wanted) {
+        // Privilege names come from aclexplode and are checked against the fixed list,
+        // never taken from tenant input.
+        let privilege = known_privilege(privilege)?;
+        let grantee = if grantee.is_empty() {
+            "public".to_owned()
+        } else {
+            quote_identifier(grantee)
+        };
+        let statement = format!("revoke {privilege} on table {table} from {grantee}");
+        transaction
+            .batch_execute(&statement)
+            .await
+            .map_err(SyncError::target)?;
+    }
+    for (table, role, _) in wanted.difference(&held) {
+        let statement = format!(
+            "grant select on table {table} to {}",
+            quote_identifier(role)
+        );
+        transaction
+            .batch_execute(&statement)
+            .await
+            .map_err(SyncError::target)?;
+    }
+    Ok(())
+}
+
+fn known_privilege(privilege: &str) -> Result<&'static str, SyncError> {
+    const KNOWN: [&str; 8] = [
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "TRUNCATE",
+        "REFERENCES",
+        "TRIGGER",
+        "MAINTAIN",
+    ];
+    KNOWN
+        .into_iter()
+        .find(|known| *known == privilege)
+        .ok_or_else(|| SyncError::InvalidConfig(format!("unexpected privilege {privilege}")))
+}
+
+/// Quotes an SQL identifier: the one place identifiers are built from input.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Checks the role names of a tenancy's `readRoles` before they reach SQL.
+pub fn validate_role_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("role names must be 1 to 63 bytes long".to_owned());
+    }
+    if name.contains('\0') {
+        return Err("role names cannot contain NUL".to_owned());
+    }
+    if name.eq_ignore_ascii_case("public") {
+        return Err("readRoles cannot name PUBLIC: nothing is granted to everyone".to_owned());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_identifiers() {
+        assert_eq!(quote_identifier("analyst"), "\"analyst\"");
+        assert_eq!(quote_identifier("we\"ird; drop"), "\"we\"\"ird; drop\"");
+    }
+
+    #[test]
+    fn validates_role_names() {
+        assert!(validate_role_name("analyst").is_ok());
+        assert!(validate_role_name("").is_err());
+        assert!(validate_role_name(&"x".repeat(64)).is_err());
+        assert!(validate_role_name("a\0b").is_err());
+        assert!(validate_role_name("PUBLIC").is_err());
+    }
+
+    #[test]
+    fn only_known_privileges_are_revoked() {
+        assert_eq!(known_privilege("INSERT").unwrap(), "INSERT");
+        assert!(known_privilege("SELECT; drop table users").is_err());
+    }
+}

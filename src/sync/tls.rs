@@ -1,0 +1,222 @@
+//! TLS for tenant databases, following libpq's `sslmode` semantics with rustls:
+//!
+//! | sslmode | encrypted | certificate chain checked | host name checked |
+//! |---|---|---|---|
+//! | `disable` | no | — | — |
+//! | `prefer` | if the server offers it | no | no |
+//! | `require` | yes | no | no |
+//! | `verify-ca` | yes | yes | no |
+//! | `verify-full` | yes | yes | yes |
+//!
+//! The trusted roots are the certificates in `sslrootcert` (a PEM file) when given, and
+//! otherwise the public web PKI roots.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+
+use super::error::SyncError;
+
+/// Largest `sslrootcert` file read; CA bundles are far smaller.
+const MAX_ROOT_CERT_FILE: u64 = 4 * 1024 * 1024;
+
+/// libpq's `sslmode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn parse(value: &str) -> Option<SslMode> {
+        Some(match value {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// What tokio-postgres should negotiate.
+    pub fn negotiation(self) -> tokio_postgres::config::SslMode {
+        match self {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        }
+    }
+}
+
+/// The rustls configuration for `mode`, or `None` for `disable`.
+pub fn client_config(
+    mode: SslMode,
+    root_cert: Option<&Path>,
+) -> Result<Option<ClientConfig>, SyncError> {
+    let provider = Arc::new(ring::default_provider());
+    let verifier: Arc<dyn ServerCertVerifier> = match mode {
+        SslMode::Disable => return Ok(None),
+        SslMode::Prefer | SslMode::Require => Arc::new(EncryptionOnly(provider.clone())),
+        SslMode::VerifyCa | SslMode::VerifyFull => {
+            let roots = Arc::new(root_store(root_cert)?);
+            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|error| SyncError::Tls(format!("cannot build the verifier: {error}")))?;
+            if mode == SslMode::VerifyCa {
+                Arc::new(ChainOnly(webpki))
+            } else {
+                webpki
+            }
+        }
+    };
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| SyncError::Tls(error.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Some(config))
+}
+
+fn root_store(root_cert: Option<&Path>) -> Result<RootCertStore, SyncError> {
+    let mut store = RootCertStore::empty();
+    let Some(path) = root_cert else {
+        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        return Ok(store);
+    };
+    let unreadable = |reason: String| {
+        SyncError::InvalidConfig(format!("sslrootcert {}: {reason}", path.display()))
+    };
+    let size = std::fs::metadata(path)
+        .map_err(|error| unreadable(error.kind().to_string()))?
+        .len();
+    if size > MAX_ROOT_CERT_FILE {
+        return Err(unreadable("larger than 4 MiB".to_owned()));
+    }
+    let pem = std::fs::read(path).map_err(|error| unreadable(error.kind().to_string()))?;
+    for certificate in CertificateDer::pem_slice_iter(&pem) {
+        let certificate =
+            certificate.map_err(|_| unreadable("not a PEM certificate file".to_owned()))?;
+        store
+            .add(certificate)
+            .map_err(|error| unreadable(format!("unusable certificate ({error})")))?;
+    }
+    if store.is_empty() {
+        return Err(unreadable("holds no certificate".to_owned()));
+    }
+    Ok(store)
+}
+
+/// `prefer` and `require`: encrypt, but accept any certificate, as libpq does. The
+/// handshake signatures are still checked, so the peer must hold the key of the
+/// certificate it shows.
+#[derive(Debug)]
+struct EncryptionOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptionOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to a trusted root, whatever name the certificate
+/// carries. The web PKI verifier checks the chain before the name, so a name mismatch
+/// means the chain was good.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}

@@ -1,0 +1,215 @@
+//! Driving the sync engine from tests, and reading what arrived in tenant databases.
+
+use chrono::NaiveDateTime;
+use external_db_sync::sync::engine::TenancyReport;
+use external_db_sync::sync::target::{InternalDatabase, TargetPolicy};
+use external_db_sync::sync::{sync_tenancy, SyncEngine, SyncSettings, TenancySync};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::fixtures::sequence_all;
+
+/// An engine on the internal database behind `pool`, allowing private targets (the
+/// tenant databases of the tests are on 127.0.0.1).
+pub fn engine(pool: &PgPool) -> SyncEngine {
+    engine_with(pool, test_settings(), true)
+}
+
+pub fn test_settings() -> SyncSettings {
+    SyncSettings {
+        batch_size: 1000,
+        ..SyncSettings::default()
+    }
+}
+
+pub fn engine_with(pool: &PgPool, settings: SyncSettings, allow_private: bool) -> SyncEngine {
+    let options = pool.connect_options();
+    let internal = InternalDatabase {
+        host: options.get_host().to_owned(),
+        port: options.get_port(),
+        dbname: options.get_database().unwrap_or_default().to_owned(),
+    };
+    SyncEngine::new(
+        pool.clone(),
+        settings,
+        TargetPolicy::new(allow_private, internal),
+    )
+}
+
+/// Sets the tenancy's external databases to `databases` (id, connection string).
+pub async fn attach(pool: &PgPool, tenancy: Uuid, databases: &[(&str, &str)]) {
+    let entries: serde_json::Map<String, Value> = databases
+        .iter()
+        .map(|(id, url)| {
+            (
+                (*id).to_owned(),
+                json!({ "type": "postgres", "connectionString": url }),
+            )
+        })
+        .collect();
+    attach_config(pool, tenancy, Value::Object(entries)).await;
+}
+
+/// Sets `config.dbSync.externalDatabases` verbatim.
+pub async fn attach_config(pool: &PgPool, tenancy: Uuid, external_databases: Value) {
+    sqlx::query(r#"update "Tenancy" set "config" = $2 where "id" = $1"#)
+        .bind(tenancy)
+        .bind(json!({ "dbSync": { "externalDatabases": external_databases } }))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Sequences everything, then syncs the tenancy once.
+pub async fn sync(pool: &PgPool, engine: &SyncEngine, tenancy: Uuid) -> TenancyReport {
+    sequence_all(pool, 1000).await;
+    sync_only(engine, tenancy).await
+}
+
+/// Syncs the tenancy once, without sequencing first.
+pub async fn sync_only(engine: &SyncEngine, tenancy: Uuid) -> TenancyReport {
+    match sync_tenancy(engine, tenancy).await.unwrap() {
+        TenancySync::Synced(report) => report,
+        other => panic!("expected a sync, got {other:?}"),
+    }
+}
+
+/// Like [`sync`], and every database must have succeeded.
+pub async fn sync_ok(pool: &PgPool, engine: &SyncEngine, tenancy: Uuid) -> TenancyReport {
+    let report = sync(pool, engine, tenancy).await;
+    for database in &report.databases {
+        if let Err(error) = &database.result {
+            panic!("database {} failed: {error}", database.database_id);
+        }
+    }
+    report
+}
+
+/// A `users` row as read back from a tenant database.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ExternalUser {
+    pub id: Uuid,
+    pub display_name: Option<String>,
+    pub profile_image_url: Option<String>,
+    pub primary_email: Option<String>,
+    pub primary_email_verified: bool,
+    pub signed_up_at: NaiveDateTime,
+    pub client_metadata: Value,
+    pub client_read_only_metadata: Value,
+    pub server_metadata: Value,
+    pub is_anonymous: bool,
+}
+
+/// A `contact_channels` row as read back from a tenant database.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ExternalChannel {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub value: String,
+    pub is_primary: bool,
+    pub is_verified: bool,
+    pub used_for_auth: bool,
+    pub created_at: NaiveDateTime,
+}
+
+pub async fn external_users(tenant: &PgPool) -> Vec<ExternalUser> {
+    sqlx::query_as("select * from users order by id")
+        .fetch_all(tenant)
+        .await
+        .unwrap()
+}
+
+pub async fn external_channels(tenant: &PgPool) -> Vec<ExternalChannel> {
+    sqlx::query_as("select * from contact_channels order by id")
+        .fetch_all(tenant)
+        .await
+        .unwrap()
+}
+
+/// The users of `tenancy` as the tenant should see them, computed from the internal
+/// tables with a query of the test's own.
+pub async fn expected_users(pool: &PgPool, tenancy: Uuid) -> Vec<ExternalUser> {
+    sqlx::query_as(
+        r#"
+        select u."projectUserId" as id, u."displayName" as display_name,
+               u."profileImageUrl" as profile_image_url,
+               (select c."value" from "ContactChannel" c
+                where c."tenancyId" = u."tenancyId" and c."projectUserId" = u."projectUserId"
+                  and c."type" = 'EMAIL' and c."isPrimary") as primary_email,
+               coalesce((select c."isVerified" from "ContactChannel" c
+                where c."tenancyId" = u."tenancyId" and c."projectUserId" = u."projectUserId"
+                  and c."type" = 'EMAIL' and c."isPrimary"), false) as primary_email_verified,
+               coalesce(u."signedUpAt", u."createdAt") as signed_up_at,
+               coalesce(u."clientMetadata", '{}') as client_metadata,
+               coalesce(u."clientReadOnlyMetadata", '{}') as client_read_only_metadata,
+               coalesce(u."serverMetadata", '{}') as server_metadata,
+               u."isAnonymous" as is_anonymous
+        from "ProjectUser" u
+        where u."tenancyId" = $1
+        order by u."projectUserId"
+        "#,
+    )
+    .bind(tenancy)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// The channels of `tenancy` as the tenant should see them.
+pub async fn expected_channels(pool: &PgPool, tenancy: Uuid) -> Vec<ExternalChannel> {
+    sqlx::query_as(
+        r#"
+        select "id", "projectUserId" as user_id, "type", "value",
+               coalesce("isPrimary", false) as is_primary, "isVerified" as is_verified,
+               coalesce("usedForAuth", false) as used_for_auth, "createdAt" as created_at
+        from "ContactChannel"
+        where "tenancyId" = $1
+        order by "id"
+        "#,
+    )
+    .bind(tenancy)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// `_stack_sync_metadata.last_synced_sequence_id` of `mapping`.
+pub async fn watermark(tenant: &PgPool, mapping: &str) -> i64 {
+    sqlx::query_scalar(
+        "select last_synced_sequence_id from _stack_sync_metadata where mapping_name = $1",
+    )
+    .bind(mapping)
+    .fetch_one(tenant)
+    .await
+    .unwrap()
+}
+
+pub async fn table_exists(tenant: &PgPool, table: &str) -> bool {
+    sqlx::query_scalar::<_, Option<String>>("select to_regclass($1)::text")
+        .bind(table)
+        .fetch_one(tenant)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// The error recorded for one database in `"ExternalDbSyncStatus"`:
+/// `(lastError, lastErrorRetryable, consecutiveFailures)`.
+pub async fn recorded_error(
+    pool: &PgPool,
+    tenancy: Uuid,
+    database_id: &str,
+) -> (Option<String>, Option<bool>, i32) {
+    sqlx::query_as(
+        r#"select "lastError", "lastErrorRetryable", "consecutiveFailures"
+           from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = $2"#,
+    )
+    .bind(tenancy)
+    .bind(database_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}

@@ -1,0 +1,259 @@
+//! Tenancies and databases that must not affect each other: isolation between tenants,
+//! ownership of a database, a broken database beside a good one, and concurrent runs.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use external_db_sync::sync::SyncError;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::harness::fixtures::{
+    delete_user, email, rename_user, sequence_all, tenancy, tenant_database, user,
+};
+use crate::harness::postgres::migrated_pool;
+use crate::harness::sync::{
+    attach, engine, expected_channels, expected_users, external_channels, external_users,
+    recorded_error, sync, sync_ok, watermark,
+};
+
+fn as_refs(config: &[(String, String)]) -> Vec<(&str, &str)> {
+    config
+        .iter()
+        .map(|(id, url)| (id.as_str(), url.as_str()))
+        .collect()
+}
+
+async fn user_ids(tenant: &PgPool) -> BTreeSet<Uuid> {
+    external_users(tenant).await.iter().map(|u| u.id).collect()
+}
+
+#[tokio::test]
+async fn each_tenancy_sees_only_its_own_users_in_its_own_databases() {
+    let pool = migrated_pool().await;
+    let engine = engine(&pool);
+    let (a, b) = (tenancy(&pool).await, tenancy(&pool).await);
+    let mut a_databases = Vec::new();
+    for _ in 0..2 {
+        a_databases.push(tenant_database().await);
+    }
+    let mut b_databases = Vec::new();
+    for _ in 0..3 {
+        b_databases.push(tenant_database().await);
+    }
+    let ids = |databases: &[(String, PgPool)], prefix: &str| {
+        databases
+            .iter()
+            .enumerate()
+            .map(|(n, (url, _))| (format!("{prefix}{n}"), url.clone()))
+            .collect::<Vec<_>>()
+    };
+    let a_config = ids(&a_databases, "a");
+    let b_config = ids(&b_databases, "b");
+    attach(&pool, a, &as_refs(&a_config)).await;
+    attach(&pool, b, &as_refs(&b_config)).await;
+    let mut a_users = BTreeSet::new();
+    let mut b_users = BTreeSet::new();
+    for n in 0..4 {
+        a_users.insert(user(&pool, a, &format!("a{n}")).await);
+        b_users.insert(user(&pool, b, &format!("b{n}")).await);
+    }
+    b_users.insert(user(&pool, b, "b-extra").await);
+
+    sync_ok(&pool, &engine, a).await;
+    sync_ok(&pool, &engine, b).await;
+
+    for (_, tenant) in &a_databases {
+        assert_eq!(user_ids(tenant).await, a_users);
+    }
+    for (_, tenant) in &b_databases {
+        assert_eq!(user_ids(tenant).await, b_users);
+    }
+}
+
+#[tokio::test]
+async fn a_database_already_owned_by_another_tenancy_is_refused() {
+    let pool = migrated_pool().await;
+    let engine = engine(&pool);
+    let (a, b) = (tenancy(&pool).await, tenancy(&pool).await);
+    let (shared_url, shared) = tenant_database().await;
+    let (b_own_url, b_own) = tenant_database().await;
+    attach(&pool, a, &[("shared", &shared_url)]).await;
+    attach(&pool, b, &[("own", &b_own_url), ("shared", &shared_url)]).await;
+    let a_user = user(&pool, a, "belongs to A").await;
+    let b_user = user(&pool, b, "belongs to B").await;
+    sync_ok(&pool, &engine, a).await;
+    let a_state = external_users(&shared).await;
+
+    let report = sync(&pool, &engine, b).await;
+
+    let shared_result = report
+        .databases
+        .iter()
+        .find(|database| database.database_id == "shared")
+        .unwrap();
+    let error = shared_result.result.as_ref().unwrap_err();
+    assert!(matches!(error, SyncError::ForeignOwner(_)), "{error}");
+    assert!(!error.is_retryable());
+    assert!(!report.has_retryable_failure());
+    // A's data is untouched and B's own database got B's user.
+    assert_eq!(external_users(&shared).await, a_state);
+    assert_eq!(user_ids(&shared).await, BTreeSet::from([a_user]));
+    assert_eq!(user_ids(&b_own).await, BTreeSet::from([b_user]));
+    let (recorded, retryable, failures) = recorded_error(&pool, b, "shared").await;
+    assert!(recorded.unwrap().contains("another tenancy"));
+    assert_eq!((retryable, failures), (Some(false), 1));
+}
+
+#[tokio::test]
+async fn a_broken_database_does_not_stop_a_good_one() {
+    let pool = migrated_pool().await;
+    let engine = engine(&pool);
+    let tenancy = tenancy(&pool).await;
+    let (good_url, good) = tenant_database().await;
+    attach(
+        &pool,
+        tenancy,
+        &[
+            ("bad", "postgresql://invalid:invalid@invalid:5432/invalid"),
+            ("good", &good_url),
+        ],
+    )
+    .await;
+    let id = user(&pool, tenancy, "arrives anyway").await;
+
+    let report = sync(&pool, &engine, tenancy).await;
+
+    assert_eq!(user_ids(&good).await, BTreeSet::from([id]));
+    let results: Vec<(&str, bool)> = report
+        .databases
+        .iter()
+        .map(|database| (database.database_id.as_str(), database.result.is_ok()))
+        .collect();
+    assert_eq!(results, [("bad", false), ("good", true)]);
+    let error = report.databases[0].result.as_ref().unwrap_err();
+    assert!(error.to_string().contains("invalid"), "{error}");
+    assert!(
+        error.is_retryable(),
+        "a host that does not resolve may resolve later"
+    );
+    let (recorded, _, failures) = recorded_error(&pool, tenancy, "bad").await;
+    assert!(
+        !recorded.unwrap().contains("invalid:invalid"),
+        "no password in the record"
+    );
+    assert_eq!(failures, 1);
+    sync(&pool, &engine, tenancy).await;
+    assert_eq!(
+        recorded_error(&pool, tenancy, "bad").await.2,
+        2,
+        "failures add up"
+    );
+}
+
+#[tokio::test]
+async fn success_is_recorded_in_the_status_table() {
+    let pool = migrated_pool().await;
+    let engine = engine(&pool);
+    let tenancy = tenancy(&pool).await;
+    let (url, tenant) = tenant_database().await;
+    attach(&pool, tenancy, &[("main", &url)]).await;
+    let id = user(&pool, tenancy, "someone").await;
+    email(&pool, tenancy, id, "someone@example.com", true).await;
+
+    sync_ok(&pool, &engine, tenancy).await;
+
+    let (synced, success_at, failures): (Option<i64>, Option<chrono::NaiveDateTime>, i32) =
+        sqlx::query_as(
+            r#"select "lastSyncedSequenceId", "lastSuccessAt", "consecutiveFailures"
+               from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = 'main'"#,
+        )
+        .bind(tenancy)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let lowest_watermark = watermark(&tenant, "users")
+        .await
+        .min(watermark(&tenant, "contact_channels").await);
+    assert_eq!(synced, Some(lowest_watermark));
+    assert!(success_at.is_some());
+    assert_eq!(failures, 0);
+}
+
+#[tokio::test]
+async fn concurrent_runs_for_one_tenancy_converge_on_the_source() {
+    let pool = migrated_pool().await;
+    let engine = Arc::new(engine(&pool));
+    let tenancy = tenancy(&pool).await;
+    let (url, tenant) = tenant_database().await;
+    attach(&pool, tenancy, &[("main", &url)]).await;
+    let mut users = Vec::new();
+    for n in 0..40 {
+        let id = user(&pool, tenancy, &format!("user {n}")).await;
+        email(&pool, tenancy, id, &format!("user{n}@example.com"), true).await;
+        users.push(id);
+    }
+    sync_ok(&pool, &engine, tenancy).await;
+
+    // A watcher records every watermark it sees while writers and two syncs race.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn({
+        let (tenant, done) = (tenant.clone(), done.clone());
+        async move {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                seen.push(watermark(&tenant, "users").await);
+            }
+            seen
+        }
+    });
+    let writer = tokio::spawn({
+        let (pool, users) = (pool.clone(), users.clone());
+        async move {
+            for round in 0..5 {
+                for (n, id) in users.iter().enumerate() {
+                    if n % 7 == round {
+                        delete_user(&pool, *id).await;
+                    } else {
+                        rename_user(&pool, *id, &format!("user {n} round {round}")).await;
+                    }
+                }
+                sequence_all(&pool, 1000).await;
+            }
+        }
+    });
+    for _ in 0..5 {
+        let (first, second) = tokio::join!(
+            crate::harness::sync::sync_only(&engine, tenancy),
+            crate::harness::sync::sync_only(&engine, tenancy),
+        );
+        for report in [first, second] {
+            for database in report.databases {
+                database
+                    .result
+                    .expect("concurrent runs wait for each other");
+            }
+        }
+    }
+    writer.await.unwrap();
+    sync_ok(&pool, &engine, tenancy).await;
+    done.store(true, Ordering::Relaxed);
+    let seen = watcher.await.unwrap();
+
+    assert_eq!(
+        external_users(&tenant).await,
+        expected_users(&pool, tenancy).await
+    );
+    assert_eq!(
+        external_channels(&tenant).await,
+        expected_channels(&pool, tenancy).await
+    );
+    assert!(seen.len() > 1);
+    assert!(
+        seen.windows(2).all(|pair| pair[0] <= pair[1]),
+        "the watermark never moves back: {seen:?}"
+    );
+    // Users with n % 7 in 0..5 were deleted; only the 10 others are left.
+    assert_eq!(external_users(&tenant).await.len(), 10);
+}
