@@ -11,6 +11,8 @@
 //! to the batch's highest id is visible when the batch is read, so that id is a safe
 //! watermark.
 
+use std::sync::LazyLock;
+
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
@@ -28,7 +30,7 @@ pub async fn next_batch(
     let limit = i64::from(limit);
     match mapping {
         Mapping::Users => {
-            let touched: Vec<TouchedUser> = sqlx::query_as(USERS_BATCH)
+            let touched: Vec<TouchedUser> = sqlx::query_as(&USERS_BATCH)
                 .bind(tenancy_id)
                 .bind(watermark)
                 .bind(limit)
@@ -37,7 +39,7 @@ pub async fn next_batch(
             Ok(collect(touched, Upserts::Users))
         }
         Mapping::ContactChannels => {
-            let touched: Vec<TouchedChannel> = sqlx::query_as(CONTACT_CHANNELS_BATCH)
+            let touched: Vec<TouchedChannel> = sqlx::query_as(&CONTACT_CHANNELS_BATCH)
                 .bind(tenancy_id)
                 .bind(watermark)
                 .bind(limit)
@@ -54,16 +56,16 @@ pub async fn next_batch(
 struct TouchedUser {
     id: Uuid,
     last_sequence_id: i64,
-    changes: i64,
+    batch_changes: i64,
     present: bool,
     display_name: Option<String>,
     profile_image_url: Option<String>,
     primary_email: Option<String>,
     primary_email_verified: Option<bool>,
     signed_up_at: Option<chrono::NaiveDateTime>,
-    client_metadata: Option<serde_json::Value>,
-    client_read_only_metadata: Option<serde_json::Value>,
-    server_metadata: Option<serde_json::Value>,
+    client_metadata: Option<String>,
+    client_read_only_metadata: Option<String>,
+    server_metadata: Option<String>,
     is_anonymous: Option<bool>,
 }
 
@@ -71,7 +73,7 @@ struct TouchedUser {
 struct TouchedChannel {
     id: Uuid,
     last_sequence_id: i64,
-    changes: i64,
+    batch_changes: i64,
     present: bool,
     user_id: Option<Uuid>,
     #[sqlx(rename = "type")]
@@ -88,7 +90,8 @@ trait TouchedRow {
     type Row;
     fn id(&self) -> Uuid;
     fn last_sequence_id(&self) -> i64;
-    fn changes(&self) -> i64;
+    /// Changes in the whole batch (the same on every row).
+    fn batch_changes(&self) -> i64;
     /// The row to upsert, or `None` if it is gone (or, defensively, incomplete).
     fn into_row(self) -> Option<Self::Row>;
 }
@@ -101,8 +104,8 @@ impl TouchedRow for TouchedUser {
     fn last_sequence_id(&self) -> i64 {
         self.last_sequence_id
     }
-    fn changes(&self) -> i64 {
-        self.changes
+    fn batch_changes(&self) -> i64 {
+        self.batch_changes
     }
     fn into_row(self) -> Option<UserRow> {
         if !self.present {
@@ -131,8 +134,8 @@ impl TouchedRow for TouchedChannel {
     fn last_sequence_id(&self) -> i64 {
         self.last_sequence_id
     }
-    fn changes(&self) -> i64 {
-        self.changes
+    fn batch_changes(&self) -> i64 {
+        self.batch_changes
     }
     fn into_row(self) -> Option<ContactChannelRow> {
         if !self.present {
@@ -156,7 +159,7 @@ fn collect<T: TouchedRow>(
     wrap: impl FnOnce(Vec<T::Row>) -> Upserts,
 ) -> Option<Batch> {
     let last_sequence_id = touched.iter().map(T::last_sequence_id).max()?;
-    let changes = touched.iter().map(T::changes).sum::<i64>();
+    let changes = touched.first().map_or(0, T::batch_changes);
     let mut upserts = Vec::with_capacity(touched.len());
     let mut deletes = Vec::new();
     for row in touched {
@@ -174,89 +177,156 @@ fn collect<T: TouchedRow>(
     })
 }
 
-/// `$1` tenancy, `$2` watermark, `$3` limit. Each branch of the union is limited on
-/// its own first, so both use their (tenancy, sequence) index.
-const USERS_BATCH: &str = r#"
-with changes as (
-    (select "projectUserId" as id, "sequenceId" as sequence_id
-     from "ProjectUser"
-     where "tenancyId" = $1 and "sequenceId" > $2
-     order by "sequenceId" limit $3)
-    union all
-    (select ("primaryKey" ->> 'projectUserId')::uuid, "sequenceId"
-     from "DeletedRow"
-     where "tenancyId" = $1 and "tableName" = 'ProjectUser' and "sequenceId" > $2
-     order by "sequenceId" limit $3)
-    order by sequence_id
-    limit $3
-), touched as (
-    select id, max(sequence_id) as last_sequence_id, count(*) as changes
-    from changes
-    group by id
-)
-select
-    touched.id,
-    touched.last_sequence_id,
-    touched.changes,
-    u."projectUserId" is not null as present,
+/// The `users` columns, computed from a `"ProjectUser"` row `u` (all but the primary
+/// e-mail, which comes from a look-up). Metadata is passed on as JSON text: the engine
+/// never parses row contents.
+const USER_COLUMNS: &str = r#"
     u."displayName" as display_name,
     u."profileImageUrl" as profile_image_url,
-    email."value" as primary_email,
-    coalesce(email."isVerified", false) as primary_email_verified,
     coalesce(u."signedUpAt", u."createdAt") as signed_up_at,
-    coalesce(u."clientMetadata", '{}') as client_metadata,
-    coalesce(u."clientReadOnlyMetadata", '{}') as client_read_only_metadata,
-    coalesce(u."serverMetadata", '{}') as server_metadata,
-    u."isAnonymous" as is_anonymous
-from touched
-left join "ProjectUser" u
-    on u."tenancyId" = $1 and u."projectUserId" = touched.id
-left join lateral (
-    select c."value", c."isVerified"
-    from "ContactChannel" c
-    where c."tenancyId" = $1 and c."projectUserId" = touched.id
-      and c."type" = 'EMAIL' and c."isPrimary"
-    limit 1
-) email on true
-order by touched.last_sequence_id
-"#;
+    coalesce(u."clientMetadata", '{}')::text as client_metadata,
+    coalesce(u."clientReadOnlyMetadata", '{}')::text as client_read_only_metadata,
+    coalesce(u."serverMetadata", '{}')::text as server_metadata,
+    u."isAnonymous" as is_anonymous"#;
 
-const CONTACT_CHANNELS_BATCH: &str = r#"
-with changes as (
-    (select "id", "sequenceId" as sequence_id
-     from "ContactChannel"
-     where "tenancyId" = $1 and "sequenceId" > $2
-     order by "sequenceId" limit $3)
-    union all
-    (select ("primaryKey" ->> 'id')::uuid, "sequenceId"
-     from "DeletedRow"
-     where "tenancyId" = $1 and "tableName" = 'ContactChannel' and "sequenceId" > $2
-     order by "sequenceId" limit $3)
-    order by sequence_id
-    limit $3
-), touched as (
-    select id, max(sequence_id) as last_sequence_id, count(*) as changes
-    from changes
-    group by id
-)
-select
-    touched.id,
-    touched.last_sequence_id,
-    touched.changes,
-    c."id" is not null as present,
+/// The `contact_channels` columns, computed from a `"ContactChannel"` row `c`.
+const CHANNEL_COLUMNS: &str = r#"
     c."projectUserId" as user_id,
     c."type" as "type",
     c."value" as "value",
     coalesce(c."isPrimary", false) as is_primary,
     c."isVerified" as is_verified,
     coalesce(c."usedForAuth", false) as used_for_auth,
-    c."createdAt" as created_at
+    c."createdAt" as created_at"#;
+
+/// The part both batch queries share. `$1` tenancy, `$2` watermark, `$3` limit.
+///
+/// - `live`: rows whose current sequence id is after the watermark, read with their
+///   values in the same index scan that finds them;
+/// - `tombstones`: deletions after the watermark;
+/// - `cutoff`: the batch is the first `$3` changes of both, in sequence order;
+/// - `touched`: each live row of the batch as it is, and each id that only has
+///   tombstones in the batch, with its current row in case it was created again since.
+///
+/// Each branch is limited on its own before the union, so both use their index.
+struct BatchQuery {
+    /// The source table, also its `"DeletedRow"."tableName"`.
+    table: &'static str,
+    /// The alias the column expressions use for the source table.
+    alias: &'static str,
+    /// The source's id column, qualified by the alias.
+    id_column: &'static str,
+    /// The id's field in `"DeletedRow"."primaryKey"`.
+    primary_key_field: &'static str,
+    /// The mapped columns, computed from the aliased source row.
+    columns: &'static str,
+    /// Joins the current source row (aliased) to a `gone` id.
+    current_row: &'static str,
+    /// Whether that join found a row.
+    present: &'static str,
+    /// Extra output columns, then `from touched` and any joins they need.
+    rest: &'static str,
+}
+
+impl BatchQuery {
+    fn sql(&self) -> String {
+        let BatchQuery {
+            table,
+            alias,
+            id_column,
+            primary_key_field,
+            columns,
+            current_row,
+            present,
+            rest,
+        } = self;
+        format!(
+            r#"
+with live as (
+    select {id_column} as id, {alias}."sequenceId" as sequence_id, {columns}
+    from "{table}" {alias}
+    where {alias}."tenancyId" = $1 and {alias}."sequenceId" > $2
+    order by {alias}."sequenceId"
+    limit $3
+), tombstones as (
+    select ("primaryKey" ->> '{primary_key_field}')::uuid as id, "sequenceId" as sequence_id
+    from "DeletedRow"
+    where "tenancyId" = $1 and "tableName" = '{table}' and "sequenceId" > $2
+    order by "sequenceId"
+    limit $3
+), cutoff as (
+    select max(sequence_id) as last_sequence_id, count(*) as changes
+    from (select sequence_id from live
+          union all
+          select sequence_id from tombstones
+          order by sequence_id
+          limit $3) as first_changes
+), batch_live as (
+    select * from live where sequence_id <= (select last_sequence_id from cutoff)
+), touched as (
+    select batch_live.*, true as present from batch_live
+    union all
+    select gone.id, gone.sequence_id, {columns}, {present}
+    from (
+        select id, max(sequence_id) as sequence_id
+        from tombstones
+        where sequence_id <= (select last_sequence_id from cutoff)
+          and id not in (select id from batch_live)
+        group by id
+    ) as gone
+    {current_row}
+)
+select
+    touched.*,
+    touched.sequence_id as last_sequence_id,
+    (select changes from cutoff) as batch_changes
+    {rest}
+"#
+        )
+    }
+}
+
+static USERS_BATCH: LazyLock<String> = LazyLock::new(|| {
+    BatchQuery {
+        table: "ProjectUser",
+        alias: "u",
+        id_column: r#"u."projectUserId""#,
+        primary_key_field: "projectUserId",
+        columns: USER_COLUMNS,
+        current_row: r#"left join "ProjectUser" u
+        on u."tenancyId" = $1 and u."projectUserId" = gone.id"#,
+        present: r#"u."projectUserId" is not null"#,
+        rest: r#",
+    email."value" as primary_email,
+    coalesce(email."isVerified", false) as primary_email_verified
 from touched
 left join lateral (
-    select * from "ContactChannel" c
-    where c."tenancyId" = $1 and c."id" = touched.id
-    order by c."sequenceId" desc nulls last
+    select c."value", c."isVerified"
+    from "ContactChannel" c
+    where c."tenancyId" = $1 and c."projectUserId" = touched.id
+      and c."type" = 'EMAIL' and c."isPrimary"
     limit 1
-) c on true
-order by touched.last_sequence_id
-"#;
+) as email on touched.present"#,
+    }
+    .sql()
+});
+
+static CONTACT_CHANNELS_BATCH: LazyLock<String> = LazyLock::new(|| {
+    BatchQuery {
+        table: "ContactChannel",
+        alias: "c",
+        id_column: r#"c."id""#,
+        primary_key_field: "id",
+        columns: CHANNEL_COLUMNS,
+        // Channel ids are unique in practice, though the primary key does not say so.
+        current_row: r#"left join lateral (
+        select * from "ContactChannel" c
+        where c."tenancyId" = $1 and c."id" = gone.id
+        order by c."sequenceId" desc nulls last
+        limit 1
+    ) as c on true"#,
+        present: r#"c."id" is not null"#,
+        rest: "\nfrom touched",
+    }
+    .sql()
+});

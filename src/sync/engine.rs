@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
 use sqlx::PgPool;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
 use super::error::SyncError;
 use super::external_database::{self, ExternalDatabase};
-use super::mapping::{self, Mapping};
+use super::mapping::{self, Batch, Mapping};
 use super::schema;
 use super::target::{self, SessionSettings, TargetPolicy};
 use crate::db;
@@ -247,16 +247,29 @@ async fn sync_target(
         .policy
         .check(&database.target, session.connect_timeout)
         .await?;
-    let mut client = target::connect(&database.target, &addresses, session).await?;
-    schema::prepare(&mut client, tenancy_id, &database.read_roles).await?;
-    let mut mappings = Vec::with_capacity(Mapping::ALL.len());
-    for mapping in Mapping::ALL {
-        mappings.push(sync_mapping(engine, &mut client, tenancy_id, mapping).await?);
-    }
+    // One session per mapping, opened together: the mappings are independent (own
+    // table, own watermark, own lock), so they are synced side by side.
+    let mut clients = futures::future::try_join_all(
+        Mapping::ALL.map(|_| target::connect(&database.target, &addresses, session)),
+    )
+    .await?;
+    schema::prepare(&mut clients[0], tenancy_id, &database.read_roles).await?;
+    let mappings = futures::future::try_join_all(
+        clients
+            .iter_mut()
+            .zip(Mapping::ALL)
+            .map(|(client, mapping)| sync_mapping(engine, client, tenancy_id, mapping)),
+    )
+    .await?;
     Ok(DatabaseSynced { mappings })
 }
 
 /// Applies batches of `mapping` until it is caught up or the batch budget is spent.
+///
+/// While one batch is written to the tenant database, the next one is read from the
+/// internal database. The read-ahead is only used if the watermark, re-read under the
+/// lock, is still where it was read from: then no other run wrote in between, and the
+/// read-ahead is newer than anything written so far. Otherwise it is read again.
 async fn sync_mapping(
     engine: &SyncEngine,
     client: &mut Client,
@@ -273,17 +286,46 @@ async fn sync_mapping(
         watermark: -1,
         more_remaining: false,
     };
+    let mut read_ahead: Option<ReadAhead> = None;
     loop {
-        let step = apply_next_batch(engine, client, tenancy_id, mapping).await?;
-        report.watermark = step.watermark;
-        let Some(applied) = step.applied else {
+        let transaction = client.transaction().await.map_err(SyncError::target)?;
+        let watermark = lock_and_read_watermark(&transaction, mapping).await?;
+        report.watermark = watermark;
+        let batch = match read_ahead.take() {
+            Some(ahead) if ahead.after == watermark => ahead.batch,
+            _ => read_batch(engine, tenancy_id, mapping, watermark).await?,
+        };
+        let Some(batch) = batch else {
+            transaction.commit().await.map_err(SyncError::target)?;
             break;
         };
+
+        let full = batch.changes >= u64::from(settings.batch_size);
+        let another = full && report.batches + 1 < settings.max_batches_per_run;
+        let next_after = batch.last_sequence_id;
+        let write = apply_batch(transaction, mapping, &batch);
+        let read_next = async {
+            if another {
+                read_batch(engine, tenancy_id, mapping, next_after)
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let (applied, next) = tokio::join!(write, read_next);
+        let applied = applied?;
+        read_ahead = next?.map(|batch| ReadAhead {
+            after: next_after,
+            batch,
+        });
+
         report.batches += 1;
-        report.changes += applied.changes;
+        report.changes += batch.changes;
         report.upserted += applied.upserted;
         report.deleted += applied.deleted;
-        if applied.changes < u64::from(settings.batch_size) {
+        report.watermark = batch.last_sequence_id;
+        if !full {
             break;
         }
         if report.batches >= settings.max_batches_per_run {
@@ -294,58 +336,49 @@ async fn sync_mapping(
     Ok(report)
 }
 
-struct Step {
-    /// The watermark after the step.
-    watermark: i64,
-    /// `None` when there was nothing to apply.
-    applied: Option<AppliedBatch>,
+/// A batch read before its turn, and the watermark it was read after.
+struct ReadAhead {
+    after: i64,
+    batch: Option<Batch>,
 }
 
-struct AppliedBatch {
-    changes: u64,
-    upserted: u64,
-    deleted: u64,
-}
-
-/// One batch in one tenant-database transaction: lock, re-read the watermark, read
-/// the internal changes after it, write them, move the watermark.
-async fn apply_next_batch(
-    engine: &SyncEngine,
-    client: &mut Client,
-    tenancy_id: Uuid,
+/// Takes the mapping's advisory lock for the transaction, so that runs for the same
+/// tenant database take turns, and reads the watermark under it.
+async fn lock_and_read_watermark(
+    transaction: &Transaction<'_>,
     mapping: Mapping,
-) -> Result<Step, SyncError> {
-    let transaction = client.transaction().await.map_err(SyncError::target)?;
+) -> Result<i64, SyncError> {
     transaction
         .execute("select pg_advisory_xact_lock($1)", &[&mapping.lock_key()])
         .await
         .map_err(SyncError::target)?;
-    let watermark: i64 = transaction
+    let row = transaction
         .query_one(
             "select last_synced_sequence_id from _stack_sync_metadata where mapping_name = $1",
             &[&mapping.name()],
         )
         .await
-        .map_err(SyncError::target)?
-        .get(0);
+        .map_err(SyncError::target)?;
+    Ok(row.get(0))
+}
 
-    let batch = db::changes::next_batch(
-        &engine.pool,
-        mapping,
-        tenancy_id,
-        watermark,
-        engine.settings.batch_size,
-    )
-    .await?;
-    let Some(batch) = batch else {
-        transaction.commit().await.map_err(SyncError::target)?;
-        return Ok(Step {
-            watermark,
-            applied: None,
-        });
-    };
+async fn read_batch(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+    mapping: Mapping,
+    after: i64,
+) -> Result<Option<Batch>, SyncError> {
+    let batch_size = engine.settings.batch_size;
+    Ok(db::changes::next_batch(&engine.pool, mapping, tenancy_id, after, batch_size).await?)
+}
 
-    let applied = mapping::apply(&transaction, mapping, &batch)
+/// Writes `batch`, moves the watermark forward (never back), and commits.
+async fn apply_batch(
+    transaction: Transaction<'_>,
+    mapping: Mapping,
+    batch: &Batch,
+) -> Result<mapping::Applied, SyncError> {
+    let applied = mapping::apply(&transaction, mapping, batch)
         .await
         .map_err(SyncError::target)?;
     transaction
@@ -358,12 +391,5 @@ async fn apply_next_batch(
         .await
         .map_err(SyncError::target)?;
     transaction.commit().await.map_err(SyncError::target)?;
-    Ok(Step {
-        watermark: batch.last_sequence_id,
-        applied: Some(AppliedBatch {
-            changes: batch.changes,
-            upserted: applied.upserted,
-            deleted: applied.deleted,
-        }),
-    })
+    Ok(applied)
 }

@@ -105,7 +105,9 @@ fn find_source<'a, T: std::error::Error + 'static>(
         if let Some(found) = error.downcast_ref::<T>() {
             return Some(found);
         }
-        let wrapped = error.downcast_ref::<io::Error>().and_then(io::Error::get_ref);
+        let wrapped = error
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref);
         if let Some(found) = wrapped.and_then(|inner| inner.downcast_ref::<T>()) {
             return Some(found);
         }

@@ -7,7 +7,6 @@
 //! one, converges on the same result; the watermark only moves forward.
 
 use chrono::NaiveDateTime;
-use serde_json::Value;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Transaction;
 use uuid::Uuid;
@@ -53,9 +52,10 @@ pub struct UserRow {
     pub primary_email: Option<String>,
     pub primary_email_verified: bool,
     pub signed_up_at: NaiveDateTime,
-    pub client_metadata: Value,
-    pub client_read_only_metadata: Value,
-    pub server_metadata: Value,
+    /// JSON text: passed through as read, so the engine never parses row contents.
+    pub client_metadata: String,
+    pub client_read_only_metadata: String,
+    pub server_metadata: String,
     pub is_anonymous: bool,
 }
 
@@ -118,9 +118,16 @@ const UPSERT_USERS: &str = r#"
 insert into users (
     id, display_name, profile_image_url, primary_email, primary_email_verified,
     signed_up_at, client_metadata, client_read_only_metadata, server_metadata, is_anonymous)
-select * from unnest(
+select
+    id, display_name, profile_image_url, primary_email, primary_email_verified,
+    signed_up_at, client_metadata::jsonb, client_read_only_metadata::jsonb,
+    server_metadata::jsonb, is_anonymous
+from unnest(
     $1::uuid[], $2::text[], $3::text[], $4::text[], $5::boolean[],
-    $6::timestamp[], $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::boolean[])
+    $6::timestamp[], $7::text[], $8::text[], $9::text[], $10::boolean[])
+    as batch(id, display_name, profile_image_url, primary_email, primary_email_verified,
+             signed_up_at, client_metadata, client_read_only_metadata, server_metadata,
+             is_anonymous)
 on conflict (id) do update set
     display_name = excluded.display_name,
     profile_image_url = excluded.profile_image_url,
@@ -202,9 +209,9 @@ struct UserColumns {
     primary_email: Vec<Option<String>>,
     primary_email_verified: Vec<bool>,
     signed_up_at: Vec<NaiveDateTime>,
-    client_metadata: Vec<Value>,
-    client_read_only_metadata: Vec<Value>,
-    server_metadata: Vec<Value>,
+    client_metadata: Vec<String>,
+    client_read_only_metadata: Vec<String>,
+    server_metadata: Vec<String>,
     is_anonymous: Vec<bool>,
 }
 

@@ -38,23 +38,27 @@ static SERVER: OnceLock<Server> = OnceLock::new();
 
 /// The shared server, started on first use.
 pub fn server() -> &'static Server {
-    SERVER.get_or_init(|| {
-        // Start-up needs async database calls but runs inside whichever test came first:
-        // give it a runtime of its own on a thread of its own, so no pool outlives it.
-        std::thread::spawn(|| {
-            let base_url = match std::env::var(EXTERNAL_SERVER_VARIABLE) {
-                Ok(url) if !url.trim().is_empty() => strip_database(&url),
-                _ => start_cluster(&ClusterSetup::default()),
-            };
-            let template = format!("eds_template_{}", short_id());
-            tokio::runtime::Runtime::new()
-                .expect("a tokio runtime for the test server set-up")
-                .block_on(create_template(&base_url, &template));
-            Server { base_url, template }
-        })
-        .join()
-        .expect("the test PostgreSQL server started")
+    SERVER.get_or_init(|| start_server(ClusterSetup::default()))
+}
+
+/// The server of `EXTERNAL_DB_SYNC_TEST_DATABASE_URL`, or a new cluster set up with
+/// `setup`, with a migrated template database.
+pub fn start_server(setup: ClusterSetup) -> Server {
+    // Start-up needs async database calls but may run inside a test's runtime: give it a
+    // runtime of its own on a thread of its own, so no pool outlives it.
+    std::thread::spawn(move || {
+        let base_url = match std::env::var(EXTERNAL_SERVER_VARIABLE) {
+            Ok(url) if !url.trim().is_empty() => strip_database(&url),
+            _ => start_cluster(&setup),
+        };
+        let template = format!("eds_template_{}", short_id());
+        tokio::runtime::Runtime::new()
+            .expect("a tokio runtime for the test server set-up")
+            .block_on(create_template(&base_url, &template));
+        Server { base_url, template }
     })
+    .join()
+    .expect("the test PostgreSQL server started")
 }
 
 impl Server {
@@ -248,7 +252,6 @@ pub fn start_cluster(setup: &ClusterSetup) -> String {
                 "unix_socket_directories=",
             ])
             .args(["-c", "max_connections=400", "-c", "shared_buffers=128MB"])
-            .args(&settings)
             // A throwaway cluster: durability buys nothing and costs seconds.
             .args([
                 "-c",
@@ -258,6 +261,8 @@ pub fn start_cluster(setup: &ClusterSetup) -> String {
                 "-c",
                 "full_page_writes=off",
             ])
+            // Last, so that a setup can override the defaults above.
+            .args(&settings)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
