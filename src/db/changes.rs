@@ -13,10 +13,11 @@
 
 use std::sync::LazyLock;
 
-use sqlx::PgExecutor;
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgExecutor, Row};
 use uuid::Uuid;
 
-use crate::sync::mapping::{Batch, ContactChannelRow, Mapping, Upserts, UserRow};
+use crate::sync::mapping::{Batch, Mapping, Upserts};
 
 /// The next batch of `mapping` for `tenancy_id` after `watermark`, or `None` when
 /// nothing is left.
@@ -27,154 +28,53 @@ pub async fn next_batch(
     watermark: i64,
     limit: u32,
 ) -> Result<Option<Batch>, sqlx::Error> {
-    let limit = i64::from(limit);
+    let sql: &'static str = match mapping {
+        Mapping::Users => &USERS_BATCH,
+        Mapping::ContactChannels => &CONTACT_CHANNELS_BATCH,
+    };
+    let rows = sqlx::query(sql)
+        .bind(tenancy_id)
+        .bind(watermark)
+        .bind(i64::from(limit))
+        .fetch_all(executor)
+        .await?;
     match mapping {
-        Mapping::Users => {
-            let touched: Vec<TouchedUser> = sqlx::query_as(&USERS_BATCH)
-                .bind(tenancy_id)
-                .bind(watermark)
-                .bind(limit)
-                .fetch_all(executor)
-                .await?;
-            Ok(collect(touched, Upserts::Users))
-        }
-        Mapping::ContactChannels => {
-            let touched: Vec<TouchedChannel> = sqlx::query_as(&CONTACT_CHANNELS_BATCH)
-                .bind(tenancy_id)
-                .bind(watermark)
-                .bind(limit)
-                .fetch_all(executor)
-                .await?;
-            Ok(collect(touched, Upserts::ContactChannels))
-        }
+        Mapping::Users => collect(&rows, Upserts::Users),
+        Mapping::ContactChannels => collect(&rows, Upserts::ContactChannels),
     }
 }
 
-/// Result rows of the batch queries: the bookkeeping columns, `present`, and the
-/// mapped columns, which are null when the row no longer exists.
-#[derive(sqlx::FromRow)]
-struct TouchedUser {
-    id: Uuid,
-    last_sequence_id: i64,
-    batch_changes: i64,
-    present: bool,
-    display_name: Option<String>,
-    profile_image_url: Option<String>,
-    primary_email: Option<String>,
-    primary_email_verified: Option<bool>,
-    signed_up_at: Option<chrono::NaiveDateTime>,
-    client_metadata: Option<String>,
-    client_read_only_metadata: Option<String>,
-    server_metadata: Option<String>,
-    is_anonymous: Option<bool>,
-}
-
-#[derive(sqlx::FromRow)]
-struct TouchedChannel {
-    id: Uuid,
-    last_sequence_id: i64,
-    batch_changes: i64,
-    present: bool,
-    user_id: Option<Uuid>,
-    #[sqlx(rename = "type")]
-    kind: Option<String>,
-    value: Option<String>,
-    is_primary: Option<bool>,
-    is_verified: Option<bool>,
-    used_for_auth: Option<bool>,
-    created_at: Option<chrono::NaiveDateTime>,
-}
-
-/// What one result row means for the batch.
-trait TouchedRow {
-    type Row;
-    fn id(&self) -> Uuid;
-    fn last_sequence_id(&self) -> i64;
-    /// Changes in the whole batch (the same on every row).
-    fn batch_changes(&self) -> i64;
-    /// The row to upsert, or `None` if it is gone (or, defensively, incomplete).
-    fn into_row(self) -> Option<Self::Row>;
-}
-
-impl TouchedRow for TouchedUser {
-    type Row = UserRow;
-    fn id(&self) -> Uuid {
-        self.id
-    }
-    fn last_sequence_id(&self) -> i64 {
-        self.last_sequence_id
-    }
-    fn batch_changes(&self) -> i64 {
-        self.batch_changes
-    }
-    fn into_row(self) -> Option<UserRow> {
-        if !self.present {
-            return None;
-        }
-        Some(UserRow {
-            id: self.id,
-            display_name: self.display_name,
-            profile_image_url: self.profile_image_url,
-            primary_email: self.primary_email,
-            primary_email_verified: self.primary_email_verified?,
-            signed_up_at: self.signed_up_at?,
-            client_metadata: self.client_metadata?,
-            client_read_only_metadata: self.client_read_only_metadata?,
-            server_metadata: self.server_metadata?,
-            is_anonymous: self.is_anonymous?,
-        })
-    }
-}
-
-impl TouchedRow for TouchedChannel {
-    type Row = ContactChannelRow;
-    fn id(&self) -> Uuid {
-        self.id
-    }
-    fn last_sequence_id(&self) -> i64 {
-        self.last_sequence_id
-    }
-    fn batch_changes(&self) -> i64 {
-        self.batch_changes
-    }
-    fn into_row(self) -> Option<ContactChannelRow> {
-        if !self.present {
-            return None;
-        }
-        Some(ContactChannelRow {
-            id: self.id,
-            user_id: self.user_id?,
-            kind: self.kind?,
-            value: self.value?,
-            is_primary: self.is_primary?,
-            is_verified: self.is_verified?,
-            used_for_auth: self.used_for_auth?,
-            created_at: self.created_at?,
-        })
-    }
-}
-
-fn collect<T: TouchedRow>(
-    touched: Vec<T>,
-    wrap: impl FnOnce(Vec<T::Row>) -> Upserts,
-) -> Option<Batch> {
-    let last_sequence_id = touched.iter().map(T::last_sequence_id).max()?;
-    let changes = touched.first().map_or(0, T::batch_changes);
-    let mut upserts = Vec::with_capacity(touched.len());
+/// Turns the rows of a batch query into a [`Batch`]: each row has the bookkeeping
+/// columns (`id`, `last_sequence_id`, `batch_changes`, `present`) and, when `present`,
+/// the mapped columns that `R` is read from.
+fn collect<R>(
+    rows: &[PgRow],
+    wrap: impl FnOnce(Vec<R>) -> Upserts,
+) -> Result<Option<Batch>, sqlx::Error>
+where
+    R: for<'r> FromRow<'r, PgRow>,
+{
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let changes: i64 = first.try_get("batch_changes")?;
+    let mut last_sequence_id = i64::MIN;
+    let mut upserts = Vec::with_capacity(rows.len());
     let mut deletes = Vec::new();
-    for row in touched {
-        let id = row.id();
-        match row.into_row() {
-            Some(row) => upserts.push(row),
-            None => deletes.push(id),
+    for row in rows {
+        last_sequence_id = last_sequence_id.max(row.try_get("last_sequence_id")?);
+        if row.try_get::<bool, _>("present")? {
+            upserts.push(R::from_row(row)?);
+        } else {
+            deletes.push(row.try_get("id")?);
         }
     }
-    Some(Batch {
+    Ok(Some(Batch {
         upserts: wrap(upserts),
         deletes,
         changes: u64::try_from(changes).unwrap_or(0),
         last_sequence_id,
-    })
+    }))
 }
 
 /// The `users` columns, computed from a `"ProjectUser"` row `u` (all but the primary

@@ -120,6 +120,11 @@ impl DatabaseSynced {
             .unwrap_or(-1)
     }
 
+    /// Changes applied in this run, over all mappings.
+    pub fn changes(&self) -> u64 {
+        self.mappings.iter().map(|mapping| mapping.changes).sum()
+    }
+
     pub fn more_remaining(&self) -> bool {
         self.mappings.iter().any(|mapping| mapping.more_remaining)
     }
@@ -191,14 +196,19 @@ async fn sync_database(
     };
     let recorded = match &result {
         Ok(synced) => {
-            tracing::info!(
-                %tenancy_id,
-                %database_id,
-                target = target.as_deref().unwrap_or_default(),
-                synced_through = synced.synced_through(),
-                more_remaining = synced.more_remaining(),
-                "external database synced"
-            );
+            if synced.changes() == 0 {
+                tracing::debug!(%tenancy_id, %database_id, "external database already up to date");
+            } else {
+                tracing::info!(
+                    %tenancy_id,
+                    %database_id,
+                    target = target.as_deref().unwrap_or_default(),
+                    changes = synced.changes(),
+                    synced_through = synced.synced_through(),
+                    more_remaining = synced.more_remaining(),
+                    "external database synced"
+                );
+            }
             db::sync_status::record_success(
                 &engine.pool,
                 tenancy_id,

@@ -22,7 +22,7 @@ pub enum SyncError {
     #[error("database belongs to another tenancy: {0}")]
     ForeignOwner(String),
     /// The host name did not resolve. Retryable: DNS outages pass.
-    #[error("cannot resolve host {host}: {source}")]
+    #[error("cannot resolve host {host}")]
     Resolve { host: String, source: io::Error },
     /// The certificate was rejected, or TLS was required and not offered. Permanent.
     #[error("TLS: {0}")]
@@ -35,7 +35,7 @@ pub enum SyncError {
     #[error("tenant database: {}", describe_postgres_error(.0))]
     Target(tokio_postgres::Error),
     /// An error reading the internal database. Retryable.
-    #[error("internal database: {0}")]
+    #[error("internal database")]
     Internal(#[from] sqlx::Error),
 }
 

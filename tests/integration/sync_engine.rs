@@ -11,12 +11,13 @@ use uuid::Uuid;
 
 use crate::harness::fixtures::{
     delete_channel, delete_user, email, pending_request_keys, rename_user, sequence_all,
-    set_primary, tenancy, tenant_database, user, verify_channel,
+    set_primary, user, verify_channel,
 };
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
-    attach, engine, engine_with, expected_channels, expected_users, external_channels,
-    external_users, sync_ok, sync_only, table_exists, test_settings, watermark, ExternalUser,
+    assert_tenant_matches_source, engine, engine_with, expected_channels, expected_users,
+    external_channels, external_users, sync_ok, sync_only, table_exists, tenancy_with_database,
+    test_settings, watermark, ExternalUser,
 };
 
 async fn user_count(tenant: &PgPool) -> i64 {
@@ -39,9 +40,7 @@ async fn emails(tenant: &PgPool) -> BTreeSet<String> {
 async fn first_sync_creates_the_tables_and_copies_an_insert_with_every_column() {
     // Arrange
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let created_at: NaiveDateTime = "2026-01-02T03:04:05.678".parse().unwrap();
     let id = Uuid::new_v4();
     sqlx::query(
@@ -94,9 +93,7 @@ async fn first_sync_creates_the_tables_and_copies_an_insert_with_every_column() 
 #[tokio::test]
 async fn an_update_is_reflected() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let engine = engine(&pool);
     let id = user(&pool, tenancy, "Before").await;
     sync_ok(&pool, &engine, tenancy).await;
@@ -119,9 +116,7 @@ async fn an_update_is_reflected() {
 #[tokio::test]
 async fn a_delete_removes_the_row() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let engine = engine(&pool);
     let kept = user(&pool, tenancy, "Kept").await;
     let gone = user(&pool, tenancy, "Gone").await;
@@ -141,9 +136,7 @@ async fn a_delete_removes_the_row() {
 #[tokio::test]
 async fn a_user_lives_its_whole_life_in_the_tenant_database() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let engine = engine(&pool);
 
     let id = user(&pool, tenancy, "Grace").await;
@@ -170,9 +163,7 @@ async fn a_user_lives_its_whole_life_in_the_tenant_database() {
 #[tokio::test]
 async fn the_primary_email_follows_the_primary_contact_channel() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let engine = engine(&pool);
     let id = user(&pool, tenancy, "Linus").await;
     let first = email(&pool, tenancy, id, "first@example.com", true).await;
@@ -220,9 +211,7 @@ async fn the_primary_email_follows_the_primary_contact_channel() {
 #[tokio::test]
 async fn the_watermark_is_set_by_the_first_sync_and_grows_with_each_change() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let engine = engine(&pool);
     let id = user(&pool, tenancy, "One").await;
     sync_ok(&pool, &engine, tenancy).await;
@@ -241,9 +230,7 @@ async fn the_watermark_is_set_by_the_first_sync_and_grows_with_each_change() {
 #[tokio::test]
 async fn syncing_again_changes_nothing_and_keeps_row_ids() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let engine = engine(&pool);
     for n in 0..5 {
         let id = user(&pool, tenancy, &format!("user {n}")).await;
@@ -286,9 +273,7 @@ async fn syncing_again_changes_nothing_and_keeps_row_ids() {
 #[tokio::test]
 async fn special_characters_round_trip_exactly() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let name = "O'Connor 🚀 用户 \"Test\" \\ back\\slash; drop table users; --";
     let metadata = json!({
         "quote": "she said \"hi\" and 'bye'",
@@ -319,9 +304,7 @@ async fn special_characters_round_trip_exactly() {
 #[tokio::test]
 async fn only_the_last_state_of_a_row_is_synced() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let engine = engine(&pool);
 
     // Several updates between two syncs: the last one wins.
@@ -363,9 +346,7 @@ async fn only_the_last_state_of_a_row_is_synced() {
 #[tokio::test]
 async fn interleaved_inserts_and_deletes_end_with_exactly_the_expected_users() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let engine = engine(&pool);
     let mut users = Vec::new();
     for n in 0..50 {
@@ -416,9 +397,7 @@ async fn many_users(pool: &PgPool, tenancy: Uuid, count: i32) {
 #[tokio::test]
 async fn more_rows_than_one_batch_all_arrive() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     many_users(&pool, tenancy, 1500).await;
 
     let report = sync_ok(&pool, &engine(&pool), tenancy).await;
@@ -426,22 +405,13 @@ async fn more_rows_than_one_batch_all_arrive() {
     let users_mapping = &report.databases[0].result.as_ref().unwrap().mappings[0];
     assert_eq!(users_mapping.batches, 2, "1500 users in batches of 1000");
     assert_eq!(user_count(&tenant).await, 1500);
-    assert_eq!(
-        external_users(&tenant).await,
-        expected_users(&pool, tenancy).await
-    );
-    assert_eq!(
-        external_channels(&tenant).await,
-        expected_channels(&pool, tenancy).await
-    );
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
 
 #[tokio::test]
 async fn a_delete_at_a_batch_boundary_is_not_lost() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     many_users(&pool, tenancy, 300).await;
     sequence_all(&pool, 1000).await;
     // The user whose change is the 100th of the tenancy: the last of the first batch.
@@ -477,9 +447,7 @@ async fn a_delete_at_a_batch_boundary_is_not_lost() {
 #[tokio::test]
 async fn a_run_stops_after_its_batch_budget_and_requeues_the_tenancy() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     many_users(&pool, tenancy, 250).await;
     sequence_all(&pool, 1000).await;
     // The sequencer queued the tenancy; a worker would claim that request before the
@@ -522,23 +490,14 @@ async fn a_run_stops_after_its_batch_budget_and_requeues_the_tenancy() {
     let report = sync_only(&engine, tenancy).await;
     assert!(!report.requeued);
     assert_eq!(user_count(&tenant).await, 250);
-    assert_eq!(
-        external_users(&tenant).await,
-        expected_users(&pool, tenancy).await
-    );
-    assert_eq!(
-        external_channels(&tenant).await,
-        expected_channels(&pool, tenancy).await
-    );
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
     assert!(pending_request_keys(&pool).await.is_empty());
 }
 
 #[tokio::test]
 async fn an_uncommitted_transaction_is_invisible_until_it_commits() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let engine = engine(&pool);
     user(&pool, tenancy, "committed").await;
     let mut open = pool.begin().await.unwrap();

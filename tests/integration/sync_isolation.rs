@@ -4,8 +4,10 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use external_db_sync::sync::SyncError;
+use external_db_sync::sync::mapping::Mapping;
+use external_db_sync::sync::{SyncError, SyncSettings};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -14,9 +16,10 @@ use crate::harness::fixtures::{
 };
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
-    attach, engine, expected_channels, expected_users, external_channels, external_users,
-    recorded_error, sync, sync_ok, watermark,
+    assert_tenant_matches_source, attach, engine, engine_with, external_users, recorded_error,
+    sync, sync_ok, sync_only, tenancy_with_database, test_settings, watermark,
 };
+use crate::harness::wait;
 
 fn as_refs(config: &[(String, String)]) -> Vec<(&str, &str)> {
     config
@@ -156,9 +159,7 @@ async fn a_broken_database_does_not_stop_a_good_one() {
 async fn success_is_recorded_in_the_status_table() {
     let pool = migrated_pool().await;
     let engine = engine(&pool);
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let id = user(&pool, tenancy, "someone").await;
     email(&pool, tenancy, id, "someone@example.com", true).await;
 
@@ -181,79 +182,162 @@ async fn success_is_recorded_in_the_status_table() {
     assert_eq!(failures, 0);
 }
 
+/// Two runs for the same database, both looping while a writer keeps changing users.
+/// Each user's last change lands at a different moment, so a run that wrote an older
+/// state over a newer one would leave it there for good: the final comparison catches
+/// it. Small batches make the two runs interleave often.
 #[tokio::test]
 async fn concurrent_runs_for_one_tenancy_converge_on_the_source() {
+    const USERS: usize = 60;
+    const ROUNDS: usize = 20;
     let pool = migrated_pool().await;
-    let engine = Arc::new(engine(&pool));
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let settings = SyncSettings {
+        batch_size: 7,
+        max_batches_per_run: 1000,
+        ..test_settings()
+    };
+    let engine = Arc::new(engine_with(&pool, settings, true));
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let mut users = Vec::new();
-    for n in 0..40 {
+    for n in 0..USERS {
         let id = user(&pool, tenancy, &format!("user {n}")).await;
         email(&pool, tenancy, id, &format!("user{n}@example.com"), true).await;
         users.push(id);
     }
     sync_ok(&pool, &engine, tenancy).await;
 
-    // A watcher records every watermark it sees while writers and two syncs race.
-    let done = Arc::new(AtomicBool::new(false));
+    let writing = Arc::new(AtomicBool::new(true));
     let watcher = tokio::spawn({
-        let (tenant, done) = (tenant.clone(), done.clone());
+        let (tenant, writing) = (tenant.clone(), writing.clone());
         async move {
             let mut seen = Vec::new();
-            while !done.load(Ordering::Relaxed) {
+            while writing.load(Ordering::Relaxed) {
                 seen.push(watermark(&tenant, "users").await);
             }
             seen
         }
     });
-    let writer = tokio::spawn({
-        let (pool, users) = (pool.clone(), users.clone());
-        async move {
-            for round in 0..5 {
-                for (n, id) in users.iter().enumerate() {
-                    if n % 7 == round {
-                        delete_user(&pool, *id).await;
-                    } else {
-                        rename_user(&pool, *id, &format!("user {n} round {round}")).await;
+    let syncers: Vec<_> = (0..2)
+        .map(|_| {
+            let (engine, writing) = (engine.clone(), writing.clone());
+            tokio::spawn(async move {
+                let mut runs = 0;
+                while writing.load(Ordering::Relaxed) {
+                    for database in sync_only(&engine, tenancy).await.databases {
+                        database
+                            .result
+                            .expect("concurrent runs wait for each other");
                     }
+                    runs += 1;
                 }
-                sequence_all(&pool, 1000).await;
+                runs
+            })
+        })
+        .collect();
+    // User n changes in rounds 0..=n % ROUNDS, so last changes are spread over the run;
+    // every seventh user is deleted in its last round instead.
+    for round in 0..ROUNDS {
+        for (n, id) in users.iter().enumerate() {
+            let last_round = n % ROUNDS;
+            if round < last_round || (round == last_round && n % 7 != 0) {
+                rename_user(&pool, *id, &format!("user {n} round {round}")).await;
+            } else if round == last_round {
+                delete_user(&pool, *id).await;
             }
         }
-    });
-    for _ in 0..5 {
-        let (first, second) = tokio::join!(
-            crate::harness::sync::sync_only(&engine, tenancy),
-            crate::harness::sync::sync_only(&engine, tenancy),
-        );
-        for report in [first, second] {
-            for database in report.databases {
-                database
-                    .result
-                    .expect("concurrent runs wait for each other");
-            }
-        }
+        sequence_all(&pool, 1000).await;
     }
-    writer.await.unwrap();
-    sync_ok(&pool, &engine, tenancy).await;
-    done.store(true, Ordering::Relaxed);
+    writing.store(false, Ordering::Relaxed);
+    for syncer in syncers {
+        assert!(syncer.await.unwrap() > 0);
+    }
     let seen = watcher.await.unwrap();
+    sync_ok(&pool, &engine, tenancy).await;
 
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
     assert_eq!(
-        external_users(&tenant).await,
-        expected_users(&pool, tenancy).await
-    );
-    assert_eq!(
-        external_channels(&tenant).await,
-        expected_channels(&pool, tenancy).await
+        external_users(&tenant).await.len(),
+        USERS - USERS.div_ceil(7)
     );
     assert!(seen.len() > 1);
     assert!(
         seen.windows(2).all(|pair| pair[0] <= pair[1]),
         "the watermark never moves back: {seen:?}"
     );
-    // Users with n % 7 in 0..5 were deleted; only the 10 others are left.
-    assert_eq!(external_users(&tenant).await.len(), 10);
+}
+
+/// The serialization itself, made deterministic: while another session holds the
+/// mapping's lock, a run waits; the other session moves the watermark (as a run that
+/// finished meanwhile would) and lets go; the waiting run must then start from the new
+/// watermark, not from the one it could have read before waiting.
+#[tokio::test]
+async fn a_run_waits_for_the_mapping_lock_and_reads_the_watermark_under_it() {
+    let pool = migrated_pool().await;
+    let engine = Arc::new(engine(&pool));
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let id = user(&pool, tenancy, "before").await;
+    sync_ok(&pool, &engine, tenancy).await;
+    rename_user(&pool, id, "after").await;
+    sequence_all(&pool, 1000).await;
+    let newest: i64 =
+        sqlx::query_scalar(r#"select max("sequenceId") from "ProjectUser" where "tenancyId" = $1"#)
+            .bind(tenancy)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+
+    let mut holder = tenant.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(Mapping::Users.lock_key())
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        async move { sync_only(&engine, tenancy).await }
+    });
+    wait::until(
+        "the run to wait for the lock",
+        Duration::from_secs(10),
+        || {
+            let tenant = tenant.clone();
+            async move {
+                let waiting: bool = sqlx::query_scalar(
+                    "select exists (select 1 from pg_locks where locktype = 'advisory' \
+                 and not granted and database = (select oid from pg_database \
+                 where datname = current_database()))",
+                )
+                .fetch_one(&tenant)
+                .await
+                .unwrap();
+                waiting.then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        external_users(&tenant).await[0].display_name.as_deref(),
+        Some("before"),
+        "nothing is written while another run holds the lock"
+    );
+    sqlx::query(
+        "update _stack_sync_metadata set last_synced_sequence_id = $1 where mapping_name = 'users'",
+    )
+    .bind(newest)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    holder.commit().await.unwrap();
+
+    let report = run.await.unwrap();
+    let users_mapping = &report.databases[0].result.as_ref().unwrap().mappings[0];
+    assert_eq!(
+        users_mapping.changes, 0,
+        "it started from the moved watermark"
+    );
+    assert_eq!(users_mapping.watermark, newest);
+    assert_eq!(
+        external_users(&tenant).await[0].display_name.as_deref(),
+        Some("before")
+    );
 }

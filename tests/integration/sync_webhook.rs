@@ -7,7 +7,9 @@ use uuid::Uuid;
 use crate::harness::app::{TestApp, PREFIX};
 use crate::harness::fixtures::{sequence_all, tenancy, tenant_database, user};
 use crate::harness::qstash::{claims, sign, CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
-use crate::harness::sync::{attach, expected_users, external_users, table_exists};
+use crate::harness::sync::{
+    attach, expected_users, external_users, table_exists, tenancy_with_database,
+};
 
 const PUBLIC_URL: &str = "https://sync.example.test";
 
@@ -44,11 +46,14 @@ async fn deliver(app: &TestApp, body: Vec<u8>, claims: &Value, key: &str) -> (u1
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Posts `body` signed with `key`, with the claims QStash would send.
+async fn deliver_signed(app: &TestApp, body: &[u8], key: &str) -> (u16, Value) {
+    deliver(app, body.to_vec(), &claims(&signed_url(), body), key).await
+}
+
 /// A tenancy with one user and one tenant database, sequenced and ready to sync.
 async fn tenancy_with_a_user(app: &TestApp) -> (Uuid, sqlx::PgPool) {
-    let tenancy = tenancy(&app.pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&app.pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&app.pool).await;
     user(&app.pool, tenancy, "via webhook").await;
     sequence_all(&app.pool, 1000).await;
     (tenancy, tenant)
@@ -60,13 +65,7 @@ async fn a_delivery_signed_with_the_current_key_syncs_the_tenancy() {
     let (tenancy, tenant) = tenancy_with_a_user(&app).await;
     let body = body(tenancy);
 
-    let (status, answer) = deliver(
-        &app,
-        body.clone(),
-        &claims(&signed_url(), &body),
-        CURRENT_SIGNING_KEY,
-    )
-    .await;
+    let (status, answer) = deliver_signed(&app, &body, CURRENT_SIGNING_KEY).await;
 
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["ok"], true);
@@ -87,13 +86,7 @@ async fn a_delivery_signed_with_the_next_key_is_accepted() {
     let (tenancy, tenant) = tenancy_with_a_user(&app).await;
     let body = body(tenancy);
 
-    let (status, _) = deliver(
-        &app,
-        body.clone(),
-        &claims(&signed_url(), &body),
-        NEXT_SIGNING_KEY,
-    )
-    .await;
+    let (status, _) = deliver_signed(&app, &body, NEXT_SIGNING_KEY).await;
 
     assert_eq!(status, 200);
     assert_eq!(external_users(&tenant).await.len(), 1);
@@ -164,13 +157,7 @@ async fn a_signed_but_malformed_body_is_a_400() {
         br#"{"tenancyId": "not-a-uuid"}"#.to_vec(),
         br#"{"somethingElse": 1}"#.to_vec(),
     ] {
-        let (status, answer) = deliver(
-            &app,
-            body.clone(),
-            &claims(&signed_url(), &body),
-            CURRENT_SIGNING_KEY,
-        )
-        .await;
+        let (status, answer) = deliver_signed(&app, &body, CURRENT_SIGNING_KEY).await;
         assert_eq!(status, 400, "{}: {answer}", String::from_utf8_lossy(&body));
         assert!(answer["error"].as_str().unwrap().contains("tenancyId"));
     }
@@ -181,13 +168,7 @@ async fn an_unknown_tenancy_is_a_200_with_nothing_done() {
     let app = app().await;
     let body = body(Uuid::new_v4());
 
-    let (status, answer) = deliver(
-        &app,
-        body.clone(),
-        &claims(&signed_url(), &body),
-        CURRENT_SIGNING_KEY,
-    )
-    .await;
+    let (status, answer) = deliver_signed(&app, &body, CURRENT_SIGNING_KEY).await;
 
     assert_eq!(status, 200);
     assert_eq!(answer["outcome"], "unknownTenancy");
@@ -199,13 +180,7 @@ async fn without_signing_keys_the_webhook_answers_503() {
     let app = TestApp::spawn_with(&[("PUBLIC_URL", PUBLIC_URL)]).await;
     let body = body(Uuid::new_v4());
 
-    let (status, answer) = deliver(
-        &app,
-        body.clone(),
-        &claims(&signed_url(), &body),
-        CURRENT_SIGNING_KEY,
-    )
-    .await;
+    let (status, answer) = deliver_signed(&app, &body, CURRENT_SIGNING_KEY).await;
 
     assert_eq!(status, 503);
     assert!(answer["error"]
@@ -232,13 +207,7 @@ async fn a_retryable_failure_answers_500_with_every_database_result() {
     sequence_all(&app.pool, 1000).await;
     let body = body(tenancy);
 
-    let (status, answer) = deliver(
-        &app,
-        body.clone(),
-        &claims(&signed_url(), &body),
-        CURRENT_SIGNING_KEY,
-    )
-    .await;
+    let (status, answer) = deliver_signed(&app, &body, CURRENT_SIGNING_KEY).await;
 
     assert_eq!(status, 500, "QStash must retry: {answer}");
     assert_eq!(answer["ok"], false);
@@ -269,13 +238,7 @@ async fn a_permanent_failure_answers_200_so_qstash_stops_retrying() {
     attach(&app.pool, tenancy, &[("local", &url)]).await;
     let body = body(tenancy);
 
-    let (status, answer) = deliver(
-        &app,
-        body.clone(),
-        &claims(&signed_url(), &body),
-        CURRENT_SIGNING_KEY,
-    )
-    .await;
+    let (status, answer) = deliver_signed(&app, &body, CURRENT_SIGNING_KEY).await;
 
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["ok"], false);
@@ -291,13 +254,7 @@ async fn an_oversized_body_is_refused() {
     let app = app().await;
     let body = vec![b' '; 100 * 1024];
 
-    let (status, _) = deliver(
-        &app,
-        body.clone(),
-        &claims(&signed_url(), &body),
-        CURRENT_SIGNING_KEY,
-    )
-    .await;
+    let (status, _) = deliver_signed(&app, &body, CURRENT_SIGNING_KEY).await;
 
     assert_eq!(status, 413);
 }

@@ -176,6 +176,18 @@ pub async fn expected_channels(pool: &PgPool, tenancy: Uuid) -> Vec<ExternalChan
     .unwrap()
 }
 
+/// Asserts that the tenant database holds exactly the tenancy's users and channels.
+pub async fn assert_tenant_matches_source(pool: &PgPool, tenancy: Uuid, tenant: &PgPool) {
+    assert_eq!(
+        external_users(tenant).await,
+        expected_users(pool, tenancy).await
+    );
+    assert_eq!(
+        external_channels(tenant).await,
+        expected_channels(pool, tenancy).await
+    );
+}
+
 /// `_stack_sync_metadata.last_synced_sequence_id` of `mapping`.
 pub async fn watermark(tenant: &PgPool, mapping: &str) -> i64 {
     sqlx::query_scalar(
@@ -212,4 +224,12 @@ pub async fn recorded_error(
     .fetch_one(pool)
     .await
     .unwrap()
+}
+
+/// A new tenancy with one new tenant database, `main`, attached.
+pub async fn tenancy_with_database(pool: &PgPool) -> (Uuid, PgPool) {
+    let tenancy = super::fixtures::tenancy(pool).await;
+    let (url, tenant) = super::fixtures::tenant_database().await;
+    attach(pool, tenancy, &[("main", &url)]).await;
+    (tenancy, tenant)
 }
