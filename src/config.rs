@@ -14,6 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
 use url::Url;
 
+use crate::poller::PollerSettings;
 use crate::sync::target::{InternalDatabase, SessionSettings};
 use crate::sync::SyncSettings;
 
@@ -83,6 +84,8 @@ pub struct QstashSettings {
     pub next_signing_key: Option<SecretString>,
     /// How far `exp` and `nbf` of a signature may be off (`QSTASH_CLOCK_TOLERANCE_SECS`).
     pub clock_tolerance: Duration,
+    /// Delivery retries QStash makes per message (`QSTASH_RETRIES`).
+    pub retries: u32,
 }
 
 /// Tuning of the sequencer.
@@ -108,6 +111,9 @@ pub struct Config {
     pub allow_private_targets: bool,
     pub sequencer: SequencerSettings,
     pub sync: SyncSettings,
+    pub poller: PollerSettings,
+    /// Tenancies the direct publisher syncs at the same time (`POLLER_SYNC_CONCURRENCY`).
+    pub poller_sync_concurrency: usize,
 }
 
 impl DatabaseSettings {
@@ -265,6 +271,7 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 5,
                 |raw| parse_in_range(raw, 0, 300),
             )?),
+            retries: self.parse_or("QSTASH_RETRIES", 5, |raw| parse_in_range(raw, 0, 100))?,
         };
         if sync_queue == SyncQueue::Qstash && qstash.token.is_none() {
             return Err(ConfigError::new(
@@ -283,6 +290,26 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             )?),
         };
         let sync = self.sync_settings()?;
+        let poller_defaults = PollerSettings::default();
+        let poller = PollerSettings {
+            batch_size: self.parse_or("POLLER_BATCH_SIZE", poller_defaults.batch_size, |raw| {
+                parse_in_range(raw, 1, 10_000)
+            })?,
+            lease: Duration::from_secs(self.parse_or(
+                "POLLER_LEASE_SECS",
+                poller_defaults.lease.as_secs(),
+                |raw| parse_in_range(raw, 1, 86_400),
+            )?),
+            idle_interval: Duration::from_millis(self.parse_or(
+                "POLLER_IDLE_INTERVAL_MS",
+                50,
+                |raw| parse_in_range(raw, 1, 3_600_000),
+            )?),
+            ..poller_defaults
+        };
+        let poller_sync_concurrency = self.parse_or("POLLER_SYNC_CONCURRENCY", 8, |raw| {
+            parse_in_range(raw, 1, 1000)
+        })?;
         Ok(Config {
             database,
             bind_addr,
@@ -294,6 +321,8 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             allow_private_targets: self.bool_or("ALLOW_PRIVATE_TARGETS", false)?,
             sequencer,
             sync,
+            poller,
+            poller_sync_concurrency,
         })
     }
 
@@ -440,6 +469,11 @@ mod tests {
             ("SYNC_CONNECT_TIMEOUT_MS", "0"),
             ("SYNC_STATEMENT_TIMEOUT_MS", "soon"),
             ("SYNC_LOCK_TIMEOUT_MS", "1.5"),
+            ("QSTASH_RETRIES", "many"),
+            ("POLLER_BATCH_SIZE", "0"),
+            ("POLLER_LEASE_SECS", "0"),
+            ("POLLER_IDLE_INTERVAL_MS", "-5"),
+            ("POLLER_SYNC_CONCURRENCY", "0"),
         ];
         for (variable, value) in cases {
             let error = error_for(&[(variable, value)]);

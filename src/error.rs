@@ -8,6 +8,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::auth::qstash::SignatureError;
+use crate::poller::PollerError;
 use crate::sequencer::SequencerError;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,8 @@ pub enum AppError {
     BadRequest(String),
     #[error(transparent)]
     Sequencer(#[from] SequencerError),
+    #[error(transparent)]
+    Poller(#[from] PollerError),
     #[error("internal database error")]
     Database(#[from] sqlx::Error),
 }
@@ -40,7 +43,7 @@ impl IntoResponse for AppError {
             }
             AppError::SigningKeysMissing => (StatusCode::SERVICE_UNAVAILABLE, self.to_string()),
             AppError::BadRequest(message) => (StatusCode::BAD_REQUEST, message.clone()),
-            AppError::Sequencer(_) | AppError::Database(_) => {
+            AppError::Sequencer(_) | AppError::Poller(_) | AppError::Database(_) => {
                 tracing::error!(error = %error_chain(&self), "request failed");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -11,6 +11,8 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod poller;
+pub mod queue;
 pub mod routes;
 pub mod sequencer;
 pub mod startup;

@@ -11,10 +11,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::qstash::Verifier;
-use crate::config::Config;
+use crate::config::{Config, SyncQueue};
+use crate::queue::direct::DirectPublisher;
+use crate::queue::qstash::QstashPublisher;
+use crate::queue::Publisher;
 use crate::sync::target::TargetPolicy;
 use crate::sync::SyncEngine;
-use crate::{db, routes, sequencer, workers};
+use crate::{db, poller, routes, sequencer, workers};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -22,6 +25,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub engine: Arc<SyncEngine>,
+    /// Where the poller sends claimed requests (`SYNC_QUEUE`).
+    pub publisher: Arc<Publisher>,
     /// Checks `/sync-engine` signatures; `None` when no signing key is configured.
     pub verifier: Option<Arc<Verifier>>,
     /// Cancelled when the service shuts down; long-running handlers stop early on it.
@@ -45,11 +50,24 @@ impl Application {
         let listener = TcpListener::bind(config.bind_addr)
             .await
             .with_context(|| format!("cannot listen on BIND_ADDR {}", config.bind_addr))?;
-        let engine = SyncEngine::new(
+        let engine = Arc::new(SyncEngine::new(
             pool.clone(),
             config.sync.clone(),
             TargetPolicy::new(config.allow_private_targets, config.database.location()),
-        );
+        ));
+        let publisher = match (config.sync_queue, &config.qstash.token) {
+            (SyncQueue::Qstash, Some(token)) => Publisher::Qstash(QstashPublisher::new(
+                &config.qstash.url,
+                token.clone(),
+                &config.public_url,
+                config.qstash.retries,
+            )),
+            // Configuration parsing refuses qstash without a token.
+            _ => Publisher::Direct(DirectPublisher::new(
+                engine.clone(),
+                config.poller_sync_concurrency,
+            )),
+        };
         let sync_engine_url = format!(
             "{}{}",
             config.public_url.as_str().trim_end_matches('/'),
@@ -66,7 +84,8 @@ impl Application {
             state: AppState {
                 pool,
                 config: Arc::new(config),
-                engine: Arc::new(engine),
+                engine,
+                publisher: Arc::new(publisher),
                 verifier: verifier.map(Arc::new),
                 shutdown,
             },
@@ -112,6 +131,22 @@ impl Application {
                 )
                 .await;
                 ("sequencer worker", Ok(()))
+            });
+            let worker_state = state.clone();
+            tasks.spawn(async move {
+                let settings = &worker_state.config.poller;
+                workers::run_loop(
+                    "poller",
+                    worker_state.shutdown.clone(),
+                    settings.idle_interval,
+                    || async {
+                        poller::run_once(&worker_state.pool, &worker_state.publisher, settings)
+                            .await
+                            .map(|run| run.outcome(settings.batch_size))
+                    },
+                )
+                .await;
+                ("poller worker", Ok(()))
             });
         }
 

@@ -30,3 +30,126 @@ pub async fn enqueue_sync(
     .await?;
     Ok(inserted.rows_affected() == 1)
 }
+
+/// A request the poller claimed: it holds the lease until it completes or releases it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedRequest {
+    pub id: Uuid,
+    #[sqlx(rename = "deduplicationKey")]
+    pub deduplication_key: String,
+    /// `{"url": <path>, "body": {...}}`: where and what to publish.
+    #[sqlx(rename = "qstashOptions")]
+    pub qstash_options: serde_json::Value,
+    /// Publish attempts so far, this one included.
+    pub attempts: i32,
+    /// The claim's timestamp: the lease, and the token that proves it is still ours.
+    #[sqlx(rename = "startedFulfillingAt")]
+    pub claimed_at: chrono::NaiveDateTime,
+}
+
+/// Claims up to `limit` requests that are due: pending ones whose `"nextAttemptAt"` has
+/// come, and in-flight ones whose lease is older than `lease` (their poller died).
+/// Rows another poller is claiming right now are skipped, not waited for.
+///
+/// A claimed request no longer counts as pending, so a change that lands while it is in
+/// flight queues a new request: no wake-up is lost.
+pub async fn claim(
+    executor: impl PgExecutor<'_>,
+    limit: u32,
+    lease: std::time::Duration,
+) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
+    sqlx::query_as(
+        r#"
+        with due as (
+            select "id" from "OutgoingRequest"
+            where ("startedFulfillingAt" is null and "nextAttemptAt" <= current_timestamp)
+               or "startedFulfillingAt" < current_timestamp - make_interval(secs => $2)
+            order by "nextAttemptAt"
+            limit $1
+            for update skip locked
+        )
+        update "OutgoingRequest" as request
+        set "startedFulfillingAt" = clock_timestamp(), "attempts" = request."attempts" + 1
+        from due
+        where request."id" = due."id"
+        returning request."id", request."deduplicationKey", request."qstashOptions",
+                  request."attempts", request."startedFulfillingAt"
+        "#,
+    )
+    .bind(i64::from(limit))
+    .bind(lease.as_secs_f64())
+    .fetch_all(executor)
+    .await
+}
+
+/// Deletes a request whose publish succeeded.
+pub async fn complete(executor: impl PgExecutor<'_>, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query(r#"delete from "OutgoingRequest" where "id" = $1"#)
+        .bind(id)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Gives a request whose publish failed back to the queue, due again after `retry_in`,
+/// with the error recorded. If a newer pending request for the same key exists (a
+/// change landed meanwhile), the two are merged into that one, which keeps the attempt
+/// count and the error. Does nothing if the lease was lost to another poller.
+pub async fn release(
+    pool: &sqlx::PgPool,
+    request: &ClaimedRequest,
+    error: &str,
+    retry_in: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    // A new pending row can appear between the check and the update; the unique index
+    // then refuses the update, and the second attempt merges.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_release(pool, request, error, retry_in).await {
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() && attempt < 3 => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn try_release(
+    pool: &sqlx::PgPool,
+    request: &ClaimedRequest,
+    error: &str,
+    retry_in: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"
+        with ours as (
+            select "id", "deduplicationKey", "attempts" from "OutgoingRequest"
+            where "id" = $1 and "startedFulfillingAt" = $2
+            for update
+        ), merged as (
+            update "OutgoingRequest" as pending
+            set "attempts" = greatest(pending."attempts", ours."attempts"), "lastError" = $3
+            from ours
+            where pending."deduplicationKey" = ours."deduplicationKey"
+              and pending."startedFulfillingAt" is null
+            returning pending."id"
+        ), dropped as (
+            delete from "OutgoingRequest" as request
+            using ours
+            where request."id" = ours."id" and exists (select 1 from merged)
+        )
+        update "OutgoingRequest" as request
+        set "startedFulfillingAt" = null,
+            "nextAttemptAt" = current_timestamp + make_interval(secs => $4),
+            "lastError" = $3
+        from ours
+        where request."id" = ours."id" and not exists (select 1 from merged)
+        "#,
+    )
+    .bind(request.id)
+    .bind(request.claimed_at)
+    .bind(error)
+    .bind(retry_in.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -2,7 +2,9 @@
 //! call a plain function and shape the answer.
 
 mod cron;
+mod fusebox;
 mod health;
+mod poller;
 mod sequencer;
 mod sync_engine;
 
@@ -27,6 +29,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             &format!("{PREFIX}/sequencer"),
             get(sequencer::run).post(sequencer::run),
+        )
+        .route(
+            &format!("{PREFIX}/poller"),
+            get(poller::run).post(poller::run),
+        )
+        .route(
+            &format!("{PREFIX}/fusebox"),
+            get(fusebox::read).post(fusebox::write),
         )
         .route(
             SYNC_ENGINE_PATH,

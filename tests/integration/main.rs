@@ -8,6 +8,7 @@ mod harness;
 mod command_line;
 mod http;
 mod migrations;
+mod poller;
 mod sequencer;
 mod sync_engine;
 mod sync_isolation;

@@ -111,6 +111,33 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
+    /// `GET {PREFIX}/poller?{query}` with the right bearer; asserts 200.
+    pub async fn run_poller(&self, query: &str) -> Value {
+        let response = self
+            .request(
+                Method::GET,
+                &format!("{PREFIX}/poller?{query}"),
+                Some(CRON_SECRET),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// `POST {PREFIX}/fusebox` with `change` and the right bearer; returns the answer.
+    pub async fn set_fusebox(&self, change: Value) -> Value {
+        let response = self
+            .client
+            .post(format!("{}{PREFIX}/fusebox", self.address))
+            .bearer_auth(CRON_SECRET)
+            .json(&change)
+            .send()
+            .await
+            .expect("the app answers");
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
     /// Stops the app and waits until it has shut down; returns its result.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
