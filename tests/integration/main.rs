@@ -9,6 +9,7 @@ mod command_line;
 mod http;
 mod migrations;
 mod poller;
+mod qstash;
 mod sequencer;
 mod sync_engine;
 mod sync_isolation;

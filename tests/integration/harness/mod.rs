@@ -6,6 +6,7 @@ pub mod app;
 pub mod fixtures;
 pub mod postgres;
 pub mod qstash;
+pub mod qstash_standin;
 pub mod sync;
 pub mod tls;
 pub mod wait;

@@ -1,0 +1,202 @@
+//! `SYNC_QUEUE=qstash` end to end through the QStash stand-in: the poller publishes a
+//! batch, the stand-in calls `/sync-engine` back with QStash's signature, and retries
+//! when the answer asks for it.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::harness::app::TestApp;
+use crate::harness::fixtures::{email, request_key, tenancy, tenant_database, user};
+use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
+use crate::harness::qstash_standin::{QstashStandIn, TOKEN};
+use crate::harness::sync::{
+    assert_tenant_matches_source, attach, expected_users, external_users, tenancy_with_database,
+};
+use crate::harness::wait;
+
+const PUBLIC_URL: &str = "https://sync.example.test";
+
+async fn app_with_qstash(token: &str) -> (TestApp, QstashStandIn) {
+    let standin = QstashStandIn::start(CURRENT_SIGNING_KEY).await;
+    let app = TestApp::spawn_with(&[
+        ("SYNC_QUEUE", "qstash"),
+        ("QSTASH_URL", &standin.url),
+        ("QSTASH_TOKEN", token),
+        ("QSTASH_CURRENT_SIGNING_KEY", CURRENT_SIGNING_KEY),
+        ("QSTASH_NEXT_SIGNING_KEY", NEXT_SIGNING_KEY),
+        ("PUBLIC_URL", PUBLIC_URL),
+        ("ALLOW_PRIVATE_TARGETS", "true"),
+    ])
+    .await;
+    // QStash calls the public URL; here it reaches the app directly.
+    standin.deliver_to(&app.address);
+    (app, standin)
+}
+
+/// Waits until the tenant database holds exactly the tenancy's users.
+async fn wait_for_source_state(pool: &PgPool, tenancy: Uuid, tenant: &PgPool) {
+    wait::until(
+        "the tenant database to catch up",
+        Duration::from_secs(30),
+        || {
+            let (pool, tenant) = (pool.clone(), tenant.clone());
+            async move {
+                let users = sqlx::query_scalar::<_, i64>("select count(*) from users")
+                    .fetch_one(&tenant)
+                    .await
+                    .ok()?;
+                let expected = expected_users(&pool, tenancy).await;
+                (users as usize == expected.len() && external_users(&tenant).await == expected)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn qstash_mode_end_to_end_through_the_signed_webhook() {
+    let (app, standin) = app_with_qstash(TOKEN).await;
+    let (first, first_tenant) = tenancy_with_database(&app.pool).await;
+    let (second, second_tenant) = tenancy_with_database(&app.pool).await;
+    for (tenancy, name) in [(first, "ada"), (second, "grace"), (second, "linus")] {
+        let id = user(&app.pool, tenancy, name).await;
+        email(&app.pool, tenancy, id, &format!("{name}@example.com"), true).await;
+    }
+
+    app.run_sequencer("stopWhenIdle=true").await;
+    let answer = app.run_poller("stopWhenIdle=true").await;
+
+    assert_eq!(answer["published"], 2, "{answer}");
+    wait_for_source_state(&app.pool, first, &first_tenant).await;
+    wait_for_source_state(&app.pool, second, &second_tenant).await;
+    assert_tenant_matches_source(&app.pool, second, &second_tenant).await;
+    let published = standin.published();
+    assert_eq!(published.len(), 2);
+    for message in &published {
+        assert_eq!(
+            message["destination"],
+            format!("{PUBLIC_URL}/api/latest/internal/external-db-sync/sync-engine")
+        );
+        let body: Value = serde_json::from_str(message["body"].as_str().unwrap()).unwrap();
+        let tenancy = body["tenancyId"].as_str().unwrap();
+        assert_eq!(
+            message["headers"]["Upstash-Flow-Control-Key"],
+            format!("external-db-sync-{tenancy}")
+        );
+        assert_eq!(
+            message["headers"]["Upstash-Flow-Control-Value"],
+            "parallelism=1"
+        );
+        assert_eq!(message["headers"]["Upstash-Retries"], "5");
+    }
+    let deliveries = standin.deliveries();
+    assert_eq!(
+        deliveries.len(),
+        2,
+        "one delivery per message: {deliveries:?}"
+    );
+    for delivery in &deliveries {
+        assert_eq!(delivery.status, 200);
+        assert!(published.iter().any(|message| message["messageId"]
+            == delivery.message_id.as_str()
+            && message["destination"] == delivery.destination.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn a_failed_publish_leaves_the_request_for_a_later_run() {
+    let (app, standin) = app_with_qstash(TOKEN).await;
+    let (tenancy, tenant) = tenancy_with_database(&app.pool).await;
+    user(&app.pool, tenancy, "patient").await;
+    app.run_sequencer("stopWhenIdle=true").await;
+    standin.fail_publishes(1);
+
+    let answer = app.run_poller("stopWhenIdle=true").await;
+
+    assert_eq!(
+        (answer["published"].as_u64(), answer["failed"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let (attempts, error): (i32, Option<String>) = sqlx::query_as(
+        r#"select "attempts", "lastError" from "OutgoingRequest" where "deduplicationKey" = $1"#,
+    )
+    .bind(request_key(tenancy))
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 1);
+    assert!(error.unwrap().contains("QStash answered 500"));
+    assert!(standin.published().is_empty());
+
+    // The backoff has passed (moved rather than waited for).
+    sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let answer = app.run_poller("stopWhenIdle=true").await;
+    assert_eq!(answer["published"], 1);
+    wait_for_source_state(&app.pool, tenancy, &tenant).await;
+}
+
+#[tokio::test]
+async fn a_refused_token_is_recorded_and_nothing_is_lost() {
+    let (app, standin) = app_with_qstash("qstash_wrong_token").await;
+    let (tenancy, _tenant) = tenancy_with_database(&app.pool).await;
+    user(&app.pool, tenancy, "waits").await;
+    app.run_sequencer("stopWhenIdle=true").await;
+
+    let answer = app.run_poller("stopWhenIdle=true").await;
+
+    assert_eq!(answer["failed"], 1);
+    let error: Option<String> = sqlx::query_scalar(
+        r#"select "lastError" from "OutgoingRequest" where "deduplicationKey" = $1"#,
+    )
+    .bind(request_key(tenancy))
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let error = error.unwrap();
+    assert!(error.contains("401"), "{error}");
+    assert!(
+        !error.contains("qstash_wrong_token"),
+        "the token is not recorded"
+    );
+    assert!(standin.published().is_empty());
+}
+
+#[tokio::test]
+async fn a_sync_engine_5xx_is_retried_until_the_database_is_back() {
+    let (app, standin) = app_with_qstash(TOKEN).await;
+    let tenancy = tenancy(&app.pool).await;
+    attach(
+        &app.pool,
+        tenancy,
+        &[("main", "postgres://sync@127.0.0.1:1/down")],
+    )
+    .await;
+    user(&app.pool, tenancy, "eventually").await;
+    app.run_sequencer("stopWhenIdle=true").await;
+    let answer = app.run_poller("stopWhenIdle=true").await;
+    assert_eq!(answer["published"], 1);
+    wait::until("a delivery answered 500", Duration::from_secs(10), || {
+        let failed = standin
+            .deliveries()
+            .iter()
+            .any(|delivery| delivery.status == 500);
+        async move { failed.then_some(()) }
+    })
+    .await;
+
+    let (url, tenant) = tenant_database().await;
+    attach(&app.pool, tenancy, &[("main", &url)]).await;
+
+    wait_for_source_state(&app.pool, tenancy, &tenant).await;
+    let deliveries = standin.deliveries();
+    let last = deliveries.last().unwrap();
+    assert_eq!(last.status, 200);
+    assert!(last.retried > 0, "{deliveries:?}");
+}
