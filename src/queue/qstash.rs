@@ -4,8 +4,9 @@
 //!
 //! Each message carries a flow-control key per tenancy with `parallelism=1`, so one
 //! busy tenancy cannot occupy more than one delivery slot and starve the others, and a
-//! deduplication id (the request's id), so a publish that is retried after an answer was
-//! lost is not delivered twice. Every message of the batch answer is checked on its own.
+//! deduplication id (the request's id), so a publish that is retried after its answer
+//! was lost, or taken over from a poller that died after publishing, is not delivered
+//! twice. Every message of the batch answer is checked on its own.
 
 use std::time::Duration;
 
@@ -122,7 +123,7 @@ impl QstashPublisher {
             ),
             (
                 "Upstash-Deduplication-Id".to_owned(),
-                header(format!("{}-{}", request.id, request.attempts)),
+                header(request.id.to_string()),
             ),
         ]);
         Ok(Message {

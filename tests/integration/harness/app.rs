@@ -51,7 +51,12 @@ impl TestApp {
     }
 
     pub async fn spawn_with(overrides: &[(&str, &str)]) -> TestApp {
-        let database_url = server().migrated_database().await;
+        Self::spawn_on(&server().migrated_database().await, overrides).await
+    }
+
+    /// Another instance on an existing internal database, as a second replica.
+    pub async fn spawn_on(database_url: &str, overrides: &[(&str, &str)]) -> TestApp {
+        let database_url = database_url.to_owned();
         let config = config_for(&database_url, overrides);
         let pool = postgres::pool(&database_url).await;
         let service_pool = external_db_sync::db::connect(&config.database)
