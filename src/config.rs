@@ -93,8 +93,9 @@ pub struct QstashSettings {
 pub struct SequencerSettings {
     /// Rows sequenced per table in one transaction (`SEQUENCER_BATCH_SIZE`).
     pub batch_size: u32,
-    /// How long the in-process loop waits when it found nothing to do
-    /// (`SEQUENCER_IDLE_INTERVAL_MS`).
+    /// How long the in-process loop waits when it found nothing to do and no change
+    /// notification arrives (`SEQUENCER_IDLE_INTERVAL_MS`): the safety net behind
+    /// `LISTEN`.
     pub idle_interval: Duration,
 }
 
@@ -285,7 +286,7 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             })?,
             idle_interval: Duration::from_millis(self.parse_or(
                 "SEQUENCER_IDLE_INTERVAL_MS",
-                50,
+                5000,
                 |raw| parse_in_range(raw, 1, 3_600_000),
             )?),
         };
@@ -302,7 +303,7 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             )?),
             idle_interval: Duration::from_millis(self.parse_or(
                 "POLLER_IDLE_INTERVAL_MS",
-                50,
+                poller_defaults.idle_interval.as_millis() as u64,
                 |raw| parse_in_range(raw, 1, 3_600_000),
             )?),
             ..poller_defaults

@@ -18,4 +18,5 @@ pub mod sequencer;
 pub mod startup;
 pub mod sync;
 pub mod telemetry;
+pub mod wakeup;
 pub mod workers;

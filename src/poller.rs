@@ -24,7 +24,8 @@ pub struct PollerSettings {
     /// How long a claim holds before another poller may take the request over
     /// (`POLLER_LEASE_SECS`). Longer than any publish, a direct sync included.
     pub lease: Duration,
-    /// How long the in-process loop waits when idle (`POLLER_IDLE_INTERVAL_MS`).
+    /// How long the in-process loop waits when idle and no request notification arrives
+    /// (`POLLER_IDLE_INTERVAL_MS`): the safety net behind `LISTEN`.
     pub idle_interval: Duration,
     /// Smallest and largest wait before a failed request is tried again.
     pub retry_base: Duration,
@@ -36,7 +37,7 @@ impl Default for PollerSettings {
         Self {
             batch_size: 100,
             lease: Duration::from_secs(300),
-            idle_interval: Duration::from_millis(50),
+            idle_interval: Duration::from_secs(5),
             retry_base: Duration::from_secs(1),
             retry_cap: Duration::from_secs(300),
         }

@@ -17,7 +17,9 @@ use crate::queue::qstash::QstashPublisher;
 use crate::queue::Publisher;
 use crate::sync::target::TargetPolicy;
 use crate::sync::SyncEngine;
+use crate::wakeup::{self, Wakeups};
 use crate::{db, poller, routes, sequencer, workers};
+use futures::FutureExt;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -116,13 +118,20 @@ impl Application {
         });
 
         if state.config.run_workers {
+            let wakeups = Wakeups::default();
+            tasks.spawn(
+                wakeup::listen(state.pool.clone(), wakeups.clone(), shutdown.clone())
+                    .map(|()| ("change listener", Ok(()))),
+            );
             let worker_state = state.clone();
+            let sequencer_wake = wakeups.changes.clone();
             tasks.spawn(async move {
                 let settings = &worker_state.config.sequencer;
                 workers::run_loop(
                     "sequencer",
                     worker_state.shutdown.clone(),
                     settings.idle_interval,
+                    sequencer_wake,
                     || async {
                         sequencer::run_once(&worker_state.pool, settings)
                             .await
@@ -133,12 +142,14 @@ impl Application {
                 ("sequencer worker", Ok(()))
             });
             let worker_state = state.clone();
+            let poller_wake = wakeups.requests.clone();
             tasks.spawn(async move {
                 let settings = &worker_state.config.poller;
                 workers::run_loop(
                     "poller",
                     worker_state.shutdown.clone(),
                     settings.idle_interval,
+                    poller_wake,
                     || async {
                         poller::run_once(&worker_state.pool, &worker_state.publisher, settings)
                             .await

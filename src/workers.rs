@@ -6,7 +6,10 @@
 //! jitter after an error, and ends when the shutdown token is cancelled.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use tokio_util::sync::CancellationToken;
 
@@ -33,11 +36,13 @@ impl Outcome {
 
 /// Runs `step` until `shutdown` is cancelled. Errors are logged and retried with
 /// backoff; they never end the loop, because the next attempt may well succeed (the
-/// database restarted, a lock timed out).
+/// database restarted, a lock timed out). When idle it waits for `wake` (work was
+/// announced) or `idle_interval`, whichever comes first.
 pub async fn run_loop<F, Fut, E>(
     name: &'static str,
     shutdown: CancellationToken,
     idle_interval: Duration,
+    wake: Arc<Notify>,
     mut step: F,
 ) where
     F: FnMut() -> Fut,
@@ -47,13 +52,13 @@ pub async fn run_loop<F, Fut, E>(
     tracing::info!(worker = name, "worker started");
     let mut consecutive_failures = 0u32;
     while !shutdown.is_cancelled() {
-        let pause = match step().await {
+        let (pause, wakeable) = match step().await {
             Ok(outcome) => {
                 consecutive_failures = 0;
                 if outcome.is_idle() {
-                    idle_interval
+                    (idle_interval, true)
                 } else {
-                    Duration::ZERO
+                    (Duration::ZERO, false)
                 }
             }
             Err(error) => {
@@ -70,12 +75,14 @@ pub async fn run_loop<F, Fut, E>(
                     retry_in_ms = wait.as_millis() as u64,
                     "worker step failed"
                 );
-                wait
+                // After an error, only the backoff ends the wait.
+                (wait, false)
             }
         };
         if !pause.is_zero() {
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = wake.notified(), if wakeable => {}
                 () = tokio::time::sleep(pause) => {}
             }
         }

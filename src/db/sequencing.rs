@@ -28,11 +28,16 @@ pub struct SequencedBatch {
 /// order, and a reader could see id 200 committed while id 150 is still in flight. With
 /// the lock, a batch only starts numbering after the previous one committed (PostgreSQL
 /// releases locks after the commit became visible).
+///
+/// It also marks the transaction as the sequencer's, so that its own updates do not send
+/// change notifications that would only wake the sequencer again.
 pub async fn lock_sequencer(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("select pg_advisory_xact_lock($1)")
-        .bind(SEQUENCER_LOCK_KEY)
-        .execute(connection)
-        .await?;
+    sqlx::query(
+        "select pg_advisory_xact_lock($1), set_config('external_db_sync.sequencing', 'on', true)",
+    )
+    .bind(SEQUENCER_LOCK_KEY)
+    .execute(connection)
+    .await?;
     Ok(())
 }
 
