@@ -1,0 +1,323 @@
+//! End-to-end latency: `serve` running in `direct` mode (its own sequencer and poller
+//! loops, woken by `LISTEN`), a writer committing user changes at a fixed rate spread
+//! over many tenancies, and the time from each commit in the internal database to the
+//! moment the change is in the tenant's database. Then the idle service's query rate.
+//!
+//! Visibility is measured inside the tenant databases: a trigger on `users` records
+//! when each version arrives, next to the write time the version carries in its
+//! metadata. Both clocks are the same server's. A write that is overtaken by a newer one
+//! of the same user before a sync counts as visible when the newer one arrives.
+//!
+//! Run: `cargo bench --bench latency`. Settings: `BENCH_RATE` (changes per second,
+//! default 1000), `BENCH_SECONDS` (default 10), `BENCH_TENANCIES` (default 50).
+
+#[allow(dead_code)]
+#[path = "../tests/integration/harness/postgres.rs"]
+mod postgres;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use external_db_sync::config::Env;
+use external_db_sync::startup::Application;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const USERS_PER_TENANCY: i32 = 20;
+
+/// A version of a user that reached a tenant database: `(written_at, arrived_at)`.
+type Arrival = (DateTime<Utc>, DateTime<Utc>);
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let rate = setting("BENCH_RATE", 1000);
+    let seconds = setting("BENCH_SECONDS", 10);
+    let tenancy_count = setting("BENCH_TENANCIES", 50) as usize;
+    println!("latency benchmark: {rate} changes/s for {seconds} s over {tenancy_count} tenancies");
+
+    let server = postgres::start_server(postgres::ClusterSetup {
+        files: Vec::new(),
+        settings: vec![
+            ("fsync", "on".to_owned()),
+            ("synchronous_commit", "on".to_owned()),
+            ("full_page_writes", "on".to_owned()),
+        ],
+    });
+    let internal_url = server.migrated_database().await;
+    let pool = postgres::pool(&internal_url).await;
+
+    // Tenancies, their databases, and their users.
+    let mut tenants: Vec<(Uuid, PgPool)> = Vec::new();
+    let mut users: Vec<(Uuid, Uuid)> = Vec::new();
+    for _ in 0..tenancy_count {
+        let tenancy = Uuid::new_v4();
+        let tenant_url = server.empty_database("bench_tenant").await;
+        sqlx::query(
+            r#"insert into "Tenancy" ("id", "projectId", "config") values ($1, 'bench', $2)"#,
+        )
+        .bind(tenancy)
+        .bind(serde_json::json!({ "dbSync": { "externalDatabases": {
+                "main": { "type": "postgres", "connectionString": tenant_url } } } }))
+        .execute(&pool)
+        .await
+        .unwrap();
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
+               select $1, gen_random_uuid(), 'user ' || n from generate_series(1, $2) n
+               returning "projectUserId""#,
+        )
+        .bind(tenancy)
+        .bind(USERS_PER_TENANCY)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        users.extend(ids.into_iter().map(|id| (tenancy, id)));
+        tenants.push((tenancy, postgres::pool(&tenant_url).await));
+    }
+
+    // The service, as `serve` runs it.
+    let variables: HashMap<&str, String> = HashMap::from([
+        ("DATABASE_URL", internal_url.clone()),
+        ("CRON_SECRET", "benchmark-cron-secret-0123".to_owned()),
+        ("BIND_ADDR", "127.0.0.1:0".to_owned()),
+        ("ALLOW_PRIVATE_TARGETS", "true".to_owned()),
+        ("DATABASE_MAX_CONNECTIONS", "40".to_owned()),
+    ]);
+    let config = Env::from_lookup(move |name| variables.get(name).cloned())
+        .config()
+        .unwrap();
+    let service_pool = external_db_sync::db::connect(&config.database)
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let application = Application::build(config, service_pool, shutdown.clone())
+        .await
+        .unwrap();
+    let service = tokio::spawn(application.run());
+
+    // The initial sync, then the arrival log in every tenant database.
+    for (_, tenant) in &tenants {
+        wait_for(Duration::from_secs(120), || async {
+            sqlx::query_scalar::<_, i64>("select count(*) from users")
+                .fetch_one(tenant)
+                .await
+                .is_ok_and(|count| count == i64::from(USERS_PER_TENANCY))
+        })
+        .await;
+        sqlx::raw_sql(ARRIVAL_LOG).execute(tenant).await.unwrap();
+    }
+    println!("initial sync done; writing");
+
+    // The writer: one change per tick, each its own transaction.
+    let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let in_flight = Arc::new(Semaphore::new(32));
+    let total = rate * seconds;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for n in 0..total {
+        ticker.tick().await;
+        let (tenancy, user) = users[(n as usize * 7919) % users.len()];
+        let permit = in_flight.clone().acquire_owned().await.unwrap();
+        let (pool, writes, errors) = (pool.clone(), writes.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let written: Result<DateTime<Utc>, _> = sqlx::query_scalar(
+                r#"update "ProjectUser"
+                   set "serverMetadata" = jsonb_build_object('writtenAt', clock_timestamp())
+                   where "tenancyId" = $1 and "projectUserId" = $2
+                   returning ("serverMetadata" ->> 'writtenAt')::timestamptz"#,
+            )
+            .bind(tenancy)
+            .bind(user)
+            .fetch_one(&pool)
+            .await;
+            match written {
+                Ok(at) => writes.lock().unwrap().push((user, at)),
+                Err(_) => {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let writing = started.elapsed();
+    let writes = std::mem::take(&mut *writes.lock().unwrap());
+    println!(
+        "wrote {} changes in {:.2} s ({:.0}/s), {} failed writes",
+        writes.len(),
+        writing.as_secs_f64(),
+        writes.len() as f64 / writing.as_secs_f64(),
+        errors.load(std::sync::atomic::Ordering::Relaxed)
+    );
+
+    // Wait until every user's last write has arrived, then collect the arrival logs.
+    let mut last_write: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
+    for (user, at) in &writes {
+        let entry = last_write.entry(*user).or_insert(*at);
+        *entry = (*entry).max(*at);
+    }
+    let mut arrivals: HashMap<Uuid, Vec<Arrival>> = HashMap::new();
+    for (_, tenant) in &tenants {
+        wait_for(Duration::from_secs(120), || async {
+            let latest: Vec<(Uuid, DateTime<Utc>)> =
+                sqlx::query_as("select user_id, max(written_at) from arrivals group by user_id")
+                    .fetch_all(tenant)
+                    .await
+                    .unwrap();
+            let latest: HashMap<Uuid, DateTime<Utc>> = latest.into_iter().collect();
+            users_of(&users, tenant, &tenants).iter().all(|user| {
+                last_write.get(user).map_or(true, |last| {
+                    latest.get(user).is_some_and(|seen| seen >= last)
+                })
+            })
+        })
+        .await;
+        let rows: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> =
+            sqlx::query_as("select user_id, written_at, arrived_at from arrivals")
+                .fetch_all(tenant)
+                .await
+                .unwrap();
+        for (user, written, arrived) in rows {
+            arrivals.entry(user).or_default().push((written, arrived));
+        }
+    }
+
+    // Latency of each write: until the first version that includes it arrived.
+    let mut latencies: Vec<f64> = writes
+        .iter()
+        .map(|(user, written)| {
+            let arrived = arrivals[user]
+                .iter()
+                .filter(|(version, _)| version >= written)
+                .map(|(_, arrived)| *arrived)
+                .min()
+                .expect("every write arrived");
+            (arrived - *written).num_microseconds().unwrap_or(0) as f64 / 1000.0
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    let failures: i64 = sqlx::query_scalar(
+        r#"select coalesce(sum("consecutiveFailures"), 0) from "ExternalDbSyncStatus""#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    println!();
+    println!("| commit → visible | ms |");
+    println!("|---|---:|");
+    println!("| p50 | {:.1} |", percentile(0.50));
+    println!("| p95 | {:.1} |", percentile(0.95));
+    println!("| p99 | {:.1} |", percentile(0.99));
+    println!("| max | {:.1} |", percentile(1.0));
+    println!("sync failures recorded: {failures}");
+
+    // The idle service: statements it sends to the internal database over 10 s, counted
+    // from the server's statement log (transaction counters also count background work).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = server_log(&pool).await;
+    let logged_before = std::fs::read_to_string(&log).unwrap_or_default().len();
+    for setting in [
+        "alter system set log_statement = 'all'",
+        "alter system set log_line_prefix = '%a|'",
+        "select pg_reload_conf()",
+    ] {
+        sqlx::query(setting).execute(&pool).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for setting in [
+        "alter system reset log_statement",
+        "select pg_reload_conf()",
+    ] {
+        sqlx::query(setting).execute(&pool).await.unwrap();
+    }
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let statements = logged[logged_before.min(logged.len())..]
+        .lines()
+        .filter(|line| line.starts_with("external-db-sync|") && line.contains("LOG:  "))
+        .filter(|line| line.contains("execute") || line.contains("statement:"))
+        .count();
+    println!(
+        "idle: {:.1} statements/s from the service",
+        statements as f64 / 10.0
+    );
+
+    shutdown.cancel();
+    service.await.unwrap().unwrap();
+}
+
+/// The users of the tenancy whose database is `tenant`.
+fn users_of(users: &[(Uuid, Uuid)], tenant: &PgPool, tenants: &[(Uuid, PgPool)]) -> Vec<Uuid> {
+    let tenancy = tenants
+        .iter()
+        .find(|(_, pool)| std::ptr::eq(pool, tenant))
+        .map(|(tenancy, _)| *tenancy)
+        .expect("a tenant of this run");
+    users
+        .iter()
+        .filter(|(owner, _)| *owner == tenancy)
+        .map(|(_, user)| *user)
+        .collect()
+}
+
+/// The server's log file: the test harness starts the server with its output in
+/// `postgres.log` beside the data directory.
+async fn server_log(pool: &PgPool) -> std::path::PathBuf {
+    let data: String =
+        sqlx::query_scalar("select setting from pg_settings where name = 'data_directory'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    std::path::Path::new(&data)
+        .parent()
+        .expect("the data directory has a parent")
+        .join("postgres.log")
+}
+
+async fn wait_for<F, Fut>(limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Records when each version of a user arrives, with the write time it carries.
+const ARRIVAL_LOG: &str = r#"
+create table arrivals (
+    user_id uuid not null,
+    written_at timestamptz not null,
+    arrived_at timestamptz not null default clock_timestamp()
+);
+create function log_arrival() returns trigger language plpgsql as $$
+begin
+    if new.server_metadata ? 'writtenAt' then
+        insert into arrivals (user_id, written_at)
+        values (new.id, (new.server_metadata ->> 'writtenAt')::timestamptz);
+    end if;
+    return null;
+end;
+$$;
+create trigger log_arrival after insert or update on users
+    for each row execute function log_arrival();
+"#;
