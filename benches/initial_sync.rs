@@ -54,16 +54,7 @@ async fn main() {
         .unwrap_or(SyncSettings::default().batch_size);
     println!("initial sync benchmark: {users} users (and as many contact channels), batch size {batch_size}");
 
-    // Durability as in production: the tests' cluster turns it off for speed, which
-    // would flatter every method that commits often.
-    let server = postgres::start_server(postgres::ClusterSetup {
-        files: Vec::new(),
-        settings: vec![
-            ("fsync", "on".to_owned()),
-            ("synchronous_commit", "on".to_owned()),
-            ("full_page_writes", "on".to_owned()),
-        ],
-    });
+    let server = postgres::start_server(postgres::ClusterSetup::durable());
     let internal_url = server.migrated_database().await;
     let pool = postgres::pool(&internal_url).await;
     let tenancy = Uuid::new_v4();

@@ -46,14 +46,7 @@ async fn main() {
     let tenancy_count = setting("BENCH_TENANCIES", 50) as usize;
     println!("latency benchmark: {rate} changes/s for {seconds} s over {tenancy_count} tenancies");
 
-    let server = postgres::start_server(postgres::ClusterSetup {
-        files: Vec::new(),
-        settings: vec![
-            ("fsync", "on".to_owned()),
-            ("synchronous_commit", "on".to_owned()),
-            ("full_page_writes", "on".to_owned()),
-        ],
-    });
+    let server = postgres::start_server(postgres::ClusterSetup::durable());
     let internal_url = server.migrated_database().await;
     let pool = postgres::pool(&internal_url).await;
 

@@ -16,11 +16,12 @@ use uuid::Uuid;
 
 use crate::harness::app::{TestApp, CRON_SECRET, PREFIX};
 use crate::harness::fixtures::{
-    email, pending_request_keys, request_key, sequence_all, tenancy, tenant_database, user,
+    pending_request_keys, request_key, sequence_all, tenancy, tenant_database, user,
 };
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, engine, external_users, tenancy_with_database,
+    two_tenancies_with_users,
 };
 use crate::harness::wait;
 
@@ -54,12 +55,8 @@ async fn request_states(pool: &PgPool, tenancy: Uuid) -> Vec<(i32, Option<String
 #[tokio::test]
 async fn direct_mode_end_to_end_with_two_cron_calls() {
     let app = TestApp::spawn_with(&[("ALLOW_PRIVATE_TARGETS", "true")]).await;
-    let (first, first_tenant) = tenancy_with_database(&app.pool).await;
-    let (second, second_tenant) = tenancy_with_database(&app.pool).await;
-    for (tenancy, name) in [(first, "ada"), (second, "grace"), (second, "linus")] {
-        let id = user(&app.pool, tenancy, name).await;
-        email(&app.pool, tenancy, id, &format!("{name}@example.com"), true).await;
-    }
+    let [(first, first_tenant), (second, second_tenant)] =
+        two_tenancies_with_users(&app.pool).await;
 
     app.run_sequencer("stopWhenIdle=true").await;
     let answer = app.run_poller("stopWhenIdle=true").await;

@@ -14,6 +14,7 @@ use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
 use crate::harness::qstash_standin::{QstashStandIn, TOKEN};
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, expected_users, external_users, tenancy_with_database,
+    two_tenancies_with_users,
 };
 use crate::harness::wait;
 
@@ -60,12 +61,8 @@ async fn wait_for_source_state(pool: &PgPool, tenancy: Uuid, tenant: &PgPool) {
 #[tokio::test]
 async fn qstash_mode_end_to_end_through_the_signed_webhook() {
     let (app, standin) = app_with_qstash(TOKEN).await;
-    let (first, first_tenant) = tenancy_with_database(&app.pool).await;
-    let (second, second_tenant) = tenancy_with_database(&app.pool).await;
-    for (tenancy, name) in [(first, "ada"), (second, "grace"), (second, "linus")] {
-        let id = user(&app.pool, tenancy, name).await;
-        email(&app.pool, tenancy, id, &format!("{name}@example.com"), true).await;
-    }
+    let [(first, first_tenant), (second, second_tenant)] =
+        two_tenancies_with_users(&app.pool).await;
 
     app.run_sequencer("stopWhenIdle=true").await;
     let answer = app.run_poller("stopWhenIdle=true").await;

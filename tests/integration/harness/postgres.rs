@@ -180,6 +180,23 @@ pub struct ClusterSetup {
     pub settings: Vec<(&'static str, String)>,
 }
 
+impl ClusterSetup {
+    /// Durability as in production (`fsync`, `synchronous_commit`, full page writes),
+    /// for benchmarks: the tests' default turns it off for speed, which would flatter
+    /// every method that commits often.
+    #[allow(dead_code)] // used by the benchmarks, which include this file
+    pub fn durable() -> ClusterSetup {
+        ClusterSetup {
+            files: Vec::new(),
+            settings: vec![
+                ("fsync", "on".to_owned()),
+                ("synchronous_commit", "on".to_owned()),
+                ("full_page_writes", "on".to_owned()),
+            ],
+        }
+    }
+}
+
 /// Starts a cluster of its own (never the external server of
 /// `EXTERNAL_DB_SYNC_TEST_DATABASE_URL`) and returns its superuser URL without a
 /// database name. It lives as long as the test process.

@@ -233,3 +233,15 @@ pub async fn tenancy_with_database(pool: &PgPool) -> (Uuid, PgPool) {
     attach(pool, tenancy, &[("main", &url)]).await;
     (tenancy, tenant)
 }
+
+/// Two tenancies with a database each: the first with one user, the second with two,
+/// each user with a primary e-mail.
+pub async fn two_tenancies_with_users(pool: &PgPool) -> [(Uuid, PgPool); 2] {
+    let first = tenancy_with_database(pool).await;
+    let second = tenancy_with_database(pool).await;
+    for (tenancy, name) in [(first.0, "ada"), (second.0, "grace"), (second.0, "linus")] {
+        let id = super::fixtures::user(pool, tenancy, name).await;
+        super::fixtures::email(pool, tenancy, id, &format!("{name}@example.com"), true).await;
+    }
+    [first, second]
+}
