@@ -2,8 +2,9 @@
 //! PostgreSQL into PostgreSQL databases that the tenants own.
 //!
 //! The flow (DESIGN.md §1): triggers flag changed rows; the [`sequencer`] numbers them
-//! and queues one request per dirty tenancy; the poller publishes those requests; the
-//! sync engine applies each tenancy's changes to its databases.
+//! and queues one request per dirty tenancy; the [`poller`] publishes those requests
+//! through a [`queue`] publisher; the [`sync`] engine applies each tenancy's changes to
+//! its databases. [`wakeup`] lets the in-process loops sleep until there is work.
 
 pub mod auth;
 pub mod backoff;
