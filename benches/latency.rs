@@ -9,7 +9,8 @@
 //! of the same user before a sync counts as visible when the newer one arrives.
 //!
 //! Run: `cargo bench --bench latency`. Settings: `BENCH_RATE` (changes per second,
-//! default 1000), `BENCH_SECONDS` (default 10), `BENCH_TENANCIES` (default 50).
+//! default 1000), `BENCH_SECONDS` (default 10), `BENCH_TENANCIES` (default 50),
+//! `BENCH_DURABLE=0` (no `fsync`, to see what disk flushes cost).
 
 #[allow(dead_code)]
 #[path = "../tests/integration/harness/postgres.rs"]
@@ -46,7 +47,13 @@ async fn main() {
     let tenancy_count = setting("BENCH_TENANCIES", 50) as usize;
     println!("latency benchmark: {rate} changes/s for {seconds} s over {tenancy_count} tenancies");
 
-    let server = postgres::start_server(postgres::ClusterSetup::durable());
+    // BENCH_DURABLE=0 runs without fsync, to see how much of the latency is disk flushes.
+    let setup = if setting("BENCH_DURABLE", 1) == 0 {
+        postgres::ClusterSetup::default()
+    } else {
+        postgres::ClusterSetup::durable()
+    };
+    let server = postgres::start_server(setup);
     let internal_url = server.migrated_database().await;
     let pool = postgres::pool(&internal_url).await;
 

@@ -8,7 +8,9 @@
 //! the earlier one stopped, reading the internal database after it did, so it can only
 //! move the tenant's copy forward.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use sqlx::PgPool;
@@ -59,6 +61,7 @@ pub struct SyncEngine {
     pool: PgPool,
     settings: SyncSettings,
     policy: TargetPolicy,
+    prepared: PreparedSchemas,
 }
 
 impl SyncEngine {
@@ -67,7 +70,49 @@ impl SyncEngine {
             pool,
             settings,
             policy,
+            prepared: PreparedSchemas::default(),
         }
+    }
+}
+
+/// How long a prepared tenant schema is trusted before it is checked again.
+const SCHEMA_RECHECK: Duration = Duration::from_secs(60);
+
+/// Tenant databases whose tables, ownership and privileges this process prepared
+/// recently, by tenancy and configuration entry. Preparing costs a dozen statements, DDL
+/// checks included; a busy tenancy syncs many times a minute. Any failure of a database
+/// forgets it, so a dropped table is recreated on the next attempt.
+#[derive(Default)]
+struct PreparedSchemas {
+    checked: Mutex<HashMap<(Uuid, [u8; 32]), Instant>>,
+}
+
+impl PreparedSchemas {
+    fn is_fresh(&self, key: &(Uuid, [u8; 32])) -> bool {
+        let checked = self
+            .checked
+            .lock()
+            .expect("the lock is never held across a panic");
+        checked
+            .get(key)
+            .is_some_and(|at| at.elapsed() < SCHEMA_RECHECK)
+    }
+
+    fn mark(&self, key: (Uuid, [u8; 32])) {
+        let mut checked = self
+            .checked
+            .lock()
+            .expect("the lock is never held across a panic");
+        checked.retain(|_, at| at.elapsed() < SCHEMA_RECHECK);
+        checked.insert(key, Instant::now());
+    }
+
+    fn forget(&self, key: &(Uuid, [u8; 32])) {
+        let mut checked = self
+            .checked
+            .lock()
+            .expect("the lock is never held across a panic");
+        checked.remove(key);
     }
 }
 
@@ -263,14 +308,19 @@ async fn sync_target(
         Mapping::ALL.map(|_| target::connect(&database.target, &addresses, session)),
     )
     .await?;
-    schema::prepare(&mut clients[0], tenancy_id, &database.read_roles).await?;
+    let key = (tenancy_id, database.fingerprint);
+    if !engine.prepared.is_fresh(&key) {
+        schema::prepare(&mut clients[0], tenancy_id, &database.read_roles).await?;
+        engine.prepared.mark(key);
+    }
     let mappings = futures::future::try_join_all(
         clients
             .iter_mut()
             .zip(Mapping::ALL)
             .map(|(client, mapping)| sync_mapping(engine, client, tenancy_id, mapping)),
     )
-    .await?;
+    .await
+    .inspect_err(|_| engine.prepared.forget(&key))?;
     Ok(DatabaseSynced { mappings })
 }
 

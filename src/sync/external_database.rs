@@ -8,6 +8,7 @@
 //! and does not stop the others.
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use super::error::SyncError;
 use super::schema::validate_role_name;
@@ -19,6 +20,9 @@ pub struct ExternalDatabase {
     pub target: Target,
     /// Roles granted `SELECT` on the synced tables.
     pub read_roles: Vec<String>,
+    /// SHA-256 of the entry as configured: tells one configuration from another
+    /// without keeping the connection string (and its password) around.
+    pub fingerprint: [u8; 32],
 }
 
 /// One configured database: its id, and the entry or why it cannot be used.
@@ -83,7 +87,12 @@ fn parse_one(entry: &Value) -> Result<ExternalDatabase, SyncError> {
             .collect::<Result<_, SyncError>>()?,
         Some(_) => return Err(invalid("readRoles must be a list of role names")),
     };
-    Ok(ExternalDatabase { target, read_roles })
+    let fingerprint = Sha256::digest(Value::Object(entry.clone()).to_string()).into();
+    Ok(ExternalDatabase {
+        target,
+        read_roles,
+        fingerprint,
+    })
 }
 
 #[cfg(test)]

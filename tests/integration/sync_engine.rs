@@ -16,8 +16,8 @@ use crate::harness::fixtures::{
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, engine, engine_with, expected_channels, expected_users,
-    external_channels, external_users, sync_ok, sync_only, table_exists, tenancy_with_database,
-    test_settings, watermark, ExternalUser,
+    external_channels, external_users, sync, sync_ok, sync_only, table_exists,
+    tenancy_with_database, test_settings, watermark, ExternalUser,
 };
 
 async fn user_count(tenant: &PgPool) -> i64 {
@@ -527,4 +527,27 @@ async fn an_uncommitted_transaction_is_invisible_until_it_commits() {
         external_users(&tenant).await,
         expected_users(&pool, tenancy).await
     );
+}
+
+/// The engine trusts a schema it prepared a moment ago, but a failure makes it check
+/// again: a table dropped behind its back costs one failed sync, not a minute of them.
+#[tokio::test]
+async fn a_dropped_table_is_recreated_on_the_attempt_after_the_failure() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let engine = engine(&pool);
+    let id = user(&pool, tenancy, "survivor").await;
+    sync_ok(&pool, &engine, tenancy).await;
+    sqlx::query("drop table users")
+        .execute(&tenant)
+        .await
+        .unwrap();
+    rename_user(&pool, id, "survivor again").await;
+
+    let failed = sync(&pool, &engine, tenancy).await;
+    let recovered = sync(&pool, &engine, tenancy).await;
+
+    assert!(failed.databases[0].result.is_err());
+    assert!(recovered.databases[0].result.is_ok());
+    assert!(table_exists(&tenant, "users").await);
 }
