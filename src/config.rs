@@ -15,6 +15,7 @@ use sqlx::postgres::PgConnectOptions;
 use url::Url;
 
 use crate::poller::PollerSettings;
+use crate::sync::sessions::SessionPoolSettings;
 use crate::sync::target::{InternalDatabase, SessionSettings};
 use crate::sync::SyncSettings;
 
@@ -366,6 +367,23 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                     3_600_000,
                 )?,
                 idle_in_transaction_timeout: defaults.session.idle_in_transaction_timeout,
+            },
+            pool: SessionPoolSettings {
+                per_database: self.parse_or(
+                    "SYNC_IDLE_SESSIONS_PER_DATABASE",
+                    defaults.pool.per_database,
+                    |raw| parse_in_range(raw, 0, 64),
+                )?,
+                total: self.parse_or("SYNC_MAX_IDLE_SESSIONS", defaults.pool.total, |raw| {
+                    parse_in_range(raw, 0, 100_000)
+                })?,
+                idle_timeout: self
+                    .parse_or(
+                        "SYNC_SESSION_IDLE_SECS",
+                        defaults.pool.idle_timeout.as_secs(),
+                        |raw| parse_in_range(raw, 1, 3600),
+                    )
+                    .map(Duration::from_secs)?,
             },
         })
     }

@@ -21,6 +21,7 @@ use super::error::SyncError;
 use super::external_database::{self, ExternalDatabase};
 use super::mapping::{self, Batch, Mapping};
 use super::schema;
+use super::sessions::{SessionKey, SessionPool, SessionPoolSettings};
 use super::target::{self, SessionSettings, TargetPolicy};
 use crate::db;
 use crate::error::error_chain;
@@ -38,6 +39,8 @@ pub struct SyncSettings {
     pub database_concurrency: usize,
     /// Timeouts of every tenant-database session.
     pub session: SessionSettings,
+    /// Tenant sessions kept open between syncs.
+    pub pool: SessionPoolSettings,
 }
 
 impl Default for SyncSettings {
@@ -52,6 +55,7 @@ impl Default for SyncSettings {
                 lock_timeout: Duration::from_secs(30),
                 idle_in_transaction_timeout: Duration::from_secs(120),
             },
+            pool: SessionPoolSettings::default(),
         }
     }
 }
@@ -62,16 +66,24 @@ pub struct SyncEngine {
     settings: SyncSettings,
     policy: TargetPolicy,
     prepared: PreparedSchemas,
+    sessions: SessionPool,
 }
 
 impl SyncEngine {
     pub fn new(pool: PgPool, settings: SyncSettings, policy: TargetPolicy) -> Self {
+        let sessions = SessionPool::new(settings.pool);
         Self {
             pool,
             settings,
             policy,
             prepared: PreparedSchemas::default(),
+            sessions,
         }
+    }
+
+    /// Tenant sessions waiting for their next sync.
+    pub fn idle_sessions(&self) -> usize {
+        self.sessions.idle_count()
     }
 }
 
@@ -84,11 +96,11 @@ const SCHEMA_RECHECK: Duration = Duration::from_secs(60);
 /// forgets it, so a dropped table is recreated on the next attempt.
 #[derive(Default)]
 struct PreparedSchemas {
-    checked: Mutex<HashMap<(Uuid, [u8; 32]), Instant>>,
+    checked: Mutex<HashMap<SessionKey, Instant>>,
 }
 
 impl PreparedSchemas {
-    fn is_fresh(&self, key: &(Uuid, [u8; 32])) -> bool {
+    fn is_fresh(&self, key: &SessionKey) -> bool {
         let checked = self
             .checked
             .lock()
@@ -98,7 +110,7 @@ impl PreparedSchemas {
             .is_some_and(|at| at.elapsed() < SCHEMA_RECHECK)
     }
 
-    fn mark(&self, key: (Uuid, [u8; 32])) {
+    fn mark(&self, key: SessionKey) {
         let mut checked = self
             .checked
             .lock()
@@ -107,7 +119,7 @@ impl PreparedSchemas {
         checked.insert(key, Instant::now());
     }
 
-    fn forget(&self, key: &(Uuid, [u8; 32])) {
+    fn forget(&self, key: &SessionKey) {
         let mut checked = self
             .checked
             .lock()
@@ -297,31 +309,95 @@ async fn sync_target(
     tenancy_id: Uuid,
     database: &ExternalDatabase,
 ) -> Result<DatabaseSynced, SyncError> {
-    let session = &engine.settings.session;
-    let addresses = engine
-        .policy
-        .check(&database.target, session.connect_timeout)
-        .await?;
-    // One session per mapping, opened together: the mappings are independent (own
-    // table, own watermark, own lock), so they are synced side by side.
-    let mut clients = futures::future::try_join_all(
-        Mapping::ALL.map(|_| target::connect(&database.target, &addresses, session)),
-    )
-    .await?;
-    let key = (tenancy_id, database.fingerprint);
-    if !engine.prepared.is_fresh(&key) {
-        schema::prepare(&mut clients[0], tenancy_id, &database.read_roles).await?;
-        engine.prepared.mark(key);
+    let key = SessionKey {
+        tenancy_id,
+        fingerprint: database.fingerprint,
+    };
+    let (clients, reused) = sessions(engine, &key, database, true).await?;
+    match sync_on(engine, &key, database, clients).await {
+        // A kept session can have been closed while it waited (the server restarted, an
+        // idle timeout, a proxy). That says nothing about the database now: try once
+        // more on new sessions. Safe, because a batch is all or nothing and idempotent.
+        Err(error) if reused && error.is_lost_session() => {
+            tracing::debug!(%tenancy_id, error = %error_chain(&error), "a kept tenant session was closed; syncing on new sessions");
+            let (clients, _) = sessions(engine, &key, database, false).await?;
+            sync_on(engine, &key, database, clients).await
+        }
+        synced => synced,
     }
-    let mappings = futures::future::try_join_all(
-        clients
-            .iter_mut()
-            .zip(Mapping::ALL)
-            .map(|(client, mapping)| sync_mapping(engine, client, tenancy_id, mapping)),
-    )
-    .await
-    .inspect_err(|_| engine.prepared.forget(&key))?;
-    Ok(DatabaseSynced { mappings })
+}
+
+/// Prepares the schema if needed and syncs every mapping, one session each: the
+/// mappings are independent (own table, own watermark, own lock), so they are synced
+/// side by side. The sessions are kept for the next sync if every transaction committed,
+/// and closed otherwise (one may be mid-transaction).
+async fn sync_on(
+    engine: &SyncEngine,
+    key: &SessionKey,
+    database: &ExternalDatabase,
+    mut clients: Vec<Client>,
+) -> Result<DatabaseSynced, SyncError> {
+    let synced = async {
+        if !engine.prepared.is_fresh(key) {
+            schema::prepare(&mut clients[0], key.tenancy_id, &database.read_roles).await?;
+            engine.prepared.mark(*key);
+        }
+        futures::future::try_join_all(
+            clients
+                .iter_mut()
+                .zip(Mapping::ALL)
+                .map(|(client, mapping)| sync_mapping(engine, client, key.tenancy_id, mapping)),
+        )
+        .await
+    }
+    .await;
+    match synced {
+        Ok(mappings) => {
+            for client in clients {
+                engine.sessions.give_back(*key, client);
+            }
+            Ok(DatabaseSynced { mappings })
+        }
+        Err(error) => {
+            engine.prepared.forget(key);
+            Err(error)
+        }
+    }
+}
+
+/// One session per mapping for `key`'s database, and whether any was kept from an
+/// earlier sync: kept ones first (if `reuse`), new ones for the rest. The address policy
+/// is checked before connecting; a kept session is still connected to an address that
+/// was checked when it was opened.
+async fn sessions(
+    engine: &SyncEngine,
+    key: &SessionKey,
+    database: &ExternalDatabase,
+    reuse: bool,
+) -> Result<(Vec<Client>, bool), SyncError> {
+    let mut clients: Vec<Client> = if reuse {
+        Mapping::ALL
+            .iter()
+            .map_while(|_| engine.sessions.take(key))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let reused = !clients.is_empty();
+    let missing = Mapping::ALL.len() - clients.len();
+    if missing > 0 {
+        let session = &engine.settings.session;
+        let addresses = engine
+            .policy
+            .check(&database.target, session.connect_timeout)
+            .await?;
+        let opened = futures::future::try_join_all(
+            (0..missing).map(|_| target::connect(&database.target, &addresses, session)),
+        )
+        .await?;
+        clients.extend(opened);
+    }
+    Ok((clients, reused))
 }
 
 /// Applies batches of `mapping` until it is caught up or the batch budget is spent.

@@ -54,6 +54,21 @@ impl SyncError {
         }
     }
 
+    /// Whether the session to the tenant database was gone: closed, reset, or ended by
+    /// the server (a restart, `pg_terminate_backend`, an idle timeout).
+    pub fn is_lost_session(&self) -> bool {
+        let SyncError::Target(error) = self else {
+            return false;
+        };
+        match error.code() {
+            Some(code) => {
+                let code = code.code();
+                code.starts_with("08") || code.starts_with("57P")
+            }
+            None => error.is_closed() || find_source::<io::Error>(error).is_some(),
+        }
+    }
+
     pub(crate) fn target(error: tokio_postgres::Error) -> Self {
         // A certificate that fails verification surfaces as an I/O error wrapping a rustls
         // error; it is permanent and deserves a plain explanation.

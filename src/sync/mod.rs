@@ -6,6 +6,7 @@
 //! - [`external_database`]: the tenancy's `dbSync.externalDatabases` configuration;
 //! - [`target`]: connection strings, the address policy, connecting;
 //! - [`tls`]: `sslmode` with rustls;
+//! - [`sessions`]: tenant sessions kept open between syncs;
 //! - [`schema`]: the tables in the tenant database, ownership and privileges;
 //! - [`mapping`]: the two mappings and how a batch is written;
 //! - [`error`]: what went wrong, and whether a retry can help.
@@ -15,6 +16,7 @@ pub mod error;
 pub mod external_database;
 pub mod mapping;
 pub mod schema;
+pub mod sessions;
 pub mod target;
 pub mod tls;
 

@@ -13,6 +13,7 @@ mod qstash;
 mod sequencer;
 mod sync_engine;
 mod sync_isolation;
+mod sync_sessions;
 mod sync_targets;
 mod sync_webhook;
 mod triggers;
