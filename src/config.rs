@@ -114,8 +114,6 @@ pub struct Config {
     pub sequencer: SequencerSettings,
     pub sync: SyncSettings,
     pub poller: PollerSettings,
-    /// Tenancies the direct publisher syncs at the same time (`POLLER_SYNC_CONCURRENCY`).
-    pub poller_sync_concurrency: usize,
 }
 
 impl DatabaseSettings {
@@ -307,11 +305,13 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 poller_defaults.idle_interval.as_millis() as u64,
                 |raw| parse_in_range(raw, 1, 3_600_000),
             )?),
+            sync_concurrency: self.parse_or(
+                "POLLER_SYNC_CONCURRENCY",
+                poller_defaults.sync_concurrency,
+                |raw| parse_in_range(raw, 1, 1000),
+            )?,
             ..poller_defaults
         };
-        let poller_sync_concurrency = self.parse_or("POLLER_SYNC_CONCURRENCY", 8, |raw| {
-            parse_in_range(raw, 1, 1000)
-        })?;
         Ok(Config {
             database,
             bind_addr,
@@ -324,7 +324,6 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             sequencer,
             sync,
             poller,
-            poller_sync_concurrency,
         })
     }
 

@@ -12,13 +12,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::qstash::Verifier;
 use crate::config::{Config, SyncQueue};
+use crate::error::error_chain;
+use crate::poller::{InFlight, Poller};
 use crate::queue::direct::DirectPublisher;
 use crate::queue::qstash::QstashPublisher;
 use crate::queue::Publisher;
 use crate::sync::target::TargetPolicy;
 use crate::sync::SyncEngine;
 use crate::wakeup::{self, Wakeups};
-use crate::{db, poller, routes, sequencer, workers};
+use crate::{db, routes, sequencer, workers};
 use futures::FutureExt;
 
 /// What every handler can reach.
@@ -27,8 +29,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub engine: Arc<SyncEngine>,
-    /// Where the poller sends claimed requests (`SYNC_QUEUE`).
-    pub publisher: Arc<Publisher>,
+    /// Claims sync requests and publishes them where `SYNC_QUEUE` says.
+    pub poller: Arc<Poller>,
     /// Checks `/sync-engine` signatures; `None` when no signing key is configured.
     pub verifier: Option<Arc<Verifier>>,
     /// Cancelled when the service shuts down; long-running handlers stop early on it.
@@ -65,11 +67,13 @@ impl Application {
                 config.qstash.retries,
             )),
             // Configuration parsing refuses qstash without a token.
-            _ => Publisher::Direct(DirectPublisher::new(
-                engine.clone(),
-                config.poller_sync_concurrency,
-            )),
+            _ => Publisher::Direct(DirectPublisher::new(engine.clone())),
         };
+        let poller = Arc::new(Poller::new(
+            pool.clone(),
+            Arc::new(publisher),
+            config.poller.clone(),
+        ));
         let sync_engine_url = format!(
             "{}{}",
             config.public_url.as_str().trim_end_matches('/'),
@@ -87,7 +91,7 @@ impl Application {
                 pool,
                 config: Arc::new(config),
                 engine,
-                publisher: Arc::new(publisher),
+                poller,
                 verifier: verifier.map(Arc::new),
                 shutdown,
             },
@@ -144,19 +148,29 @@ impl Application {
             let worker_state = state.clone();
             let poller_wake = wakeups.requests.clone();
             tasks.spawn(async move {
-                let settings = &worker_state.config.poller;
+                let poller = &worker_state.poller;
+                let settings = poller.settings();
+                // The loop's syncs wake it when they end, as new requests do.
+                let in_flight = InFlight::new(poller_wake.clone());
+                let in_flight = &in_flight;
                 workers::run_loop(
                     "poller",
                     worker_state.shutdown.clone(),
                     settings.idle_interval,
                     poller_wake,
-                    || async {
-                        poller::run_once(&worker_state.pool, &worker_state.publisher, settings)
+                    || async move {
+                        poller
+                            .run_once(in_flight)
                             .await
                             .map(|run| run.outcome(settings.batch_size))
                     },
                 )
                 .await;
+                // Syncs already started are finished and settled before the process
+                // ends, rather than left claimed until their lease runs out.
+                if let Err(error) = poller.finish(in_flight).await {
+                    tracing::warn!(error = %error_chain(&error), "cannot settle the last sync requests; their leases will expire");
+                }
                 ("poller worker", Ok(()))
             });
         }

@@ -26,18 +26,26 @@ pub enum Outcome {
     /// `n` items processed; `more` when the step stopped at its batch limit, so more work
     /// is probably waiting.
     Worked { n: u64, more: bool },
+    /// Nothing new to start, but work started by earlier steps is still running; its end
+    /// wakes the loop, which may then find more (the poller's syncs).
+    Waiting,
 }
 
 impl Outcome {
     pub fn is_idle(&self) -> bool {
         matches!(self, Outcome::Idle | Outcome::Disabled)
     }
+
+    /// Whether the loop should wait for a wake-up (or its timer) before the next step.
+    pub fn waits(&self) -> bool {
+        matches!(self, Outcome::Idle | Outcome::Disabled | Outcome::Waiting)
+    }
 }
 
 /// Runs `step` until `shutdown` is cancelled. Errors are logged and retried with
 /// backoff; they never end the loop, because the next attempt may well succeed (the
-/// database restarted, a lock timed out). When idle it waits for `wake` (work was
-/// announced) or `idle_interval`, whichever comes first.
+/// database restarted, a lock timed out). When idle or waiting it waits for `wake` (work
+/// was announced, or work it started ended) or `idle_interval`, whichever comes first.
 pub async fn run_loop<F, Fut, E>(
     name: &'static str,
     shutdown: CancellationToken,
@@ -55,7 +63,7 @@ pub async fn run_loop<F, Fut, E>(
         let (pause, wakeable) = match step().await {
             Ok(outcome) => {
                 consecutive_failures = 0;
-                if outcome.is_idle() {
+                if outcome.waits() {
                     (idle_interval, true)
                 } else {
                     (Duration::ZERO, false)

@@ -52,7 +52,9 @@ pub struct ClaimedRequest {
 /// Rows another poller is claiming right now are skipped, not waited for.
 ///
 /// A claimed request no longer counts as pending, so a change that lands while it is in
-/// flight queues a new request: no wake-up is lost.
+/// flight queues a new request: no wake-up is lost. That new request waits until the
+/// one in flight is settled: a second sync of the same tenancy meanwhile would only
+/// queue behind the first one's locks and hold a sync slot doing nothing.
 pub async fn claim(
     executor: impl PgExecutor<'_>,
     limit: u32,
@@ -61,8 +63,13 @@ pub async fn claim(
     sqlx::query_as(
         r#"
         with due as (
-            select "id" from "OutgoingRequest"
-            where ("startedFulfillingAt" is null and "nextAttemptAt" <= current_timestamp)
+            select "id" from "OutgoingRequest" as request
+            where ("startedFulfillingAt" is null and "nextAttemptAt" <= current_timestamp
+                   and not exists (
+                       select from "OutgoingRequest" as flight
+                       where flight."startedFulfillingAt"
+                                 >= current_timestamp - make_interval(secs => $2)
+                         and flight."deduplicationKey" = request."deduplicationKey"))
                or "startedFulfillingAt" < current_timestamp - make_interval(secs => $2)
             order by "nextAttemptAt"
             limit $1

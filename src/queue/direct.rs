@@ -3,9 +3,6 @@
 
 use std::sync::Arc;
 
-use futures::stream::{self, StreamExt};
-use uuid::Uuid;
-
 use super::{tenancy_of, PublishError};
 use crate::db::queue::ClaimedRequest;
 use crate::error::error_chain;
@@ -13,34 +10,18 @@ use crate::sync::{sync_tenancy, SyncEngine, TenancySync};
 
 pub struct DirectPublisher {
     engine: Arc<SyncEngine>,
-    /// Tenancies synced at the same time.
-    concurrency: usize,
 }
 
 impl DirectPublisher {
-    pub fn new(engine: Arc<SyncEngine>, concurrency: usize) -> Self {
-        Self {
-            engine,
-            concurrency: concurrency.max(1),
-        }
+    pub fn new(engine: Arc<SyncEngine>) -> Self {
+        Self { engine }
     }
 
-    /// Syncs each request's tenancy. A sync counts as published unless a database
-    /// failed in a way a retry can fix: then the request goes back to the queue, as a
-    /// 5xx answer would make QStash retry.
-    pub async fn publish(&self, requests: &[ClaimedRequest]) -> Vec<Result<(), PublishError>> {
-        // Owned items: a stream of futures that borrow their items trips the compiler's
-        // `Send` inference for the handlers that await it.
-        let tenancies: Vec<Result<Uuid, PublishError>> = requests.iter().map(tenancy_of).collect();
-        stream::iter(tenancies)
-            .map(|tenancy| self.sync(tenancy))
-            .buffered(self.concurrency)
-            .collect()
-            .await
-    }
-
-    async fn sync(&self, tenancy: Result<Uuid, PublishError>) -> Result<(), PublishError> {
-        let tenancy_id = tenancy?;
+    /// Syncs the request's tenancy. A sync counts as published unless a database failed
+    /// in a way a retry can fix: then the request goes back to the queue, as a 5xx
+    /// answer would make QStash retry. How many run at once is the poller's business.
+    pub async fn sync(&self, request: &ClaimedRequest) -> Result<(), PublishError> {
+        let tenancy_id = tenancy_of(request)?;
         match sync_tenancy(&self.engine, tenancy_id).await {
             Ok(TenancySync::Synced(report)) if report.has_retryable_failure() => {
                 let failed: Vec<&str> = report

@@ -17,20 +17,11 @@ use crate::db::queue::ClaimedRequest;
 #[error("{0}")]
 pub struct PublishError(pub String);
 
-/// Where claimed requests go.
+/// Where claimed requests go. The poller drives the two differently: a direct publish
+/// is a whole sync, run in its own task; a QStash publish is one HTTP call per batch.
 pub enum Publisher {
     Direct(direct::DirectPublisher),
     Qstash(qstash::QstashPublisher),
-}
-
-impl Publisher {
-    /// Publishes every request; the results are in the same order as `requests`.
-    pub async fn publish(&self, requests: &[ClaimedRequest]) -> Vec<Result<(), PublishError>> {
-        match self {
-            Publisher::Direct(publisher) => publisher.publish(requests).await,
-            Publisher::Qstash(publisher) => publisher.publish(requests).await,
-        }
-    }
 }
 
 /// The tenancy a request is for, from its `qstashOptions.body`.

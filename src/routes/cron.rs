@@ -7,6 +7,7 @@ use std::time::Duration;
 use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +18,9 @@ use crate::workers::Outcome;
 const MAX_DURATION_LIMIT_MS: u64 = 3_600_000;
 /// Pause between iterations that found nothing to do.
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
+/// Longest pause while waiting for work the call started: its end wakes the call, so
+/// this is only the safety net.
+const WAITING_PAUSE: Duration = Duration::from_secs(1);
 
 /// How long a cron call may keep iterating.
 #[derive(Debug, Clone, Copy)]
@@ -80,13 +84,15 @@ pub struct RunSummary {
     pub duration: Duration,
 }
 
-/// Runs `step` repeatedly: at once while it reports work, every ~50 ms while idle,
-/// until the limits, the fusebox or a shutdown say stop. `record` sees every step's
-/// result, so the caller can add up what was done. A failing step ends the call with
-/// its error; what earlier steps did is committed and stays done.
+/// Runs `step` repeatedly: at once while it reports work, every ~50 ms while idle, and
+/// on `ended` (or every second) while it waits for work it started, until the limits,
+/// the fusebox or a shutdown say stop. `record` sees every step's result, so the caller
+/// can add up what was done. A failing step ends the call with its error; what earlier
+/// steps did is committed and stays done.
 pub async fn run_repeatedly<T, E, F, Fut>(
     limits: RunLimits,
     shutdown: &CancellationToken,
+    ended: &Notify,
     mut step: F,
     mut record: impl FnMut(&T) -> Outcome,
 ) -> Result<RunSummary, E>
@@ -113,11 +119,13 @@ where
         if shutdown.is_cancelled() {
             break StopReason::Shutdown;
         }
-        if outcome.is_idle() {
-            let pause = IDLE_PAUSE.min(deadline - now);
+        let waiting = outcome == Outcome::Waiting;
+        if outcome.waits() {
+            let pause = if waiting { WAITING_PAUSE } else { IDLE_PAUSE };
             tokio::select! {
                 () = shutdown.cancelled() => break StopReason::Shutdown,
-                () = tokio::time::sleep(pause) => {}
+                () = ended.notified(), if waiting => {}
+                () = tokio::time::sleep(pause.min(deadline - now)) => {}
             }
         }
     };
@@ -146,6 +154,7 @@ mod tests {
         let summary = run_repeatedly(
             limits,
             &CancellationToken::new(),
+            &Notify::new(),
             || {
                 calls += 1;
                 let outcome = script.next().unwrap();
@@ -197,6 +206,7 @@ mod tests {
         let summary = run_repeatedly(
             limits(60_000, false),
             &shutdown,
+            &Notify::new(),
             || async { Ok::<_, Infallible>(Outcome::Idle) },
             |outcome| *outcome,
         )

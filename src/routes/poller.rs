@@ -1,6 +1,6 @@
 //! `GET|POST /api/latest/internal/external-db-sync/poller`: publishes queued sync
-//! requests for a cron call. In `direct` mode each iteration waits for the syncs it
-//! started, so with `stopWhenIdle=true` the call returns once they are all done.
+//! requests for a cron call. In `direct` mode the call waits for the syncs it started
+//! before it answers, so with `stopWhenIdle=true` it returns once they are all done.
 
 use axum::extract::State;
 use axum::Json;
@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::cron::{run_repeatedly, RunLimits, StopReason};
 use crate::auth::CronAuth;
 use crate::error::AppError;
-use crate::poller::{self, PollerRun};
+use crate::poller::{InFlight, PolledBatch, PollerRun};
 use crate::startup::AppState;
 
 #[derive(Debug, Serialize)]
@@ -29,29 +29,33 @@ pub async fn run(
     State(state): State<AppState>,
     limits: RunLimits,
 ) -> Result<Json<PollerResponse>, AppError> {
-    let settings = &state.config.poller;
-    let (mut claimed, mut published, mut failed) = (0, 0, 0);
+    let poller = &state.poller;
+    let batch_size = poller.settings().batch_size;
+    let in_flight = InFlight::default();
+    let mut totals = PolledBatch::default();
     let summary = run_repeatedly(
         limits,
         &state.shutdown,
-        || poller::run_once(&state.pool, &state.publisher, settings),
+        in_flight.ended(),
+        || poller.run_once(&in_flight),
         |run| {
             if let PollerRun::Batch(batch) = run {
-                claimed += batch.claimed;
-                published += batch.published;
-                failed += batch.failed;
+                totals.add(batch);
             }
-            run.outcome(settings.batch_size)
+            run.outcome(batch_size)
         },
     )
     .await?;
+    // Whatever ended the loop, the syncs this call started are waited for, so the
+    // answer counts them and a cron caller knows they are done.
+    totals.add(&poller.finish(&in_flight).await?);
     Ok(Json(PollerResponse {
         ok: true,
         iterations: summary.iterations,
         stop_reason: summary.stop_reason,
         duration_ms: summary.duration.as_millis() as u64,
-        claimed,
-        published,
-        failed,
+        claimed: totals.claimed,
+        published: totals.published,
+        failed: totals.failed,
     }))
 }

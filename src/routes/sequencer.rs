@@ -4,6 +4,7 @@
 use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
+use tokio::sync::Notify;
 
 use super::cron::{run_repeatedly, RunLimits, StopReason};
 use crate::auth::CronAuth;
@@ -41,6 +42,8 @@ pub async fn run(
     let summary = run_repeatedly(
         limits,
         &state.shutdown,
+        // The sequencer never waits for work it started.
+        &Notify::new(),
         || sequencer::run_once(&state.pool, settings),
         |run| {
             if let SequencerRun::Batch(batch) = run {

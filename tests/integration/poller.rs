@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use external_db_sync::db::queue;
-use external_db_sync::poller::{self, PolledBatch, PollerRun, PollerSettings};
+use external_db_sync::poller::{InFlight, PolledBatch, Poller, PollerRun, PollerSettings};
 use external_db_sync::queue::direct::DirectPublisher;
 use external_db_sync::queue::Publisher;
 use reqwest::Method;
@@ -25,18 +25,29 @@ use crate::harness::sync::{
 };
 use crate::harness::wait;
 
-fn direct_publisher(pool: &PgPool) -> Publisher {
-    Publisher::Direct(DirectPublisher::new(Arc::new(engine(pool)), 4))
+fn direct_poller(pool: &PgPool, sync_concurrency: usize) -> Poller {
+    let publisher = Publisher::Direct(DirectPublisher::new(Arc::new(engine(pool))));
+    let settings = PollerSettings {
+        sync_concurrency,
+        ..PollerSettings::default()
+    };
+    Poller::new(pool.clone(), Arc::new(publisher), settings)
 }
 
-async fn poll_once(pool: &PgPool, publisher: &Publisher) -> PolledBatch {
-    match poller::run_once(pool, publisher, &PollerSettings::default())
-        .await
-        .unwrap()
-    {
+/// One step, as the loop runs it; its syncs are not waited for.
+async fn step(poller: &Poller, in_flight: &InFlight) -> PolledBatch {
+    match poller.run_once(in_flight).await.unwrap() {
         PollerRun::Batch(batch) => batch,
         PollerRun::Disabled => panic!("the poller is switched off"),
     }
+}
+
+/// One step, and the syncs it started run to the end.
+async fn poll_once(poller: &Poller) -> PolledBatch {
+    let in_flight = InFlight::default();
+    let mut batch = step(poller, &in_flight).await;
+    batch.add(&poller.finish(&in_flight).await.unwrap());
+    batch
 }
 
 /// `(attempts, lastError, in flight, due now)` of the tenancy's requests.
@@ -110,9 +121,9 @@ async fn a_failed_publish_keeps_the_request_with_its_error_until_it_succeeds() {
     .await;
     user(&pool, tenancy, "waits").await;
     sequence_all(&pool, 1000).await;
-    let publisher = direct_publisher(&pool);
+    let poller = direct_poller(&pool, 4);
 
-    let batch = poll_once(&pool, &publisher).await;
+    let batch = poll_once(&poller).await;
 
     assert_eq!((batch.claimed, batch.published, batch.failed), (1, 0, 1));
     let states = request_states(&pool, tenancy).await;
@@ -123,7 +134,7 @@ async fn a_failed_publish_keeps_the_request_with_its_error_until_it_succeeds() {
     assert!(!in_flight);
     assert!(!due, "it waits for its backoff");
     // Not due yet: a second run leaves it alone.
-    assert_eq!(poll_once(&pool, &publisher).await.claimed, 0);
+    assert_eq!(poll_once(&poller).await.claimed, 0);
 
     // The database comes back, and the backoff has passed.
     let (url, tenant) = tenant_database().await;
@@ -132,7 +143,7 @@ async fn a_failed_publish_keeps_the_request_with_its_error_until_it_succeeds() {
         .execute(&pool)
         .await
         .unwrap();
-    let batch = poll_once(&pool, &publisher).await;
+    let batch = poll_once(&poller).await;
 
     assert_eq!((batch.claimed, batch.published), (1, 1));
     assert!(request_states(&pool, tenancy).await.is_empty());
@@ -145,7 +156,7 @@ async fn a_claim_whose_poller_died_is_taken_over_after_its_lease() {
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
     user(&pool, tenancy, "orphaned").await;
     sequence_all(&pool, 1000).await;
-    let publisher = direct_publisher(&pool);
+    let poller = direct_poller(&pool, 4);
     // A poller claims the request and dies before publishing it.
     let claimed = queue::claim(&pool, 10, Duration::from_secs(300))
         .await
@@ -154,7 +165,7 @@ async fn a_claim_whose_poller_died_is_taken_over_after_its_lease() {
     drop(claimed);
 
     // While the lease holds, nobody else takes it.
-    assert_eq!(poll_once(&pool, &publisher).await.claimed, 0);
+    assert_eq!(poll_once(&poller).await.claimed, 0);
 
     // Ten minutes later (the claim is back-dated rather than waited for).
     sqlx::query(
@@ -164,7 +175,7 @@ async fn a_claim_whose_poller_died_is_taken_over_after_its_lease() {
     .execute(&pool)
     .await
     .unwrap();
-    let batch = poll_once(&pool, &publisher).await;
+    let batch = poll_once(&poller).await;
 
     assert_eq!((batch.claimed, batch.published), (1, 1));
     assert!(request_states(&pool, tenancy).await.is_empty());
@@ -292,4 +303,135 @@ async fn the_poller_and_fusebox_routes_require_the_bearer() {
         )
         .await;
     assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn a_pending_request_waits_while_its_tenancy_is_in_flight() {
+    let pool = migrated_pool().await;
+    let tenancy = tenancy(&pool).await;
+    let id = user(&pool, tenancy, "first").await;
+    sequence_all(&pool, 1000).await;
+    let lease = Duration::from_secs(300);
+    let first = queue::claim(&pool, 10, lease).await.unwrap();
+    assert_eq!(first.len(), 1);
+    crate::harness::fixtures::rename_user(&pool, id, "second").await;
+    sequence_all(&pool, 1000).await;
+    assert_eq!(pending_request_keys(&pool).await, [request_key(tenancy)]);
+
+    // Due, but its tenancy is in flight: a second sync would only queue behind the first.
+    assert!(queue::claim(&pool, 10, lease).await.unwrap().is_empty());
+
+    // Settled: the pending request is claimable at once.
+    queue::complete(&pool, first[0].id).await.unwrap();
+    let second = queue::claim(&pool, 10, lease).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0].id, first[0].id);
+
+    // A claim whose lease ran out holds nothing back.
+    crate::harness::fixtures::rename_user(&pool, id, "third").await;
+    sequence_all(&pool, 1000).await;
+    sqlx::query(
+        r#"update "OutgoingRequest" set "startedFulfillingAt" = "startedFulfillingAt" - interval '10 minutes'
+           where "id" = $1"#,
+    )
+    .bind(second[0].id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut ids: Vec<Uuid> = queue::claim(&pool, 10, lease)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|request| request.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids.len(), 2, "the expired claim and the pending request");
+    assert!(ids.contains(&second[0].id));
+}
+
+#[tokio::test]
+async fn the_poller_claims_only_as_many_requests_as_it_has_free_sync_slots() {
+    let pool = migrated_pool().await;
+    for name in ["one", "two", "three"] {
+        let tenancy = tenancy(&pool).await;
+        user(&pool, tenancy, name).await;
+    }
+    sequence_all(&pool, 1000).await;
+    let poller = direct_poller(&pool, 2);
+    let in_flight = InFlight::default();
+
+    let batch = step(&poller, &in_flight).await;
+
+    assert_eq!(batch.claimed, 2);
+    assert_eq!(
+        pending_request_keys(&pool).await.len(),
+        1,
+        "one left for later"
+    );
+    let finished = poller.finish(&in_flight).await.unwrap();
+    assert_eq!((finished.published, finished.failed), (2, 0));
+    let rest = poll_once(&poller).await;
+    assert_eq!((rest.claimed, rest.published), (1, 1));
+    assert!(pending_request_keys(&pool).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_slow_tenancy_does_not_hold_up_the_others() {
+    let pool = migrated_pool().await;
+    let (slow, slow_tenant) = tenancy_with_database(&pool).await;
+    let (busy, busy_tenant) = tenancy_with_database(&pool).await;
+    user(&pool, slow, "slow").await;
+    user(&pool, busy, "busy").await;
+    sequence_all(&pool, 1000).await;
+    let poller = direct_poller(&pool, 2);
+    poll_once(&poller).await;
+    assert_eq!(external_users(&slow_tenant).await.len(), 1);
+
+    // Another writer holds the slow tenancy's users lock: its next sync waits on it.
+    let mut blocker = slow_tenant.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(external_db_sync::sync::mapping::Mapping::Users.lock_key())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    user(&pool, slow, "slow again").await;
+    user(&pool, busy, "busy again").await;
+    sequence_all(&pool, 1000).await;
+    let in_flight = InFlight::default();
+    let mut total = step(&poller, &in_flight).await;
+    assert_eq!(total.claimed, 2);
+
+    // The busy tenancy's sync ends and is settled while the slow one still waits...
+    wait_until_synced(&pool, busy, &busy_tenant, 2).await;
+    // ...and its next change takes the free slot.
+    user(&pool, busy, "busy a third time").await;
+    sequence_all(&pool, 1000).await;
+    let second = step(&poller, &in_flight).await;
+    assert_eq!(second.claimed, 1);
+    total.add(&second);
+    wait_until_synced(&pool, busy, &busy_tenant, 3).await;
+    let slow_states = request_states(&pool, slow).await;
+    assert_eq!(slow_states.len(), 1);
+    assert!(slow_states[0].2, "the slow tenancy is still in flight");
+    assert_eq!(external_users(&slow_tenant).await.len(), 1);
+
+    blocker.rollback().await.unwrap();
+    total.add(&poller.finish(&in_flight).await.unwrap());
+    assert_eq!((total.claimed, total.published, total.failed), (3, 3, 0));
+    assert_tenant_matches_source(&pool, slow, &slow_tenant).await;
+    assert_tenant_matches_source(&pool, busy, &busy_tenant).await;
+}
+
+/// Waits until `tenant` has `users` users and the tenancy has no request left.
+async fn wait_until_synced(pool: &PgPool, tenancy: Uuid, tenant: &PgPool, users: usize) {
+    wait::until(
+        &format!("{users} users synced and settled"),
+        Duration::from_secs(20),
+        || async move {
+            let synced = external_users(tenant).await.len() == users;
+            let settled = request_states(pool, tenancy).await.is_empty();
+            (synced && settled).then_some(())
+        },
+    )
+    .await;
 }
