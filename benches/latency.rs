@@ -173,6 +173,7 @@ async fn main() {
         *entry = (*entry).max(*at);
     }
     let mut arrivals: HashMap<Uuid, Vec<Arrival>> = HashMap::new();
+    let mut batches = 0i64;
     for (_, tenant) in &tenants {
         wait_for(Duration::from_secs(120), || async {
             let latest: Vec<(Uuid, DateTime<Utc>)> =
@@ -196,6 +197,11 @@ async fn main() {
         for (user, written, arrived) in rows {
             arrivals.entry(user).or_default().push((written, arrived));
         }
+        batches +=
+            sqlx::query_scalar::<_, i64>("select count(distinct transaction_id) from arrivals")
+                .fetch_one(tenant)
+                .await
+                .unwrap();
     }
 
     // Latency of each write: until the first version that includes it arrived.
@@ -227,6 +233,10 @@ async fn main() {
     println!("| p99 | {:.1} |", percentile(0.99));
     println!("| max | {:.1} |", percentile(1.0));
     println!("sync failures recorded: {failures}");
+    println!(
+        "user batches applied: {batches} ({:.1} changes each)",
+        writes.len() as f64 / batches.max(1) as f64
+    );
 
     // The idle service: statements it sends to the internal database over 10 s, counted
     // from the server's statement log (transaction counters also count background work).
@@ -307,7 +317,8 @@ const ARRIVAL_LOG: &str = r#"
 create table arrivals (
     user_id uuid not null,
     written_at timestamptz not null,
-    arrived_at timestamptz not null default clock_timestamp()
+    arrived_at timestamptz not null default clock_timestamp(),
+    transaction_id bigint not null default txid_current()
 );
 create function log_arrival() returns trigger language plpgsql as $$
 begin
