@@ -9,19 +9,21 @@
 //! move the tenant's copy forward.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use sqlx::PgPool;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 use uuid::Uuid;
 
 use super::error::SyncError;
 use super::external_database::{self, ExternalDatabase};
-use super::mapping::{self, Batch, Mapping};
+use super::mapping::{Applied, Batch, Columns, Mapping};
 use super::schema;
-use super::sessions::{SessionKey, SessionPool, SessionPoolSettings};
+use super::sessions::{SessionKey, SessionPool, SessionPoolSettings, TenantSession};
 use super::target::{self, SessionSettings, TargetPolicy};
 use crate::db;
 use crate::error::error_chain;
@@ -65,7 +67,7 @@ pub struct SyncEngine {
     pool: PgPool,
     settings: SyncSettings,
     policy: TargetPolicy,
-    prepared: PreparedSchemas,
+    known: KnownDatabases,
     sessions: SessionPool,
 }
 
@@ -76,7 +78,7 @@ impl SyncEngine {
             pool,
             settings,
             policy,
-            prepared: PreparedSchemas::default(),
+            known: KnownDatabases::default(),
             sessions,
         }
     }
@@ -87,44 +89,74 @@ impl SyncEngine {
     }
 }
 
-/// How long a prepared tenant schema is trusted before it is checked again.
-const SCHEMA_RECHECK: Duration = Duration::from_secs(60);
+/// How long what this process learned about a tenant database is trusted before it is
+/// checked again.
+const RECHECK_AFTER: Duration = Duration::from_secs(60);
 
-/// Tenant databases whose tables, ownership and privileges this process prepared
-/// recently, by tenancy and configuration entry. Preparing costs a dozen statements, DDL
-/// checks included; a busy tenancy syncs many times a minute. Any failure of a database
-/// forgets it, so a dropped table is recreated on the next attempt.
+/// What this process learned about tenant databases it synced recently, by tenancy and
+/// configuration entry: that it prepared the tables, ownership and privileges, and the
+/// watermark of each mapping as of its last transaction there.
+///
+/// Preparing costs a dozen statements, DDL checks included, and a busy tenancy syncs
+/// many times a minute. A known watermark lets a sync read the changes after it first
+/// and leave a mapping with none alone. It is never ahead of the real one: it is what
+/// this process committed or read under the lock, and a watermark only moves forward
+/// (another process moving it further only costs a re-read). Everything is forgotten
+/// after [`RECHECK_AFTER`] and on any failure of the database, so a dropped table is
+/// recreated on the next attempt.
 #[derive(Default)]
-struct PreparedSchemas {
-    checked: Mutex<HashMap<SessionKey, Instant>>,
+struct KnownDatabases {
+    by_key: Mutex<HashMap<SessionKey, Known>>,
 }
 
-impl PreparedSchemas {
-    fn is_fresh(&self, key: &SessionKey) -> bool {
-        let checked = self
-            .checked
+struct Known {
+    prepared_at: Instant,
+    watermarks: [Option<i64>; Mapping::ALL.len()],
+}
+
+impl KnownDatabases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, Known>> {
+        self.by_key
             .lock()
-            .expect("the lock is never held across a panic");
-        checked
-            .get(key)
-            .is_some_and(|at| at.elapsed() < SCHEMA_RECHECK)
+            .expect("the lock is never held across a panic")
     }
 
+    fn is_fresh(&self, key: &SessionKey) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|known| known.prepared_at.elapsed() < RECHECK_AFTER)
+    }
+
+    /// The schema of `key`'s database was just prepared; its watermarks are not known.
     fn mark(&self, key: SessionKey) {
-        let mut checked = self
-            .checked
-            .lock()
-            .expect("the lock is never held across a panic");
-        checked.retain(|_, at| at.elapsed() < SCHEMA_RECHECK);
-        checked.insert(key, Instant::now());
+        let mut known = self.lock();
+        known.retain(|_, known| known.prepared_at.elapsed() < RECHECK_AFTER);
+        known.insert(
+            key,
+            Known {
+                prepared_at: Instant::now(),
+                watermarks: [None; Mapping::ALL.len()],
+            },
+        );
+    }
+
+    fn watermark(&self, key: &SessionKey, mapping: Mapping) -> Option<i64> {
+        self.lock()
+            .get(key)
+            .filter(|known| known.prepared_at.elapsed() < RECHECK_AFTER)
+            .and_then(|known| known.watermarks[mapping.index()])
+    }
+
+    /// Records a watermark this process committed or read under the lock.
+    fn set_watermark(&self, key: &SessionKey, mapping: Mapping, watermark: i64) {
+        if let Some(known) = self.lock().get_mut(key) {
+            let slot = &mut known.watermarks[mapping.index()];
+            *slot = Some(slot.map_or(watermark, |known| known.max(watermark)));
+        }
     }
 
     fn forget(&self, key: &SessionKey) {
-        let mut checked = self
-            .checked
-            .lock()
-            .expect("the lock is never held across a panic");
-        checked.remove(key);
+        self.lock().remove(key);
     }
 }
 
@@ -313,136 +345,197 @@ async fn sync_target(
         tenancy_id,
         fingerprint: database.fingerprint,
     };
-    let (clients, reused) = sessions(engine, &key, database, true).await?;
-    match sync_on(engine, &key, database, clients).await {
+    let kept = Sessions::new(engine, key, database, true);
+    match sync_on(&kept).await {
         // A kept session can have been closed while it waited (the server restarted, an
         // idle timeout, a proxy). That says nothing about the database now: try once
         // more on new sessions. Safe, because a batch is all or nothing and idempotent.
-        Err(error) if reused && error.is_lost_session() => {
+        Err(error) if kept.reused() && error.is_lost_session() => {
             tracing::debug!(%tenancy_id, error = %error_chain(&error), "a kept tenant session was closed; syncing on new sessions");
-            let (clients, _) = sessions(engine, &key, database, false).await?;
-            sync_on(engine, &key, database, clients).await
+            sync_on(&Sessions::new(engine, key, database, false)).await
         }
         synced => synced,
     }
 }
 
-/// Prepares the schema if needed and syncs every mapping, one session each: the
-/// mappings are independent (own table, own watermark, own lock), so they are synced
-/// side by side. The sessions are kept for the next sync if every transaction committed,
-/// and closed otherwise (one may be mid-transaction).
-async fn sync_on(
-    engine: &SyncEngine,
-    key: &SessionKey,
-    database: &ExternalDatabase,
-    mut clients: Vec<Client>,
-) -> Result<DatabaseSynced, SyncError> {
-    let synced = async {
-        if !engine.prepared.is_fresh(key) {
-            schema::prepare(&mut clients[0], key.tenancy_id, &database.read_roles).await?;
-            engine.prepared.mark(*key);
+/// Where a sync of one database gets its sessions: kept ones first (if `reuse`), new
+/// ones otherwise. The address policy is checked before connecting; a kept session is
+/// still connected to an address that was checked when it was opened.
+struct Sessions<'a> {
+    engine: &'a SyncEngine,
+    key: SessionKey,
+    database: &'a ExternalDatabase,
+    reuse: bool,
+    reused: AtomicBool,
+}
+
+impl<'a> Sessions<'a> {
+    fn new(
+        engine: &'a SyncEngine,
+        key: SessionKey,
+        database: &'a ExternalDatabase,
+        reuse: bool,
+    ) -> Self {
+        Self {
+            engine,
+            key,
+            database,
+            reuse,
+            reused: AtomicBool::new(false),
         }
-        futures::future::try_join_all(
-            clients
-                .iter_mut()
-                .zip(Mapping::ALL)
-                .map(|(client, mapping)| sync_mapping(engine, client, key.tenancy_id, mapping)),
-        )
-        .await
     }
-    .await;
-    match synced {
-        Ok(mappings) => {
-            for client in clients {
-                engine.sessions.give_back(*key, client);
+
+    async fn open(&self) -> Result<TenantSession, SyncError> {
+        if self.reuse {
+            if let Some(session) = self.engine.sessions.take(&self.key) {
+                self.reused.store(true, Ordering::Relaxed);
+                return Ok(session);
             }
-            Ok(DatabaseSynced { mappings })
         }
-        Err(error) => {
-            engine.prepared.forget(key);
-            Err(error)
-        }
+        let settings = &self.engine.settings.session;
+        let addresses = self
+            .engine
+            .policy
+            .check(&self.database.target, settings.connect_timeout)
+            .await?;
+        let client = target::connect(&self.database.target, &addresses, settings).await?;
+        Ok(TenantSession::new(client))
+    }
+
+    /// Keeps a session whose last transaction committed for the next sync.
+    fn give_back(&self, session: TenantSession) {
+        self.engine.sessions.give_back(self.key, session);
+    }
+
+    /// Whether any session handed out was a kept one.
+    fn reused(&self) -> bool {
+        self.reused.load(Ordering::Relaxed)
     }
 }
 
-/// One session per mapping for `key`'s database, and whether any was kept from an
-/// earlier sync: kept ones first (if `reuse`), new ones for the rest. The address policy
-/// is checked before connecting; a kept session is still connected to an address that
-/// was checked when it was opened.
-async fn sessions(
-    engine: &SyncEngine,
-    key: &SessionKey,
-    database: &ExternalDatabase,
-    reuse: bool,
-) -> Result<(Vec<Client>, bool), SyncError> {
-    let mut clients: Vec<Client> = if reuse {
-        Mapping::ALL
-            .iter()
-            .map_while(|_| engine.sessions.take(key))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let reused = !clients.is_empty();
-    let missing = Mapping::ALL.len() - clients.len();
-    if missing > 0 {
-        let session = &engine.settings.session;
-        let addresses = engine
-            .policy
-            .check(&database.target, session.connect_timeout)
+/// Prepares the schema if needed, then syncs the mappings side by side, each on a
+/// session of its own: they are independent (own table, own watermark, own lock). A
+/// session goes back to be kept only after its transactions committed; on a failure it
+/// is closed (it may be mid-transaction), and what this process knows about the
+/// database is forgotten.
+async fn sync_on(sessions: &Sessions<'_>) -> Result<DatabaseSynced, SyncError> {
+    let (engine, key) = (sessions.engine, &sessions.key);
+    let synced = async {
+        let mut first = None;
+        if !engine.known.is_fresh(key) {
+            let mut session = sessions.open().await?;
+            schema::prepare(
+                session.client_mut(),
+                key.tenancy_id,
+                &sessions.database.read_roles,
+            )
             .await?;
-        let opened = futures::future::try_join_all(
-            (0..missing).map(|_| target::connect(&database.target, &addresses, session)),
+            engine.known.mark(*key);
+            first = Some(session);
+        }
+        let handed = [first, None];
+        let mappings = futures::future::try_join_all(
+            Mapping::ALL
+                .into_iter()
+                .zip(handed)
+                .map(|(mapping, session)| sync_mapping(sessions, mapping, session)),
         )
         .await?;
-        clients.extend(opened);
+        Ok(DatabaseSynced { mappings })
     }
-    Ok((clients, reused))
+    .await;
+    if synced.is_err() {
+        engine.known.forget(key);
+    }
+    synced
+}
+
+/// Brings one mapping up to date. If this process knows the mapping's watermark, the
+/// changes after it are read first, and a mapping with none is done without touching
+/// the tenant database: most syncs of a busy tenancy change users only.
+async fn sync_mapping(
+    sessions: &Sessions<'_>,
+    mapping: Mapping,
+    session: Option<TenantSession>,
+) -> Result<MappingReport, SyncError> {
+    let (engine, key) = (sessions.engine, &sessions.key);
+    let mut read_ahead = None;
+    if let Some(watermark) = engine.known.watermark(key, mapping) {
+        let batch = read_batch(engine, key.tenancy_id, mapping, watermark).await?;
+        if batch.is_none() {
+            if let Some(session) = session {
+                sessions.give_back(session);
+            }
+            return Ok(MappingReport::nothing_after(mapping, watermark));
+        }
+        read_ahead = Some(ReadAhead {
+            after: watermark,
+            batch,
+        });
+    }
+    let mut session = match session {
+        Some(session) => session,
+        None => sessions.open().await?,
+    };
+    let report = apply_batches(engine, &mut session, key, mapping, read_ahead).await?;
+    sessions.give_back(session);
+    Ok(report)
+}
+
+impl MappingReport {
+    fn nothing_after(mapping: Mapping, watermark: i64) -> Self {
+        Self {
+            mapping,
+            batches: 0,
+            changes: 0,
+            upserted: 0,
+            deleted: 0,
+            watermark,
+            more_remaining: false,
+        }
+    }
 }
 
 /// Applies batches of `mapping` until it is caught up or the batch budget is spent.
 ///
 /// While one batch is written to the tenant database, the next one is read from the
-/// internal database. The read-ahead is only used if the watermark, re-read under the
-/// lock, is still where it was read from: then no other run wrote in between, and the
-/// read-ahead is newer than anything written so far. Otherwise it is read again.
-async fn sync_mapping(
+/// internal database. A batch read ahead (or before the session was open) is only used
+/// if the watermark, re-read under the lock, is still where it was read from: then no
+/// other run wrote in between, and the batch is newer than anything written so far.
+/// Otherwise it is read again.
+async fn apply_batches(
     engine: &SyncEngine,
-    client: &mut Client,
-    tenancy_id: Uuid,
+    session: &mut TenantSession,
+    key: &SessionKey,
     mapping: Mapping,
+    mut read_ahead: Option<ReadAhead>,
 ) -> Result<MappingReport, SyncError> {
     let settings = &engine.settings;
-    let mut report = MappingReport {
-        mapping,
-        batches: 0,
-        changes: 0,
-        upserted: 0,
-        deleted: 0,
-        watermark: -1,
-        more_remaining: false,
-    };
-    let mut read_ahead: Option<ReadAhead> = None;
+    let mut report = MappingReport::nothing_after(mapping, -1);
     loop {
-        let transaction = client.transaction().await.map_err(SyncError::target)?;
-        let watermark = lock_and_read_watermark(&transaction, mapping).await?;
+        let watermark = begin_locked(session, mapping).await?;
         report.watermark = watermark;
         let batch = match read_ahead.take() {
             Some(ahead) if ahead.after == watermark => ahead.batch,
-            _ => read_batch(engine, tenancy_id, mapping, watermark).await?,
+            _ => read_batch(engine, key.tenancy_id, mapping, watermark).await?,
         };
         let Some(batch) = batch else {
-            transaction.commit().await.map_err(SyncError::target)?;
+            session
+                .client()
+                .batch_execute("commit")
+                .await
+                .map_err(SyncError::target)?;
+            engine.known.set_watermark(key, mapping, watermark);
             break;
         };
 
         let full = batch.changes >= u64::from(settings.batch_size);
         let another = full && report.batches + 1 < settings.max_batches_per_run;
         let next_after = batch.last_sequence_id;
-        let write = apply_batch(transaction, mapping, &batch);
+        let write = apply_and_commit(session, mapping, &batch);
         let read_next = async {
             if another {
-                read_batch(engine, tenancy_id, mapping, next_after)
+                read_batch(engine, key.tenancy_id, mapping, next_after)
                     .await
                     .map(Some)
             } else {
@@ -451,6 +544,9 @@ async fn sync_mapping(
         };
         let (applied, next) = tokio::join!(write, read_next);
         let applied = applied?;
+        engine
+            .known
+            .set_watermark(key, mapping, batch.last_sequence_id);
         read_ahead = next?.map(|batch| ReadAhead {
             after: next_after,
             batch,
@@ -478,24 +574,36 @@ struct ReadAhead {
     batch: Option<Batch>,
 }
 
-/// Takes the mapping's advisory lock for the transaction, so that runs for the same
-/// tenant database take turns, and reads the watermark under it.
-async fn lock_and_read_watermark(
-    transaction: &Transaction<'_>,
-    mapping: Mapping,
-) -> Result<i64, SyncError> {
-    transaction
-        .execute("select pg_advisory_xact_lock($1)", &[&mapping.lock_key()])
+/// Opens a transaction, takes the mapping's advisory lock in it, so that runs for the
+/// same tenant database take turns, and reads the watermark under the lock: one round
+/// trip. The statements are constants (a number and a table name), never input.
+async fn begin_locked(session: &TenantSession, mapping: Mapping) -> Result<i64, SyncError> {
+    let sql = format!(
+        "begin; select pg_advisory_xact_lock({}); \
+         select last_synced_sequence_id from _stack_sync_metadata where mapping_name = '{}'",
+        mapping.lock_key(),
+        mapping.name()
+    );
+    let messages = session
+        .client()
+        .simple_query(&sql)
         .await
         .map_err(SyncError::target)?;
-    let row = transaction
-        .query_one(
-            "select last_synced_sequence_id from _stack_sync_metadata where mapping_name = $1",
-            &[&mapping.name()],
-        )
-        .await
-        .map_err(SyncError::target)?;
-    Ok(row.get(0))
+    let rows: Vec<&SimpleQueryRow> = messages
+        .iter()
+        .filter_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .collect();
+    // The lock's row, then the watermark's, if the mapping has one.
+    match rows.as_slice() {
+        [_lock, watermark] => watermark
+            .get(0)
+            .and_then(|text| text.parse().ok())
+            .ok_or(SyncError::MissingWatermark(mapping.name())),
+        _ => Err(SyncError::MissingWatermark(mapping.name())),
+    }
 }
 
 async fn read_batch(
@@ -508,24 +616,58 @@ async fn read_batch(
     Ok(db::changes::next_batch(&engine.pool, mapping, tenancy_id, after, batch_size).await?)
 }
 
-/// Writes `batch`, moves the watermark forward (never back), and commits.
-async fn apply_batch(
-    transaction: Transaction<'_>,
+const ADVANCE_WATERMARK: &str = "update _stack_sync_metadata \
+     set last_synced_sequence_id = $2, updated_at = now() \
+     where mapping_name = $1 and last_synced_sequence_id < $2";
+
+/// Writes `batch` in the open transaction (one delete and one upsert statement, whatever
+/// the batch size), moves the watermark forward (never back), and commits: sent
+/// together, in one round trip, on statements prepared once per session. The server
+/// runs them in order; if one fails, the transaction is aborted, the rest fail or roll
+/// back, and the first error is returned: nothing of the batch is kept.
+async fn apply_and_commit(
+    session: &mut TenantSession,
     mapping: Mapping,
     batch: &Batch,
-) -> Result<mapping::Applied, SyncError> {
-    let applied = mapping::apply(&transaction, mapping, batch)
+) -> Result<Applied, SyncError> {
+    let [delete, upsert, advance] = session
+        .statements([
+            mapping.delete_sql(),
+            mapping.upsert_sql(),
+            ADVANCE_WATERMARK,
+        ])
         .await
         .map_err(SyncError::target)?;
-    transaction
-        .execute(
-            "update _stack_sync_metadata \
-             set last_synced_sequence_id = $2, updated_at = now() \
-             where mapping_name = $1 and last_synced_sequence_id < $2",
-            &[&mapping.name(), &batch.last_sequence_id],
-        )
-        .await
-        .map_err(SyncError::target)?;
-    transaction.commit().await.map_err(SyncError::target)?;
-    Ok(applied)
+    let columns = Columns::of(&batch.upserts);
+    let params = columns.params();
+    let client = session.client();
+    // A request is sent when its future is first polled; `biased` makes `join!` poll
+    // them in this order, so the server receives them in this order. All four are
+    // awaited, and the first failure in statement order is the one reported (the later
+    // ones only say that the transaction was aborted).
+    let deleting = async {
+        if batch.deletes.is_empty() {
+            Ok(0)
+        } else {
+            client.execute(&delete, &[&batch.deletes]).await
+        }
+    };
+    let upserting = async {
+        if batch.upserts.is_empty() {
+            Ok(0)
+        } else {
+            client.execute(&upsert, &params).await
+        }
+    };
+    let name = mapping.name();
+    let advance_params: [&(dyn ToSql + Sync); 2] = [&name, &batch.last_sequence_id];
+    let advancing = client.execute(&advance, &advance_params);
+    let committing = client.batch_execute("commit");
+    let (deleted, upserted, advanced, committed) =
+        tokio::join!(biased; deleting, upserting, advancing, committing);
+    let deleted = deleted.map_err(SyncError::target)?;
+    let upserted = upserted.map_err(SyncError::target)?;
+    advanced.map_err(SyncError::target)?;
+    committed.map_err(SyncError::target)?;
+    Ok(Applied { upserted, deleted })
 }

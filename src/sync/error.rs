@@ -34,6 +34,10 @@ pub enum SyncError {
     /// server's DETAIL, which can quote row values.
     #[error("tenant database: {}", describe_postgres_error(.0))]
     Target(tokio_postgres::Error),
+    /// The mapping's row in `_stack_sync_metadata` is gone. Retryable: the next attempt
+    /// prepares the schema again, which puts it back.
+    #[error("tenant database: the watermark of {0} is missing from _stack_sync_metadata")]
+    MissingWatermark(&'static str),
     /// An error reading the internal database. Retryable.
     #[error("internal database")]
     Internal(#[from] sqlx::Error),
@@ -47,9 +51,10 @@ impl SyncError {
             | SyncError::TargetRefused(_)
             | SyncError::ForeignOwner(_)
             | SyncError::Tls(_) => false,
-            SyncError::Resolve { .. } | SyncError::ConnectTimeout(_) | SyncError::Internal(_) => {
-                true
-            }
+            SyncError::Resolve { .. }
+            | SyncError::ConnectTimeout(_)
+            | SyncError::MissingWatermark(_)
+            | SyncError::Internal(_) => true,
             SyncError::Target(error) => target_error_is_retryable(error),
         }
     }

@@ -8,7 +8,6 @@
 
 use chrono::NaiveDateTime;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 /// One synced table in the tenant database and the internal rows behind it.
@@ -22,6 +21,14 @@ pub enum Mapping {
 
 impl Mapping {
     pub const ALL: [Mapping; 2] = [Mapping::Users, Mapping::ContactChannels];
+
+    /// The mapping's position in [`Mapping::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Mapping::Users => 0,
+            Mapping::ContactChannels => 1,
+        }
+    }
 
     /// The external table's name, also the key of its watermark in
     /// `_stack_sync_metadata`.
@@ -39,6 +46,24 @@ impl Mapping {
         match self {
             Mapping::Users => BASE + 1,
             Mapping::ContactChannels => BASE + 2,
+        }
+    }
+
+    /// Deletes the rows whose ids are in `$1`, in one statement.
+    pub fn delete_sql(self) -> &'static str {
+        match self {
+            Mapping::Users => "delete from users where id = any($1::uuid[])",
+            Mapping::ContactChannels => "delete from contact_channels where id = any($1::uuid[])",
+        }
+    }
+
+    /// Inserts or updates the rows given as [`Columns`], in one statement whatever their
+    /// number. Rows whose values did not change are left untouched, so a repeated sync
+    /// writes nothing.
+    pub fn upsert_sql(self) -> &'static str {
+        match self {
+            Mapping::Users => UPSERT_USERS,
+            Mapping::ContactChannels => UPSERT_CONTACT_CHANNELS,
         }
     }
 }
@@ -107,7 +132,7 @@ pub struct Batch {
     pub last_sequence_id: i64,
 }
 
-/// Rows the statements of [`apply`] changed.
+/// Rows a batch's statements changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
     pub upserted: u64,
@@ -169,40 +194,33 @@ where (contact_channels.user_id, contact_channels.type, contact_channels.value,
        excluded.is_verified, excluded.used_for_auth, excluded.created_at)
 "#;
 
-/// Writes `batch` in the caller's transaction: one delete and one upsert statement,
-/// whatever the batch size. Rows whose values did not change are left untouched, so
-/// a repeated sync writes nothing.
-pub async fn apply(
-    transaction: &Transaction<'_>,
-    mapping: Mapping,
-    batch: &Batch,
-) -> Result<Applied, tokio_postgres::Error> {
-    let mut applied = Applied::default();
-    if !batch.deletes.is_empty() {
-        let delete = match mapping {
-            Mapping::Users => "delete from users where id = any($1::uuid[])",
-            Mapping::ContactChannels => "delete from contact_channels where id = any($1::uuid[])",
-        };
-        applied.deleted = transaction.execute(delete, &[&batch.deletes]).await?;
+/// A batch's upserts as one array per column: the parameters of
+/// [`Mapping::upsert_sql`].
+pub enum Columns {
+    Users(UserColumns),
+    ContactChannels(ContactChannelColumns),
+}
+
+impl Columns {
+    pub fn of(upserts: &Upserts) -> Self {
+        match upserts {
+            Upserts::Users(rows) => Columns::Users(UserColumns::from(rows.as_slice())),
+            Upserts::ContactChannels(rows) => {
+                Columns::ContactChannels(ContactChannelColumns::from(rows.as_slice()))
+            }
+        }
     }
-    applied.upserted = match &batch.upserts {
-        Upserts::Users(rows) if !rows.is_empty() => {
-            let columns = UserColumns::from(rows.as_slice());
-            transaction.execute(UPSERT_USERS, &columns.params()).await?
+
+    pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        match self {
+            Columns::Users(columns) => columns.params().to_vec(),
+            Columns::ContactChannels(columns) => columns.params().to_vec(),
         }
-        Upserts::ContactChannels(rows) if !rows.is_empty() => {
-            let columns = ContactChannelColumns::from(rows.as_slice());
-            transaction
-                .execute(UPSERT_CONTACT_CHANNELS, &columns.params())
-                .await?
-        }
-        _ => 0,
-    };
-    Ok(applied)
+    }
 }
 
 /// `users` rows turned into one array per column, for `unnest`.
-struct UserColumns {
+pub struct UserColumns {
     id: Vec<Uuid>,
     display_name: Vec<Option<String>>,
     profile_image_url: Vec<Option<String>>,
@@ -256,7 +274,7 @@ impl UserColumns {
 }
 
 /// `contact_channels` rows turned into one array per column, for `unnest`.
-struct ContactChannelColumns {
+pub struct ContactChannelColumns {
     id: Vec<Uuid>,
     user_id: Vec<Uuid>,
     kind: Vec<String>,

@@ -11,13 +11,60 @@
 //! sessions whose last transaction committed come back; one that failed in any way is
 //! closed. The pool is bounded per database and in total, and idle sessions are closed
 //! after the idle timeout, so a tenancy that stops syncing holds no session open.
+//!
+//! A session keeps the statements prepared on it, so a sync on a kept session sends
+//! no statement text and the server reuses its plans.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
+
+/// An open session to a tenant database and the statements prepared on it.
+pub struct TenantSession {
+    client: Client,
+    prepared: HashMap<&'static str, Statement>,
+}
+
+impl TenantSession {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            prepared: HashMap::new(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// `sql`'s statements, prepared on this session: the first time in one round trip
+    /// for all of them, then from the session's cache.
+    pub async fn statements<const N: usize>(
+        &mut self,
+        sql: [&'static str; N],
+    ) -> Result<[Statement; N], tokio_postgres::Error> {
+        let missing: Vec<&'static str> = sql
+            .iter()
+            .copied()
+            .filter(|text| !self.prepared.contains_key(text))
+            .collect();
+        if !missing.is_empty() {
+            let client = &self.client;
+            let prepared =
+                futures::future::try_join_all(missing.iter().map(|text| client.prepare(text)))
+                    .await?;
+            self.prepared.extend(missing.into_iter().zip(prepared));
+        }
+        Ok(sql.map(|text| self.prepared[text].clone()))
+    }
+}
 
 /// The database a session belongs to and the configuration it was opened with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,7 +113,7 @@ struct Idle {
 }
 
 struct IdleSession {
-    client: Client,
+    session: TenantSession,
     since: Instant,
 }
 
@@ -88,7 +135,7 @@ impl SessionPool {
     }
 
     /// An idle session of `key`'s database that is still open, if there is one.
-    pub fn take(&self, key: &SessionKey) -> Option<Client> {
+    pub fn take(&self, key: &SessionKey) -> Option<TenantSession> {
         let mut idle = self.inner.lock();
         let sessions = idle.by_key.get_mut(key)?;
         let timeout = self.inner.settings.idle_timeout;
@@ -100,7 +147,7 @@ impl SessionPool {
         while let Some(session) = sessions.pop() {
             removed += 1;
             if session.is_usable(timeout) {
-                found = Some(session.client);
+                found = Some(session.session);
                 break;
             }
         }
@@ -111,12 +158,12 @@ impl SessionPool {
         found
     }
 
-    /// Keeps `client` for the next sync of `key`'s database. The caller gives back only
+    /// Keeps `session` for the next sync of `key`'s database. The caller gives back only
     /// a session whose last transaction ended cleanly. Beyond the bounds, the session is
     /// closed instead.
-    pub fn give_back(&self, key: SessionKey, client: Client) {
+    pub fn give_back(&self, key: SessionKey, session: TenantSession) {
         let settings = self.inner.settings;
-        if client.is_closed() {
+        if session.client.is_closed() {
             return;
         }
         let mut idle = self.inner.lock();
@@ -129,7 +176,7 @@ impl SessionPool {
             return;
         }
         sessions.push(IdleSession {
-            client,
+            session,
             since: Instant::now(),
         });
         idle.count += 1;
@@ -169,7 +216,7 @@ impl Idle {
 
 impl IdleSession {
     fn is_usable(&self, timeout: Duration) -> bool {
-        !self.client.is_closed() && self.since.elapsed() < timeout
+        !self.session.client.is_closed() && self.since.elapsed() < timeout
     }
 }
 

@@ -254,12 +254,13 @@ async fn syncing_again_changes_nothing_and_keeps_row_ids() {
     );
 
     // A full re-sync from scratch rewrites nothing either: same rows, same ids, and no
-    // new row versions.
+    // new row versions. (A new engine: a running one trusts the watermark it last
+    // committed for a minute, see `an_external_watermark_reset_is_noticed`.)
     sqlx::query("update _stack_sync_metadata set last_synced_sequence_id = -1")
         .execute(&tenant)
         .await
         .unwrap();
-    let report = sync_ok(&pool, &engine, tenancy).await;
+    let report = sync_ok(&pool, &crate::harness::sync::engine(&pool), tenancy).await;
     let users_mapping = &report.databases[0].result.as_ref().unwrap().mappings[0];
     assert_eq!(users_mapping.changes, 5);
     assert_eq!(
@@ -550,4 +551,95 @@ async fn a_dropped_table_is_recreated_on_the_attempt_after_the_failure() {
     assert!(failed.databases[0].result.is_err());
     assert!(recovered.databases[0].result.is_ok());
     assert!(table_exists(&tenant, "users").await);
+}
+
+#[tokio::test]
+async fn a_mapping_with_nothing_new_leaves_the_tenant_database_alone() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let mut settings = test_settings();
+    settings.session.lock_timeout = std::time::Duration::from_secs(2);
+    let engine = engine_with(&pool, settings, true);
+    let id = user(&pool, tenancy, "first").await;
+    sync_ok(&pool, &engine, tenancy).await;
+
+    // Someone holds the contact channels' lock; only users change.
+    let mut blocker = tenant.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(external_db_sync::sync::mapping::Mapping::ContactChannels.lock_key())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    rename_user(&pool, id, "second").await;
+    let report = sync_ok(&pool, &engine, tenancy).await;
+
+    let mappings = &report.databases[0].result.as_ref().unwrap().mappings;
+    assert_eq!((mappings[0].changes, mappings[1].changes), (1, 0));
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+    blocker.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_external_watermark_reset_is_noticed_with_the_next_change() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let engine = engine(&pool);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(user(&pool, tenancy, &format!("user {n}")).await);
+    }
+    sync_ok(&pool, &engine, tenancy).await;
+
+    // The tenant empties the table and resets its watermark behind the engine's back.
+    sqlx::raw_sql(
+        "delete from users; update _stack_sync_metadata set last_synced_sequence_id = -1",
+    )
+    .execute(&tenant)
+    .await
+    .unwrap();
+    rename_user(&pool, ids[0], "changed").await;
+    let report = sync_ok(&pool, &engine, tenancy).await;
+
+    assert_eq!(
+        report.databases[0].result.as_ref().unwrap().mappings[0].changes,
+        3,
+        "everything after the real watermark, not only the new change"
+    );
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
+
+#[tokio::test]
+async fn a_batch_the_tenant_database_rejects_is_kept_whole_or_not_at_all() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let engine = engine(&pool);
+    let gone = user(&pool, tenancy, "to be deleted").await;
+    let kept = user(&pool, tenancy, "kept").await;
+    sync_ok(&pool, &engine, tenancy).await;
+    let before = external_users(&tenant).await;
+    let watermark_before = watermark(&tenant, "users").await;
+
+    // One batch: a delete, an accepted change and a change the tenant's own constraint
+    // rejects. The delete and the upsert are sent together with the watermark and the
+    // commit; the failure must take all of them back.
+    sqlx::query("alter table users add constraint no_rejects check (display_name <> 'rejected')")
+        .execute(&tenant)
+        .await
+        .unwrap();
+    delete_user(&pool, gone).await;
+    rename_user(&pool, kept, "rejected").await;
+    let report = sync(&pool, &engine, tenancy).await;
+
+    let error = report.databases[0].result.as_ref().unwrap_err();
+    assert!(error.to_string().contains("no_rejects"), "{error}");
+    assert_eq!(external_users(&tenant).await, before);
+    assert_eq!(watermark(&tenant, "users").await, watermark_before);
+
+    // The tenant drops the constraint: the next sync applies the batch whole.
+    sqlx::query("alter table users drop constraint no_rejects")
+        .execute(&tenant)
+        .await
+        .unwrap();
+    sync_ok(&pool, &engine, tenancy).await;
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }

@@ -131,7 +131,7 @@ async fn kept_sessions_the_server_closed_are_replaced_without_a_failure() {
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
     wait::until("only new sessions", Duration::from_secs(10), || async {
         let now = service_pids(&tenant).await;
-        (now.len() == 2 && now.iter().all(|pid| !old.contains(pid))).then_some(())
+        (!now.is_empty() && now.iter().all(|pid| !old.contains(pid))).then_some(())
     })
     .await;
 }
