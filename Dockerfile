@@ -5,7 +5,7 @@ FROM rust:1-bookworm AS builder
 WORKDIR /app
 # Dependencies first, so that a change to the service's code does not rebuild them.
 # The manifest names a benchmark; a placeholder satisfies it (benchmarks are not built).
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && echo 'fn main() {}' > benches/initial_sync.rs && cp benches/initial_sync.rs benches/latency.rs \
     && cargo build --release --locked \

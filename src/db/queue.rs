@@ -49,7 +49,9 @@ pub struct ClaimedRequest {
 
 /// Claims up to `limit` requests that are due: pending ones whose `"nextAttemptAt"` has
 /// come, and in-flight ones whose lease is older than `lease` (their poller died).
-/// Rows another poller is claiming right now are skipped, not waited for.
+/// Rows another poller is claiming right now are skipped, not waited for. Expired
+/// claims come first (they have waited longest), then pending requests by
+/// `"nextAttemptAt"`; each kind is found by an index scan that stops at the limit.
 ///
 /// A claimed request no longer counts as pending, so a change that lands while it is in
 /// flight queues a new request: no wake-up is lost. That new request waits until the
@@ -62,18 +64,28 @@ pub async fn claim(
 ) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
     sqlx::query_as(
         r#"
-        with due as (
+        with expired as (
+            select "id" from "OutgoingRequest"
+            where "startedFulfillingAt" < current_timestamp - make_interval(secs => $2)
+            order by "startedFulfillingAt"
+            limit $1
+            for update skip locked
+        ), pending as (
             select "id" from "OutgoingRequest" as request
-            where ("startedFulfillingAt" is null and "nextAttemptAt" <= current_timestamp
-                   and not exists (
-                       select from "OutgoingRequest" as flight
-                       where flight."startedFulfillingAt"
-                                 >= current_timestamp - make_interval(secs => $2)
-                         and flight."deduplicationKey" = request."deduplicationKey"))
-               or "startedFulfillingAt" < current_timestamp - make_interval(secs => $2)
+            where "startedFulfillingAt" is null and "nextAttemptAt" <= current_timestamp
+              and not exists (
+                  select from "OutgoingRequest" as flight
+                  where flight."deduplicationKey" = request."deduplicationKey"
+                    and flight."startedFulfillingAt"
+                        >= current_timestamp - make_interval(secs => $2))
             order by "nextAttemptAt"
             limit $1
             for update skip locked
+        ), due as (
+            select "id" from expired
+            union all
+            select "id" from pending
+            limit $1
         )
         update "OutgoingRequest" as request
         set "startedFulfillingAt" = clock_timestamp(), "attempts" = request."attempts" + 1
