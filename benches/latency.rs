@@ -10,7 +10,10 @@
 //!
 //! Run: `cargo bench --bench latency`. Settings: `BENCH_RATE` (changes per second,
 //! default 1000), `BENCH_SECONDS` (default 10), `BENCH_TENANCIES` (default 50),
-//! `BENCH_DURABLE=0` (no `fsync`, to see what disk flushes cost).
+//! `BENCH_DURABLE=0` (no `fsync`, to see what disk flushes cost), `BENCH_STATEMENTS=1`
+//! (print the statements that took the servers' time while writing, from
+//! `pg_stat_statements`). The service's own variables (`POLLER_*`, `SEQUENCER_*`,
+//! `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) pass through from the environment.
 
 #[allow(dead_code)]
 #[path = "../tests/integration/harness/postgres.rs"]
@@ -48,11 +51,21 @@ async fn main() {
     println!("latency benchmark: {rate} changes/s for {seconds} s over {tenancy_count} tenancies");
 
     // BENCH_DURABLE=0 runs without fsync, to see how much of the latency is disk flushes.
-    let setup = if setting("BENCH_DURABLE", 1) == 0 {
+    let mut setup = if setting("BENCH_DURABLE", 1) == 0 {
         postgres::ClusterSetup::default()
     } else {
         postgres::ClusterSetup::durable()
     };
+    // BENCH_STATEMENTS=1 prints where the servers' time went, per statement.
+    let statements = setting("BENCH_STATEMENTS", 0) == 1;
+    if statements {
+        setup
+            .settings
+            .push(("shared_preload_libraries", "pg_stat_statements".to_owned()));
+        setup
+            .settings
+            .push(("pg_stat_statements.track_planning", "on".to_owned()));
+    }
     let server = postgres::start_server(setup);
     let internal_url = server.migrated_database().await;
     let pool = postgres::pool(&internal_url).await;
@@ -87,13 +100,27 @@ async fn main() {
     }
 
     // The service, as `serve` runs it.
-    let variables: HashMap<&str, String> = HashMap::from([
+    // The service's tuning variables (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`,
+    // `DATABASE_MAX_CONNECTIONS`) pass through from the environment.
+    let mut variables: HashMap<String, String> = std::env::vars()
+        .filter(|(name, _)| {
+            ["POLLER_", "SEQUENCER_", "SYNC_"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+                || name == "DATABASE_MAX_CONNECTIONS"
+        })
+        .collect();
+    variables
+        .entry("DATABASE_MAX_CONNECTIONS".to_owned())
+        .or_insert_with(|| "40".to_owned());
+    for (name, value) in [
         ("DATABASE_URL", internal_url.clone()),
         ("CRON_SECRET", "benchmark-cron-secret-0123".to_owned()),
         ("BIND_ADDR", "127.0.0.1:0".to_owned()),
         ("ALLOW_PRIVATE_TARGETS", "true".to_owned()),
-        ("DATABASE_MAX_CONNECTIONS", "40".to_owned()),
-    ]);
+    ] {
+        variables.insert(name.to_owned(), value);
+    }
     let config = Env::from_lookup(move |name| variables.get(name).cloned())
         .config()
         .unwrap();
@@ -116,6 +143,14 @@ async fn main() {
         })
         .await;
         sqlx::raw_sql(ARRIVAL_LOG).execute(tenant).await.unwrap();
+    }
+    if statements {
+        sqlx::raw_sql(
+            "create extension if not exists pg_stat_statements; select pg_stat_statements_reset()",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
     }
     println!("initial sync done; writing");
 
@@ -165,6 +200,10 @@ async fn main() {
         writes.len() as f64 / writing.as_secs_f64(),
         errors.load(std::sync::atomic::Ordering::Relaxed)
     );
+
+    if statements {
+        print_statements(&pool).await;
+    }
 
     // Wait until every user's last write has arrived, then collect the arrival logs.
     let mut last_write: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
@@ -270,6 +309,27 @@ async fn main() {
 
     shutdown.cancel();
     service.await.unwrap().unwrap();
+}
+
+/// The statements that took the servers' time while the writer ran, over all databases
+/// (the tenant databases' statements added up).
+async fn print_statements(pool: &PgPool) {
+    let rows: Vec<(String, i64, f64, f64, String)> = sqlx::query_as(
+        r#"select case when d.datname like '%bench_tenant%' then 'tenant' else 'internal' end,
+                  sum(s.calls)::bigint, sum(s.total_exec_time), sum(s.total_plan_time),
+                  left(regexp_replace(s.query, '\s+', ' ', 'g'), 110) as query
+           from pg_stat_statements s join pg_database d on d.oid = s.dbid
+           group by 1, 5 order by sum(s.total_exec_time) + sum(s.total_plan_time) desc limit 25"#,
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    println!(
+        "\n| database | calls | executing ms | planning ms | statement |\n|---|---:|---:|---:|---|"
+    );
+    for (database, calls, executing, planning, query) in rows {
+        println!("| {database} | {calls} | {executing:.0} | {planning:.0} | `{query}` |");
+    }
 }
 
 /// The users of the tenancy whose database is `tenant`.
