@@ -8,7 +8,9 @@ use uuid::Uuid;
 pub const SYNC_REQUEST_KEY_PREFIX: &str = "external-db-sync:";
 
 /// Queues a sync of `tenancy_id` unless one is already pending. Returns whether a new
-/// request was queued.
+/// request was queued. A pending request that is relied on instead stays locked until
+/// the caller's transaction ends, so no poller consumes it before the caller's changes
+/// are visible (see [`super::sequencing::sequence_batch`]).
 pub async fn enqueue_sync(
     executor: impl PgExecutor<'_>,
     tenancy_id: Uuid,
@@ -20,7 +22,8 @@ pub async fn enqueue_sync(
         values (
             $1::text || $2::text,
             jsonb_build_object('url', $3::text, 'body', jsonb_build_object('tenancyId', $2)))
-        on conflict ("deduplicationKey") where "startedFulfillingAt" is null do nothing
+        on conflict ("deduplicationKey") where "startedFulfillingAt" is null
+            do update set "attempts" = "OutgoingRequest"."attempts" where false
         "#,
     )
     .bind(SYNC_REQUEST_KEY_PREFIX)

@@ -105,7 +105,13 @@ pub async fn sequence_batch(
                     'url', $2::text,
                     'body', jsonb_build_object('tenancyId', "tenancyId"))
             from dirty_tenancies
-            on conflict ("deduplicationKey") where "startedFulfillingAt" is null do nothing
+            -- A tenancy that has a pending request gets no second one, but that request
+            -- is locked until this batch commits ("where false" writes nothing, yet
+            -- locks): a poller skips it meanwhile, so the sync it starts sees this
+            -- batch. Claimed and synced before the commit, it would be gone, and the
+            -- batch's changes left with no request.
+            on conflict ("deduplicationKey") where "startedFulfillingAt" is null
+                do update set "attempts" = "OutgoingRequest"."attempts" where false
             returning 1
         )
         select

@@ -435,3 +435,49 @@ async fn wait_until_synced(pool: &PgPool, tenancy: Uuid, tenant: &PgPool, users:
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_request_is_not_consumed_while_a_sequencer_batch_that_relies_on_it_is_open() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let first = user(&pool, tenancy, "first").await;
+    sequence_all(&pool, 1000).await;
+    let poller = direct_poller(&pool, 2);
+    poll_once(&poller).await;
+    // A pending request for the tenancy...
+    crate::harness::fixtures::rename_user(&pool, first, "pending").await;
+    sequence_all(&pool, 1000).await;
+    assert_eq!(pending_request_keys(&pool).await, [request_key(tenancy)]);
+
+    // ...and a sequencer batch that numbers a newer change and, finding that request
+    // pending, queues none of its own. It has not committed yet.
+    let second = user(&pool, tenancy, "second").await;
+    let mut batch = pool.begin().await.unwrap();
+    external_db_sync::db::sequencing::lock_sequencer(&mut batch)
+        .await
+        .unwrap();
+    let sequenced = external_db_sync::db::sequencing::sequence_batch(
+        &mut *batch,
+        1000,
+        external_db_sync::routes::SYNC_ENGINE_PATH,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sequenced.requests_enqueued, 0);
+
+    // A poller that consumed the request now would sync without the newer change and
+    // leave nothing queued for it.
+    let meanwhile = poll_once(&poller).await;
+    batch.commit().await.unwrap();
+    let after = poll_once(&poller).await;
+
+    assert_eq!(
+        meanwhile.claimed + after.claimed,
+        1,
+        "one request, one sync"
+    );
+    assert!(pending_request_keys(&pool).await.is_empty());
+    let users = external_users(&tenant).await;
+    assert!(users.iter().any(|synced| synced.id == second), "{users:?}");
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
