@@ -213,8 +213,8 @@ async fn main() {
     }
     let mut arrivals: HashMap<Uuid, Vec<Arrival>> = HashMap::new();
     let mut batches = 0i64;
-    for (_, tenant) in &tenants {
-        wait_for(Duration::from_secs(120), || async {
+    for (tenancy, tenant) in &tenants {
+        let arrived = reached(Duration::from_secs(120), || async {
             let latest: Vec<(Uuid, DateTime<Utc>)> =
                 sqlx::query_as("select user_id, max(written_at) from arrivals group by user_id")
                     .fetch_all(tenant)
@@ -228,6 +228,10 @@ async fn main() {
             })
         })
         .await;
+        if !arrived {
+            print_stall(&pool, *tenancy, tenant).await;
+            panic!("the last writes of tenancy {tenancy} did not arrive within 120 s");
+        }
         let rows: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> =
             sqlx::query_as("select user_id, written_at, arrived_at from arrivals")
                 .fetch_all(tenant)
@@ -360,16 +364,69 @@ async fn server_log(pool: &PgPool) -> std::path::PathBuf {
         .join("postgres.log")
 }
 
-async fn wait_for<F, Fut>(limit: Duration, mut check: F)
+async fn wait_for<F, Fut>(limit: Duration, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(reached(limit, check).await, "timed out after {limit:?}");
+}
+
+/// Whether `check` held within `limit`.
+async fn reached<F, Fut>(limit: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let deadline = Instant::now() + limit;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {limit:?}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    true
+}
+
+/// What a tenancy whose writes did not arrive looks like, on both sides.
+async fn print_stall(pool: &PgPool, tenancy: Uuid, tenant: &PgPool) {
+    let source: (Option<i64>, i64) = sqlx::query_as(
+        r#"select max("sequenceId"), count(*) filter (where "shouldUpdateSequenceId")
+           from "ProjectUser" where "tenancyId" = $1"#,
+    )
+    .bind(tenancy)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    println!(
+        "source: highest sequence id {:?}, rows not yet sequenced {}",
+        source.0, source.1
+    );
+    let requests: Vec<(Option<String>, i32, String, Option<String>)> = sqlx::query_as(
+        r#"select "startedFulfillingAt"::text, "attempts", "nextAttemptAt"::text, "lastError"
+           from "OutgoingRequest" where "deduplicationKey" like '%' || $1::text"#,
+    )
+    .bind(tenancy)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    println!("requests (claimed at, attempts, next attempt, last error): {requests:?}");
+    let status: Vec<(Option<i64>, Option<String>)> = sqlx::query_as(
+        r#"select "lastSyncedSequenceId", "lastError" from "ExternalDbSyncStatus"
+           where "tenancyId" = $1"#,
+    )
+    .bind(tenancy)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    println!("sync status (synced through, last error): {status:?}");
+    let watermarks: Vec<(String, i64)> =
+        sqlx::query_as("select mapping_name, last_synced_sequence_id from _stack_sync_metadata")
+            .fetch_all(tenant)
+            .await
+            .unwrap();
+    println!("tenant watermarks: {watermarks:?}");
+    println!("now: {:?}", Utc::now());
 }
 
 /// Records when each version of a user arrives, with the write time it carries.
