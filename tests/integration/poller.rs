@@ -9,6 +9,7 @@ use external_db_sync::db::queue;
 use external_db_sync::poller::{InFlight, PolledBatch, Poller, PollerRun, PollerSettings};
 use external_db_sync::queue::direct::DirectPublisher;
 use external_db_sync::queue::Publisher;
+use external_db_sync::sync::mapping::Mapping;
 use reqwest::Method;
 use serde_json::json;
 use sqlx::PgPool;
@@ -20,8 +21,8 @@ use crate::harness::fixtures::{
 };
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
-    assert_tenant_matches_source, attach, engine, external_users, tenancy_with_database,
-    two_tenancies_with_users,
+    assert_tenant_matches_source, attach, engine, external_users, hold_mapping_lock,
+    tenancy_with_database, two_tenancies_with_users,
 };
 use crate::harness::wait;
 
@@ -388,12 +389,7 @@ async fn a_slow_tenancy_does_not_hold_up_the_others() {
     assert_eq!(external_users(&slow_tenant).await.len(), 1);
 
     // Another writer holds the slow tenancy's users lock: its next sync waits on it.
-    let mut blocker = slow_tenant.begin().await.unwrap();
-    sqlx::query("select pg_advisory_xact_lock($1)")
-        .bind(external_db_sync::sync::mapping::Mapping::Users.lock_key())
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = hold_mapping_lock(&slow_tenant, Mapping::Users).await;
     user(&pool, slow, "slow again").await;
     user(&pool, busy, "busy again").await;
     sequence_all(&pool, 1000).await;

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use chrono::NaiveDateTime;
+use external_db_sync::sync::mapping::Mapping;
 use external_db_sync::sync::SyncSettings;
 use serde_json::json;
 use sqlx::PgPool;
@@ -16,7 +17,7 @@ use crate::harness::fixtures::{
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, engine, engine_with, expected_channels, expected_users,
-    external_channels, external_users, sync, sync_ok, sync_only, table_exists,
+    external_channels, external_users, hold_mapping_lock, sync, sync_ok, sync_only, table_exists,
     tenancy_with_database, test_settings, watermark, ExternalUser,
 };
 
@@ -564,12 +565,7 @@ async fn a_mapping_with_nothing_new_leaves_the_tenant_database_alone() {
     sync_ok(&pool, &engine, tenancy).await;
 
     // Someone holds the contact channels' lock; only users change.
-    let mut blocker = tenant.begin().await.unwrap();
-    sqlx::query("select pg_advisory_xact_lock($1)")
-        .bind(external_db_sync::sync::mapping::Mapping::ContactChannels.lock_key())
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = hold_mapping_lock(&tenant, Mapping::ContactChannels).await;
     rename_user(&pool, id, "second").await;
     let report = sync_ok(&pool, &engine, tenancy).await;
 

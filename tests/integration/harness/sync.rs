@@ -245,3 +245,18 @@ pub async fn two_tenancies_with_users(pool: &PgPool) -> [(Uuid, PgPool); 2] {
     }
     [first, second]
 }
+
+/// Takes `mapping`'s advisory lock in `tenant`, as a concurrent sync would, and holds it
+/// until the returned transaction ends.
+pub async fn hold_mapping_lock(
+    tenant: &PgPool,
+    mapping: external_db_sync::sync::mapping::Mapping,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = tenant.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(mapping.lock_key())
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
