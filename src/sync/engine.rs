@@ -147,11 +147,11 @@ impl KnownDatabases {
             .and_then(|known| known.watermarks[mapping.index()])
     }
 
-    /// Records a watermark this process committed or read under the lock.
+    /// Records a watermark this process committed or read under the lock. The latest
+    /// one wins, even if lower: it was real when it was seen.
     fn set_watermark(&self, key: &SessionKey, mapping: Mapping, watermark: i64) {
         if let Some(known) = self.lock().get_mut(key) {
-            let slot = &mut known.watermarks[mapping.index()];
-            *slot = Some(slot.map_or(watermark, |known| known.max(watermark)));
+            known.watermarks[mapping.index()] = Some(watermark);
         }
     }
 
