@@ -140,6 +140,42 @@ async fn a_failed_publish_leaves_the_request_for_a_later_run() {
 }
 
 #[tokio::test]
+async fn a_publish_whose_connection_is_dropped_leaves_the_request_for_a_later_run() {
+    let (app, standin) = app_with_qstash(TOKEN).await;
+    let (tenancy, tenant) = tenancy_with_database(&app.pool).await;
+    user(&app.pool, tenancy, "patient").await;
+    app.run_sequencer("stopWhenIdle=true").await;
+    standin.drop_connections(1);
+
+    let answer = app.run_poller("stopWhenIdle=true").await;
+
+    assert_eq!(
+        (answer["published"].as_u64(), answer["failed"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let (attempts, error): (i32, Option<String>) = sqlx::query_as(
+        r#"select "attempts", "lastError" from "OutgoingRequest" where "deduplicationKey" = $1"#,
+    )
+    .bind(request_key(tenancy))
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 1);
+    let error = error.unwrap();
+    assert!(error.contains("cannot reach QStash"), "{error}");
+    assert!(!error.contains(TOKEN), "the token is not recorded");
+    assert!(standin.published().is_empty());
+
+    sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let answer = app.run_poller("stopWhenIdle=true").await;
+    assert_eq!(answer["published"], 1);
+    wait_for_source_state(&app.pool, tenancy, &tenant).await;
+}
+
+#[tokio::test]
 async fn a_refused_token_is_recorded_and_nothing_is_lost() {
     let (app, standin) = app_with_qstash("qstash_wrong_token").await;
     let (tenancy, _tenant) = tenancy_with_database(&app.pool).await;

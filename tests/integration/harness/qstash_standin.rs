@@ -6,7 +6,8 @@
 //! backoff (milliseconds here instead of QStash's seconds) up to `Upstash-Retries`, and
 //! stopping early on `489` with `Upstash-NonRetryable-Error: true`.
 //!
-//! Tests can make it refuse publishes and read what it delivered. Deliveries can be
+//! Tests can make it refuse publishes (answer 500, or read the request and hang up
+//! without an answer) and read what it delivered. Deliveries can be
 //! routed to another host than the destination names (`deliver_to`), as a public URL
 //! reaches the service through a proxy; the signature still names the destination.
 
@@ -43,6 +44,8 @@ struct Inner {
     deliver_to: Mutex<String>,
     /// Publishes still to refuse with 500.
     failing_publishes: AtomicU32,
+    /// Connections still to hang up on once their request arrived.
+    dropping_connections: Arc<AtomicU32>,
     published: Mutex<Vec<Value>>,
     deliveries: Mutex<Vec<Delivery>>,
     client: reqwest::Client,
@@ -72,6 +75,7 @@ impl QstashStandIn {
             signing_key: signing_key.to_owned(),
             deliver_to: Mutex::new(String::new()),
             failing_publishes: AtomicU32::new(0),
+            dropping_connections: Arc::new(AtomicU32::new(0)),
             published: Mutex::new(Vec::new()),
             deliveries: Mutex::new(Vec::new()),
             client: reqwest::Client::new(),
@@ -82,6 +86,10 @@ impl QstashStandIn {
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let listener = HangingUp {
+            listener,
+            remaining: inner.dropping_connections.clone(),
+        };
         tokio::spawn(async move { axum::serve(listener, router).await });
         QstashStandIn { url, inner }
     }
@@ -96,6 +104,14 @@ impl QstashStandIn {
         self.inner.failing_publishes.store(count, Ordering::SeqCst);
     }
 
+    /// The next `count` connections are closed without an answer once a request
+    /// arrived on them, as a crashed or overloaded front end would.
+    pub fn drop_connections(&self, count: u32) {
+        self.inner
+            .dropping_connections
+            .store(count, Ordering::SeqCst);
+    }
+
     /// Every message accepted so far, as published.
     pub fn published(&self) -> Vec<Value> {
         self.inner.published.lock().unwrap().clone()
@@ -103,6 +119,45 @@ impl QstashStandIn {
 
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.inner.deliveries.lock().unwrap().clone()
+    }
+}
+
+/// Accepts connections for the server, except the ones it is told to hang up on: those
+/// are read until a request arrived and then closed.
+struct HangingUp {
+    listener: tokio::net::TcpListener,
+    remaining: Arc<AtomicU32>,
+}
+
+impl axum::serve::Listener for HangingUp {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((mut stream, address)) = self.listener.accept().await else {
+                continue;
+            };
+            let hang_up = self
+                .remaining
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                    left.checked_sub(1)
+                })
+                .is_ok();
+            if !hang_up {
+                return (stream, address);
+            }
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                // Dropped here: closed without a byte of answer.
+            });
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
     }
 }
 
