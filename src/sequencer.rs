@@ -2,9 +2,9 @@
 //! the order of changes and queues one sync request per dirty tenancy.
 //!
 //! Triggers flag changed rows (`"shouldUpdateSequenceId" = true`). Each batch, in one
-//! transaction, takes the sequencer lock, numbers flagged rows with
-//! `nextval('global_seq_id')`, clears their flags and inserts the tenancies'
-//! `"OutgoingRequest"` rows. Because the queue rows commit with the numbering, a crash
+//! transaction and one round trip ([`db::sequencing::sequence_batch`]), takes the
+//! sequencer lock, numbers flagged rows with `nextval('global_seq_id')`, clears their
+//! flags and inserts the tenancies' `"OutgoingRequest"` rows. Because the queue rows commit with the numbering, a crash
 //! can never leave numbered rows without a pending sync, nor a sync request for rows
 //! that were never numbered.
 
@@ -67,15 +67,11 @@ pub async fn run_once(
     pool: &PgPool,
     settings: &SequencerSettings,
 ) -> Result<SequencerRun, SequencerError> {
-    if !db::fusebox::read(pool).await?.sequencer_enabled {
+    let Some(batch) =
+        db::sequencing::sequence_batch(pool, settings.batch_size, SYNC_ENGINE_PATH).await?
+    else {
         return Ok(SequencerRun::Disabled);
-    }
-    let mut transaction = pool.begin().await?;
-    db::sequencing::lock_sequencer(&mut transaction).await?;
-    let batch =
-        db::sequencing::sequence_batch(&mut *transaction, settings.batch_size, SYNC_ENGINE_PATH)
-            .await?;
-    transaction.commit().await?;
+    };
     if batch.tenancies > 0 {
         tracing::debug!(
             project_users = batch.project_users,
