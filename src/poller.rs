@@ -215,15 +215,17 @@ impl Poller {
         &self.settings
     }
 
-    /// One step: counts the caller's publishes that ended, then claims due requests and
-    /// publishes them. In `direct` mode it first waits for a free sync slot, claims at
-    /// most as many requests as slots are free, and starts their syncs in `in_flight`.
+    /// One step: claims due requests and publishes them, then counts the caller's
+    /// publishes that ended. In `direct` mode it first waits for a free sync slot,
+    /// claims at most as many requests as slots are free, and starts their syncs in
+    /// `in_flight`.
+    ///
+    /// The claim itself checks the fusebox (one round trip for both); only a claim that
+    /// found nothing reads the fusebox again, to tell "switched off" from "idle".
+    /// Switched off, the step returns without counting: publishes that ended stay in
+    /// `in_flight` for the next step or [`Poller::finish`].
     pub async fn run_once(&self, in_flight: &InFlight) -> Result<PollerRun, PollerError> {
         let mut batch = PolledBatch::default();
-        in_flight.reap(&mut batch)?;
-        if !db::fusebox::read(&self.pool).await?.poller_enabled {
-            return Ok(PollerRun::Disabled);
-        }
         match &*self.publisher {
             Publisher::Direct(_) => self.start_syncs(in_flight, &mut batch).await?,
             Publisher::Qstash(qstash) => {
@@ -237,6 +239,10 @@ impl Poller {
                 }
             }
         }
+        if batch.claimed == 0 && !db::fusebox::read(&self.pool).await?.poller_enabled {
+            return Ok(PollerRun::Disabled);
+        }
+        in_flight.reap(&mut batch)?;
         tracing::debug!(
             claimed = batch.claimed,
             published = batch.published,
@@ -308,7 +314,6 @@ impl Poller {
                 settled
             });
         }
-        batch.in_flight = tasks.len() as u64;
         Ok(())
     }
 

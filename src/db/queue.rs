@@ -48,10 +48,20 @@ pub struct ClaimedRequest {
     /// The claim's timestamp: the lease, and the token that proves it is still ours.
     #[sqlx(rename = "startedFulfillingAt")]
     pub claimed_at: chrono::NaiveDateTime,
+    /// The tenancy's `config.dbSync.externalDatabases` as of the claim (JSON `null`
+    /// when absent), or `None` when the body names no existing tenancy in the canonical
+    /// spelling. Read by the claim itself, so that a sync started right after it need
+    /// not read it again.
+    #[sqlx(rename = "externalDatabases")]
+    pub external_databases: Option<serde_json::Value>,
 }
+
+/// Text that PostgreSQL always accepts as a `uuid`.
+const UUID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
 
 /// Claims up to `limit` requests that are due: pending ones whose `"nextAttemptAt"` has
 /// come, and in-flight ones whose lease is older than `lease` (their poller died).
+/// Claims nothing while the fusebox has the poller switched off.
 /// Rows another poller is claiming right now are skipped, not waited for. Expired
 /// claims come first (they have waited longest), then pending requests by
 /// `"nextAttemptAt"`; each kind is found by an index scan that stops at the limit.
@@ -67,15 +77,20 @@ pub async fn claim(
 ) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
     sqlx::query_as(
         r#"
-        with expired as (
+        with switched_on as (
+            select coalesce(
+                (select "pollerEnabled" from "ExternalDbSyncMetadata"), true) as "on"
+        ), expired as (
             select "id" from "OutgoingRequest"
             where "startedFulfillingAt" < current_timestamp - make_interval(secs => $2)
+              and (select "on" from switched_on)
             order by "startedFulfillingAt"
             limit $1
             for update skip locked
         ), pending as (
             select "id" from "OutgoingRequest" as request
             where "startedFulfillingAt" is null and "nextAttemptAt" <= current_timestamp
+              and (select "on" from switched_on)
               and not exists (
                   select from "OutgoingRequest" as flight
                   where flight."deduplicationKey" = request."deduplicationKey"
@@ -95,11 +110,21 @@ pub async fn claim(
         from due
         where request."id" = due."id"
         returning request."id", request."deduplicationKey", request."qstashOptions",
-                  request."attempts", request."startedFulfillingAt"
+                  request."attempts", request."startedFulfillingAt",
+                  -- Only a well-formed id is cast: a malformed body must fail its own
+                  -- publish, never the claim of every request.
+                  (select coalesce(tenancy."config" -> 'dbSync' -> 'externalDatabases',
+                                   'null'::jsonb)
+                   from "Tenancy" as tenancy
+                   where tenancy."id" = case
+                       when request."qstashOptions" #>> '{body,tenancyId}' ~* $3
+                       then (request."qstashOptions" #>> '{body,tenancyId}')::uuid
+                   end) as "externalDatabases"
         "#,
     )
     .bind(i64::from(limit))
     .bind(lease.as_secs_f64())
+    .bind(UUID_PATTERN)
     .fetch_all(executor)
     .await
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{tenancy_of, PublishError};
 use crate::db::queue::ClaimedRequest;
 use crate::error::error_chain;
-use crate::sync::{sync_tenancy, SyncEngine, TenancySync};
+use crate::sync::{sync_tenancy, sync_tenancy_configured, SyncEngine, TenancySync};
 
 pub struct DirectPublisher {
     engine: Arc<SyncEngine>,
@@ -17,12 +17,21 @@ impl DirectPublisher {
         Self { engine }
     }
 
-    /// Syncs the request's tenancy. A sync counts as published unless a database failed
-    /// in a way a retry can fix: then the request goes back to the queue, as a 5xx
-    /// answer would make QStash retry. How many run at once is the poller's business.
+    /// Syncs the request's tenancy, with the configuration its claim read. A sync
+    /// counts as published unless a database failed in a way a retry can fix: then the
+    /// request goes back to the queue, as a 5xx answer would make QStash retry. How
+    /// many run at once is the poller's business.
     pub async fn sync(&self, request: &ClaimedRequest) -> Result<(), PublishError> {
         let tenancy_id = tenancy_of(request)?;
-        match sync_tenancy(&self.engine, tenancy_id).await {
+        let synced = match &request.external_databases {
+            Some(config) => {
+                sync_tenancy_configured(&self.engine, tenancy_id, Some(config.clone())).await
+            }
+            // The claim reads the tenancy only for an id in the canonical spelling; for
+            // any other (or a tenancy that is gone), look the parsed id up.
+            None => sync_tenancy(&self.engine, tenancy_id).await,
+        };
+        match synced {
             Ok(TenancySync::Synced(report)) if report.has_retryable_failure() => {
                 let failed: Vec<&str> = report
                     .databases

@@ -29,5 +29,7 @@ fn tenancy_of(request: &ClaimedRequest) -> Result<Uuid, PublishError> {
     request.qstash_options["body"]["tenancyId"]
         .as_str()
         .and_then(|id| id.parse().ok())
-        .ok_or_else(|| PublishError("the request's body has no tenancyId".to_owned()))
+        .ok_or_else(|| {
+            PublishError("the request's body has no tenancyId that is a uuid".to_owned())
+        })
 }

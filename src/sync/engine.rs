@@ -1,12 +1,13 @@
 //! [`sync_tenancy`]: brings every external database of one tenancy up to date.
 //!
-//! For each database (several at once, up to a bound): check the target, connect,
-//! prepare the schema, then for each mapping apply batches until the database is caught
-//! up or the per-run batch budget is spent. A batch is applied in one transaction in the
-//! tenant database, under an advisory lock, after re-reading the watermark inside that
-//! lock: two runs for the same database take turns, and the later one starts from where
-//! the earlier one stopped, reading the internal database after it did, so it can only
-//! move the tenant's copy forward.
+//! For each database (several at once, up to a bound): check the target and connect (or
+//! take a kept session), prepare the schema unless this process did so a moment ago,
+//! then for each mapping apply batches until the database is caught up or the per-run
+//! batch budget is spent; a mapping with nothing after its known watermark is skipped.
+//! A batch is applied in one transaction in the tenant database, under an advisory
+//! lock, after re-reading the watermark inside that lock: two runs for the same database
+//! take turns, and the later one starts from where the earlier one stopped, reading the
+//! internal database after it did, so it can only move the tenant's copy forward.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -238,7 +239,18 @@ pub async fn sync_tenancy(
     engine: &SyncEngine,
     tenancy_id: Uuid,
 ) -> Result<TenancySync, sqlx::Error> {
-    let Some(config) = db::tenancy::external_databases(&engine.pool, tenancy_id).await? else {
+    let config = db::tenancy::external_databases(&engine.pool, tenancy_id).await?;
+    sync_tenancy_configured(engine, tenancy_id, config).await
+}
+
+/// [`sync_tenancy`] with the tenancy's `config.dbSync.externalDatabases` already read
+/// (`None`: no such tenancy), e.g. by the poller's claim a moment ago.
+pub async fn sync_tenancy_configured(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+    config: Option<serde_json::Value>,
+) -> Result<TenancySync, sqlx::Error> {
+    let Some(config) = config else {
         tracing::info!(%tenancy_id, "sync requested for an unknown tenancy; nothing to do");
         return Ok(TenancySync::UnknownTenancy);
     };

@@ -8,7 +8,7 @@
 //! - [`tls`]: `sslmode` with rustls;
 //! - [`sessions`]: tenant sessions kept open between syncs;
 //! - [`schema`]: the tables in the tenant database, ownership and privileges;
-//! - [`mapping`]: the two mappings and how a batch is written;
+//! - [`mapping`]: the two mappings, their statements and parameters;
 //! - [`error`]: what went wrong, and whether a retry can help.
 
 pub mod engine;
@@ -20,5 +20,5 @@ pub mod sessions;
 pub mod target;
 pub mod tls;
 
-pub use engine::{sync_tenancy, SyncEngine, SyncSettings, TenancySync};
+pub use engine::{sync_tenancy, sync_tenancy_configured, SyncEngine, SyncSettings, TenancySync};
 pub use error::SyncError;

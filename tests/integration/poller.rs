@@ -152,6 +152,81 @@ async fn a_failed_publish_keeps_the_request_with_its_error_until_it_succeeds() {
 }
 
 #[tokio::test]
+async fn malformed_requests_fail_alone_and_the_others_in_their_claim_are_published() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    user(&pool, tenancy, "valid").await;
+    sequence_all(&pool, 1000).await;
+    // Rows no producer of ours writes, but someone with access to the table could:
+    // tenancy ids that are no uuid, one of them shaped like one.
+    for (key, body) in [
+        ("broken:1", json!({ "tenancyId": "not-a-uuid" })),
+        (
+            "broken:2",
+            json!({ "tenancyId": "------------------------------------" }),
+        ),
+        ("broken:3", json!({ "tenant": 42 })),
+    ] {
+        sqlx::query(
+            r#"insert into "OutgoingRequest" ("deduplicationKey", "qstashOptions")
+               values ($1, jsonb_build_object('url', 'x', 'body', $2::jsonb))"#,
+        )
+        .bind(key)
+        .bind(body)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let poller = direct_poller(&pool, 8);
+
+    let batch = poll_once(&poller).await;
+
+    assert_eq!((batch.claimed, batch.published, batch.failed), (4, 1, 3));
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+    let kept: Vec<(String, Option<String>)> = sqlx::query_as(
+        r#"select "deduplicationKey", "lastError" from "OutgoingRequest"
+           order by "deduplicationKey""#,
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let keys: Vec<&str> = kept.iter().map(|(key, _)| key.as_str()).collect();
+    assert_eq!(keys, ["broken:1", "broken:2", "broken:3"]);
+    for (key, error) in &kept {
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|error| error.contains("tenancyId")),
+            "{key}: {error:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_for_a_deleted_tenancy_is_published_and_does_nothing() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    user(&pool, tenancy, "soon gone").await;
+    sequence_all(&pool, 1000).await;
+    sqlx::query(r#"delete from "Tenancy" where "id" = $1"#)
+        .bind(tenancy)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let poller = direct_poller(&pool, 4);
+
+    let batch = poll_once(&poller).await;
+
+    assert_eq!((batch.claimed, batch.published, batch.failed), (1, 1, 0));
+    assert!(request_states(&pool, tenancy).await.is_empty());
+    let untouched: bool = sqlx::query_scalar("select to_regclass('users') is null")
+        .fetch_one(&tenant)
+        .await
+        .unwrap();
+    assert!(untouched, "nothing was created in the tenant database");
+}
+
+#[tokio::test]
 async fn a_claim_whose_poller_died_is_taken_over_after_its_lease() {
     let pool = migrated_pool().await;
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
@@ -449,16 +524,15 @@ async fn a_request_is_not_consumed_while_a_sequencer_batch_that_relies_on_it_is_
     // pending, queues none of its own. It has not committed yet.
     let second = user(&pool, tenancy, "second").await;
     let mut batch = pool.begin().await.unwrap();
-    external_db_sync::db::sequencing::lock_sequencer(&mut batch)
-        .await
-        .unwrap();
     let sequenced = external_db_sync::db::sequencing::sequence_batch(
         &mut *batch,
         1000,
         external_db_sync::routes::SYNC_ENGINE_PATH,
     )
     .await
-    .unwrap();
+    .unwrap()
+    .expect("the sequencer is switched on");
+    assert_eq!(sequenced.project_users, 1);
     assert_eq!(sequenced.requests_enqueued, 0);
 
     // A poller that consumed the request now would sync without the newer change and
