@@ -161,6 +161,7 @@ async fn main() {
     let total = rate * seconds;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let cpu_before = CpuTimes::read();
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     for n in 0..total {
@@ -192,6 +193,9 @@ async fn main() {
         task.await.unwrap();
     }
     let writing = started.elapsed();
+    let cpu_busy = CpuTimes::read()
+        .zip(cpu_before)
+        .map(|(after, before)| after.busy_since(&before));
     let writes = std::mem::take(&mut *writes.lock().unwrap());
     println!(
         "wrote {} changes in {:.2} s ({:.0}/s), {} failed writes",
@@ -201,6 +205,13 @@ async fn main() {
         errors.load(std::sync::atomic::Ordering::Relaxed)
     );
 
+    if let Some(busy) = cpu_busy {
+        println!(
+            "machine CPU while writing: {:.0} % busy ({} cores)",
+            busy * 100.0,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+    }
     if statements {
         print_statements(&pool).await;
     }
@@ -449,3 +460,37 @@ $$;
 create trigger log_arrival after insert or update on users
     for each row execute function log_arrival();
 "#;
+
+/// The machine's CPU time counters (Linux `/proc/stat`, all cores), to tell how busy
+/// the whole machine was: service, writer and servers together.
+#[derive(Clone, Copy)]
+struct CpuTimes {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    /// `None` where there is no `/proc/stat`.
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...: idle and iowait are idle.
+        let total: u64 = fields.iter().take(8).sum();
+        let idle = fields.get(3)? + fields.get(4)?;
+        Some(Self {
+            busy: total - idle,
+            total,
+        })
+    }
+
+    /// The share of the time since `before` that the machine was busy.
+    fn busy_since(&self, before: &Self) -> f64 {
+        (self.busy - before.busy) as f64 / (self.total - before.total).max(1) as f64
+    }
+}
