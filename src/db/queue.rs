@@ -54,6 +54,13 @@ pub struct ClaimedRequest {
     /// not read it again.
     #[sqlx(rename = "externalDatabases")]
     pub external_databases: Option<serde_json::Value>,
+    /// The highest sequence id among the tenancy's user changes (live users and their
+    /// tombstones) as of the claim; `None` when there is none.
+    #[sqlx(rename = "latestUserChange")]
+    pub latest_user_change: Option<i64>,
+    /// The same for contact channels.
+    #[sqlx(rename = "latestChannelChange")]
+    pub latest_channel_change: Option<i64>,
 }
 
 /// Text that PostgreSQL always accepts as a `uuid`.
@@ -100,10 +107,17 @@ pub async fn claim(
             limit $1
             for update skip locked
         ), due as (
-            select "id" from expired
-            union all
-            select "id" from pending
-            limit $1
+            -- Only a well-formed tenancy id is cast: a malformed body must fail its
+            -- own publish, never the claim of every request.
+            select claimable."id", case
+                when queued."qstashOptions" #>> '{body,tenancyId}' ~* $3
+                then (queued."qstashOptions" #>> '{body,tenancyId}')::uuid
+            end as tenancy_id
+            from (select "id" from expired
+                  union all
+                  select "id" from pending
+                  limit $1) as claimable
+            join "OutgoingRequest" as queued on queued."id" = claimable."id"
         )
         update "OutgoingRequest" as request
         set "startedFulfillingAt" = clock_timestamp(), "attempts" = request."attempts" + 1
@@ -111,15 +125,24 @@ pub async fn claim(
         where request."id" = due."id"
         returning request."id", request."deduplicationKey", request."qstashOptions",
                   request."attempts", request."startedFulfillingAt",
-                  -- Only a well-formed id is cast: a malformed body must fail its own
-                  -- publish, never the claim of every request.
                   (select coalesce(tenancy."config" -> 'dbSync' -> 'externalDatabases',
                                    'null'::jsonb)
                    from "Tenancy" as tenancy
-                   where tenancy."id" = case
-                       when request."qstashOptions" #>> '{body,tenancyId}' ~* $3
-                       then (request."qstashOptions" #>> '{body,tenancyId}')::uuid
-                   end) as "externalDatabases"
+                   where tenancy."id" = due.tenancy_id) as "externalDatabases",
+                  -- Each mapping's latest change (live rows and tombstones), read from
+                  -- the same snapshot as the claim; each max is one index probe.
+                  greatest(
+                      (select max("sequenceId") from "ProjectUser"
+                       where "tenancyId" = due.tenancy_id),
+                      (select max("sequenceId") from "DeletedRow"
+                       where "tenancyId" = due.tenancy_id and "tableName" = 'ProjectUser')
+                  ) as "latestUserChange",
+                  greatest(
+                      (select max("sequenceId") from "ContactChannel"
+                       where "tenancyId" = due.tenancy_id),
+                      (select max("sequenceId") from "DeletedRow"
+                       where "tenancyId" = due.tenancy_id and "tableName" = 'ContactChannel')
+                  ) as "latestChannelChange"
         "#,
     )
     .bind(i64::from(limit))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{tenancy_of, PublishError};
 use crate::db::queue::ClaimedRequest;
 use crate::error::error_chain;
-use crate::sync::{sync_tenancy, sync_tenancy_configured, SyncEngine, TenancySync};
+use crate::sync::{sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, TenancySync};
 
 pub struct DirectPublisher {
     engine: Arc<SyncEngine>,
@@ -17,7 +17,7 @@ impl DirectPublisher {
         Self { engine }
     }
 
-    /// Syncs the request's tenancy, with the configuration its claim read. A sync
+    /// Syncs the request's tenancy, with what its claim read. A sync
     /// counts as published unless a database failed in a way a retry can fix: then the
     /// request goes back to the queue, as a 5xx answer would make QStash retry. How
     /// many run at once is the poller's business.
@@ -25,7 +25,11 @@ impl DirectPublisher {
         let tenancy_id = tenancy_of(request)?;
         let synced = match &request.external_databases {
             Some(config) => {
-                sync_tenancy_configured(&self.engine, tenancy_id, Some(config.clone())).await
+                let claimed = ClaimedTenancy {
+                    external_databases: Some(config.clone()),
+                    latest_changes: [request.latest_user_change, request.latest_channel_change],
+                };
+                sync_claimed_tenancy(&self.engine, tenancy_id, claimed).await
             }
             // The claim reads the tenancy only for an id in the canonical spelling; for
             // any other (or a tenancy that is gone), look the parsed id up.

@@ -233,6 +233,18 @@ pub struct MappingReport {
     pub more_remaining: bool,
 }
 
+/// What the poller's claim read about a tenancy, from the claim's snapshot, so that a
+/// sync started right after it need not read it again.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimedTenancy {
+    /// `config.dbSync.externalDatabases` (JSON `null` when absent); `None`: no such
+    /// tenancy.
+    pub external_databases: Option<serde_json::Value>,
+    /// The highest sequence id among each mapping's changes, by [`Mapping::index`];
+    /// `None` where the mapping has none.
+    pub latest_changes: [Option<i64>; Mapping::ALL.len()],
+}
+
 /// Syncs every external database of `tenancy_id`. Failures of single databases are in
 /// the report; only a failure to read the tenancy itself is an error.
 pub async fn sync_tenancy(
@@ -240,15 +252,32 @@ pub async fn sync_tenancy(
     tenancy_id: Uuid,
 ) -> Result<TenancySync, sqlx::Error> {
     let config = db::tenancy::external_databases(&engine.pool, tenancy_id).await?;
-    sync_tenancy_configured(engine, tenancy_id, config).await
+    sync_with(engine, tenancy_id, config, None).await
 }
 
-/// [`sync_tenancy`] with the tenancy's `config.dbSync.externalDatabases` already read
-/// (`None`: no such tenancy), e.g. by the poller's claim a moment ago.
-pub async fn sync_tenancy_configured(
+/// [`sync_tenancy`] with what its claim read. A mapping whose watermark this process
+/// knows to be at or past the mapping's latest change is left alone without reading
+/// anything: most syncs of a busy tenancy have changes of one mapping only. Changes
+/// numbered after the claim's snapshot came with a sync request of their own (the one
+/// claimed was no longer pending, or the sequencer held it locked so the claim skipped
+/// it), so they are synced by that request, never lost.
+pub async fn sync_claimed_tenancy(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+    claimed: ClaimedTenancy,
+) -> Result<TenancySync, sqlx::Error> {
+    let latest = Some(claimed.latest_changes);
+    sync_with(engine, tenancy_id, claimed.external_databases, latest).await
+}
+
+/// The latest change of each mapping, when a claim read them.
+type LatestChanges = Option<[Option<i64>; Mapping::ALL.len()]>;
+
+async fn sync_with(
     engine: &SyncEngine,
     tenancy_id: Uuid,
     config: Option<serde_json::Value>,
+    latest: LatestChanges,
 ) -> Result<TenancySync, sqlx::Error> {
     let Some(config) = config else {
         tracing::info!(%tenancy_id, "sync requested for an unknown tenancy; nothing to do");
@@ -263,7 +292,7 @@ pub async fn sync_tenancy_configured(
     };
 
     let mut databases: Vec<DatabaseReport> = stream::iter(entries)
-        .map(|(database_id, entry)| sync_database(engine, tenancy_id, database_id, entry))
+        .map(|(database_id, entry)| sync_database(engine, tenancy_id, database_id, entry, latest))
         .buffer_unordered(engine.settings.database_concurrency.max(1))
         .collect()
         .await;
@@ -286,13 +315,14 @@ async fn sync_database(
     tenancy_id: Uuid,
     database_id: String,
     entry: Result<ExternalDatabase, SyncError>,
+    latest: LatestChanges,
 ) -> DatabaseReport {
     let target = entry
         .as_ref()
         .map(|database| database.target.describe())
         .ok();
     let result = match entry {
-        Ok(database) => sync_target(engine, tenancy_id, &database).await,
+        Ok(database) => sync_target(engine, tenancy_id, &database, latest).await,
         Err(error) => Err(error),
     };
     let recorded = match &result {
@@ -352,19 +382,20 @@ async fn sync_target(
     engine: &SyncEngine,
     tenancy_id: Uuid,
     database: &ExternalDatabase,
+    latest: LatestChanges,
 ) -> Result<DatabaseSynced, SyncError> {
     let key = SessionKey {
         tenancy_id,
         fingerprint: database.fingerprint,
     };
     let kept = Sessions::new(engine, key, database, true);
-    match sync_on(&kept).await {
+    match sync_on(&kept, latest).await {
         // A kept session can have been closed while it waited (the server restarted, an
         // idle timeout, a proxy). That says nothing about the database now: try once
         // more on new sessions. Safe, because a batch is all or nothing and idempotent.
         Err(error) if kept.reused() && error.is_lost_session() => {
             tracing::debug!(%tenancy_id, error = %error_chain(&error), "a kept tenant session was closed; syncing on new sessions");
-            sync_on(&Sessions::new(engine, key, database, false)).await
+            sync_on(&Sessions::new(engine, key, database, false), latest).await
         }
         synced => synced,
     }
@@ -430,7 +461,10 @@ impl<'a> Sessions<'a> {
 /// session goes back to be kept only after its transactions committed; on a failure it
 /// is closed (it may be mid-transaction), and what this process knows about the
 /// database is forgotten.
-async fn sync_on(sessions: &Sessions<'_>) -> Result<DatabaseSynced, SyncError> {
+async fn sync_on(
+    sessions: &Sessions<'_>,
+    latest: LatestChanges,
+) -> Result<DatabaseSynced, SyncError> {
     let (engine, key) = (sessions.engine, &sessions.key);
     let synced = async {
         let mut first = None;
@@ -446,12 +480,12 @@ async fn sync_on(sessions: &Sessions<'_>) -> Result<DatabaseSynced, SyncError> {
             first = Some(session);
         }
         let handed = [first, None];
-        let mappings = futures::future::try_join_all(
-            Mapping::ALL
-                .into_iter()
-                .zip(handed)
-                .map(|(mapping, session)| sync_mapping(sessions, mapping, session)),
-        )
+        let mappings = futures::future::try_join_all(Mapping::ALL.into_iter().zip(handed).map(
+            |(mapping, session)| {
+                let latest = latest.map(|latest| latest[mapping.index()]);
+                sync_mapping(sessions, mapping, session, latest)
+            },
+        ))
         .await?;
         Ok(DatabaseSynced { mappings })
     }
@@ -462,18 +496,30 @@ async fn sync_on(sessions: &Sessions<'_>) -> Result<DatabaseSynced, SyncError> {
     synced
 }
 
-/// Brings one mapping up to date. If this process knows the mapping's watermark, the
-/// changes after it are read first, and a mapping with none is done without touching
-/// the tenant database: most syncs of a busy tenancy change users only.
+/// Brings one mapping up to date. If this process knows the mapping's watermark, a
+/// mapping whose `latest` change (as read by the claim, if any) is not after it is done
+/// at once; otherwise the changes after it are read first, and a mapping with none is
+/// done without touching the tenant database.
 async fn sync_mapping(
     sessions: &Sessions<'_>,
     mapping: Mapping,
     session: Option<TenantSession>,
+    latest: Option<Option<i64>>,
 ) -> Result<MappingReport, SyncError> {
     let (engine, key) = (sessions.engine, &sessions.key);
     let mut read_ahead = None;
     if let Some(watermark) = engine.known.watermark(key, mapping) {
-        let batch = read_batch(engine, key.tenancy_id, mapping, watermark).await?;
+        // Whether the claim saw no change of this mapping after the watermark.
+        let caught_up = match latest {
+            Some(Some(latest)) => latest <= watermark,
+            Some(None) => true,
+            None => false,
+        };
+        let batch = if caught_up {
+            None
+        } else {
+            read_batch(engine, key.tenancy_id, mapping, watermark).await?
+        };
         if batch.is_none() {
             if let Some(session) = session {
                 sessions.give_back(session);
@@ -524,6 +570,29 @@ async fn apply_batches(
 ) -> Result<MappingReport, SyncError> {
     let settings = &engine.settings;
     let mut report = MappingReport::nothing_after(mapping, -1);
+    // A small batch read after the known watermark: one round trip, guarded by that
+    // watermark. If another run moved it meanwhile, nothing was written, and the batch
+    // is read again under the lock below.
+    if let Some(ReadAhead {
+        after,
+        batch: Some(batch),
+    }) = &read_ahead
+    {
+        if batch.changes < u64::from(settings.batch_size) {
+            if let Some(applied) = write_batch(session, mapping, batch, Some(*after)).await? {
+                engine
+                    .known
+                    .set_watermark(key, mapping, batch.last_sequence_id);
+                report.batches = 1;
+                report.changes = batch.changes;
+                report.upserted = applied.upserted;
+                report.deleted = applied.deleted;
+                report.watermark = batch.last_sequence_id;
+                return Ok(report);
+            }
+            read_ahead = None;
+        }
+    }
     loop {
         let watermark = begin_locked(session, mapping).await?;
         report.watermark = watermark;
@@ -544,7 +613,7 @@ async fn apply_batches(
         let full = batch.changes >= u64::from(settings.batch_size);
         let another = full && report.batches + 1 < settings.max_batches_per_run;
         let next_after = batch.last_sequence_id;
-        let write = apply_and_commit(session, mapping, &batch);
+        let write = write_batch(session, mapping, &batch, None);
         let read_next = async {
             if another {
                 read_batch(engine, key.tenancy_id, mapping, next_after)
@@ -555,7 +624,7 @@ async fn apply_batches(
             }
         };
         let (applied, next) = tokio::join!(write, read_next);
-        let applied = applied?;
+        let applied = applied?.expect("an unguarded write always applies");
         engine
             .known
             .set_watermark(key, mapping, batch.last_sequence_id);
@@ -632,54 +701,105 @@ const ADVANCE_WATERMARK: &str = "update _stack_sync_metadata \
      set last_synced_sequence_id = $2, updated_at = now() \
      where mapping_name = $1 and last_synced_sequence_id < $2";
 
-/// Writes `batch` in the open transaction (one delete and one upsert statement, whatever
-/// the batch size), moves the watermark forward (never back), and commits: sent
-/// together, in one round trip, on statements prepared once per session. The server
-/// runs them in order; if one fails, the transaction is aborted, the rest fail or roll
-/// back, and the first error is returned: nothing of the batch is kept.
-async fn apply_and_commit(
+const ADVANCE_WATERMARK_FROM: &str = "update _stack_sync_metadata \
+     set last_synced_sequence_id = $2, updated_at = now() \
+     where mapping_name = $1 and last_synced_sequence_id = $3";
+
+const LOCK_MAPPING: &str = "select pg_advisory_xact_lock($1)";
+
+/// Writes `batch` (one delete and one upsert statement, whatever the batch size), moves
+/// the watermark forward, and commits: sent together, in one round trip, on statements
+/// prepared once per session. The server runs them in order; if one fails, the
+/// transaction is aborted, the rest fail or roll back, and the first error is returned:
+/// nothing of the batch is kept.
+///
+/// Without a `guard`, the transaction is already open, holds the mapping's lock, and
+/// the watermark was checked under it; the watermark never moves back. With
+/// `guard: Some(expected)`, the transaction is opened and the lock taken in the same
+/// round trip, and every statement does its part only if the watermark is `expected`;
+/// `None` is returned when it was not (another run moved it), and then nothing was
+/// written.
+async fn write_batch(
     session: &mut TenantSession,
     mapping: Mapping,
     batch: &Batch,
-) -> Result<Applied, SyncError> {
-    let [delete, upsert, advance] = session
-        .statements([
+    guard: Option<i64>,
+) -> Result<Option<Applied>, SyncError> {
+    let (delete_sql, upsert_sql, advance_sql) = match guard {
+        None => (
             mapping.delete_sql(),
             mapping.upsert_sql(),
             ADVANCE_WATERMARK,
-        ])
+        ),
+        Some(_) => (
+            mapping.guarded_delete_sql(),
+            mapping.guarded_upsert_sql(),
+            ADVANCE_WATERMARK_FROM,
+        ),
+    };
+    let [lock, delete, upsert, advance] = session
+        .statements([LOCK_MAPPING, delete_sql, upsert_sql, advance_sql])
         .await
         .map_err(SyncError::target)?;
     let columns = Columns::of(&batch.upserts);
-    let params = columns.params();
+    let name = mapping.name();
+    let lock_key = mapping.lock_key();
+    let expected = guard.unwrap_or_default();
+    let guard_params: [&(dyn ToSql + Sync); 2] = [&name, &expected];
+    let guarded = guard.is_some();
+    let mut upsert_params = columns.params();
+    let mut delete_params: Vec<&(dyn ToSql + Sync)> = vec![&batch.deletes];
+    let mut advance_params: Vec<&(dyn ToSql + Sync)> = vec![&name, &batch.last_sequence_id];
+    if guarded {
+        upsert_params.extend(guard_params);
+        delete_params.extend(guard_params);
+        advance_params.push(&expected);
+    }
     let client = session.client();
     // A request is sent when its future is first polled; `biased` makes `join!` poll
-    // them in this order, so the server receives them in this order. All four are
-    // awaited, and the first failure in statement order is the one reported (the later
-    // ones only say that the transaction was aborted).
+    // them in this order, so the server receives them in this order. All are awaited,
+    // and the first failure in statement order is the one reported (the later ones
+    // only say that the transaction was aborted).
+    let beginning = async {
+        if guarded {
+            client.batch_execute("begin").await
+        } else {
+            Ok(())
+        }
+    };
+    let locking = async {
+        if guarded {
+            client.execute(&lock, &[&lock_key]).await.map(drop)
+        } else {
+            Ok(())
+        }
+    };
     let deleting = async {
         if batch.deletes.is_empty() {
             Ok(0)
         } else {
-            client.execute(&delete, &[&batch.deletes]).await
+            client.execute(&delete, &delete_params).await
         }
     };
     let upserting = async {
         if batch.upserts.is_empty() {
             Ok(0)
         } else {
-            client.execute(&upsert, &params).await
+            client.execute(&upsert, &upsert_params).await
         }
     };
-    let name = mapping.name();
-    let advance_params: [&(dyn ToSql + Sync); 2] = [&name, &batch.last_sequence_id];
     let advancing = client.execute(&advance, &advance_params);
     let committing = client.batch_execute("commit");
-    let (deleted, upserted, advanced, committed) =
-        tokio::join!(biased; deleting, upserting, advancing, committing);
+    let (begun, locked, deleted, upserted, advanced, committed) =
+        tokio::join!(biased; beginning, locking, deleting, upserting, advancing, committing);
+    begun.map_err(SyncError::target)?;
+    locked.map_err(SyncError::target)?;
     let deleted = deleted.map_err(SyncError::target)?;
     let upserted = upserted.map_err(SyncError::target)?;
-    advanced.map_err(SyncError::target)?;
+    let advanced = advanced.map_err(SyncError::target)?;
     committed.map_err(SyncError::target)?;
-    Ok(Applied { upserted, deleted })
+    if guarded && advanced == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Applied { upserted, deleted }))
 }

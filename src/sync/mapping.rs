@@ -6,6 +6,8 @@
 //! [`crate::db::changes`]), so applying a batch twice, or an older batch after a newer
 //! one, converges on the same result; the watermark only moves forward.
 
+use std::sync::LazyLock;
+
 use chrono::NaiveDateTime;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -66,6 +68,61 @@ impl Mapping {
             Mapping::ContactChannels => UPSERT_CONTACT_CHANNELS,
         }
     }
+
+    /// [`Mapping::delete_sql`] that deletes nothing unless the mapping's watermark is
+    /// `$3` (`$2`: the mapping's name).
+    pub fn guarded_delete_sql(self) -> &'static str {
+        static USERS: LazyLock<String> = LazyLock::new(|| guarded_delete(Mapping::Users));
+        static CHANNELS: LazyLock<String> =
+            LazyLock::new(|| guarded_delete(Mapping::ContactChannels));
+        match self {
+            Mapping::Users => &USERS,
+            Mapping::ContactChannels => &CHANNELS,
+        }
+    }
+
+    /// [`Mapping::upsert_sql`] that writes nothing unless the mapping's watermark is the
+    /// parameter after the columns; the mapping's name is the one before it.
+    pub fn guarded_upsert_sql(self) -> &'static str {
+        static USERS: LazyLock<String> = LazyLock::new(|| guarded_upsert(Mapping::Users));
+        static CHANNELS: LazyLock<String> =
+            LazyLock::new(|| guarded_upsert(Mapping::ContactChannels));
+        match self {
+            Mapping::Users => &USERS,
+            Mapping::ContactChannels => &CHANNELS,
+        }
+    }
+
+    /// How many parameters (one array per column) [`Mapping::upsert_sql`] takes.
+    fn column_count(self) -> usize {
+        match self {
+            Mapping::Users => 10,
+            Mapping::ContactChannels => 8,
+        }
+    }
+}
+
+/// The condition of the guarded statements: the mapping's watermark, with the mapping's
+/// name in `$name` and the expected watermark in `$name + 1`.
+fn watermark_is(name: usize) -> String {
+    format!(
+        "exists (select from _stack_sync_metadata \
+         where mapping_name = ${name} and last_synced_sequence_id = ${})",
+        name + 1
+    )
+}
+
+fn guarded_delete(mapping: Mapping) -> String {
+    format!("{} and {}", mapping.delete_sql(), watermark_is(2))
+}
+
+fn guarded_upsert(mapping: Mapping) -> String {
+    let guard = watermark_is(mapping.column_count() + 1);
+    let sql = mapping.upsert_sql();
+    let conflict = sql
+        .find("on conflict (id)")
+        .expect("every upsert has an on conflict clause");
+    format!("{}where {guard}\n{}", &sql[..conflict], &sql[conflict..])
 }
 
 /// A `users` row as the tenant sees it.
@@ -312,5 +369,28 @@ impl ContactChannelColumns {
             &self.used_for_auth,
             &self.created_at,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guarded_statements_put_the_watermark_check_after_their_own_parameters() {
+        assert_eq!(
+            Mapping::Users.guarded_delete_sql(),
+            "delete from users where id = any($1::uuid[]) and exists (select from \
+             _stack_sync_metadata where mapping_name = $2 and last_synced_sequence_id = $3)"
+        );
+        let users = Mapping::Users.guarded_upsert_sql();
+        assert!(users.contains("$10::boolean[]") && !users.contains("$13"));
+        assert!(users.contains(
+            "where exists (select from _stack_sync_metadata where mapping_name = $11 \
+             and last_synced_sequence_id = $12)\non conflict (id) do update"
+        ));
+        let channels = Mapping::ContactChannels.guarded_upsert_sql();
+        assert!(channels.contains("$8::timestamp[])\nwhere exists"));
+        assert!(channels.contains("mapping_name = $9 and last_synced_sequence_id = $10)"));
     }
 }

@@ -20,5 +20,7 @@ pub mod sessions;
 pub mod target;
 pub mod tls;
 
-pub use engine::{sync_tenancy, sync_tenancy_configured, SyncEngine, SyncSettings, TenancySync};
+pub use engine::{
+    sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, SyncSettings, TenancySync,
+};
 pub use error::SyncError;

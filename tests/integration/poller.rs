@@ -17,12 +17,13 @@ use uuid::Uuid;
 
 use crate::harness::app::{TestApp, CRON_SECRET, PREFIX};
 use crate::harness::fixtures::{
-    pending_request_keys, request_key, sequence_all, tenancy, tenant_database, user,
+    delete_channel, delete_user, email, pending_request_keys, rename_user, request_key,
+    sequence_all, tenancy, tenant_database, user,
 };
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
-    assert_tenant_matches_source, attach, engine, external_users, hold_mapping_lock,
-    tenancy_with_database, two_tenancies_with_users,
+    assert_tenant_matches_source, attach, engine, external_channels, external_users,
+    hold_mapping_lock, tenancy_with_database, two_tenancies_with_users,
 };
 use crate::harness::wait;
 
@@ -224,6 +225,47 @@ async fn a_request_for_a_deleted_tenancy_is_published_and_does_nothing() {
         .await
         .unwrap();
     assert!(untouched, "nothing was created in the tenant database");
+}
+
+/// A direct sync skips a mapping whose latest change, as the claim read it, is not after
+/// the watermark the process knows; every other mapping is synced, deletions included
+/// (their latest change is a tombstone).
+#[tokio::test]
+async fn claimed_syncs_skip_only_the_mappings_that_have_no_new_change() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let kept = user(&pool, tenancy, "kept").await;
+    let leaving = user(&pool, tenancy, "leaving").await;
+    let channel = email(&pool, tenancy, kept, "kept@example.com", true).await;
+    email(&pool, tenancy, leaving, "leaving@example.com", true).await;
+    // One poller, so one engine that remembers the watermarks from sync to sync.
+    let poller = direct_poller(&pool, 4);
+    sequence_all(&pool, 1000).await;
+    assert_eq!(poll_once(&poller).await.published, 1);
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+    let sync_step = |step: &'static str| {
+        let (pool, poller, tenant) = (&pool, &poller, &tenant);
+        async move {
+            sequence_all(pool, 1000).await;
+            let batch = poll_once(poller).await;
+            assert_eq!((batch.claimed, batch.published), (1, 1), "{step}");
+            assert_tenant_matches_source(pool, tenancy, tenant).await;
+        }
+    };
+
+    // Twice: after the first, the users' watermark is past every channel's id, so a
+    // mix-up of the two mappings' latest changes would skip the second.
+    rename_user(&pool, kept, "renamed").await;
+    sync_step("a user-only change").await;
+    rename_user(&pool, kept, "renamed again").await;
+    sync_step("another user-only change").await;
+    delete_channel(&pool, channel).await;
+    sync_step("a deleted channel").await;
+    delete_user(&pool, leaving).await;
+    sync_step("a deleted user").await;
+
+    assert_eq!(external_users(&tenant).await.len(), 1);
+    assert!(external_channels(&tenant).await.is_empty());
 }
 
 #[tokio::test]
