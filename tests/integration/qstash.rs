@@ -305,3 +305,92 @@ async fn two_replicas_over_twenty_tenancies_lose_nothing_and_publish_nothing_twi
     first.stop().await.unwrap();
     second.stop().await.unwrap();
 }
+
+/// The stand-in itself, against a destination that fails on purpose: a 5xx answer is
+/// retried with `Upstash-Retried` counting up until a 2xx, and a 489 with
+/// `Upstash-NonRetryable-Error: true` ends the deliveries of that message at once.
+#[tokio::test]
+async fn the_standin_retries_failures_and_stops_on_a_non_retryable_489() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use axum::http::StatusCode;
+    use axum::routing::post;
+
+    let flaky_calls = Arc::new(AtomicU32::new(0));
+    let destination = axum::Router::new()
+        .route(
+            "/flaky",
+            post({
+                let calls = flaky_calls.clone();
+                move || async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        StatusCode::OK
+                    }
+                }
+            }),
+        )
+        .route(
+            "/refuse",
+            post(|| async {
+                (
+                    StatusCode::from_u16(489).unwrap(),
+                    [("Upstash-NonRetryable-Error", "true")],
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, destination).await });
+    let standin = QstashStandIn::start(CURRENT_SIGNING_KEY).await;
+
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v2/batch", standin.url))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!([
+            { "destination": format!("{base}/refuse"), "body": "{}",
+              "headers": { "Upstash-Retries": "5" } },
+            { "destination": format!("{base}/flaky"), "body": "{}",
+              "headers": { "Upstash-Retries": "5" } },
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success());
+
+    // The flaky message's third attempt comes after two backoffs; by then a retry of
+    // the refused message (due after the first, shorter backoff) would have been made.
+    let deliveries_to = |path: &'static str| {
+        let standin = standin.clone();
+        let destination = format!("{base}{path}");
+        move || {
+            let mut attempts: Vec<(u32, u16)> = standin
+                .deliveries()
+                .into_iter()
+                .filter(|delivery| delivery.destination == destination)
+                .map(|delivery| (delivery.retried, delivery.status))
+                .collect();
+            attempts.sort_unstable();
+            attempts
+        }
+    };
+    let flaky = deliveries_to("/flaky");
+    wait::until(
+        "the flaky destination to succeed",
+        Duration::from_secs(10),
+        || {
+            let attempts = flaky();
+            async move {
+                attempts
+                    .last()
+                    .is_some_and(|(_, status)| *status == 200)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(flaky(), [(0, 500), (1, 500), (2, 200)]);
+    assert_eq!(deliveries_to("/refuse")(), [(0, 489)]);
+}
