@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::backoff;
 use crate::db;
 use crate::db::queue::ClaimedRequest;
+use crate::db::sync_status::SyncedTenancy;
 use crate::queue::{PublishError, Publisher};
 use crate::workers::Outcome;
 
@@ -234,6 +235,7 @@ impl Poller {
                 if !claimed.is_empty() {
                     let results = qstash.publish(&claimed).await;
                     for (request, result) in claimed.iter().zip(results) {
+                        let result = result.map(|()| None);
                         batch.count(settle(&self.pool, &self.settings, request, result).await?);
                     }
                 }
@@ -322,16 +324,18 @@ impl Poller {
     }
 }
 
-/// Deletes a published request, or gives a failed one back with backoff and its error.
+/// Deletes a published request (recording, in the same statement, the statuses of the
+/// databases a direct sync brought up to date), or gives a failed one back with
+/// backoff and its error.
 async fn settle(
     pool: &PgPool,
     settings: &PollerSettings,
     request: &ClaimedRequest,
-    result: Result<(), PublishError>,
+    result: Result<Option<SyncedTenancy>, PublishError>,
 ) -> Result<Settled, sqlx::Error> {
     match result {
-        Ok(()) => {
-            db::queue::complete(pool, request.id).await?;
+        Ok(synced) => {
+            db::queue::complete(pool, request.id, synced.as_ref()).await?;
             Ok(Settled::Published)
         }
         Err(error) => {

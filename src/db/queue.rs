@@ -1,7 +1,11 @@
 //! The queue of sync requests (`"OutgoingRequest"`), as far as producers see it.
 
+use std::sync::LazyLock;
+
 use sqlx::PgExecutor;
 use uuid::Uuid;
+
+use super::sync_status::{success_columns, SyncedTenancy, RECORD_SUCCESSES};
 
 /// Prefix of the deduplication key of a tenancy's sync request; the key is this
 /// followed by the tenancy id, so a tenancy has at most one pending request.
@@ -152,12 +156,38 @@ pub async fn claim(
     .await
 }
 
-/// Deletes a request whose publish succeeded.
-pub async fn complete(executor: impl PgExecutor<'_>, id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query(r#"delete from "OutgoingRequest" where "id" = $1"#)
-        .bind(id)
-        .execute(executor)
-        .await?;
+/// Deletes a request whose publish succeeded. The statuses of the databases a direct
+/// sync brought up to date, if any, are recorded in the same statement: one round trip
+/// and one commit for both.
+pub async fn complete(
+    executor: impl PgExecutor<'_>,
+    id: Uuid,
+    synced: Option<&SyncedTenancy>,
+) -> Result<(), sqlx::Error> {
+    static RECORD_AND_DELETE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"with recorded as ({RECORD_SUCCESSES})
+            delete from "OutgoingRequest" where "id" = $4"#
+        )
+    });
+    match synced.filter(|synced| !synced.databases.is_empty()) {
+        None => {
+            sqlx::query(r#"delete from "OutgoingRequest" where "id" = $1"#)
+                .bind(id)
+                .execute(executor)
+                .await?;
+        }
+        Some(synced) => {
+            let (database_ids, synced_through) = success_columns(&synced.databases);
+            sqlx::query(&RECORD_AND_DELETE)
+                .bind(synced.tenancy_id)
+                .bind(database_ids)
+                .bind(synced_through)
+                .bind(id)
+                .execute(executor)
+                .await?;
+        }
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::{tenancy_of, PublishError};
 use crate::db::queue::ClaimedRequest;
+use crate::db::sync_status::SyncedTenancy;
 use crate::error::error_chain;
 use crate::sync::{sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, TenancySync};
 
@@ -21,7 +22,13 @@ impl DirectPublisher {
     /// counts as published unless a database failed in a way a retry can fix: then the
     /// request goes back to the queue, as a 5xx answer would make QStash retry. How
     /// many run at once is the poller's business.
-    pub async fn sync(&self, request: &ClaimedRequest) -> Result<(), PublishError> {
+    ///
+    /// On success, the statuses of the databases synced are returned, not yet
+    /// recorded: the poller records them with the request's completion.
+    pub async fn sync(
+        &self,
+        request: &ClaimedRequest,
+    ) -> Result<Option<SyncedTenancy>, PublishError> {
         let tenancy_id = tenancy_of(request)?;
         let synced = match &request.external_databases {
             Some(config) => {
@@ -50,7 +57,8 @@ impl DirectPublisher {
                     failed.join(", ")
                 )))
             }
-            Ok(_) => Ok(()),
+            Ok(TenancySync::Synced(report)) => Ok(report.unrecorded),
+            Ok(_) => Ok(None),
             Err(error) => Err(PublishError(format!(
                 "sync of tenancy {tenancy_id}: {}",
                 error_chain(&error)

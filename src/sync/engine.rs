@@ -27,6 +27,7 @@ use super::schema;
 use super::sessions::{SessionKey, SessionPool, SessionPoolSettings, TenantSession};
 use super::target::{self, SessionSettings, TargetPolicy};
 use crate::db;
+use crate::db::sync_status::{SyncSuccess, SyncedTenancy};
 use crate::error::error_chain;
 use crate::routes::SYNC_ENGINE_PATH;
 
@@ -178,9 +179,31 @@ pub struct TenancyReport {
     pub databases: Vec<DatabaseReport>,
     /// Whether a new sync request was queued because work was left over.
     pub requeued: bool,
+    /// Successes whose status the caller records: [`sync_claimed_tenancy`] leaves them
+    /// to the completion of the request. `None` when they are recorded already.
+    pub unrecorded: Option<SyncedTenancy>,
 }
 
 impl TenancyReport {
+    /// The databases that synced successfully, with how far.
+    fn successes(&self, tenancy_id: Uuid) -> SyncedTenancy {
+        let databases = self
+            .databases
+            .iter()
+            .filter_map(|database| {
+                let synced = database.result.as_ref().ok()?;
+                Some(SyncSuccess {
+                    database_id: database.database_id.clone(),
+                    last_synced_sequence_id: synced.synced_through(),
+                })
+            })
+            .collect();
+        SyncedTenancy {
+            tenancy_id,
+            databases,
+        }
+    }
+
     /// Whether some database failed in a way that a later attempt may fix.
     pub fn has_retryable_failure(&self) -> bool {
         self.databases
@@ -252,7 +275,7 @@ pub async fn sync_tenancy(
     tenancy_id: Uuid,
 ) -> Result<TenancySync, sqlx::Error> {
     let config = db::tenancy::external_databases(&engine.pool, tenancy_id).await?;
-    sync_with(engine, tenancy_id, config, None).await
+    sync_with(engine, tenancy_id, config, None, false).await
 }
 
 /// [`sync_tenancy`] with what its claim read. A mapping whose watermark this process
@@ -261,13 +284,18 @@ pub async fn sync_tenancy(
 /// numbered after the claim's snapshot came with a sync request of their own (the one
 /// claimed was no longer pending, or the sequencer held it locked so the claim skipped
 /// it), so they are synced by that request, never lost.
+///
+/// The statuses of the databases that succeeded are left in
+/// [`TenancyReport::unrecorded`], for the caller to record with the completion of the
+/// request (one statement for both), unless some database failed in a way a retry can
+/// fix: then the request is not completed, and they are recorded at once.
 pub async fn sync_claimed_tenancy(
     engine: &SyncEngine,
     tenancy_id: Uuid,
     claimed: ClaimedTenancy,
 ) -> Result<TenancySync, sqlx::Error> {
     let latest = Some(claimed.latest_changes);
-    sync_with(engine, tenancy_id, claimed.external_databases, latest).await
+    sync_with(engine, tenancy_id, claimed.external_databases, latest, true).await
 }
 
 /// The latest change of each mapping, when a claim read them.
@@ -278,6 +306,7 @@ async fn sync_with(
     tenancy_id: Uuid,
     config: Option<serde_json::Value>,
     latest: LatestChanges,
+    defer_successes: bool,
 ) -> Result<TenancySync, sqlx::Error> {
     let Some(config) = config else {
         tracing::info!(%tenancy_id, "sync requested for an unknown tenancy; nothing to do");
@@ -303,10 +332,22 @@ async fn sync_with(
         .any(|database| matches!(&database.result, Ok(synced) if synced.more_remaining()));
     let requeued = more_remaining
         && db::queue::enqueue_sync(&engine.pool, tenancy_id, SYNC_ENGINE_PATH).await?;
-    Ok(TenancySync::Synced(TenancyReport {
+    let mut report = TenancyReport {
         databases,
         requeued,
-    }))
+        unrecorded: None,
+    };
+    let successes = report.successes(tenancy_id);
+    if defer_successes && !report.has_retryable_failure() {
+        report.unrecorded = Some(successes);
+    } else if !successes.databases.is_empty() {
+        if let Err(error) = db::sync_status::record_successes(&engine.pool, &successes).await {
+            // The syncs themselves are done; losing a status update is not worth
+            // failing them.
+            tracing::warn!(%tenancy_id, error = %error_chain(&error), "cannot record sync status");
+        }
+    }
+    Ok(TenancySync::Synced(report))
 }
 
 /// Syncs one database and records the outcome in `"ExternalDbSyncStatus"`.
@@ -325,6 +366,7 @@ async fn sync_database(
         Ok(database) => sync_target(engine, tenancy_id, &database, latest).await,
         Err(error) => Err(error),
     };
+    // Successes are recorded by the caller, all of the tenancy's in one statement.
     let recorded = match &result {
         Ok(synced) => {
             if synced.changes() == 0 {
@@ -340,13 +382,7 @@ async fn sync_database(
                     "external database synced"
                 );
             }
-            db::sync_status::record_success(
-                &engine.pool,
-                tenancy_id,
-                &database_id,
-                synced.synced_through(),
-            )
-            .await
+            Ok(())
         }
         Err(error) => {
             let message = error_chain(error);

@@ -23,7 +23,7 @@ use crate::harness::fixtures::{
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, engine, external_channels, external_users,
-    hold_mapping_lock, tenancy_with_database, two_tenancies_with_users,
+    hold_mapping_lock, tenancy_with_database, two_tenancies_with_users, watermark,
 };
 use crate::harness::wait;
 
@@ -268,6 +268,76 @@ async fn claimed_syncs_skip_only_the_mappings_that_have_no_new_change() {
     assert!(external_channels(&tenant).await.is_empty());
 }
 
+/// `(lastSyncedSequenceId, lastSuccessAt is set, consecutiveFailures)` of a database.
+async fn status(pool: &PgPool, tenancy: Uuid, database_id: &str) -> (Option<i64>, bool, i32) {
+    sqlx::query_as(
+        r#"select "lastSyncedSequenceId", "lastSuccessAt" is not null, "consecutiveFailures"
+           from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = $2"#,
+    )
+    .bind(tenancy)
+    .bind(database_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A direct sync records its databases' statuses with the request's completion; when
+/// one database fails and the request goes back, the others' successes are recorded
+/// all the same.
+#[tokio::test]
+async fn direct_syncs_record_every_database_status_whether_the_request_completes_or_not() {
+    let pool = migrated_pool().await;
+    let tenancy = tenancy(&pool).await;
+    let (url, tenant) = tenant_database().await;
+    // Nothing listens on port 1: connection refused, a retryable failure.
+    attach(
+        &pool,
+        tenancy,
+        &[
+            ("good", &url),
+            ("down", "postgres://sync@127.0.0.1:1/tenant"),
+        ],
+    )
+    .await;
+    let first = user(&pool, tenancy, "first").await;
+    let channel = email(&pool, tenancy, first, "first@example.com", true).await;
+    sequence_all(&pool, 1000).await;
+    let poller = direct_poller(&pool, 4);
+
+    let batch = poll_once(&poller).await;
+
+    assert_eq!((batch.claimed, batch.published, batch.failed), (1, 0, 1));
+    let synced_through = watermark(&tenant, "users")
+        .await
+        .min(watermark(&tenant, "contact_channels").await);
+    assert_eq!(
+        status(&pool, tenancy, "good").await,
+        (Some(synced_through), true, 0)
+    );
+    assert_eq!(status(&pool, tenancy, "down").await, (None, false, 1));
+
+    // The second database is dropped from the configuration; the next sync completes.
+    attach(&pool, tenancy, &[("good", &url)]).await;
+    crate::harness::fixtures::verify_channel(&pool, channel).await;
+    sequence_all(&pool, 1000).await;
+    sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let batch = poll_once(&poller).await;
+
+    assert_eq!((batch.claimed, batch.published), (1, 1));
+    assert!(request_states(&pool, tenancy).await.is_empty());
+    let newest = watermark(&tenant, "users")
+        .await
+        .min(watermark(&tenant, "contact_channels").await);
+    assert!(newest > synced_through);
+    assert_eq!(
+        status(&pool, tenancy, "good").await,
+        (Some(newest), true, 0)
+    );
+}
+
 #[tokio::test]
 async fn a_claim_whose_poller_died_is_taken_over_after_its_lease() {
     let pool = migrated_pool().await;
@@ -440,7 +510,7 @@ async fn a_pending_request_waits_while_its_tenancy_is_in_flight() {
     assert!(queue::claim(&pool, 10, lease).await.unwrap().is_empty());
 
     // Settled: the pending request is claimable at once.
-    queue::complete(&pool, first[0].id).await.unwrap();
+    queue::complete(&pool, first[0].id, None).await.unwrap();
     let second = queue::claim(&pool, 10, lease).await.unwrap();
     assert_eq!(second.len(), 1);
     assert_ne!(second[0].id, first[0].id);
