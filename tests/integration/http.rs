@@ -222,15 +222,20 @@ async fn an_in_flight_cron_call_ends_promptly_at_shutdown() {
     let url = format!("{}{PREFIX}/sequencer?maxDurationMs=600000", app.address);
     let call = tokio::spawn(async move { client.get(url).bearer_auth(CRON_SECRET).send().await });
     // Wait until the call is being served (it has run at least one idle iteration).
-    crate::harness::wait::until("the cron call to start", std::time::Duration::from_secs(10), || async {
-        let active: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity where application_name = 'external-db-sync' and query like '%ExternalDbSyncMetadata%'",
+    crate::harness::wait::until(
+        "the cron call to start",
+        std::time::Duration::from_secs(10),
+        || async {
+            let active: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where application_name = 'external-db-sync' \
+             and query like '%external_db_sync_sequence_batch%' and pid <> pg_backend_pid()",
         )
         .fetch_one(&app.pool)
         .await
         .unwrap();
-        (active > 0).then_some(())
-    })
+            (active > 0).then_some(())
+        },
+    )
     .await;
 
     app.stop().await.unwrap();
