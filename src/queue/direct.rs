@@ -18,10 +18,10 @@ impl DirectPublisher {
         Self { engine }
     }
 
-    /// Syncs the request's tenancy, with what its claim read. A sync
-    /// counts as published unless a database failed in a way a retry can fix: then the
-    /// request goes back to the queue, as a 5xx answer would make QStash retry. How
-    /// many run at once is the poller's business.
+    /// Syncs the request's tenancy, with what its claim read. A sync counts as
+    /// published unless a database failed in a way a retry can fix: then the request
+    /// goes back to the queue, as a 5xx answer would make QStash retry. How many run at
+    /// once is the poller's business.
     ///
     /// On success, the statuses of the databases synced are returned, not yet
     /// recorded: the poller records them with the request's completion.

@@ -23,7 +23,7 @@ use crate::harness::fixtures::{
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, engine, external_channels, external_users,
-    hold_mapping_lock, tenancy_with_database, two_tenancies_with_users, watermark,
+    hold_mapping_lock, recorded_status, tenancy_with_database, two_tenancies_with_users, watermark,
 };
 use crate::harness::wait;
 
@@ -268,19 +268,6 @@ async fn claimed_syncs_skip_only_the_mappings_that_have_no_new_change() {
     assert!(external_channels(&tenant).await.is_empty());
 }
 
-/// `(lastSyncedSequenceId, lastSuccessAt is set, consecutiveFailures)` of a database.
-async fn status(pool: &PgPool, tenancy: Uuid, database_id: &str) -> (Option<i64>, bool, i32) {
-    sqlx::query_as(
-        r#"select "lastSyncedSequenceId", "lastSuccessAt" is not null, "consecutiveFailures"
-           from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = $2"#,
-    )
-    .bind(tenancy)
-    .bind(database_id)
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
 /// A direct sync records its databases' statuses with the request's completion; when
 /// one database fails and the request goes back, the others' successes are recorded
 /// all the same.
@@ -311,10 +298,13 @@ async fn direct_syncs_record_every_database_status_whether_the_request_completes
         .await
         .min(watermark(&tenant, "contact_channels").await);
     assert_eq!(
-        status(&pool, tenancy, "good").await,
+        recorded_status(&pool, tenancy, "good").await,
         (Some(synced_through), true, 0)
     );
-    assert_eq!(status(&pool, tenancy, "down").await, (None, false, 1));
+    assert_eq!(
+        recorded_status(&pool, tenancy, "down").await,
+        (None, false, 1)
+    );
 
     // The second database is dropped from the configuration; the next sync completes.
     attach(&pool, tenancy, &[("good", &url)]).await;
@@ -333,7 +323,7 @@ async fn direct_syncs_record_every_database_status_whether_the_request_completes
         .min(watermark(&tenant, "contact_channels").await);
     assert!(newest > synced_through);
     assert_eq!(
-        status(&pool, tenancy, "good").await,
+        recorded_status(&pool, tenancy, "good").await,
         (Some(newest), true, 0)
     );
 }

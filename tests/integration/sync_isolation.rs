@@ -17,7 +17,7 @@ use crate::harness::fixtures::{
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, engine, engine_with, external_users, recorded_error,
-    sync, sync_ok, sync_only, tenancy_with_database, test_settings, watermark,
+    recorded_status, sync, sync_ok, sync_only, tenancy_with_database, test_settings, watermark,
 };
 use crate::harness::wait;
 
@@ -165,20 +165,12 @@ async fn success_is_recorded_in_the_status_table() {
 
     sync_ok(&pool, &engine, tenancy).await;
 
-    let (synced, success_at, failures): (Option<i64>, Option<chrono::NaiveDateTime>, i32) =
-        sqlx::query_as(
-            r#"select "lastSyncedSequenceId", "lastSuccessAt", "consecutiveFailures"
-               from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = 'main'"#,
-        )
-        .bind(tenancy)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (synced, succeeded, failures) = recorded_status(&pool, tenancy, "main").await;
     let lowest_watermark = watermark(&tenant, "users")
         .await
         .min(watermark(&tenant, "contact_channels").await);
     assert_eq!(synced, Some(lowest_watermark));
-    assert!(success_at.is_some());
+    assert!(succeeded);
     assert_eq!(failures, 0);
 }
 

@@ -208,6 +208,24 @@ pub async fn table_exists(tenant: &PgPool, table: &str) -> bool {
         .is_some()
 }
 
+/// What `"ExternalDbSyncStatus"` says of one database: `(lastSyncedSequenceId, whether
+/// lastSuccessAt is set, consecutiveFailures)`.
+pub async fn recorded_status(
+    pool: &PgPool,
+    tenancy: Uuid,
+    database_id: &str,
+) -> (Option<i64>, bool, i32) {
+    sqlx::query_as(
+        r#"select "lastSyncedSequenceId", "lastSuccessAt" is not null, "consecutiveFailures"
+           from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = $2"#,
+    )
+    .bind(tenancy)
+    .bind(database_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// The error recorded for one database in `"ExternalDbSyncStatus"`:
 /// `(lastError, lastErrorRetryable, consecutiveFailures)`.
 pub async fn recorded_error(
