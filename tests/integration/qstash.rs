@@ -106,46 +106,31 @@ async fn qstash_mode_end_to_end_through_the_signed_webhook() {
 
 #[tokio::test]
 async fn a_failed_publish_leaves_the_request_for_a_later_run() {
-    let (app, standin) = app_with_qstash(TOKEN).await;
-    let (tenancy, tenant) = tenancy_with_database(&app.pool).await;
-    user(&app.pool, tenancy, "patient").await;
-    app.run_sequencer("stopWhenIdle=true").await;
-    standin.fail_publishes(1);
-
-    let answer = app.run_poller("stopWhenIdle=true").await;
-
-    assert_eq!(
-        (answer["published"].as_u64(), answer["failed"].as_u64()),
-        (Some(0), Some(1))
-    );
-    let (attempts, error): (i32, Option<String>) = sqlx::query_as(
-        r#"select "attempts", "lastError" from "OutgoingRequest" where "deduplicationKey" = $1"#,
-    )
-    .bind(request_key(tenancy))
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(attempts, 1);
-    assert!(error.unwrap().contains("QStash answered 500"));
-    assert!(standin.published().is_empty());
-
-    // The backoff has passed (moved rather than waited for).
-    sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    let answer = app.run_poller("stopWhenIdle=true").await;
-    assert_eq!(answer["published"], 1);
-    wait_for_source_state(&app.pool, tenancy, &tenant).await;
+    publish_failure_leaves_the_request(|standin| standin.fail_publishes(1), "QStash answered 500")
+        .await;
 }
 
 #[tokio::test]
 async fn a_publish_whose_connection_is_dropped_leaves_the_request_for_a_later_run() {
+    publish_failure_leaves_the_request(
+        |standin| standin.drop_connections(1),
+        "cannot reach QStash",
+    )
+    .await;
+}
+
+/// One publish fails as `fail` makes it: the request stays with its attempt and
+/// `expected_error` (never the token), nothing reaches QStash, and a later run
+/// publishes it.
+async fn publish_failure_leaves_the_request(
+    fail: impl FnOnce(&QstashStandIn),
+    expected_error: &str,
+) {
     let (app, standin) = app_with_qstash(TOKEN).await;
     let (tenancy, tenant) = tenancy_with_database(&app.pool).await;
     user(&app.pool, tenancy, "patient").await;
     app.run_sequencer("stopWhenIdle=true").await;
-    standin.drop_connections(1);
+    fail(&standin);
 
     let answer = app.run_poller("stopWhenIdle=true").await;
 
@@ -162,10 +147,11 @@ async fn a_publish_whose_connection_is_dropped_leaves_the_request_for_a_later_ru
     .unwrap();
     assert_eq!(attempts, 1);
     let error = error.unwrap();
-    assert!(error.contains("cannot reach QStash"), "{error}");
+    assert!(error.contains(expected_error), "{error}");
     assert!(!error.contains(TOKEN), "the token is not recorded");
     assert!(standin.published().is_empty());
 
+    // The backoff has passed (moved rather than waited for).
     sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
         .execute(&app.pool)
         .await
