@@ -208,15 +208,24 @@ pub async fn table_exists(tenant: &PgPool, table: &str) -> bool {
         .is_some()
 }
 
-/// What `"ExternalDbSyncStatus"` says of one database: `(lastSyncedSequenceId, whether
-/// lastSuccessAt is set, consecutiveFailures)`.
-pub async fn recorded_status(
-    pool: &PgPool,
-    tenancy: Uuid,
-    database_id: &str,
-) -> (Option<i64>, bool, i32) {
+/// One database's row in `"ExternalDbSyncStatus"`.
+#[derive(sqlx::FromRow)]
+struct RecordedRow {
+    #[sqlx(rename = "lastSyncedSequenceId")]
+    last_synced_sequence_id: Option<i64>,
+    succeeded: bool,
+    #[sqlx(rename = "lastError")]
+    last_error: Option<String>,
+    #[sqlx(rename = "lastErrorRetryable")]
+    last_error_retryable: Option<bool>,
+    #[sqlx(rename = "consecutiveFailures")]
+    consecutive_failures: i32,
+}
+
+async fn recorded(pool: &PgPool, tenancy: Uuid, database_id: &str) -> RecordedRow {
     sqlx::query_as(
-        r#"select "lastSyncedSequenceId", "lastSuccessAt" is not null, "consecutiveFailures"
+        r#"select "lastSyncedSequenceId", "lastSuccessAt" is not null as succeeded,
+                  "lastError", "lastErrorRetryable", "consecutiveFailures"
            from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = $2"#,
     )
     .bind(tenancy)
@@ -226,6 +235,21 @@ pub async fn recorded_status(
     .unwrap()
 }
 
+/// What `"ExternalDbSyncStatus"` says of one database: `(lastSyncedSequenceId, whether
+/// lastSuccessAt is set, consecutiveFailures)`.
+pub async fn recorded_status(
+    pool: &PgPool,
+    tenancy: Uuid,
+    database_id: &str,
+) -> (Option<i64>, bool, i32) {
+    let row = recorded(pool, tenancy, database_id).await;
+    (
+        row.last_synced_sequence_id,
+        row.succeeded,
+        row.consecutive_failures,
+    )
+}
+
 /// The error recorded for one database in `"ExternalDbSyncStatus"`:
 /// `(lastError, lastErrorRetryable, consecutiveFailures)`.
 pub async fn recorded_error(
@@ -233,15 +257,12 @@ pub async fn recorded_error(
     tenancy: Uuid,
     database_id: &str,
 ) -> (Option<String>, Option<bool>, i32) {
-    sqlx::query_as(
-        r#"select "lastError", "lastErrorRetryable", "consecutiveFailures"
-           from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = $2"#,
+    let row = recorded(pool, tenancy, database_id).await;
+    (
+        row.last_error,
+        row.last_error_retryable,
+        row.consecutive_failures,
     )
-    .bind(tenancy)
-    .bind(database_id)
-    .fetch_one(pool)
-    .await
-    .unwrap()
 }
 
 /// A new tenancy with one new tenant database, `main`, attached.
