@@ -131,18 +131,21 @@ impl Application {
             let sequencer_wake = wakeups.changes.clone();
             tasks.spawn(async move {
                 let settings = &worker_state.config.sequencer;
+                let worker = tokio::sync::Mutex::new(sequencer::Worker::default());
+                let worker = &worker;
                 workers::run_loop(
                     "sequencer",
                     worker_state.shutdown.clone(),
                     settings.idle_interval,
                     sequencer_wake,
-                    || async {
-                        sequencer::run_once(&worker_state.pool, settings)
-                            .await
-                            .map(|run| run.outcome(settings.batch_size))
-                    },
+                    || async { worker.lock().await.step(&worker_state.pool, settings).await },
                 )
                 .await;
+                worker
+                    .lock()
+                    .await
+                    .give_up_lease(&worker_state.pool, settings)
+                    .await;
                 ("sequencer worker", Ok(()))
             });
             let worker_state = state.clone();

@@ -29,6 +29,10 @@ pub enum Outcome {
     /// Nothing new to start, but work started by earlier steps is still running; its end
     /// wakes the loop, which may then find more (the poller's syncs).
     Waiting,
+    /// Nothing to do now, but work may come that will not announce itself: look again
+    /// after this pause (or a wake-up, if one comes first). The sequencer, while writers
+    /// it asked to stay quiet are still committing.
+    Recheck(Duration),
 }
 
 impl Outcome {
@@ -38,7 +42,10 @@ impl Outcome {
 
     /// Whether the loop should wait for a wake-up (or its timer) before the next step.
     pub fn waits(&self) -> bool {
-        matches!(self, Outcome::Idle | Outcome::Disabled | Outcome::Waiting)
+        matches!(
+            self,
+            Outcome::Idle | Outcome::Disabled | Outcome::Waiting | Outcome::Recheck(_)
+        )
     }
 }
 
@@ -63,10 +70,10 @@ pub async fn run_loop<F, Fut, E>(
         let (pause, wakeable) = match step().await {
             Ok(outcome) => {
                 consecutive_failures = 0;
-                if outcome.waits() {
-                    (idle_interval, true)
-                } else {
-                    (Duration::ZERO, false)
+                match outcome {
+                    Outcome::Recheck(pause) => (pause, true),
+                    _ if outcome.waits() => (idle_interval, true),
+                    _ => (Duration::ZERO, false),
                 }
             }
             Err(error) => {

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use sqlx::PgExecutor;
 
+use crate::wakeup::{CHANGES_CHANNEL, REQUESTS_CHANNEL};
+
 /// The two switches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Fusebox {
@@ -27,7 +29,9 @@ pub async fn read(executor: impl PgExecutor<'_>) -> Result<Fusebox, sqlx::Error>
     }))
 }
 
-/// Sets the switches that are given and leaves the others; returns the new state.
+/// Sets the switches that are given and leaves the others; returns the new state. Each
+/// loop that is switched on is woken (at commit), rather than at its next timer: a
+/// sleeping loop hears of no change made while it was off.
 pub async fn write(
     executor: impl PgExecutor<'_>,
     sequencer_enabled: Option<bool>,
@@ -35,17 +39,28 @@ pub async fn write(
 ) -> Result<Fusebox, sqlx::Error> {
     sqlx::query_as::<_, Fusebox>(
         r#"
-        insert into "ExternalDbSyncMetadata" ("singleton", "sequencerEnabled", "pollerEnabled")
-        values (true, coalesce($1, true), coalesce($2, true))
-        on conflict ("singleton") do update set
-            "sequencerEnabled" = coalesce($1, "ExternalDbSyncMetadata"."sequencerEnabled"),
-            "pollerEnabled" = coalesce($2, "ExternalDbSyncMetadata"."pollerEnabled"),
-            "updatedAt" = current_timestamp
-        returning "sequencerEnabled", "pollerEnabled"
+        with written as (
+            insert into "ExternalDbSyncMetadata" ("singleton", "sequencerEnabled", "pollerEnabled")
+            values (true, coalesce($1, true), coalesce($2, true))
+            on conflict ("singleton") do update set
+                "sequencerEnabled" = coalesce($1, "ExternalDbSyncMetadata"."sequencerEnabled"),
+                "pollerEnabled" = coalesce($2, "ExternalDbSyncMetadata"."pollerEnabled"),
+                "updatedAt" = current_timestamp
+            returning "sequencerEnabled", "pollerEnabled"
+        ), woken as (
+            select pg_notify(wake.channel, '')
+            from written, lateral (values
+                ($3, "sequencerEnabled"), ($4, "pollerEnabled")) as wake (channel, enabled)
+            where wake.enabled
+        )
+        select "sequencerEnabled", "pollerEnabled", (select count(*) from woken) as woken
+        from written
         "#,
     )
     .bind(sequencer_enabled)
     .bind(poller_enabled)
+    .bind(CHANGES_CHANNEL)
+    .bind(REQUESTS_CHANNEL)
     .fetch_one(executor)
     .await
 }

@@ -3,7 +3,10 @@
 //! The batch itself is the SQL function `external_db_sync_sequence_batch` (see the
 //! migrations), so that one batch is one round trip and one transaction: it reads the
 //! fusebox, takes the sequencer's advisory lock, numbers the flagged rows and queues
-//! their tenancies.
+//! their tenancies. It also keeps the lease by which an awake sequencer loop tells
+//! writers that they need not notify it (migration 8, [`Wakefulness`]).
+
+use std::time::Duration;
 
 use sqlx::PgExecutor;
 
@@ -20,6 +23,37 @@ pub struct SequencedBatch {
     /// New pending `"OutgoingRequest"` rows; a tenancy that already had one pending gets
     /// no second one.
     pub requests_enqueued: i64,
+    /// The caller may sleep until notified: it asked to ([`Wakefulness::Sleepy`]), no
+    /// writer was between checking the lease and committing, and the batch found
+    /// nothing. Writers notify from now on.
+    pub sleeping: bool,
+}
+
+/// How the caller of [`sequence_batch`] stands towards the change notifications.
+///
+/// Notifying costs writers: PostgreSQL serializes the commits of notifying
+/// transactions. So a sequencer loop that is awake, and will look again anyway, holds a
+/// lease that keeps writers quiet, and gives it up only when it is safe to sleep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wakefulness {
+    /// A caller that runs batches once (the cron route, tests): the lease is left alone.
+    OneOff,
+    /// A loop that will run another batch at once: it holds (renews) a lease this long.
+    Awake { lease: Duration },
+    /// A loop that found nothing last time and would like to sleep until notified; if it
+    /// may not yet, it keeps the lease like [`Wakefulness::Awake`].
+    Sleepy { lease: Duration },
+}
+
+impl Wakefulness {
+    fn lease_ms(self) -> Option<i64> {
+        match self {
+            Wakefulness::OneOff => None,
+            Wakefulness::Awake { lease } | Wakefulness::Sleepy { lease } => {
+                Some(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+            }
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -31,7 +65,8 @@ struct BatchRow {
 
 /// Numbers up to `batch_size` flagged rows of each source table, clears their flags, and
 /// queues one `"OutgoingRequest"` for every tenancy concerned; `None` when the fusebox
-/// has the sequencer switched off (then nothing is touched).
+/// has the sequencer switched off (then nothing is touched). `wakefulness` says what to
+/// do with the lease that keeps writers from notifying.
 ///
 /// The function holds the sequencer's advisory lock until the transaction it runs in
 /// ends: that is what keeps the ordering invariant of DESIGN.md §4, since sequence
@@ -42,13 +77,17 @@ pub async fn sequence_batch(
     executor: impl PgExecutor<'_>,
     batch_size: u32,
     sync_engine_path: &str,
+    wakefulness: Wakefulness,
 ) -> Result<Option<SequencedBatch>, sqlx::Error> {
-    let row =
-        sqlx::query_as::<_, BatchRow>("select * from external_db_sync_sequence_batch($1, $2, $3)")
-            .bind(i64::from(batch_size))
-            .bind(sync_engine_path)
-            .bind(SYNC_REQUEST_KEY_PREFIX)
-            .fetch_one(executor)
-            .await?;
+    let row = sqlx::query_as::<_, BatchRow>(
+        "select * from external_db_sync_sequence_batch($1, $2, $3, $4, $5)",
+    )
+    .bind(i64::from(batch_size))
+    .bind(sync_engine_path)
+    .bind(SYNC_REQUEST_KEY_PREFIX)
+    .bind(wakefulness.lease_ms())
+    .bind(matches!(wakefulness, Wakefulness::Sleepy { .. }))
+    .fetch_one(executor)
+    .await?;
     Ok(row.sequencer_enabled.then_some(row.batch))
 }

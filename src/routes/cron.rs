@@ -121,7 +121,11 @@ where
         }
         let waiting = outcome == Outcome::Waiting;
         if outcome.waits() {
-            let pause = if waiting { WAITING_PAUSE } else { IDLE_PAUSE };
+            let pause = match outcome {
+                Outcome::Recheck(pause) => pause,
+                Outcome::Waiting => WAITING_PAUSE,
+                _ => IDLE_PAUSE,
+            };
             tokio::select! {
                 () = shutdown.cancelled() => break StopReason::Shutdown,
                 () = ended.notified(), if waiting => {}

@@ -17,3 +17,4 @@ mod sync_sessions;
 mod sync_targets;
 mod sync_webhook;
 mod triggers;
+mod wakeups;

@@ -23,7 +23,8 @@ use crate::harness::fixtures::{
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, engine, external_channels, external_users,
-    hold_mapping_lock, recorded_status, tenancy_with_database, two_tenancies_with_users, watermark,
+    hold_mapping_lock, recorded_status, tenancy_with_database, two_tenancies_with_users,
+    wait_for_user, watermark,
 };
 use crate::harness::wait;
 
@@ -91,21 +92,7 @@ async fn serve_alone_brings_a_write_to_the_tenant_database() {
 
     let id = user(&app.pool, tenancy, "written once").await;
 
-    wait::until(
-        "the user in the tenant database",
-        Duration::from_secs(30),
-        || {
-            let tenant = tenant.clone();
-            async move {
-                let users = sqlx::query_scalar::<_, Uuid>("select id from users")
-                    .fetch_all(&tenant)
-                    .await
-                    .ok()?;
-                users.contains(&id).then_some(())
-            }
-        },
-    )
-    .await;
+    wait_for_user(&tenant, id).await;
     assert_tenant_matches_source(&app.pool, tenancy, &tenant).await;
     app.stop().await.unwrap();
 }
@@ -630,6 +617,7 @@ async fn a_request_is_not_consumed_while_a_sequencer_batch_that_relies_on_it_is_
         &mut *batch,
         1000,
         external_db_sync::routes::SYNC_ENGINE_PATH,
+        external_db_sync::db::sequencing::Wakefulness::OneOff,
     )
     .await
     .unwrap()

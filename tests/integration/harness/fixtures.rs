@@ -127,7 +127,9 @@ pub async fn sequence_all(pool: &PgPool, batch_size: u32) -> u32 {
             Outcome::Worked { .. } => batches += 1,
             Outcome::Idle => return batches,
             Outcome::Disabled => panic!("the sequencer is switched off"),
-            Outcome::Waiting => unreachable!("the sequencer starts nothing it waits for"),
+            Outcome::Waiting | Outcome::Recheck(_) => {
+                unreachable!("a one-off batch neither waits nor rechecks")
+            }
         }
     }
 }

@@ -266,6 +266,22 @@ pub async fn recorded_error(
 }
 
 /// A new tenancy with one new tenant database, `main`, attached.
+/// Waits (30 s at most) until the user `id` is in the tenant database.
+pub async fn wait_for_user(tenant: &PgPool, id: Uuid) {
+    super::wait::until(
+        "the user in the tenant database",
+        std::time::Duration::from_secs(30),
+        || async move {
+            let users = sqlx::query_scalar::<_, Uuid>("select id from users")
+                .fetch_all(tenant)
+                .await
+                .ok()?;
+            users.contains(&id).then_some(())
+        },
+    )
+    .await;
+}
+
 pub async fn tenancy_with_database(pool: &PgPool) -> (Uuid, PgPool) {
     let tenancy = super::fixtures::tenancy(pool).await;
     let (url, tenant) = super::fixtures::tenant_database().await;
