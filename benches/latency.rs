@@ -110,9 +110,6 @@ async fn main() {
                 || name == "DATABASE_MAX_CONNECTIONS"
         })
         .collect();
-    variables
-        .entry("DATABASE_MAX_CONNECTIONS".to_owned())
-        .or_insert_with(|| "40".to_owned());
     for (name, value) in [
         ("DATABASE_URL", internal_url.clone()),
         ("CRON_SECRET", "benchmark-cron-secret-0123".to_owned()),

@@ -46,7 +46,7 @@ impl Default for PollerSettings {
             batch_size: 100,
             lease: Duration::from_secs(300),
             idle_interval: Duration::from_secs(5),
-            sync_concurrency: 8,
+            sync_concurrency: 32,
             retry_base: Duration::from_secs(1),
             retry_cap: Duration::from_secs(300),
         }
