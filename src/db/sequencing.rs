@@ -23,9 +23,10 @@ pub struct SequencedBatch {
     /// New pending `"OutgoingRequest"` rows; a tenancy that already had one pending gets
     /// no second one.
     pub requests_enqueued: i64,
-    /// The caller may sleep until notified: it asked to ([`Wakefulness::Sleepy`]), no
-    /// writer was between checking the lease and committing, and the batch found
-    /// nothing. Writers notify from now on.
+    /// The caller may sleep until notified: it asked to ([`Wakefulness::Sleepy`]), the
+    /// batch found nothing, no writer was between checking the lease and committing,
+    /// and no flagged row is left (not even one the batch skipped because it was
+    /// locked). Or the sequencer is switched off. Writers notify from now on.
     pub sleeping: bool,
 }
 
