@@ -113,8 +113,9 @@ const WAKE_LEASE: Duration = Duration::from_secs(2);
 /// during a pause waits for the pause's end, so they stay short.
 const AWAKE_PAUSES_MS: [u64; 6] = [1, 2, 4, 8, 8, 8];
 /// Once the loop tries to sleep, it may not while a writer that saw its lease has not
-/// committed (a transaction left open after its write); it then looks again after
-/// pauses that double up to this.
+/// committed (a transaction left open after its write), or while a flagged row is held
+/// locked by another transaction; it then looks again after pauses that double up to
+/// this.
 const REFUSED_PAUSE_LONGEST: Duration = Duration::from_millis(50);
 
 /// The sequencer as a loop in `serve`: one [`Worker::step`] per batch. It sleeps
@@ -157,7 +158,7 @@ impl Worker {
     /// Gives the lease up as the loop ends, so that writers notify the other replicas at
     /// once instead of when the lease runs out. It keeps trying (a writer mid-commit, or
     /// work found) for as long as the lease would last anyway.
-    pub async fn give_up_lease(&mut self, pool: &PgPool, settings: &SequencerSettings) {
+    pub async fn give_up_lease(&self, pool: &PgPool, settings: &SequencerSettings) {
         let deadline = tokio::time::Instant::now() + WAKE_LEASE;
         let sleepy = Wakefulness::Sleepy { lease: WAKE_LEASE };
         while tokio::time::Instant::now() < deadline {
