@@ -100,7 +100,10 @@ pub async fn claim(
             for update skip locked
         ), pending as (
             select "id" from "OutgoingRequest" as request
-            where "startedFulfillingAt" is null and "nextAttemptAt" <= current_timestamp
+            -- At the column's precision: a row made due "now" is rounded to the
+            -- millisecond, up to half of one later than now.
+            where "startedFulfillingAt" is null
+              and "nextAttemptAt" <= current_timestamp::timestamp(3)
               and (select "on" from switched_on)
               and not exists (
                   select from "OutgoingRequest" as flight

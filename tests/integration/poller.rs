@@ -57,7 +57,7 @@ async fn poll_once(poller: &Poller) -> PolledBatch {
 async fn request_states(pool: &PgPool, tenancy: Uuid) -> Vec<(i32, Option<String>, bool, bool)> {
     sqlx::query_as(
         r#"select "attempts", "lastError", "startedFulfillingAt" is not null,
-                  "nextAttemptAt" <= current_timestamp
+                  "nextAttemptAt" <= current_timestamp::timestamp(3)
            from "OutgoingRequest" where "deduplicationKey" = $1 order by "createdAt""#,
     )
     .bind(request_key(tenancy))
@@ -313,6 +313,31 @@ async fn direct_syncs_record_every_database_status_whether_the_request_completes
         recorded_status(&pool, tenancy, "good").await,
         (Some(newest), true, 0)
     );
+}
+
+/// `"nextAttemptAt"` keeps milliseconds, rounded: a request made due at this very
+/// moment may be stored as up to half a millisecond later. It is due all the same.
+#[tokio::test]
+async fn a_request_due_this_very_moment_is_claimed() {
+    let pool = migrated_pool().await;
+    let tenancy = tenancy(&pool).await;
+    user(&pool, tenancy, "first").await;
+    sequence_all(&pool, 1000).await;
+
+    // Twenty tries, each in one transaction, so that the claim's "now" is the very
+    // moment the request was made due; about half of such moments round up.
+    for _ in 0..20 {
+        let mut transaction = pool.begin().await.unwrap();
+        sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
+            .execute(&mut *transaction)
+            .await
+            .unwrap();
+        let claimed = queue::claim(&mut *transaction, 10, Duration::from_secs(300))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        transaction.rollback().await.unwrap();
+    }
 }
 
 #[tokio::test]
