@@ -75,6 +75,14 @@ async fn sequencer_awake(pool: &PgPool) -> bool {
         .unwrap()
 }
 
+/// Waits (30 s at most) until no sequencer holds a lease.
+async fn wait_until_no_lease(pool: &PgPool, what: &str) {
+    wait::until(what, Duration::from_secs(30), || async {
+        (!sequencer_awake(pool).await).then_some(())
+    })
+    .await;
+}
+
 /// A tenancy with one user, already sequenced.
 async fn sequenced_user(pool: &PgPool) -> (Uuid, Uuid) {
     let tenancy = fixtures::tenancy(pool).await;
@@ -273,11 +281,7 @@ async fn a_lease_that_is_not_renewed_runs_out() {
     );
 
     // The loop died without giving the lease up: once it ran out, writers notify.
-    wait::until("the lease to run out", Duration::from_secs(30), || {
-        let pool = pool.clone();
-        async move { (!sequencer_awake(&pool).await).then_some(()) }
-    })
-    .await;
+    wait_until_no_lease(&pool, "the lease to run out").await;
     rename_user(&pool, user, "after the lease").await;
     assert!(writes_notified(&pool, &mut listener).await);
 }
@@ -297,11 +301,7 @@ async fn serve_wakes_for_each_write_after_sleeping() {
     let mut listener = listener(&app.pool).await;
 
     for round in 0..3 {
-        wait::until("the sequencer to sleep", Duration::from_secs(30), || {
-            let pool = app.pool.clone();
-            async move { (!sequencer_awake(&pool).await).then_some(()) }
-        })
-        .await;
+        wait_until_no_lease(&app.pool, "the sequencer to sleep").await;
         let id = fixtures::user(&app.pool, tenancy, &format!("round {round}")).await;
         assert!(
             writes_notified(&app.pool, &mut listener).await,
