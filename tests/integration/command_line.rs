@@ -4,43 +4,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
 
 use crate::harness::app::CRON_SECRET;
+use crate::harness::binary::{command, free_address, wait_until_healthy};
 use crate::harness::postgres::server;
-use crate::harness::wait;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_external-db-sync");
-/// Every variable the service reads, cleared so that the caller's environment cannot leak
-/// into a test.
-const VARIABLES: [&str; 16] = [
-    "DATABASE_URL",
-    "DATABASE_MAX_CONNECTIONS",
-    "BIND_ADDR",
-    "PUBLIC_URL",
-    "CRON_SECRET",
-    "SYNC_QUEUE",
-    "QSTASH_URL",
-    "QSTASH_TOKEN",
-    "QSTASH_CURRENT_SIGNING_KEY",
-    "QSTASH_NEXT_SIGNING_KEY",
-    "RUN_WORKERS",
-    "ALLOW_PRIVATE_TARGETS",
-    "RUST_LOG",
-    "LOG_FORMAT",
-    "SEQUENCER_BATCH_SIZE",
-    "SEQUENCER_IDLE_INTERVAL_MS",
-];
-
-fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(BINARY);
-    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
-    for variable in VARIABLES {
-        command.env_remove(variable);
-    }
-    command.envs(env.iter().copied());
-    command
-}
 
 /// Runs the binary to completion (bounded) and returns (exit code, stderr).
 async fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
@@ -156,33 +123,10 @@ async fn migrate_reports_an_unreachable_database_on_one_line() {
     assert!(!stderr.contains("s3cr3t-pass"), "{stderr}");
 }
 
-async fn wait_until_healthy(address: &str, child: &mut Child) {
-    let client = reqwest::Client::new();
-    wait::until("serve to answer /healthz", Duration::from_secs(30), || {
-        let exited = child.try_wait().unwrap();
-        let client = &client;
-        async move {
-            assert!(exited.is_none(), "serve exited early: {exited:?}");
-            let response = client
-                .get(format!("http://{address}/healthz"))
-                .send()
-                .await
-                .ok()?;
-            (response.status() == 200).then_some(())
-        }
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn serve_shuts_down_cleanly_on_sigterm() {
     let url = server().migrated_database().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("127.0.0.1:{port}");
+    let address = free_address();
     let mut child = command(
         &["serve"],
         &[

@@ -2,13 +2,10 @@
 //! leases that expire, wake-ups that are never lost, the fusebox, and `serve` doing it all
 //! on its own.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use external_db_sync::db::queue;
-use external_db_sync::poller::{InFlight, PolledBatch, Poller, PollerRun, PollerSettings};
-use external_db_sync::queue::direct::DirectPublisher;
-use external_db_sync::queue::Publisher;
+use external_db_sync::poller::InFlight;
 use external_db_sync::sync::mapping::Mapping;
 use reqwest::Method;
 use serde_json::json;
@@ -20,38 +17,13 @@ use crate::harness::fixtures::{
     delete_channel, delete_user, email, pending_request_keys, rename_user, request_key,
     sequence_all, tenancy, tenant_database, user,
 };
+use crate::harness::polling::{direct_poller, poll_once, step};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
-    assert_tenant_matches_source, attach, engine, external_channels, external_users,
-    hold_mapping_lock, recorded_status, tenancy_with_database, two_tenancies_with_users,
-    wait_for_user, watermark,
+    assert_tenant_matches_source, attach, external_channels, external_users, hold_mapping_lock,
+    recorded_status, tenancy_with_database, two_tenancies_with_users, wait_for_user, watermark,
 };
 use crate::harness::wait;
-
-fn direct_poller(pool: &PgPool, sync_concurrency: usize) -> Poller {
-    let publisher = Publisher::Direct(DirectPublisher::new(Arc::new(engine(pool))));
-    let settings = PollerSettings {
-        sync_concurrency,
-        ..PollerSettings::default()
-    };
-    Poller::new(pool.clone(), Arc::new(publisher), settings)
-}
-
-/// One step, as the loop runs it; its syncs are not waited for.
-async fn step(poller: &Poller, in_flight: &InFlight) -> PolledBatch {
-    match poller.run_once(in_flight).await.unwrap() {
-        PollerRun::Batch(batch) => batch,
-        PollerRun::Disabled => panic!("the poller is switched off"),
-    }
-}
-
-/// One step, and the syncs it started run to the end.
-async fn poll_once(poller: &Poller) -> PolledBatch {
-    let in_flight = InFlight::default();
-    let mut batch = step(poller, &in_flight).await;
-    batch.add(&poller.finish(&in_flight).await.unwrap());
-    batch
-}
 
 /// `(attempts, lastError, in flight, due now)` of the tenancy's requests.
 async fn request_states(pool: &PgPool, tenancy: Uuid) -> Vec<(i32, Option<String>, bool, bool)> {

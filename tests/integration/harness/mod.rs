@@ -3,7 +3,9 @@
 //! engine and wait on conditions.
 
 pub mod app;
+pub mod binary;
 pub mod fixtures;
+pub mod polling;
 pub mod postgres;
 pub mod qstash;
 pub mod qstash_standin;

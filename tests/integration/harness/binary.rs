@@ -1,0 +1,71 @@
+//! Running the built binary: a clean environment, a free address, waiting for health.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::wait;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_external-db-sync");
+
+/// Every variable the service reads, cleared so that the caller's environment cannot leak
+/// into a test.
+const VARIABLES: [&str; 16] = [
+    "DATABASE_URL",
+    "DATABASE_MAX_CONNECTIONS",
+    "BIND_ADDR",
+    "PUBLIC_URL",
+    "CRON_SECRET",
+    "SYNC_QUEUE",
+    "QSTASH_URL",
+    "QSTASH_TOKEN",
+    "QSTASH_CURRENT_SIGNING_KEY",
+    "QSTASH_NEXT_SIGNING_KEY",
+    "RUN_WORKERS",
+    "ALLOW_PRIVATE_TARGETS",
+    "RUST_LOG",
+    "LOG_FORMAT",
+    "SEQUENCER_BATCH_SIZE",
+    "SEQUENCER_IDLE_INTERVAL_MS",
+];
+
+/// The binary with `args`, only the variables in `env`, no input, killed when dropped.
+pub fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BINARY);
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    for variable in VARIABLES {
+        command.env_remove(variable);
+    }
+    command.envs(env.iter().copied());
+    command
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// Waits (30 s at most) until the process answers `/healthz`; panics if it exits first.
+pub async fn wait_until_healthy(address: &str, child: &mut Child) {
+    let client = reqwest::Client::new();
+    wait::until("serve to answer /healthz", Duration::from_secs(30), || {
+        let exited = child.try_wait().unwrap();
+        let client = &client;
+        async move {
+            assert!(exited.is_none(), "serve exited early: {exited:?}");
+            let response = client
+                .get(format!("http://{address}/healthz"))
+                .send()
+                .await
+                .ok()?;
+            (response.status() == 200).then_some(())
+        }
+    })
+    .await;
+}

@@ -1,0 +1,36 @@
+//! Driving the poller in `direct` mode from tests, one step at a time.
+
+use std::sync::Arc;
+
+use external_db_sync::poller::{InFlight, PolledBatch, Poller, PollerRun, PollerSettings};
+use external_db_sync::queue::direct::DirectPublisher;
+use external_db_sync::queue::Publisher;
+use sqlx::PgPool;
+
+use super::sync::engine;
+
+/// A poller that syncs in-process on an engine of its own, `sync_concurrency` at once.
+pub fn direct_poller(pool: &PgPool, sync_concurrency: usize) -> Poller {
+    let publisher = Publisher::Direct(DirectPublisher::new(Arc::new(engine(pool))));
+    let settings = PollerSettings {
+        sync_concurrency,
+        ..PollerSettings::default()
+    };
+    Poller::new(pool.clone(), Arc::new(publisher), settings)
+}
+
+/// One step, as the loop runs it; its syncs are not waited for.
+pub async fn step(poller: &Poller, in_flight: &InFlight) -> PolledBatch {
+    match poller.run_once(in_flight).await.unwrap() {
+        PollerRun::Batch(batch) => batch,
+        PollerRun::Disabled => panic!("the poller is switched off"),
+    }
+}
+
+/// One step, and the syncs it started run to the end.
+pub async fn poll_once(poller: &Poller) -> PolledBatch {
+    let in_flight = InFlight::default();
+    let mut batch = step(poller, &in_flight).await;
+    batch.add(&poller.finish(&in_flight).await.unwrap());
+    batch
+}
