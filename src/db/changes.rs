@@ -45,8 +45,13 @@ pub async fn next_batch(
 }
 
 /// Turns the rows of a batch query into a [`Batch`]: each row has the bookkeeping
-/// columns (`id`, `last_sequence_id`, `batch_changes`, `present`) and, when `present`,
-/// the mapped columns that `R` is read from.
+/// columns (`id`, `present`, and the batch's `batch_changes` and
+/// `batch_last_sequence_id`) and, when `present`, the mapped columns that `R` is read
+/// from.
+///
+/// The batch's last id is that of its last change, not the highest id among the rows
+/// it writes: a tombstone of a row that exists again is not written (the live row is),
+/// yet the watermark must pass it.
 fn collect<R>(
     rows: &[PgRow],
     wrap: impl FnOnce(Vec<R>) -> Upserts,
@@ -58,11 +63,10 @@ where
         return Ok(None);
     };
     let changes: i64 = first.try_get("batch_changes")?;
-    let mut last_sequence_id = i64::MIN;
+    let last_sequence_id: i64 = first.try_get("batch_last_sequence_id")?;
     let mut upserts = Vec::with_capacity(rows.len());
     let mut deletes = Vec::new();
     for row in rows {
-        last_sequence_id = last_sequence_id.max(row.try_get("last_sequence_id")?);
         if row.try_get::<bool, _>("present")? {
             upserts.push(R::from_row(row)?);
         } else {
@@ -178,7 +182,7 @@ with live as (
 )
 select
     touched.*,
-    touched.sequence_id as last_sequence_id,
+    (select last_sequence_id from cutoff) as batch_last_sequence_id,
     (select changes from cutoff) as batch_changes
     {rest}
 "#

@@ -59,7 +59,8 @@ pub struct ClaimedRequest {
     #[sqlx(rename = "externalDatabases")]
     pub external_databases: Option<serde_json::Value>,
     /// The highest sequence id among the tenancy's user changes (live users and their
-    /// tombstones) as of the claim; `None` when there is none.
+    /// tombstones), read after the request was locked, so it covers every sequencer
+    /// batch that relied on this request; `None` when there is none.
     #[sqlx(rename = "latestUserChange")]
     pub latest_user_change: Option<i64>,
     /// The same for contact channels.
@@ -136,20 +137,15 @@ pub async fn claim(
                                    'null'::jsonb)
                    from "Tenancy" as tenancy
                    where tenancy."id" = due.tenancy_id) as "externalDatabases",
-                  -- Each mapping's latest change (live rows and tombstones), read from
-                  -- the same snapshot as the claim; each max is one index probe.
-                  greatest(
-                      (select max("sequenceId") from "ProjectUser"
-                       where "tenancyId" = due.tenancy_id),
-                      (select max("sequenceId") from "DeletedRow"
-                       where "tenancyId" = due.tenancy_id and "tableName" = 'ProjectUser')
-                  ) as "latestUserChange",
-                  greatest(
-                      (select max("sequenceId") from "ContactChannel"
-                       where "tenancyId" = due.tenancy_id),
-                      (select max("sequenceId") from "DeletedRow"
-                       where "tenancyId" = due.tenancy_id and "tableName" = 'ContactChannel')
-                  ) as "latestChannelChange"
+                  -- Each mapping's latest change (live rows and tombstones), read by a
+                  -- volatile function, so from a snapshot taken after this request was
+                  -- locked (migration 9): the statement's own snapshot predates the
+                  -- lock, and would miss a sequencer batch that relied on the request
+                  -- and committed in between.
+                  external_db_sync_latest_change(due.tenancy_id, 'ProjectUser')
+                      as "latestUserChange",
+                  external_db_sync_latest_change(due.tenancy_id, 'ContactChannel')
+                      as "latestChannelChange"
         "#,
     )
     .bind(i64::from(limit))

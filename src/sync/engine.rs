@@ -256,8 +256,9 @@ pub struct MappingReport {
     pub more_remaining: bool,
 }
 
-/// What the poller's claim read about a tenancy, from the claim's snapshot, so that a
-/// sync started right after it need not read it again.
+/// What the poller's claim read about a tenancy, so that a sync started right after it
+/// need not read it again. The latest changes are read after the request was locked
+/// (see [`crate::db::queue::claim`]), so they cover every change that relied on it.
 #[derive(Debug, Clone, Default)]
 pub struct ClaimedTenancy {
     /// `config.dbSync.externalDatabases` (JSON `null` when absent); `None`: no such
@@ -280,10 +281,11 @@ pub async fn sync_tenancy(
 
 /// [`sync_tenancy`] with what its claim read. A mapping whose watermark this process
 /// knows to be at or past the mapping's latest change is left alone without reading
-/// anything: most syncs of a busy tenancy have changes of one mapping only. Changes
-/// numbered after the claim's snapshot came with a sync request of their own (the one
-/// claimed was no longer pending, or the sequencer held it locked so the claim skipped
-/// it), so they are synced by that request, never lost.
+/// anything: most syncs of a busy tenancy have changes of one mapping only. A change
+/// the claim's latest values do not cover came with a sync request of its own: its
+/// sequencer batch committed after the claim locked the request, found it no longer
+/// pending, and queued another. Batches that relied on the claimed request committed
+/// before the claim could lock it, and the latest values were read after that.
 ///
 /// The statuses of the databases that succeeded are left in
 /// [`TenancyReport::unrecorded`], for the caller to record with the completion of the

@@ -7,10 +7,12 @@ mod harness;
 
 mod command_line;
 mod http;
+mod lost_changes;
 mod migrations;
 mod poller;
 mod qstash;
 mod sequencer;
+mod soak;
 mod sync_engine;
 mod sync_isolation;
 mod sync_sessions;

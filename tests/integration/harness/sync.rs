@@ -199,6 +199,29 @@ pub async fn watermark(tenant: &PgPool, mapping: &str) -> i64 {
     .unwrap()
 }
 
+/// The highest sequence id among `table`'s changes in `tenancy_id`: live rows and
+/// tombstones. A caught-up mapping's watermark is exactly this.
+pub async fn latest_change(pool: &PgPool, tenancy_id: Uuid, table: &str) -> i64 {
+    let live = match table {
+        "ProjectUser" => r#"select max("sequenceId") from "ProjectUser" where "tenancyId" = $1"#,
+        _ => r#"select max("sequenceId") from "ContactChannel" where "tenancyId" = $1"#,
+    };
+    let live: Option<i64> = sqlx::query_scalar(live)
+        .bind(tenancy_id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let tombstones: Option<i64> = sqlx::query_scalar(
+        r#"select max("sequenceId") from "DeletedRow" where "tenancyId" = $1 and "tableName" = $2"#,
+    )
+    .bind(tenancy_id)
+    .bind(table)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    live.max(tombstones).expect("the mapping has changes")
+}
+
 pub async fn table_exists(tenant: &PgPool, table: &str) -> bool {
     sqlx::query_scalar::<_, Option<String>>("select to_regclass($1)::text")
         .bind(table)
