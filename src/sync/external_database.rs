@@ -1,7 +1,8 @@
 //! A tenancy's external databases, from `"Tenancy"."config".dbSync.externalDatabases`:
 //!
 //! ```json
-//! {"<dbId>": {"type": "postgres", "connectionString": "postgres://…", "readRoles": ["analyst"]}}
+//! {"<dbId>": {"type": "postgres", "connectionString": "postgres://…", "readRoles": ["analyst"],
+//!             "caCertificate": "-----BEGIN CERTIFICATE-----…"}}
 //! ```
 //!
 //! Each entry is parsed on its own, so one broken entry is reported for that database
@@ -71,7 +72,12 @@ fn parse_one(entry: &Value) -> Result<ExternalDatabase, SyncError> {
         .get("connectionString")
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("connectionString is missing or not a string"))?;
-    let target = Target::parse(connection_string)?;
+    let mut target = Target::parse(connection_string)?;
+    match entry.get("caCertificate") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(pem)) => target = target.with_ca_certificate(pem)?,
+        Some(_) => return Err(invalid("caCertificate must be PEM text")),
+    }
     let read_roles = match entry.get("readRoles") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(roles)) => roles

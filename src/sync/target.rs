@@ -13,7 +13,6 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -23,7 +22,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use url::Url;
 
 use super::error::SyncError;
-use super::tls::{self, SslMode};
+use super::tls::{self, RootCertificates, SslMode};
 
 /// The `application_name` tenant databases see in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "external-db-sync";
@@ -51,7 +50,7 @@ pub struct Target {
     password: Option<SecretString>,
     dbname: String,
     ssl_mode: SslMode,
-    root_cert: Option<PathBuf>,
+    roots: RootCertificates,
     connect_timeout: Option<Duration>,
 }
 
@@ -64,9 +63,12 @@ impl fmt::Debug for Target {
 
 impl Target {
     /// Parses a `postgres://user:password@host:port/dbname?sslmode=…` URL. Supported
-    /// parameters: `sslmode` (default `prefer`, as in libpq), `sslrootcert`,
-    /// `connect_timeout` (seconds) and `application_name` (ignored: the service always
-    /// names itself). Anything else is refused rather than silently dropped.
+    /// parameters: `sslmode` (default `prefer`, as in libpq), `sslrootcert=system` (the
+    /// web PKI roots, also the default), `connect_timeout` (seconds) and
+    /// `application_name` (ignored: the service always names itself). Anything else is
+    /// refused rather than silently dropped: above all an `sslrootcert` path, which
+    /// would make the service open a file a tenant chose (the CA goes in the entry's
+    /// `caCertificate`, see [`Target::with_ca_certificate`]).
     pub fn parse(raw: &str) -> Result<Target, SyncError> {
         let invalid =
             |reason: &str| SyncError::InvalidConfig(format!("connectionString: {reason}"));
@@ -111,9 +113,10 @@ impl Target {
             user,
             password,
             ssl_mode: SslMode::Prefer,
-            root_cert: None,
+            roots: RootCertificates::WebPki,
             connect_timeout: None,
         };
+        let mut system_roots = false;
         for (name, value) in url.query_pairs() {
             match &*name {
                 "sslmode" => {
@@ -123,7 +126,16 @@ impl Target {
                         )
                     })?;
                 }
-                "sslrootcert" => target.root_cert = Some(PathBuf::from(&*value)),
+                "sslrootcert" if value == "system" => system_roots = true,
+                // The same answer for every path, so that it tells nothing about the
+                // service's files.
+                "sslrootcert" => {
+                    return Err(invalid(
+                        "sslrootcert may only be `system`: the service opens no file named \
+                         by a tenant; put the CA's PEM text in the database entry's \
+                         caCertificate instead",
+                    ))
+                }
                 "connect_timeout" => {
                     let seconds: u64 = value.parse().map_err(|_| {
                         invalid("connect_timeout must be a whole number of seconds")
@@ -142,14 +154,25 @@ impl Target {
                 }
             }
         }
-        if target.root_cert.is_some()
-            && !matches!(target.ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull)
-        {
+        if system_roots && !target.ssl_mode.verifies() {
             return Err(invalid(
                 "sslrootcert is only used with sslmode=verify-ca or verify-full",
             ));
         }
         Ok(target)
+    }
+
+    /// Trusts the CA certificates of `pem` (an entry's `caCertificate`) instead of the
+    /// web PKI roots. Only meaningful, and so only accepted, with a verifying `sslmode`.
+    pub fn with_ca_certificate(mut self, pem: &str) -> Result<Target, SyncError> {
+        let invalid = |reason: &str| SyncError::InvalidConfig(format!("caCertificate: {reason}"));
+        if !self.ssl_mode.verifies() {
+            return Err(invalid(
+                "only used with sslmode=verify-ca or verify-full in the connectionString",
+            ));
+        }
+        self.roots = RootCertificates::from_pem(pem).map_err(|reason| invalid(&reason))?;
+        Ok(self)
     }
 
     /// `user@host:port/dbname`, for logs and error messages: never the password.
@@ -391,7 +414,7 @@ pub async fn connect(
     }
 
     let attempt = async {
-        match tls::client_config(target.ssl_mode, target.root_cert.as_deref())? {
+        match tls::client_config(target.ssl_mode, &target.roots)? {
             None => {
                 let (client, connection) = config
                     .connect(tokio_postgres::NoTls)
@@ -455,7 +478,7 @@ mod tests {
 
     #[test]
     fn parses_the_parts_of_a_url() {
-        let target = parse("postgresql://ana%40corp:p%40ss%2Fw0rd@db.example.com:6543/sales%20db?sslmode=verify-full&sslrootcert=/etc/ca.pem&connect_timeout=7");
+        let target = parse("postgresql://ana%40corp:p%40ss%2Fw0rd@db.example.com:6543/sales%20db?sslmode=verify-full&sslrootcert=system&connect_timeout=7");
         assert_eq!(target.user, "ana@corp");
         assert_eq!(
             target.password.as_ref().unwrap().expose_secret(),
@@ -465,7 +488,7 @@ mod tests {
         assert_eq!(target.port, 6543);
         assert_eq!(target.dbname, "sales db");
         assert_eq!(target.ssl_mode, SslMode::VerifyFull);
-        assert_eq!(target.root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert!(matches!(target.roots, RootCertificates::WebPki));
         assert_eq!(target.connect_timeout, Some(Duration::from_secs(7)));
     }
 
@@ -491,8 +514,49 @@ mod tests {
         assert!(
             reason("postgres://a@h/d?options=-c%20x%3Dy").contains("`options` is not supported")
         );
-        assert!(reason("postgres://a@h/d?sslrootcert=/ca.pem").contains("verify-ca or verify-full"));
+        assert!(reason("postgres://a@h/d?sslrootcert=system").contains("verify-ca or verify-full"));
         assert!(reason("postgres://a@h/d?connect_timeout=soon").contains("connect_timeout"));
+    }
+
+    #[test]
+    fn refuses_every_sslrootcert_path_with_one_answer() {
+        let answers: Vec<String> = ["/dev/zero", "/etc", "/no/such/file", "ca.pem", ""]
+            .iter()
+            .map(|path| {
+                reason(&format!(
+                    "postgres://a@h/d?sslmode=verify-full&sslrootcert={path}"
+                ))
+            })
+            .collect();
+        assert!(answers[0].contains("caCertificate"), "{}", answers[0]);
+        assert!(
+            answers.iter().all(|answer| *answer == answers[0]),
+            "{answers:?}"
+        );
+    }
+
+    #[test]
+    fn takes_a_ca_certificate_only_with_a_verifying_sslmode() {
+        let pem = rcgen::generate_simple_self_signed(vec!["ca".to_owned()])
+            .unwrap()
+            .cert
+            .pem();
+        let verifying = parse("postgres://a@h/d?sslmode=verify-ca");
+        let target = verifying.clone().with_ca_certificate(&pem).unwrap();
+        assert!(matches!(&target.roots, RootCertificates::Pem(certs) if certs.len() == 1));
+        let error = |target: &Target, pem: &str| {
+            target
+                .clone()
+                .with_ca_certificate(pem)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(error(&parse("postgres://a@h/d?sslmode=require"), &pem).contains("verify-ca"));
+        assert!(error(&verifying, "hello").contains("holds no PEM certificate"));
+        let bad_body = "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n";
+        assert!(error(&verifying, bad_body).contains("not PEM certificate text"));
+        let huge = pem.repeat(64 * 1024 / pem.len() + 1);
+        assert!(error(&verifying, &huge).contains("larger than 64 KiB"));
     }
 
     #[test]

@@ -8,10 +8,10 @@
 //! | `verify-ca` | yes | yes | no |
 //! | `verify-full` | yes | yes | yes |
 //!
-//! The trusted roots are the certificates in `sslrootcert` (a PEM file) when given, and
-//! otherwise the public web PKI roots.
+//! The trusted roots are the certificates of the database entry's `caCertificate` (PEM
+//! text in the tenant's configuration) when given, and otherwise the public web PKI
+//! roots. A tenant never names a file: the service opens none on a tenant's behalf.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -25,8 +25,44 @@ use rustls::{
 
 use super::error::SyncError;
 
-/// Largest `sslrootcert` file read; CA bundles are far smaller.
-const MAX_ROOT_CERT_FILE: u64 = 4 * 1024 * 1024;
+/// Largest `caCertificate` accepted; a CA certificate or a small bundle is far smaller.
+pub const MAX_CA_CERTIFICATE_BYTES: usize = 64 * 1024;
+
+/// The certificates a verifying `sslmode` trusts.
+#[derive(Debug, Clone, Default)]
+pub enum RootCertificates {
+    /// The public web PKI roots.
+    #[default]
+    WebPki,
+    /// The CA certificates of a `caCertificate` entry, parsed when it was read.
+    Pem(Arc<[CertificateDer<'static>]>),
+}
+
+impl RootCertificates {
+    /// Parses `caCertificate`: PEM text of one or more certificates, at most
+    /// [`MAX_CA_CERTIFICATE_BYTES`]. The reason says what is wrong, never echoing it.
+    pub fn from_pem(pem: &str) -> Result<RootCertificates, String> {
+        if pem.len() > MAX_CA_CERTIFICATE_BYTES {
+            return Err(format!(
+                "larger than {} KiB",
+                MAX_CA_CERTIFICATE_BYTES / 1024
+            ));
+        }
+        let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| "not PEM certificate text".to_owned())?;
+        if certificates.is_empty() {
+            return Err("holds no PEM certificate".to_owned());
+        }
+        let mut store = RootCertStore::empty();
+        for certificate in &certificates {
+            store
+                .add(certificate.clone())
+                .map_err(|error| format!("unusable certificate ({error})"))?;
+        }
+        Ok(RootCertificates::Pem(certificates.into()))
+    }
+}
 
 /// libpq's `sslmode` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +87,11 @@ impl SslMode {
     }
 
     /// What tokio-postgres should negotiate.
+    /// Whether the server's certificate is checked (`verify-ca`, `verify-full`).
+    pub fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+
     pub fn negotiation(self) -> tokio_postgres::config::SslMode {
         match self {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
@@ -65,14 +106,14 @@ impl SslMode {
 /// The rustls configuration for `mode`, or `None` for `disable`.
 pub fn client_config(
     mode: SslMode,
-    root_cert: Option<&Path>,
+    roots: &RootCertificates,
 ) -> Result<Option<ClientConfig>, SyncError> {
     let provider = Arc::new(ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         SslMode::Disable => return Ok(None),
         SslMode::Prefer | SslMode::Require => Arc::new(EncryptionOnly(provider.clone())),
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let roots = Arc::new(root_store(root_cert)?);
+            let roots = Arc::new(root_store(roots)?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                 .build()
                 .map_err(|error| SyncError::Tls(format!("cannot build the verifier: {error}")))?;
@@ -92,31 +133,19 @@ pub fn client_config(
     Ok(Some(config))
 }
 
-fn root_store(root_cert: Option<&Path>) -> Result<RootCertStore, SyncError> {
+fn root_store(roots: &RootCertificates) -> Result<RootCertStore, SyncError> {
     let mut store = RootCertStore::empty();
-    let Some(path) = root_cert else {
-        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        return Ok(store);
-    };
-    let unreadable = |reason: String| {
-        SyncError::InvalidConfig(format!("sslrootcert {}: {reason}", path.display()))
-    };
-    let size = std::fs::metadata(path)
-        .map_err(|error| unreadable(error.kind().to_string()))?
-        .len();
-    if size > MAX_ROOT_CERT_FILE {
-        return Err(unreadable("larger than 4 MiB".to_owned()));
-    }
-    let pem = std::fs::read(path).map_err(|error| unreadable(error.kind().to_string()))?;
-    for certificate in CertificateDer::pem_slice_iter(&pem) {
-        let certificate =
-            certificate.map_err(|_| unreadable("not a PEM certificate file".to_owned()))?;
-        store
-            .add(certificate)
-            .map_err(|error| unreadable(format!("unusable certificate ({error})")))?;
-    }
-    if store.is_empty() {
-        return Err(unreadable("holds no certificate".to_owned()));
+    match roots {
+        RootCertificates::WebPki => {
+            store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        RootCertificates::Pem(certificates) => {
+            for certificate in certificates.iter() {
+                store.add(certificate.clone()).map_err(|error| {
+                    SyncError::InvalidConfig(format!("caCertificate: unusable ({error})"))
+                })?;
+            }
+        }
     }
     Ok(store)
 }

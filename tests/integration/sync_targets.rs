@@ -2,6 +2,7 @@
 //! the synced tables.
 
 use external_db_sync::sync::SyncError;
+use serde_json::json;
 use sqlx::{Connection, PgConnection};
 
 use crate::harness::fixtures::{tenancy, tenant_database, user};
@@ -35,16 +36,25 @@ async fn sslmode_require_syncs_over_tls() {
     );
 }
 
+/// An entry for a database on the TLS server with `parameters`, trusting `ca_pem`.
+fn tls_entry(url: &str, ca_pem: &str) -> serde_json::Value {
+    json!({"type": "postgres", "connectionString": url, "caCertificate": ca_pem})
+}
+
 #[tokio::test]
-async fn sslmode_verify_full_with_the_right_ca_syncs() {
+async fn sslmode_verify_full_with_the_right_ca_certificate_syncs() {
     let internal = migrated_pool().await;
     let tenancy = tenancy(&internal).await;
-    let ca = tls_server().ca_file.display().to_string();
-    let (url, tenant) = tls_database(&format!("sslmode=verify-full&sslrootcert={ca}")).await;
+    let ca = &tls_server().ca_pem;
+    let (url, tenant) = tls_database("sslmode=verify-full").await;
     // verify-ca checks the chain but not the name: "localhost" vs the address works too.
-    let (ca_only_url, ca_only_tenant) =
-        tls_database(&format!("sslmode=verify-ca&sslrootcert={ca}")).await;
-    attach(&internal, tenancy, &[("full", &url), ("ca", &ca_only_url)]).await;
+    let (ca_only_url, ca_only_tenant) = tls_database("sslmode=verify-ca").await;
+    attach_config(
+        &internal,
+        tenancy,
+        json!({"full": tls_entry(&url, ca), "ca": tls_entry(&ca_only_url, ca)}),
+    )
+    .await;
     user(&internal, tenancy, "verified").await;
 
     sync_ok(&internal, &engine(&internal), tenancy).await;
@@ -57,23 +67,89 @@ async fn sslmode_verify_full_with_the_right_ca_syncs() {
 async fn sslmode_verify_full_with_another_ca_fails_clearly_and_is_recorded() {
     let internal = migrated_pool().await;
     let tenancy = tenancy(&internal).await;
-    let other_ca = tls_server().other_ca_file.display().to_string();
-    let (url, tenant) = tls_database(&format!("sslmode=verify-full&sslrootcert={other_ca}")).await;
-    attach(&internal, tenancy, &[("wrong-ca", &url)]).await;
+    let (url, tenant) = tls_database("sslmode=verify-full").await;
+    let (ca_only_url, _) = tls_database("sslmode=verify-ca").await;
+    let other_ca = &tls_server().other_ca_pem;
+    attach_config(
+        &internal,
+        tenancy,
+        json!({"wrong-ca": tls_entry(&url, other_ca), "wrong-ca-only": tls_entry(&ca_only_url, other_ca)}),
+    )
+    .await;
     user(&internal, tenancy, "never arrives").await;
 
     let report = sync(&internal, &engine(&internal), tenancy).await;
 
-    let error = report.databases[0].result.as_ref().unwrap_err();
-    assert!(matches!(error, SyncError::Tls(_)), "{error:?}");
-    assert!(
-        error.to_string().contains("certificate rejected"),
-        "{error}"
-    );
-    assert!(!error.is_retryable());
+    for database in &report.databases {
+        let error = database.result.as_ref().unwrap_err();
+        assert!(matches!(error, SyncError::Tls(_)), "{error:?}");
+        assert!(
+            error.to_string().contains("certificate rejected"),
+            "{error}"
+        );
+        assert!(!error.is_retryable());
+    }
     let (recorded, retryable, _) = recorded_error(&internal, tenancy, "wrong-ca").await;
     assert!(recorded.unwrap().contains("certificate rejected"));
     assert_eq!(retryable, Some(false));
+    assert!(!table_exists(&tenant, "users").await);
+}
+
+/// A tenant cannot make the service open a file: every `sslrootcert` path is refused
+/// when the configuration is read, before anything is opened. A FIFO would block a read
+/// forever and `/dev/zero` would never end one, so a prompt answer proves no read.
+#[tokio::test]
+async fn sslrootcert_paths_are_refused_before_anything_is_read() {
+    let internal = migrated_pool().await;
+    let tenancy = tenancy(&internal).await;
+    let files = tempfile::tempdir().unwrap();
+    let fifo = files.path().join("fifo");
+    let fifo_c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a valid NUL-terminated path and has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
+    let (url, tenant) = tenant_database().await;
+    let paths = [
+        "/dev/zero".to_owned(),
+        fifo.display().to_string(),
+        files.path().display().to_string(),
+        "/no/such/file.pem".to_owned(),
+    ];
+    let entries: serde_json::Map<String, serde_json::Value> = paths
+        .iter()
+        .enumerate()
+        .map(|(index, path)| {
+            let url = format!("{url}?sslmode=verify-full&sslrootcert={path}");
+            (
+                format!("db{index}"),
+                json!({"type": "postgres", "connectionString": url}),
+            )
+        })
+        .collect();
+    attach_config(&internal, tenancy, entries.into()).await;
+    user(&internal, tenancy, "stays put").await;
+
+    let report = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        sync(&internal, &engine(&internal), tenancy),
+    )
+    .await
+    .expect("the sync answered without reading any of the files");
+
+    let answers: Vec<String> = report
+        .databases
+        .iter()
+        .map(|database| {
+            let error = database.result.as_ref().unwrap_err();
+            assert!(matches!(error, SyncError::InvalidConfig(_)), "{error:?}");
+            error.to_string()
+        })
+        .collect();
+    assert_eq!(answers.len(), 4);
+    assert!(answers[0].contains("caCertificate"), "{}", answers[0]);
+    assert!(
+        answers.iter().all(|answer| *answer == answers[0]),
+        "the answer must not tell which paths exist: {answers:?}"
+    );
     assert!(!table_exists(&tenant, "users").await);
 }
 

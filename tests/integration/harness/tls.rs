@@ -1,7 +1,6 @@
 //! A second PostgreSQL cluster that only accepts TLS connections, with a certificate
 //! made for this test run: tenant databases for the `sslmode` tests.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -11,10 +10,9 @@ use super::postgres::{start_cluster, ClusterSetup, Server};
 pub struct TlsServer {
     pub server: Server,
     /// PEM of the CA that signed the server's certificate.
-    pub ca_file: PathBuf,
+    pub ca_pem: String,
     /// PEM of a CA that has nothing to do with the server.
-    pub other_ca_file: PathBuf,
-    _files: tempfile::TempDir,
+    pub other_ca_pem: String,
 }
 
 static TLS_SERVER: OnceLock<TlsServer> = OnceLock::new();
@@ -32,12 +30,6 @@ pub fn tls_server() -> &'static TlsServer {
             .distinguished_name
             .push(DnType::CommonName, "localhost");
         let server_cert = params.signed_by(&server_key, &issuer).unwrap();
-
-        let files = tempfile::tempdir().unwrap();
-        let ca_file = files.path().join("ca.pem");
-        let other_ca_file = files.path().join("other-ca.pem");
-        std::fs::write(&ca_file, &ca_pem).unwrap();
-        std::fs::write(&other_ca_file, &other_ca_pem).unwrap();
 
         let setup = ClusterSetup {
             files: vec![
@@ -63,9 +55,8 @@ pub fn tls_server() -> &'static TlsServer {
             .expect("the TLS test cluster started");
         TlsServer {
             server: Server::without_template(base_url),
-            ca_file,
-            other_ca_file,
-            _files: files,
+            ca_pem,
+            other_ca_pem,
         }
     })
 }
