@@ -3,6 +3,7 @@
 
 pub mod changes;
 pub mod fusebox;
+pub mod identity;
 pub mod queue;
 pub mod sequencing;
 pub mod sync_status;

@@ -27,6 +27,7 @@ use super::schema;
 use super::sessions::{SessionKey, SessionPool, SessionPoolSettings, TenantSession};
 use super::target::{self, SessionSettings, TargetPolicy};
 use crate::db;
+use crate::db::identity::DatabaseIdentity;
 use crate::db::sync_status::{SyncSuccess, SyncedTenancy};
 use crate::error::error_chain;
 use crate::routes::SYNC_ENGINE_PATH;
@@ -69,6 +70,9 @@ pub struct SyncEngine {
     pool: PgPool,
     settings: SyncSettings,
     policy: TargetPolicy,
+    /// The internal database's identity, which no tenant session may have; read on
+    /// first use (a failed read is tried again next time).
+    internal_identity: tokio::sync::OnceCell<DatabaseIdentity>,
     known: KnownDatabases,
     sessions: SessionPool,
 }
@@ -80,9 +84,18 @@ impl SyncEngine {
             pool,
             settings,
             policy,
+            internal_identity: tokio::sync::OnceCell::new(),
             known: KnownDatabases::default(),
             sessions,
         }
+    }
+
+    async fn internal_identity(&self) -> Result<DatabaseIdentity, SyncError> {
+        let identity = self
+            .internal_identity
+            .get_or_try_init(|| db::identity::read(&self.pool))
+            .await?;
+        Ok(*identity)
     }
 
     /// Tenant sessions waiting for their next sync.
@@ -479,7 +492,8 @@ impl<'a> Sessions<'a> {
             .policy
             .check(&self.database.target, settings.connect_timeout)
             .await?;
-        let client = target::connect(&self.database.target, &addresses, settings).await?;
+        let internal = self.engine.internal_identity().await?;
+        let client = target::connect(&self.database.target, &addresses, settings, internal).await?;
         Ok(TenantSession::new(client))
     }
 

@@ -23,6 +23,7 @@ use url::Url;
 
 use super::error::SyncError;
 use super::tls::{self, RootCertificates, SslMode};
+use crate::db::identity::{DatabaseIdentity, IDENTITY_COLUMNS};
 
 /// The `application_name` tenant databases see in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "external-db-sync";
@@ -201,13 +202,17 @@ fn printable(text: &str) -> String {
     text.chars().filter(|c| !c.is_control()).take(40).collect()
 }
 
-/// Where the service may connect. By default only public addresses: a tenant must not
-/// be able to make the service talk to its own infrastructure. The internal database is
-/// refused even when private targets are allowed, so that no tenant configuration can
-/// write into it.
+/// Where the service may connect. By default only global unicast addresses: a tenant
+/// must not be able to make the service talk to its own infrastructure. The internal
+/// database is refused even when private targets are allowed, so that no tenant
+/// configuration can write into it: by its address here (compared in canonical form),
+/// and, whatever spelling got past that, by its identity once connected (see
+/// [`connect`]).
 pub struct TargetPolicy {
     allow_private: bool,
     internal: InternalDatabase,
+    /// The internal database's addresses, once they resolved; a failed resolution is
+    /// not kept, so it is tried again next time instead of switching the check off.
     internal_addresses: OnceCell<Vec<IpAddr>>,
 }
 
@@ -249,7 +254,11 @@ impl TargetPolicy {
                 ))
             };
         }
-        let addresses = resolve(&target.host, target.port, resolve_timeout).await?;
+        let addresses: Vec<IpAddr> = resolve(&target.host, target.port, resolve_timeout)
+            .await?
+            .into_iter()
+            .map(|address| address.to_canonical())
+            .collect();
         if self.is_internal_database(target, &addresses).await {
             return Err(refused(
                 "this is the service's own internal database".into(),
@@ -280,6 +289,9 @@ impl TargetPolicy {
         Ok(CheckedAddresses(addresses))
     }
 
+    /// A first, cheap check by address; the identity check after connecting is the
+    /// one no spelling can pass. An unspecified address (`0.0.0.0`, `::`) reaches this
+    /// machine, so it counts as every local address.
     async fn is_internal_database(&self, target: &Target, addresses: &[IpAddr]) -> bool {
         if target.port != self.internal.port || target.dbname != self.internal.dbname {
             return false;
@@ -288,26 +300,33 @@ impl TargetPolicy {
             return true;
         }
         let internal = self.internal_addresses().await;
-        addresses.iter().any(|address| internal.contains(address))
+        let local = |address: &IpAddr| address.is_loopback() || address.is_unspecified();
+        addresses.iter().any(|address| {
+            internal.contains(address)
+                || (local(address) && internal.iter().any(|internal| local(internal)))
+        })
     }
 
-    /// The internal database's addresses, resolved once. A name that does not resolve
-    /// leaves the list empty: the host-name comparison above still applies.
+    /// The internal database's addresses in canonical form, resolved once they can be.
+    /// While the name does not resolve the list is empty (and resolution is tried again
+    /// next time); the host-name comparison and the identity check still apply.
     async fn internal_addresses(&self) -> &[IpAddr] {
-        self.internal_addresses
-            .get_or_init(|| async {
-                if self.internal.host.starts_with('/') {
-                    return Vec::new();
-                }
+        if self.internal.host.starts_with('/') {
+            return &[];
+        }
+        let resolved = self
+            .internal_addresses
+            .get_or_try_init(|| async {
                 resolve(
                     &self.internal.host,
                     self.internal.port,
                     Duration::from_secs(5),
                 )
                 .await
-                .unwrap_or_default()
+                .map(|addresses| addresses.into_iter().map(|a| a.to_canonical()).collect())
             })
-            .await
+            .await;
+        resolved.map_or(&[], Vec::as_slice)
     }
 }
 
@@ -336,29 +355,40 @@ async fn resolve(host: &str, port: u16, timeout: Duration) -> Result<Vec<IpAddr>
     Ok(unique)
 }
 
-/// Why `address` is not a public internet address, if it is not.
+/// Why `address` is not a global unicast address, if it is not. Only global unicast
+/// passes: the special-purpose ranges (IANA's registries) that are not routed on the
+/// internet, or that tunnel to an address judged elsewhere, are all refused.
 pub fn non_public_kind(address: IpAddr) -> Option<&'static str> {
-    match address {
+    match address.to_canonical() {
         IpAddr::V4(v4) => non_public_v4(v4),
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return non_public_v4(v4);
-            }
-            let first = v6.segments()[0];
+            let segments = v6.segments();
             if v6.is_loopback() {
                 Some("loopback")
             } else if v6.is_unspecified() {
                 Some("unspecified")
-            } else if first & 0xfe00 == 0xfc00 {
-                Some("private (unique local)")
-            } else if first & 0xffc0 == 0xfe80 {
-                Some("link-local")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            } else if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
                 // NAT64 embeds an IPv4 address; judge that one.
-                let [.., a, b] = v6.segments();
+                let [.., a, b] = segments;
                 non_public_v4(Ipv4Addr::from((u32::from(a) << 16) | u32::from(b)))
+            } else if segments[0] & 0xe000 != 0x2000 {
+                // Outside 2000::/3: unique local, link-local, site-local, multicast,
+                // IPv4-compatible (::/96), discard and the rest of the reserved space.
+                Some(match segments[0] {
+                    first if first & 0xfe00 == 0xfc00 => "private (unique local)",
+                    first if first & 0xffc0 == 0xfe80 => "link-local",
+                    first if first & 0xffc0 == 0xfec0 => "site-local",
+                    first if first & 0xff00 == 0xff00 => "multicast",
+                    _ => "reserved",
+                })
+            } else if segments[0] == 0x2002 {
+                Some("6to4 tunnel")
+            } else if segments[0] == 0x2001 && segments[1] < 0x0200 {
+                // 2001::/23: Teredo (2001::/32), benchmarking, ORCHID and other IETF
+                // protocol assignments.
+                Some("special-purpose (IETF protocol assignment)")
+            } else if segments[0] == 0x2001 && segments[1] == 0x0db8 {
+                Some("documentation")
             } else {
                 None
             }
@@ -367,7 +397,7 @@ pub fn non_public_kind(address: IpAddr) -> Option<&'static str> {
 }
 
 fn non_public_v4(v4: Ipv4Addr) -> Option<&'static str> {
-    let [a, b, ..] = v4.octets();
+    let [a, b, c, _] = v4.octets();
     if v4.is_loopback() {
         Some("loopback")
     } else if v4.is_private() {
@@ -378,6 +408,17 @@ fn non_public_v4(v4: Ipv4Addr) -> Option<&'static str> {
         Some("shared (carrier-grade NAT)")
     } else if a == 0 {
         Some("unspecified")
+    } else if a == 192 && b == 0 && c == 0 {
+        Some("special-purpose (IETF protocol assignment)")
+    } else if (a == 192 && b == 0 && c == 2)
+        || (a == 198 && b == 51 && c == 100)
+        || (a == 203 && b == 0 && c == 113)
+    {
+        Some("documentation")
+    } else if a == 198 && (b & 0xfe) == 18 {
+        Some("benchmarking")
+    } else if a == 192 && b == 88 && c == 99 {
+        Some("6to4 relay")
     } else if v4.is_multicast() || a >= 240 {
         Some("reserved")
     } else {
@@ -386,11 +427,13 @@ fn non_public_v4(v4: Ipv4Addr) -> Option<&'static str> {
 }
 
 /// Opens a session on a checked target, with TLS per `sslmode` and the session
-/// timeouts applied.
+/// timeouts applied, and refuses it if it turns out to be connected to the database
+/// whose identity is `internal`, however the target spelled its address.
 pub async fn connect(
     target: &Target,
     addresses: &CheckedAddresses,
     session: &SessionSettings,
+    internal: DatabaseIdentity,
 ) -> Result<Client, SyncError> {
     let connect_timeout = target.connect_timeout.unwrap_or(session.connect_timeout);
     let mut config = tokio_postgres::Config::new();
@@ -438,11 +481,14 @@ pub async fn connect(
         .map_err(|_| SyncError::ConnectTimeout(target.describe()))??;
 
     let millis = |duration: Duration| duration.as_millis().to_string();
-    client
-        .execute(
-            "select set_config('statement_timeout', $1, false), \
-                    set_config('lock_timeout', $2, false), \
-                    set_config('idle_in_transaction_session_timeout', $3, false)",
+    let settings = client
+        .query_one(
+            &format!(
+                "select pg_catalog.set_config('statement_timeout', $1, false), \
+                        pg_catalog.set_config('lock_timeout', $2, false), \
+                        pg_catalog.set_config('idle_in_transaction_session_timeout', $3, false), \
+                        {IDENTITY_COLUMNS}"
+            ),
             &[
                 &millis(session.statement_timeout),
                 &millis(session.lock_timeout),
@@ -451,6 +497,20 @@ pub async fn connect(
         )
         .await
         .map_err(SyncError::target)?;
+    let identity = DatabaseIdentity {
+        system_identifier: settings
+            .try_get("system_identifier")
+            .map_err(SyncError::target)?,
+        database_oid: settings
+            .try_get("database_oid")
+            .map_err(SyncError::target)?,
+    };
+    if identity == internal {
+        return Err(SyncError::TargetRefused(format!(
+            "{}: this is the service's own internal database",
+            target.describe()
+        )));
+    }
     Ok(client)
 }
 
@@ -585,7 +645,22 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:10.0.0.1",
+            "::ffff:127.0.0.1",
             "64:ff9b::a00:1",
+            "::7f00:1",
+            "2002:7f00:1::1",
+            "2001::1",
+            "2001:db8::1",
+            "fec0::1",
+            "100::1",
+            "192.0.0.8",
+            "192.0.2.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.7",
+            "203.0.113.9",
+            "192.88.99.1",
+            "255.255.255.255",
         ] {
             assert!(kind(private).is_some(), "{private}");
         }
@@ -595,6 +670,10 @@ mod tests {
             "100.128.0.1",
             "2001:4860:4860::8888",
             "64:ff9b::808:808",
+            "2606:4700::1111",
+            "2001:200::1",
+            "198.20.0.1",
+            "192.0.3.1",
         ] {
             assert_eq!(kind(public), None, "{public}");
         }

@@ -206,18 +206,62 @@ async fn a_loopback_target_is_refused_unless_private_targets_are_allowed() {
     assert_eq!(external_users(&tenant).await.len(), 1);
 }
 
+/// The internal database is refused however a tenant spells it, even with private
+/// targets allowed, and nothing is created in it. The Unix socket passes every address
+/// check (it has no address); only the identity check after connecting stops it.
 #[tokio::test]
-async fn the_internal_database_itself_is_always_refused() {
+async fn the_internal_database_is_refused_however_it_is_spelled() {
     let internal = migrated_pool().await;
     let tenancy = tenancy(&internal).await;
     let options = internal.connect_options();
-    let own_url = server().url(options.get_database().unwrap());
-    attach(&internal, tenancy, &[("own", &own_url)]).await;
+    let (port, dbname) = (
+        options.get_port(),
+        options.get_database().unwrap().to_owned(),
+    );
+    let mut spellings = vec![
+        ("own", server().url(&dbname)),
+        (
+            "mapped",
+            format!("postgres://postgres@[::ffff:127.0.0.1]:{port}/{dbname}"),
+        ),
+        (
+            "unspecified",
+            format!("postgres://postgres@0.0.0.0:{port}/{dbname}"),
+        ),
+        (
+            "name",
+            format!("postgres://postgres@localhost:{port}/{dbname}"),
+        ),
+    ];
+    let socket = server().socket_directory.as_ref().map(|directory| {
+        let encoded = directory.display().to_string().replace('/', "%2F");
+        format!("postgres://postgres@{encoded}:{port}/{dbname}")
+    });
+    spellings.extend(socket.map(|url| ("socket", url)));
+    let entries: serde_json::Map<String, serde_json::Value> = spellings
+        .iter()
+        .map(|(id, url)| {
+            (
+                (*id).to_owned(),
+                json!({"type": "postgres", "connectionString": url}),
+            )
+        })
+        .collect();
+    attach_config(&internal, tenancy, entries.into()).await;
+    user(&internal, tenancy, "must not land in the internal database").await;
 
     let report = sync(&internal, &engine(&internal), tenancy).await;
 
-    let error = report.databases[0].result.as_ref().unwrap_err();
-    assert!(error.to_string().contains("internal database"), "{error}");
+    assert_eq!(report.databases.len(), spellings.len());
+    for database in &report.databases {
+        let error = database.result.as_ref().unwrap_err();
+        assert!(
+            matches!(error, SyncError::TargetRefused(_))
+                && error.to_string().contains("internal database"),
+            "{}: {error}",
+            database.database_id
+        );
+    }
     let exists: bool = sqlx::query_scalar("select to_regclass('users') is not null")
         .fetch_one(&internal)
         .await

@@ -30,6 +30,8 @@ const DIRECTORY_PREFIX: &str = "external-db-sync-tests-";
 pub struct Server {
     /// Superuser URL without a database name; append `/name`.
     base_url: String,
+    /// The directory of the server's Unix socket, for a cluster of the harness's own.
+    pub socket_directory: Option<PathBuf>,
     /// Migrated database that per-test databases are cloned from.
     template: String,
 }
@@ -47,15 +49,22 @@ pub fn start_server(setup: ClusterSetup) -> Server {
     // Start-up needs async database calls but may run inside a test's runtime: give it a
     // runtime of its own on a thread of its own, so no pool outlives it.
     std::thread::spawn(move || {
-        let base_url = match std::env::var(EXTERNAL_SERVER_VARIABLE) {
-            Ok(url) if !url.trim().is_empty() => strip_database(&url),
-            _ => start_cluster(&setup),
+        let (base_url, socket_directory) = match std::env::var(EXTERNAL_SERVER_VARIABLE) {
+            Ok(url) if !url.trim().is_empty() => (strip_database(&url), None),
+            _ => {
+                let (base_url, directory) = start_cluster(&setup);
+                (base_url, Some(directory))
+            }
         };
         let template = format!("eds_template_{}", short_id());
         tokio::runtime::Runtime::new()
             .expect("a tokio runtime for the test server set-up")
             .block_on(create_template(&base_url, &template));
-        Server { base_url, template }
+        Server {
+            base_url,
+            socket_directory,
+            template,
+        }
     })
     .join()
     .expect("the test PostgreSQL server started")
@@ -66,6 +75,7 @@ impl Server {
     pub fn without_template(base_url: String) -> Server {
         Server {
             base_url,
+            socket_directory: None,
             template: String::new(),
         }
     }
@@ -199,8 +209,9 @@ impl ClusterSetup {
 
 /// Starts a cluster of its own (never the external server of
 /// `EXTERNAL_DB_SYNC_TEST_DATABASE_URL`) and returns its superuser URL without a
-/// database name. It lives as long as the test process.
-pub fn start_cluster(setup: &ClusterSetup) -> String {
+/// database name, and the directory of its Unix socket. It lives as long as the test
+/// process.
+pub fn start_cluster(setup: &ClusterSetup) -> (String, PathBuf) {
     sweep_stale_directories();
     let bin = find_server_binaries();
     let directory = std::env::temp_dir().join(format!(
@@ -266,7 +277,7 @@ pub fn start_cluster(setup: &ClusterSetup) -> String {
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
-                "unix_socket_directories=",
+                &format!("unix_socket_directories={directory_text}"),
             ])
             .args(["-c", "max_connections=400", "-c", "shared_buffers=128MB"])
             // A throwaway cluster: durability buys nothing and costs seconds.
@@ -299,7 +310,7 @@ pub fn start_cluster(setup: &ClusterSetup) -> String {
         receiver.recv().unwrap().expect("starting postgres");
         let base_url = format!("postgres://postgres@127.0.0.1:{port}");
         if wait_for_server(&base_url, Duration::from_secs(60)) {
-            return base_url;
+            return (base_url, directory);
         }
     }
     let log = std::fs::read_to_string(directory.join("postgres.log")).unwrap_or_default();

@@ -50,7 +50,7 @@ pub fn tls_server() -> &'static TlsServer {
                 ("hba_file", "{dir}/pg_hba.conf".to_owned()),
             ],
         };
-        let base_url = std::thread::spawn(move || start_cluster(&setup))
+        let (base_url, _socket_directory) = std::thread::spawn(move || start_cluster(&setup))
             .join()
             .expect("the TLS test cluster started");
         TlsServer {
