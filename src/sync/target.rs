@@ -302,8 +302,7 @@ impl TargetPolicy {
         let internal = self.internal_addresses().await;
         let local = |address: &IpAddr| address.is_loopback() || address.is_unspecified();
         addresses.iter().any(|address| {
-            internal.contains(address)
-                || (local(address) && internal.iter().any(|internal| local(internal)))
+            internal.contains(address) || (local(address) && internal.iter().any(local))
         })
     }
 
