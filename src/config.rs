@@ -136,6 +136,9 @@ impl DatabaseSettings {
 pub struct LogSettings {
     pub filter: String,
     pub format: LogFormat,
+    /// `LOG_UNSAFE_QUERY_PARAMETERS`: let dependencies log below `info`, bound query
+    /// parameters (users' e-mails and metadata) included. Unsafe; for debugging only.
+    pub unsafe_query_parameters: bool,
 }
 
 /// Reads variables through a lookup function, so that tests can parse a configuration
@@ -202,7 +205,12 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 _ => Err("expected pretty or json".to_owned()),
             }
         })?;
-        Ok(LogSettings { filter, format })
+        let unsafe_query_parameters = self.bool_or("LOG_UNSAFE_QUERY_PARAMETERS", false)?;
+        Ok(LogSettings {
+            filter,
+            format,
+            unsafe_query_parameters,
+        })
     }
 
     /// `DATABASE_URL` and `DATABASE_MAX_CONNECTIONS`. The embedded database of a later

@@ -42,7 +42,16 @@ pub fn router(state: AppState) -> Router {
             SYNC_ENGINE_PATH,
             post(sync_engine::run).layer(DefaultBodyLimit::max(sync_engine::BODY_LIMIT)),
         )
-        .layer(TraceLayer::new_for_http())
+        // The path only: a query string is the caller's and is never logged.
+        .layer(TraceLayer::new_for_http().make_span_with(
+            |request: &axum::http::Request<axum::body::Body>| {
+                tracing::debug_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path()
+                )
+            },
+        ))
         .with_state(state)
 }
 

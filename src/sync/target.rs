@@ -513,14 +513,88 @@ pub async fn connect(
     Ok(client)
 }
 
-/// Runs a connection until its client is dropped.
-async fn drive<F>(connection: F, target: String)
+/// Runs a connection until its client is dropped, and logs what the server says on its
+/// own (notices) through [`log_notice`], not verbatim.
+async fn drive<S, T>(mut connection: tokio_postgres::Connection<S, T>, target: String)
 where
-    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if let Err(error) = connection.await {
-        tracing::debug!(%target, %error, "tenant database connection closed with an error");
+    loop {
+        match futures::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notice(notice))) => {
+                log_notice(&target, notice.severity(), notice.message());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                tracing::debug!(%target, %error, "tenant database connection closed with an error");
+                return;
+            }
+            None => return,
+        }
     }
+}
+
+/// Longest part of a tenant's notice that is logged.
+const NOTICE_CHARS: usize = 200;
+/// Notices logged per tenant database and [`NOTICE_WINDOW`]; the rest are counted.
+const NOTICES_PER_WINDOW: u32 = 10;
+const NOTICE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Per tenant database: when its window began, notices in it, and how many of those
+/// were not logged.
+static NOTICE_BUDGETS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32, u32)>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Logs a tenant database's notice as one line: escaped (a newline cannot forge another
+/// line), truncated, and at most [`NOTICES_PER_WINDOW`] per database and window; the
+/// count of the others is logged when the next window opens.
+fn log_notice(target: &str, severity: &str, message: &str) {
+    let suppressed_before = {
+        let mut budgets = NOTICE_BUDGETS
+            .lock()
+            .expect("the lock is never held across a panic");
+        if budgets.len() > 10_000 {
+            budgets.retain(|_, (start, ..)| start.elapsed() < NOTICE_WINDOW);
+        }
+        let budget = budgets
+            .entry(target.to_owned())
+            .or_insert((std::time::Instant::now(), 0, 0));
+        let mut suppressed_before = 0;
+        if budget.0.elapsed() >= NOTICE_WINDOW {
+            suppressed_before = budget.2;
+            *budget = (std::time::Instant::now(), 0, 0);
+        }
+        budget.1 += 1;
+        if budget.1 > NOTICES_PER_WINDOW {
+            budget.2 += 1;
+            return;
+        }
+        suppressed_before
+    };
+    if suppressed_before > 0 {
+        tracing::info!(%target, suppressed = suppressed_before, "tenant database notices not logged (rate limit)");
+    }
+    tracing::info!(
+        %target,
+        severity = %printable(severity),
+        notice = %escaped(message, NOTICE_CHARS),
+        "tenant database notice"
+    );
+}
+
+/// `text` on one line, control characters escaped, at most `limit` characters of it.
+fn escaped(text: &str, limit: usize) -> String {
+    let mut line: String = text
+        .chars()
+        .take(limit)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(limit).is_some() {
+        line.push('…');
+    }
+    line
 }
 
 #[cfg(test)]
@@ -616,6 +690,16 @@ mod tests {
         assert!(error(&verifying, bad_body).contains("not PEM certificate text"));
         let huge = pem.repeat(64 * 1024 / pem.len() + 1);
         assert!(error(&verifying, &huge).contains("larger than 64 KiB"));
+    }
+
+    #[test]
+    fn escapes_and_truncates_notices() {
+        assert_eq!(escaped("a\nINFO forged line", 200), "a\\nINFO forged line");
+        assert_eq!(escaped("\u{1b}[31mred", 200), "\\u{1b}[31mred");
+        assert_eq!(
+            escaped(&"x".repeat(300), 200),
+            format!("{}…", "x".repeat(200))
+        );
     }
 
     #[test]

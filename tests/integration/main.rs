@@ -7,6 +7,7 @@ mod harness;
 
 mod command_line;
 mod http;
+mod log_hygiene;
 mod lost_changes;
 mod migrations;
 mod poller;
