@@ -543,9 +543,10 @@ const NOTICE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Per tenant database: when its window began, notices in it, and how many of those
 /// were not logged.
-static NOTICE_BUDGETS: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32, u32)>>,
-> = std::sync::LazyLock::new(Default::default);
+type NoticeBudgets = std::collections::HashMap<String, (std::time::Instant, u32, u32)>;
+
+static NOTICE_BUDGETS: std::sync::LazyLock<std::sync::Mutex<NoticeBudgets>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// Logs a tenant database's notice as one line: escaped (a newline cannot forge another
 /// line), truncated, and at most [`NOTICES_PER_WINDOW`] per database and window; the
