@@ -1,13 +1,12 @@
 //! What the logs may hold: at `RUST_LOG=trace`, no user's data and no secret; a tenant's
 //! notice as one escaped line.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::harness::app::CRON_SECRET;
-use crate::harness::binary::{command, free_address, wait_until_healthy};
+use crate::harness::binary::serve_logging_to;
 use crate::harness::fixtures::{email, rename_user, tenant_database, user};
 use crate::harness::postgres::{pool, server};
 use crate::harness::sync::attach;
@@ -49,22 +48,8 @@ async fn a_trace_log_of_a_full_sync_holds_no_user_data_or_secret_and_notices_sta
     email(&internal, tenancy, ada, "secret-ada@example.com", true).await;
 
     let log_path = tempfile::NamedTempFile::new().unwrap().into_temp_path();
-    let address = free_address();
-    let mut child = command(
-        &["serve"],
-        &[
-            ("DATABASE_URL", &database_url),
-            ("CRON_SECRET", CRON_SECRET),
-            ("BIND_ADDR", &address),
-            ("ALLOW_PRIVATE_TARGETS", "true"),
-            ("RUST_LOG", "trace"),
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&log_path).unwrap())
-    .spawn()
-    .unwrap();
-    wait_until_healthy(&address, &mut child).await;
+    let (mut child, _address) =
+        serve_logging_to(&database_url, &[("RUST_LOG", "trace")], &log_path).await;
     wait_for_display_name(&tenant, "first-name-value").await;
 
     // The tenant's own trigger answers every write with a notice that tries to forge a

@@ -7,7 +7,6 @@
 //! SOAK_SECONDS=60 SOAK_SEED=7 cargo test --test integration soak -- --ignored --nocapture
 //! ```
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -18,7 +17,7 @@ use tokio::process::Child;
 use uuid::Uuid;
 
 use crate::harness::app::{CRON_SECRET, PREFIX};
-use crate::harness::binary::{command, free_address, wait_until_healthy};
+use crate::harness::binary::serve_logging_to;
 use crate::harness::postgres::{pool, server};
 use crate::harness::sync::{
     attach, expected_channels, expected_users, external_channels, external_users, latest_change,
@@ -205,23 +204,8 @@ impl Writer {
 }
 
 async fn serve(database_url: &str, name: &str) -> (Child, String) {
-    let address = free_address();
     let log = std::env::temp_dir().join(format!("external-db-sync-soak-{name}.log"));
-    let mut child = command(
-        &["serve"],
-        &[
-            ("DATABASE_URL", database_url),
-            ("CRON_SECRET", CRON_SECRET),
-            ("BIND_ADDR", &address),
-            ("ALLOW_PRIVATE_TARGETS", "true"),
-            ("SYNC_BATCH_SIZE", "50"),
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&log).unwrap())
-    .spawn()
-    .unwrap();
-    wait_until_healthy(&address, &mut child).await;
+    let (child, address) = serve_logging_to(database_url, &[("SYNC_BATCH_SIZE", "50")], &log).await;
     println!("soak: serve {name} on {address}, log {}", log.display());
     (child, address)
 }

@@ -1,5 +1,6 @@
 //! Running the built binary: a clean environment, a free address, waiting for health.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -68,4 +69,29 @@ pub async fn wait_until_healthy(address: &str, child: &mut Child) {
         }
     })
     .await;
+}
+
+/// `serve` on a free loopback address against `database_url`, with the test's cron
+/// secret, private targets allowed and `env` on top, logging to `log`; returns once it
+/// answers `/healthz`, with its address.
+pub async fn serve_logging_to(
+    database_url: &str,
+    env: &[(&str, &str)],
+    log: &Path,
+) -> (Child, String) {
+    let address = free_address();
+    let mut variables = vec![
+        ("DATABASE_URL", database_url),
+        ("CRON_SECRET", super::app::CRON_SECRET),
+        ("BIND_ADDR", address.as_str()),
+        ("ALLOW_PRIVATE_TARGETS", "true"),
+    ];
+    variables.extend_from_slice(env);
+    let mut child = command(&["serve"], &variables)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until_healthy(&address, &mut child).await;
+    (child, address)
 }
