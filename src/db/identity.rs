@@ -11,11 +11,12 @@ pub struct DatabaseIdentity {
 }
 
 /// The query that reads a [`DatabaseIdentity`]: two columns, both schema-qualified so
-/// that no object of the connected database can answer in their place.
+/// that no object of the connected database can answer in their place, whatever its
+/// `search_path`.
 pub const IDENTITY_COLUMNS: &str = "(select system_identifier \
        from pg_catalog.pg_control_system()) as system_identifier, \
      (select oid::pg_catalog.int8 from pg_catalog.pg_database \
-       where datname = pg_catalog.current_database()) as database_oid";
+       where datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) as database_oid";
 
 /// The identity of the database behind `executor`.
 pub async fn read(executor: impl sqlx::PgExecutor<'_>) -> Result<DatabaseIdentity, sqlx::Error> {

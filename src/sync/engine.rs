@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use futures::stream::{self, StreamExt};
 use sqlx::PgPool;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 use uuid::Uuid;
 
 use super::error::SyncError;
@@ -709,33 +708,35 @@ struct ReadAhead {
 
 /// Opens a transaction, takes the mapping's advisory lock in it, so that runs for the
 /// same tenant database take turns, and reads the watermark under the lock: one round
-/// trip. The statements are constants (a number and a table name), never input.
-async fn begin_locked(session: &TenantSession, mapping: Mapping) -> Result<i64, SyncError> {
-    let sql = format!(
-        "begin; select pg_advisory_xact_lock({}); \
-         select last_synced_sequence_id from _stack_sync_metadata where mapping_name = '{}'",
-        mapping.lock_key(),
-        mapping.name()
-    );
-    let messages = session
-        .client()
-        .simple_query(&sql)
+/// trip, on statements prepared once per session. The answer is bounded whatever the
+/// tenant did to its table: at most two rows of one `int8`.
+async fn begin_locked(session: &mut TenantSession, mapping: Mapping) -> Result<i64, SyncError> {
+    let [lock, read] = session
+        .statements([LOCK_MAPPING, READ_WATERMARK])
         .await
         .map_err(SyncError::target)?;
-    let rows: Vec<&SimpleQueryRow> = messages
-        .iter()
-        .filter_map(|message| match message {
-            SimpleQueryMessage::Row(row) => Some(row),
-            _ => None,
-        })
-        .collect();
-    // The lock's row, then the watermark's, if the mapping has one.
-    match rows.as_slice() {
-        [_lock, watermark] => watermark
-            .get(0)
-            .and_then(|text| text.parse().ok())
-            .ok_or(SyncError::MissingWatermark(mapping.name())),
-        _ => Err(SyncError::MissingWatermark(mapping.name())),
+    let (name, lock_key) = (mapping.name(), mapping.lock_key());
+    let client = session.client();
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&lock_key];
+    let read_params: [&(dyn ToSql + Sync); 1] = [&name];
+    let (begun, locked, rows) = tokio::join!(
+        biased;
+        client.batch_execute("begin"),
+        client.execute(&lock, &lock_params),
+        client.query(&read, &read_params),
+    );
+    begun.map_err(SyncError::target)?;
+    locked.map_err(SyncError::target)?;
+    match rows.map_err(SyncError::target)?.as_slice() {
+        [] => Err(SyncError::MissingWatermark(name)),
+        [row] => row.try_get(0).map_err(|_| {
+            SyncError::Malformed(format!(
+                "the watermark of {name} in _stack_sync_metadata is null"
+            ))
+        }),
+        _ => Err(SyncError::Malformed(format!(
+            "_stack_sync_metadata holds more than one row for {name}; its primary key is gone"
+        ))),
     }
 }
 
@@ -750,14 +751,22 @@ async fn read_batch(
 }
 
 const ADVANCE_WATERMARK: &str = "update _stack_sync_metadata \
-     set last_synced_sequence_id = $2, updated_at = now() \
+     set last_synced_sequence_id = $2, updated_at = pg_catalog.now() \
      where mapping_name = $1 and last_synced_sequence_id < $2";
 
 const ADVANCE_WATERMARK_FROM: &str = "update _stack_sync_metadata \
-     set last_synced_sequence_id = $2, updated_at = now() \
+     set last_synced_sequence_id = $2, updated_at = pg_catalog.now() \
      where mapping_name = $1 and last_synced_sequence_id = $3";
 
-const LOCK_MAPPING: &str = "select pg_advisory_xact_lock($1)";
+/// Every catalog function sent to a tenant database is schema-qualified: the session's
+/// `search_path` is set by [`super::target::connect`], but a tenant's trigger could
+/// change it on a kept session.
+const LOCK_MAPPING: &str = "select pg_catalog.pg_advisory_xact_lock($1)";
+
+/// At most two rows, each one `int8` converted by the server: whatever the tenant did
+/// to the table (dropped its key, changed the column's type), the answer stays small.
+const READ_WATERMARK: &str = "select last_synced_sequence_id::pg_catalog.int8 \
+     from _stack_sync_metadata where mapping_name = $1 limit 2";
 
 /// Writes `batch` (one delete and one upsert statement, whatever the batch size), moves
 /// the watermark forward, and commits: sent together, in one round trip, on statements

@@ -38,6 +38,11 @@ pub enum SyncError {
     /// prepares the schema again, which puts it back.
     #[error("tenant database: the watermark of {0} is missing from _stack_sync_metadata")]
     MissingWatermark(&'static str),
+    /// The tenant database answered something this service cannot use (its bookkeeping
+    /// table altered, more grants than any configuration needs). Permanent: someone
+    /// has to repair the database.
+    #[error("tenant database: {0}")]
+    Malformed(String),
     /// An error reading the internal database. Retryable.
     #[error("internal database")]
     Internal(#[from] sqlx::Error),
@@ -50,6 +55,7 @@ impl SyncError {
             SyncError::InvalidConfig(_)
             | SyncError::TargetRefused(_)
             | SyncError::ForeignOwner(_)
+            | SyncError::Malformed(_)
             | SyncError::Tls(_) => false,
             SyncError::Resolve { .. }
             | SyncError::ConnectTimeout(_)
@@ -146,6 +152,7 @@ mod tests {
         assert!(!SyncError::TargetRefused("x".into()).is_retryable());
         assert!(!SyncError::ForeignOwner("x".into()).is_retryable());
         assert!(!SyncError::Tls("x".into()).is_retryable());
+        assert!(!SyncError::Malformed("x".into()).is_retryable());
     }
 
     #[test]

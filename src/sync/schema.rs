@@ -52,6 +52,10 @@ create table if not exists _stack_sync_metadata (
 )
 "#;
 
+/// The most grants to other roles the synced tables may carry: three tables, at most
+/// 32 read roles each, and room for what an owner granted by hand and we revoke.
+const MAX_GRANTS: i64 = 1024;
+
 /// Tables whose privileges this service manages, and whether read roles get `SELECT`.
 const MANAGED_TABLES: [(&str, bool); 3] = [
     ("users", true),
@@ -69,7 +73,10 @@ pub async fn prepare(
 ) -> Result<(), SyncError> {
     let transaction = client.transaction().await.map_err(SyncError::target)?;
     transaction
-        .execute("select pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
+        .execute(
+            "select pg_catalog.pg_advisory_xact_lock($1)",
+            &[&SCHEMA_LOCK_KEY],
+        )
         .await
         .map_err(SyncError::target)?;
     transaction
@@ -116,23 +123,35 @@ async fn reconcile_privileges(
 ) -> Result<(), SyncError> {
     let tables: Vec<&str> = MANAGED_TABLES.iter().map(|(table, _)| *table).collect();
     // Every privilege on the managed tables held by someone other than their owner;
-    // grantee 0 is PUBLIC.
+    // grantee 0 is PUBLIC. Catalog objects are schema-qualified, and the answer is
+    // capped: a database whose tables carry more grants than this fails alone.
     let rows = transaction
         .query(
-            "select c.relname::text, coalesce(r.rolname::text, ''), a.privilege_type \
-             from pg_class c \
-             cross join lateral aclexplode(c.relacl) a \
-             left join pg_roles r on r.oid = a.grantee \
-             where c.oid = any(array(select to_regclass(t)::oid from unnest($1::text[]) t)) \
-               and a.grantee <> c.relowner",
-            &[&tables],
+            "select c.relname::pg_catalog.text, \
+                    coalesce(r.rolname::pg_catalog.text, ''), \
+                    a.privilege_type::pg_catalog.text \
+             from pg_catalog.pg_class c \
+             cross join lateral pg_catalog.aclexplode(c.relacl) a \
+             left join pg_catalog.pg_roles r on r.oid = a.grantee \
+             where c.oid = any(array(select pg_catalog.to_regclass(t)::pg_catalog.oid \
+                                     from pg_catalog.unnest($1::pg_catalog.text[]) t)) \
+               and a.grantee <> c.relowner \
+             limit $2",
+            &[&tables, &(MAX_GRANTS + 1)],
         )
         .await
         .map_err(SyncError::target)?;
-    let held: BTreeSet<(String, String, String)> = rows
+    if rows.len() > MAX_GRANTS as usize {
+        return Err(SyncError::Malformed(format!(
+            "the synced tables carry more than {MAX_GRANTS} privileges of other roles; \
+             revoke what readRoles does not name"
+        )));
+    }
+    let held = rows
         .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .collect();
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+        .collect::<Result<BTreeSet<(String, String, String)>, tokio_postgres::Error>>()
+        .map_err(|_| SyncError::Malformed("unreadable privileges".to_owned()))?;
     let wanted: BTreeSet<(String, String, String)> = MANAGED_TABLES
         .iter()
         .filter(|(_, readable)| *readable)

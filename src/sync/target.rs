@@ -486,6 +486,10 @@ pub async fn connect(
                 "select pg_catalog.set_config('statement_timeout', $1, false), \
                         pg_catalog.set_config('lock_timeout', $2, false), \
                         pg_catalog.set_config('idle_in_transaction_session_timeout', $3, false), \
+                        pg_catalog.set_config('search_path', pg_catalog.concat_ws(', ', \
+                            pg_catalog.quote_ident(pg_catalog.current_schema()), 'pg_temp'), \
+                            false), \
+                        pg_catalog.current_schema()::pg_catalog.text as schema, \
                         {IDENTITY_COLUMNS}"
             ),
             &[
@@ -496,6 +500,17 @@ pub async fn connect(
         )
         .await
         .map_err(SyncError::target)?;
+    // The session's search_path becomes the schema the tables live in, alone: then
+    // pg_catalog is searched first, so that no function or operator of the tenant's
+    // stands in for a built-in one, and temporary objects are searched last.
+    let schema: Option<String> = settings.try_get("schema").map_err(SyncError::target)?;
+    if schema.is_none() {
+        return Err(SyncError::InvalidConfig(format!(
+            "{}: the role's search_path names no schema that exists, so there is nowhere \
+             to create the synced tables",
+            target.describe()
+        )));
+    }
     let identity = DatabaseIdentity {
         system_identifier: settings
             .try_get("system_identifier")

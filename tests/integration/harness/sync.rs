@@ -223,7 +223,7 @@ pub async fn latest_change(pool: &PgPool, tenancy_id: Uuid, table: &str) -> i64 
 }
 
 pub async fn table_exists(tenant: &PgPool, table: &str) -> bool {
-    sqlx::query_scalar::<_, Option<String>>("select to_regclass($1)::text")
+    sqlx::query_scalar::<_, Option<String>>("select pg_catalog.to_regclass($1)::pg_catalog.text")
         .bind(table)
         .fetch_one(tenant)
         .await
