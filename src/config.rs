@@ -14,6 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
 use url::Url;
 
+use crate::db::sync_status::{Backoff, RetrySchedule};
 use crate::poller::PollerSettings;
 use crate::sync::sessions::SessionPoolSettings;
 use crate::sync::target::{InternalDatabase, SessionSettings};
@@ -392,9 +393,34 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                     )
                     .map(Duration::from_secs)?,
             },
+            retry: RetrySchedule {
+                retryable: Backoff {
+                    first: millis(
+                        "SYNC_RETRY_FIRST_MS",
+                        defaults.retry.retryable.first,
+                        DAY_MS,
+                    )?,
+                    max: millis("SYNC_RETRY_MAX_MS", defaults.retry.retryable.max, DAY_MS)?,
+                },
+                permanent: Backoff {
+                    first: millis(
+                        "SYNC_PERMANENT_RETRY_FIRST_MS",
+                        defaults.retry.permanent.first,
+                        DAY_MS,
+                    )?,
+                    max: millis(
+                        "SYNC_PERMANENT_RETRY_MAX_MS",
+                        defaults.retry.permanent.max,
+                        DAY_MS,
+                    )?,
+                },
+            },
         })
     }
 }
+
+/// The longest wait between two attempts of a failing database that may be configured.
+const DAY_MS: u64 = 86_400_000;
 
 /// Parses a PostgreSQL URL without ever echoing it: the reason names what is wrong, not
 /// the value, because the value carries a password.

@@ -5,7 +5,9 @@ use std::sync::LazyLock;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::sync_status::{success_columns, SyncedTenancy, RECORD_SUCCESSES};
+use super::sync_status::{
+    not_due_databases, reserve_due_databases, success_columns, SyncedTenancy, RECORD_SUCCESSES,
+};
 
 /// Prefix of the deduplication key of a tenancy's sync request; the key is this
 /// followed by the tenancy id, so a tenancy has at most one pending request.
@@ -66,6 +68,10 @@ pub struct ClaimedRequest {
     /// The same for contact channels.
     #[sqlx(rename = "latestChannelChange")]
     pub latest_channel_change: Option<i64>,
+    /// The tenancy's failing databases that this sync must leave alone: not due yet, or
+    /// being attempted by another sync. The claim reserved the due ones for this one.
+    #[sqlx(rename = "notDueDatabases")]
+    pub not_due_databases: Vec<String>,
 }
 
 /// Text that PostgreSQL always accepts as a `uuid`.
@@ -87,8 +93,9 @@ pub async fn claim(
     limit: u32,
     lease: std::time::Duration,
 ) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
-    sqlx::query_as(
-        r#"
+    static CLAIM: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"
         with switched_on as (
             select coalesce(
                 (select "pollerEnabled" from "ExternalDbSyncMetadata"), true) as "on"
@@ -118,15 +125,15 @@ pub async fn claim(
             -- Only a well-formed tenancy id is cast: a malformed body must fail its
             -- own publish, never the claim of every request.
             select claimable."id", case
-                when queued."qstashOptions" #>> '{body,tenancyId}' ~* $3
-                then (queued."qstashOptions" #>> '{body,tenancyId}')::uuid
+                when queued."qstashOptions" #>> '{{body,tenancyId}}' ~* $3
+                then (queued."qstashOptions" #>> '{{body,tenancyId}}')::uuid
             end as tenancy_id
             from (select "id" from expired
                   union all
                   select "id" from pending
                   limit $1) as claimable
             join "OutgoingRequest" as queued on queued."id" = claimable."id"
-        )
+        ), {reserved}
         update "OutgoingRequest" as request
         set "startedFulfillingAt" = clock_timestamp(), "attempts" = request."attempts" + 1
         from due
@@ -145,14 +152,24 @@ pub async fn claim(
                   external_db_sync_latest_change(due.tenancy_id, 'ProjectUser')
                       as "latestUserChange",
                   external_db_sync_latest_change(due.tenancy_id, 'ContactChannel')
-                      as "latestChannelChange"
+                      as "latestChannelChange",
+                  {} as "notDueDatabases"
         "#,
-    )
-    .bind(i64::from(limit))
-    .bind(lease.as_secs_f64())
-    .bind(UUID_PATTERN)
-    .fetch_all(executor)
-    .await
+            not_due_databases(
+                "due.tenancy_id",
+                r#"request."id" = (select first."id" from due as first
+                                   where first.tenancy_id = due.tenancy_id
+                                   order by first."id" limit 1)"#
+            ),
+            reserved = reserve_due_databases("(select tenancy_id as tenancy from due) as claimed"),
+        )
+    });
+    sqlx::query_as(&CLAIM)
+        .bind(i64::from(limit))
+        .bind(lease.as_secs_f64())
+        .bind(UUID_PATTERN)
+        .fetch_all(executor)
+        .await
 }
 
 /// Deletes a request whose publish succeeded. The statuses of the databases a direct

@@ -1,5 +1,7 @@
 //! `"ExternalDbSyncStatus"`: the outcome of the last sync of each tenant database.
 
+use std::time::Duration;
+
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
@@ -33,6 +35,7 @@ pub(crate) const RECORD_SUCCESSES: &str = r#"
                 greatest(status."lastSyncedSequenceId", excluded."lastSyncedSequenceId"),
             "lastSuccessAt" = current_timestamp,
             "consecutiveFailures" = 0,
+            "nextAttemptAt" = null,
             "updatedAt" = current_timestamp
         "#;
 
@@ -64,33 +67,181 @@ pub async fn record_successes(
     Ok(())
 }
 
-/// Records a failed sync of `database_id`. `error` must already be free of secrets.
+/// How long a failing database waits before its next attempt: `first · 2^(n-1)` after
+/// its `n`th failure in a row, capped at `max`, of which a random part up to half is
+/// taken off (as [`crate::backoff::delay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+/// Failed attempts are retried after a [`Backoff`]: a short one for failures that can
+/// pass by themselves (a timeout, a restart), a long one for failures that need someone
+/// to change something (a read-only database, a missing privilege, a bad password).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySchedule {
+    pub retryable: Backoff,
+    pub permanent: Backoff,
+}
+
+impl Default for RetrySchedule {
+    fn default() -> Self {
+        Self {
+            retryable: Backoff {
+                first: Duration::from_secs(1),
+                max: Duration::from_secs(300),
+            },
+            permanent: Backoff {
+                first: Duration::from_secs(30),
+                max: Duration::from_secs(3600),
+            },
+        }
+    }
+}
+
+/// Records a failed sync of `database_id` and when it may be attempted again. `error`
+/// must already be free of secrets.
 pub async fn record_failure(
     executor: impl PgExecutor<'_>,
     tenancy_id: Uuid,
     database_id: &str,
     error: &str,
     retryable: bool,
+    schedule: &RetrySchedule,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let backoff = if retryable {
+        schedule.retryable
+    } else {
+        schedule.permanent
+    };
+    // The delay after failure number `n` in a row: $5 · 2^(n-1), at most $6, less a
+    // random part up to half.
+    let next_attempt = |n: &str| {
+        format!(
+            "current_timestamp + make_interval(secs => \
+                least($6::float8, $5::float8 * 2 ^ least({n} - 1, 30)) * (1 - random() / 2))"
+        )
+    };
+    sqlx::query(&format!(
         r#"
         insert into "ExternalDbSyncStatus" as status
             ("tenancyId", "databaseId", "lastError", "lastErrorAt", "lastErrorRetryable",
-             "consecutiveFailures", "updatedAt")
-        values ($1, $2, $3, current_timestamp, $4, 1, current_timestamp)
+             "consecutiveFailures", "nextAttemptAt", "failedConfigDigest", "updatedAt")
+        select $1, $2, $3, current_timestamp, $4, 1, {first}, {digest}, current_timestamp
+        from "Tenancy" as tenancy where tenancy."id" = $1
         on conflict ("tenancyId", "databaseId") do update set
             "lastError" = excluded."lastError",
             "lastErrorAt" = current_timestamp,
             "lastErrorRetryable" = excluded."lastErrorRetryable",
             "consecutiveFailures" = status."consecutiveFailures" + 1,
+            "nextAttemptAt" = {later},
+            "failedConfigDigest" = excluded."failedConfigDigest",
             "updatedAt" = current_timestamp
         "#,
-    )
+        first = next_attempt("1"),
+        later = next_attempt(r#"(status."consecutiveFailures" + 1)"#),
+        digest = config_digest("tenancy", "$2"),
+    ))
     .bind(tenancy_id)
     .bind(database_id)
     .bind(error)
     .bind(retryable)
+    .bind(backoff.first.as_secs_f64())
+    .bind(backoff.max.as_secs_f64())
     .execute(executor)
     .await?;
     Ok(())
+}
+
+/// Prefix of the deduplication key of a tenancy's retry request: the request that
+/// comes due when the first of its failing databases may be attempted again. Apart from
+/// the tenancy's change requests ([`super::queue::SYNC_REQUEST_KEY_PREFIX`]), so that
+/// a retry planned for later never holds back the sync of a new change.
+pub const RETRY_REQUEST_KEY_PREFIX: &str = "external-db-sync-retry:";
+
+/// Makes sure a retry request of `tenancy_id` is due no later than the earliest
+/// `"nextAttemptAt"` among `database_ids`, if any of them has one.
+pub async fn schedule_retry(
+    executor: impl PgExecutor<'_>,
+    tenancy_id: Uuid,
+    database_ids: &[&str],
+    sync_engine_path: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"
+        insert into "OutgoingRequest" ("deduplicationKey", "qstashOptions", "nextAttemptAt")
+        select $1::text || $2::text,
+               jsonb_build_object('url', $3::text, 'body', jsonb_build_object('tenancyId', $2)),
+               min(status."nextAttemptAt")
+        from "ExternalDbSyncStatus" as status
+        where status."tenancyId" = $2 and status."databaseId" = any($4::text[])
+        having min(status."nextAttemptAt") is not null
+        on conflict ("deduplicationKey") where "startedFulfillingAt" is null
+            do update set "nextAttemptAt" = excluded."nextAttemptAt"
+            where excluded."nextAttemptAt" < "OutgoingRequest"."nextAttemptAt"
+        "#,
+    )
+    .bind(RETRY_REQUEST_KEY_PREFIX)
+    .bind(tenancy_id)
+    .bind(sync_engine_path)
+    .bind(database_ids)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// How long a failing database that came due is reserved for the sync that took it:
+/// no other sync attempts it meanwhile, so that concurrent syncs of its tenancy (a
+/// change and a retry, a QStash redelivery) make one attempt, not several. The attempt
+/// replaces the reservation with its outcome; a sync that died leaves it to run out.
+pub const ATTEMPT_RESERVATION: Duration = Duration::from_secs(300);
+
+/// A CTE, `reserved`, that takes the failing databases that are due among the
+/// tenancies of `from` (a FROM item whose column `tenancy` is a tenancy id): their
+/// `"nextAttemptAt"` moves [`ATTEMPT_RESERVATION`] ahead. A database whose
+/// configuration entry changed since it failed is due at once: its owner fixed it. Compared at the queue's
+/// precision, so that a retry request made due at a database's `"nextAttemptAt"` finds
+/// that database due.
+pub(crate) fn reserve_due_databases(from: &str) -> String {
+    format!(
+        r#"reserved as (
+            update "ExternalDbSyncStatus" as status
+            set "nextAttemptAt" = current_timestamp + make_interval(secs => {reservation})
+            from {from} join "Tenancy" as configured on configured."id" = tenancy
+            where status."tenancyId" = tenancy
+              and status."nextAttemptAt" is not null
+              and (status."nextAttemptAt" <= current_timestamp::timestamp(3)
+                   or status."failedConfigDigest" is distinct from {digest})
+            returning status."tenancyId", status."databaseId"
+        )"#,
+        reservation = ATTEMPT_RESERVATION.as_secs(),
+        digest = config_digest("configured", r#"status."databaseId""#),
+    )
+}
+
+/// The SQL expression for the digest of the configuration entry `database_id` of the
+/// `"Tenancy"` row `tenancy` (both SQL expressions).
+fn config_digest(tenancy: &str, database_id: &str) -> String {
+    format!(
+        r#"md5(coalesce({tenancy}."config" -> 'dbSync' -> 'externalDatabases' -> {database_id},
+                        'null'::jsonb)::text)"#
+    )
+}
+
+/// The SQL expression, next to [`reserve_due_databases`], that lists the databases of
+/// the tenancy `tenancy` (an expression of the enclosing query) a sync must leave
+/// alone: every failing one, unless the CTE reserved it and `owner` (an SQL condition)
+/// holds: when one statement takes several requests of a tenancy, only one of them
+/// may attempt what was reserved.
+pub(crate) fn not_due_databases(tenancy: &str, owner: &str) -> String {
+    format!(
+        r#"array(select status."databaseId" from "ExternalDbSyncStatus" as status
+                 where status."tenancyId" = {tenancy}
+                   and status."nextAttemptAt" is not null
+                   and not ({owner} and exists (
+                       select from reserved
+                       where reserved."tenancyId" = status."tenancyId"
+                         and reserved."databaseId" = status."databaseId")))"#
+    )
 }

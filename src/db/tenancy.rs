@@ -3,19 +3,37 @@
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-/// The tenancy's `config.dbSync.externalDatabases` (JSON `null` when absent), or `None`
-/// when the tenancy does not exist.
-pub async fn external_databases(
+use super::sync_status::{not_due_databases, reserve_due_databases};
+
+/// What a sync needs to know of a tenancy.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TenancyToSync {
+    /// `config.dbSync.externalDatabases` (JSON `null` when absent).
+    #[sqlx(rename = "externalDatabases")]
+    pub external_databases: serde_json::Value,
+    /// Databases whose last attempt failed and whose next one is not due yet.
+    #[sqlx(rename = "notDueDatabases")]
+    pub not_due_databases: Vec<String>,
+}
+
+/// The tenancy's databases and which of them to leave alone, or `None` when the
+/// tenancy does not exist. Failing databases that are due are reserved for the caller.
+pub async fn to_sync(
     executor: impl PgExecutor<'_>,
     tenancy_id: Uuid,
-) -> Result<Option<serde_json::Value>, sqlx::Error> {
-    sqlx::query_scalar(
+) -> Result<Option<TenancyToSync>, sqlx::Error> {
+    sqlx::query_as(&format!(
         r#"
+        with {}
         select coalesce("config" -> 'dbSync' -> 'externalDatabases', 'null'::jsonb)
+                   as "externalDatabases",
+               {} as "notDueDatabases"
         from "Tenancy"
         where "id" = $1
         "#,
-    )
+        reserve_due_databases("(select $1::uuid as tenancy) as asked"),
+        not_due_databases("$1", "true")
+    ))
     .bind(tenancy_id)
     .fetch_optional(executor)
     .await

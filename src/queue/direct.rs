@@ -19,9 +19,11 @@ impl DirectPublisher {
     }
 
     /// Syncs the request's tenancy, with what its claim read. A sync counts as
-    /// published unless a database failed in a way a retry can fix: then the request
-    /// goes back to the queue, as a 5xx answer would make QStash retry. How many run at
-    /// once is the poller's business.
+    /// published even if some of its databases failed: each failure is recorded with
+    /// the database's next attempt, and a retry request is queued for then (see
+    /// [`crate::db::sync_status::schedule_retry`]). Only a failure to read the internal
+    /// database sends the request back to the queue. How many run at once is the
+    /// poller's business.
     ///
     /// On success, the statuses of the databases synced are returned, not yet
     /// recorded: the poller records them with the request's completion.
@@ -35,6 +37,7 @@ impl DirectPublisher {
                 let claimed = ClaimedTenancy {
                     external_databases: Some(config.clone()),
                     latest_changes: [request.latest_user_change, request.latest_channel_change],
+                    not_due_databases: request.not_due_databases.clone(),
                 };
                 sync_claimed_tenancy(&self.engine, tenancy_id, claimed).await
             }
@@ -43,20 +46,6 @@ impl DirectPublisher {
             None => sync_tenancy(&self.engine, tenancy_id).await,
         };
         match synced {
-            Ok(TenancySync::Synced(report)) if report.has_retryable_failure() => {
-                let failed: Vec<&str> = report
-                    .databases
-                    .iter()
-                    .filter(
-                        |database| matches!(&database.result, Err(error) if error.is_retryable()),
-                    )
-                    .map(|database| database.database_id.as_str())
-                    .collect();
-                Err(PublishError(format!(
-                    "sync of tenancy {tenancy_id} failed for database(s) {} (see \"ExternalDbSyncStatus\")",
-                    failed.join(", ")
-                )))
-            }
             Ok(TenancySync::Synced(report)) => Ok(report.unrecorded),
             Ok(_) => Ok(None),
             Err(error) => Err(PublishError(format!(

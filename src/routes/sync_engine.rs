@@ -4,7 +4,9 @@
 //!
 //! The status code tells QStash whether to deliver again: 5xx only when some database
 //! failed in a way a retry can fix. Permanent failures (a bad connection string, a
-//! refused target) are recorded and answered 200, so they do not burn retries.
+//! refused target) are recorded and answered 200, so they do not burn retries. A
+//! database whose next attempt is not due yet is not attempted (answered 200): its
+//! retry request comes when it is due.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -40,6 +42,9 @@ struct SyncResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     databases: Vec<DatabaseResult>,
+    /// Databases not attempted: their last attempt failed and their next one is not
+    /// due yet. A retry request for then is queued.
+    not_due_databases: Vec<String>,
     /// Work was left over and a new sync request was queued.
     requeued: bool,
 }
@@ -104,6 +109,7 @@ pub async fn run(
                 outcome: "unknownTenancy",
                 error: None,
                 databases: Vec::new(),
+                not_due_databases: Vec::new(),
                 requeued: false,
             },
         ),
@@ -115,6 +121,7 @@ pub async fn run(
                 outcome: "invalidConfig",
                 error: Some(error.to_string()),
                 databases: Vec::new(),
+                not_due_databases: Vec::new(),
                 requeued: false,
             },
         ),
@@ -129,11 +136,12 @@ pub async fn run(
             (
                 status,
                 SyncResponse {
-                    ok: databases.iter().all(|database| database.ok),
+                    ok: databases.iter().all(|database| database.ok) && report.not_due.is_empty(),
                     tenancy_id,
                     outcome: "synced",
                     error: None,
                     databases,
+                    not_due_databases: report.not_due,
                     requeued: report.requeued,
                 },
             )

@@ -27,7 +27,7 @@ use super::sessions::{SessionKey, SessionPool, SessionPoolSettings, TenantSessio
 use super::target::{self, SessionSettings, TargetPolicy};
 use crate::db;
 use crate::db::identity::DatabaseIdentity;
-use crate::db::sync_status::{SyncSuccess, SyncedTenancy};
+use crate::db::sync_status::{RetrySchedule, SyncSuccess, SyncedTenancy};
 use crate::error::error_chain;
 use crate::routes::SYNC_ENGINE_PATH;
 
@@ -45,6 +45,8 @@ pub struct SyncSettings {
     pub session: SessionSettings,
     /// Tenant sessions kept open between syncs.
     pub pool: SessionPoolSettings,
+    /// When a database that failed is attempted again.
+    pub retry: RetrySchedule,
 }
 
 impl Default for SyncSettings {
@@ -60,6 +62,7 @@ impl Default for SyncSettings {
                 idle_in_transaction_timeout: Duration::from_secs(120),
             },
             pool: SessionPoolSettings::default(),
+            retry: RetrySchedule::default(),
         }
     }
 }
@@ -187,8 +190,12 @@ pub enum TenancySync {
 
 #[derive(Debug)]
 pub struct TenancyReport {
-    /// One entry per configured database, in id order.
+    /// One entry per configured database that was due, in id order.
     pub databases: Vec<DatabaseReport>,
+    /// Configured databases left alone because their last attempt failed and their
+    /// next one is not due yet (`"nextAttemptAt"`), in id order. A retry request is
+    /// queued for when the first of them is due.
+    pub not_due: Vec<String>,
     /// Whether a new sync request was queued because work was left over.
     pub requeued: bool,
     /// Successes whose status the caller records: [`sync_claimed_tenancy`] leaves them
@@ -279,6 +286,8 @@ pub struct ClaimedTenancy {
     /// The highest sequence id among each mapping's changes, by [`Mapping::index`];
     /// `None` where the mapping has none.
     pub latest_changes: [Option<i64>; Mapping::ALL.len()],
+    /// The databases whose next attempt is not due yet.
+    pub not_due_databases: Vec<String>,
 }
 
 /// Syncs every external database of `tenancy_id`. Failures of single databases are in
@@ -287,8 +296,18 @@ pub async fn sync_tenancy(
     engine: &SyncEngine,
     tenancy_id: Uuid,
 ) -> Result<TenancySync, sqlx::Error> {
-    let config = db::tenancy::external_databases(&engine.pool, tenancy_id).await?;
-    sync_with(engine, tenancy_id, config, None, false).await
+    let claimed = db::tenancy::to_sync(&engine.pool, tenancy_id)
+        .await?
+        .map(|tenancy| ClaimedTenancy {
+            external_databases: Some(tenancy.external_databases),
+            latest_changes: [None; Mapping::ALL.len()],
+            not_due_databases: tenancy.not_due_databases,
+        });
+    let Some(claimed) = claimed else {
+        tracing::info!(%tenancy_id, "sync requested for an unknown tenancy; nothing to do");
+        return Ok(TenancySync::UnknownTenancy);
+    };
+    sync_with(engine, tenancy_id, claimed, None, false).await
 }
 
 /// [`sync_tenancy`] with what its claim read. A mapping whose watermark this process
@@ -301,15 +320,15 @@ pub async fn sync_tenancy(
 ///
 /// The statuses of the databases that succeeded are left in
 /// [`TenancyReport::unrecorded`], for the caller to record with the completion of the
-/// request (one statement for both), unless some database failed in a way a retry can
-/// fix: then the request is not completed, and they are recorded at once.
+/// request (one statement for both). Failures are recorded at once, with their next
+/// attempt.
 pub async fn sync_claimed_tenancy(
     engine: &SyncEngine,
     tenancy_id: Uuid,
     claimed: ClaimedTenancy,
 ) -> Result<TenancySync, sqlx::Error> {
     let latest = Some(claimed.latest_changes);
-    sync_with(engine, tenancy_id, claimed.external_databases, latest, true).await
+    sync_with(engine, tenancy_id, claimed, latest, true).await
 }
 
 /// The latest change of each mapping, when a claim read them.
@@ -318,11 +337,11 @@ type LatestChanges = Option<[Option<i64>; Mapping::ALL.len()]>;
 async fn sync_with(
     engine: &SyncEngine,
     tenancy_id: Uuid,
-    config: Option<serde_json::Value>,
+    tenancy: ClaimedTenancy,
     latest: LatestChanges,
     defer_successes: bool,
 ) -> Result<TenancySync, sqlx::Error> {
-    let Some(config) = config else {
+    let Some(config) = tenancy.external_databases else {
         tracing::info!(%tenancy_id, "sync requested for an unknown tenancy; nothing to do");
         return Ok(TenancySync::UnknownTenancy);
     };
@@ -333,8 +352,14 @@ async fn sync_with(
             return Ok(TenancySync::InvalidConfig(error));
         }
     };
+    let configured: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+    let (due, not_due): (Vec<_>, Vec<_>) = entries
+        .into_iter()
+        .partition(|(id, _)| !tenancy.not_due_databases.contains(id));
+    let mut not_due: Vec<String> = not_due.into_iter().map(|(id, _)| id).collect();
+    not_due.sort();
 
-    let mut databases: Vec<DatabaseReport> = stream::iter(entries)
+    let mut databases: Vec<DatabaseReport> = stream::iter(due)
         .map(|(database_id, entry)| sync_database(engine, tenancy_id, database_id, entry, latest))
         .buffer_unordered(engine.settings.database_concurrency.max(1))
         .collect()
@@ -346,13 +371,20 @@ async fn sync_with(
         .any(|database| matches!(&database.result, Ok(synced) if synced.more_remaining()));
     let requeued = more_remaining
         && db::queue::enqueue_sync(&engine.pool, tenancy_id, SYNC_ENGINE_PATH).await?;
+    // A database that failed now, or is waiting for its next attempt, gets a request
+    // for then: it heals without a new change to its tenancy.
+    if !not_due.is_empty() || databases.iter().any(|database| database.result.is_err()) {
+        let ids: Vec<&str> = configured.iter().map(String::as_str).collect();
+        db::sync_status::schedule_retry(&engine.pool, tenancy_id, &ids, SYNC_ENGINE_PATH).await?;
+    }
     let mut report = TenancyReport {
         databases,
+        not_due,
         requeued,
         unrecorded: None,
     };
     let successes = report.successes(tenancy_id);
-    if defer_successes && !report.has_retryable_failure() {
+    if defer_successes {
         report.unrecorded = Some(successes);
     } else if !successes.databases.is_empty() {
         if let Err(error) = db::sync_status::record_successes(&engine.pool, &successes).await {
@@ -414,6 +446,7 @@ async fn sync_database(
                 &database_id,
                 &message,
                 error.is_retryable(),
+                &engine.settings.retry,
             )
             .await
         }

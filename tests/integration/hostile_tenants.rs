@@ -2,19 +2,13 @@
 //! operators shadowed through `search_path`, and bookkeeping tables altered into
 //! nonsense. Each either syncs untouched or fails alone, permanently.
 
-use std::time::Duration;
-
-use sqlx::PgPool;
-use uuid::Uuid;
-
 use crate::harness::binary::serve_logging_to;
 use crate::harness::fixtures::{delete_user, email, rename_user, tenancy, tenant_database, user};
 use crate::harness::postgres::{migrated_pool, pool, server, short_id};
 use crate::harness::sync::{
-    attach_config, engine, expected_channels, expected_users, external_channels, external_users,
-    recorded_error, sync, sync_ok, table_exists, two_tenancies_with_users,
+    attach_config, engine, expected_users, external_users, recorded_error, sync, sync_ok,
+    two_tenancies_with_users, wait_until_equal,
 };
-use crate::harness::wait;
 
 /// Objects in `public` standing in for every catalog function and operator the service
 /// uses, each answering something harmful (ten million rows, 50 MB values, a lock that
@@ -73,25 +67,6 @@ fn peak_rss_bytes(pid: u32) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap();
     kib * 1024
-}
-
-/// Waits until the tenant database holds exactly what the source says.
-async fn wait_until_equal(internal: &PgPool, tenancy_id: Uuid, tenant: &PgPool) {
-    wait::until(
-        "the tenant database to equal its source",
-        Duration::from_secs(60),
-        || async move {
-            if !table_exists(tenant, "contact_channels").await {
-                return None;
-            }
-            let users_equal =
-                external_users(tenant).await == expected_users(internal, tenancy_id).await;
-            let channels_equal =
-                external_channels(tenant).await == expected_channels(internal, tenancy_id).await;
-            (users_equal && channels_equal).then_some(())
-        },
-    )
-    .await;
 }
 
 /// The bound stated for the service's peak memory while it syncs a hostile tenant. The

@@ -6,6 +6,7 @@
 mod harness;
 
 mod command_line;
+mod failing_databases;
 mod hostile_tenants;
 mod http;
 mod log_hygiene;

@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use external_db_sync::db::queue;
+use external_db_sync::db::sync_status::{Backoff, RetrySchedule, RETRY_REQUEST_KEY_PREFIX};
 use external_db_sync::poller::InFlight;
 use external_db_sync::sync::mapping::Mapping;
+use external_db_sync::sync::SyncSettings;
 use reqwest::Method;
 use serde_json::json;
 use sqlx::PgPool;
@@ -17,13 +19,18 @@ use crate::harness::fixtures::{
     delete_channel, delete_user, email, pending_request_keys, rename_user, request_key,
     sequence_all, tenancy, tenant_database, user,
 };
-use crate::harness::polling::{direct_poller, poll_once, step};
+use crate::harness::polling::{direct_poller, direct_poller_with, poll_once, step};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, external_channels, external_users, hold_mapping_lock,
-    recorded_status, tenancy_with_database, two_tenancies_with_users, wait_for_user, watermark,
+    recorded_error, recorded_status, tenancy_with_database, test_settings,
+    two_tenancies_with_users, wait_for_user, watermark,
 };
 use crate::harness::wait;
+
+fn retry_key(tenancy: Uuid) -> String {
+    format!("{RETRY_REQUEST_KEY_PREFIX}{tenancy}")
+}
 
 /// `(attempts, lastError, in flight, due now)` of the tenancy's requests.
 async fn request_states(pool: &PgPool, tenancy: Uuid) -> Vec<(i32, Option<String>, bool, bool)> {
@@ -69,8 +76,37 @@ async fn serve_alone_brings_a_write_to_the_tenant_database() {
     app.stop().await.unwrap();
 }
 
+/// `(consecutiveFailures, whether "nextAttemptAt" is ahead)` of a database.
+async fn retry_state(pool: &PgPool, tenancy: Uuid, database_id: &str) -> (i32, bool) {
+    sqlx::query_as(
+        r#"select "consecutiveFailures",
+                  coalesce("nextAttemptAt" > current_timestamp::timestamp(3), false)
+           from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = $2"#,
+    )
+    .bind(tenancy)
+    .bind(database_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Makes every request and every failing database due now, as if their time had come.
+async fn let_time_pass(pool: &PgPool) {
+    sqlx::raw_sql(
+        r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp;
+           update "ExternalDbSyncStatus" set "nextAttemptAt" = current_timestamp
+           where "nextAttemptAt" is not null"#,
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// A database that fails completes its request all the same: it is retried by a retry
+/// request of its own when its next attempt is due, not by the tenancy's next change,
+/// and a change meanwhile syncs without attempting it.
 #[tokio::test]
-async fn a_failed_publish_keeps_the_request_with_its_error_until_it_succeeds() {
+async fn a_failing_database_is_retried_by_its_own_request_when_due() {
     let pool = migrated_pool().await;
     let tenancy = tenancy(&pool).await;
     // Nothing listens on port 1: connection refused, a retryable failure.
@@ -82,22 +118,42 @@ async fn a_failed_publish_keeps_the_request_with_its_error_until_it_succeeds() {
     .await;
     user(&pool, tenancy, "waits").await;
     sequence_all(&pool, 1000).await;
-    let poller = direct_poller(&pool, 4);
+    let minute = Backoff {
+        first: Duration::from_secs(60),
+        max: Duration::from_secs(60),
+    };
+    let settings = SyncSettings {
+        retry: RetrySchedule {
+            retryable: minute,
+            permanent: minute,
+        },
+        ..test_settings()
+    };
+    let poller = direct_poller_with(&pool, 4, settings);
 
     let batch = poll_once(&poller).await;
 
-    assert_eq!((batch.claimed, batch.published, batch.failed), (1, 0, 1));
-    let states = request_states(&pool, tenancy).await;
-    assert_eq!(states.len(), 1, "the request is still there");
-    let (attempts, error, in_flight, due) = &states[0];
-    assert_eq!(*attempts, 1);
-    assert!(error.as_deref().unwrap().contains("main"), "{error:?}");
-    assert!(!in_flight);
-    assert!(!due, "it waits for its backoff");
-    // Not due yet: a second run leaves it alone.
+    assert_eq!((batch.claimed, batch.published, batch.failed), (1, 1, 0));
+    assert!(request_states(&pool, tenancy).await.is_empty());
+    assert_eq!(retry_state(&pool, tenancy, "main").await, (1, true));
+    assert_eq!(pending_request_keys(&pool).await, [retry_key(tenancy)]);
+    let (_, retryable, _) = recorded_error(&pool, tenancy, "main").await;
+    assert_eq!(retryable, Some(true));
+    // Not due yet: a change syncs the tenancy without attempting the database.
+    user(&pool, tenancy, "second").await;
+    sequence_all(&pool, 1000).await;
+    let batch = poll_once(&poller).await;
+    assert_eq!((batch.claimed, batch.published), (1, 1));
+    assert_eq!(retry_state(&pool, tenancy, "main").await, (1, true));
     assert_eq!(poll_once(&poller).await.claimed, 0);
 
-    // The database comes back, and the backoff has passed.
+    // Its time comes: attempted again, with no change, and still down.
+    let_time_pass(&pool).await;
+    assert_eq!(poll_once(&poller).await.claimed, 1);
+    assert_eq!(retry_state(&pool, tenancy, "main").await, (2, true));
+
+    // The database comes back: its entry changed, so it is due at once; the retry
+    // request, when it comes, brings everything over.
     let (url, tenant) = tenant_database().await;
     attach(&pool, tenancy, &[("main", &url)]).await;
     sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
@@ -107,7 +163,8 @@ async fn a_failed_publish_keeps_the_request_with_its_error_until_it_succeeds() {
     let batch = poll_once(&poller).await;
 
     assert_eq!((batch.claimed, batch.published), (1, 1));
-    assert!(request_states(&pool, tenancy).await.is_empty());
+    assert!(pending_request_keys(&pool).await.is_empty());
+    assert_eq!(retry_state(&pool, tenancy, "main").await, (0, false));
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
 
@@ -227,11 +284,10 @@ async fn claimed_syncs_skip_only_the_mappings_that_have_no_new_change() {
     assert!(external_channels(&tenant).await.is_empty());
 }
 
-/// A direct sync records its databases' statuses with the request's completion; when
-/// one database fails and the request goes back, the others' successes are recorded
-/// all the same.
+/// A direct sync records its databases' successes with the request's completion, and a
+/// failure of one of them at once; the request completes either way.
 #[tokio::test]
-async fn direct_syncs_record_every_database_status_whether_the_request_completes_or_not() {
+async fn direct_syncs_record_every_database_status_whether_it_succeeded_or_not() {
     let pool = migrated_pool().await;
     let tenancy = tenancy(&pool).await;
     let (url, tenant) = tenant_database().await;
@@ -252,7 +308,7 @@ async fn direct_syncs_record_every_database_status_whether_the_request_completes
 
     let batch = poll_once(&poller).await;
 
-    assert_eq!((batch.claimed, batch.published, batch.failed), (1, 0, 1));
+    assert_eq!((batch.claimed, batch.published, batch.failed), (1, 1, 0));
     let synced_through = watermark(&tenant, "users")
         .await
         .min(watermark(&tenant, "contact_channels").await);
@@ -265,18 +321,18 @@ async fn direct_syncs_record_every_database_status_whether_the_request_completes
         (None, false, 1)
     );
 
-    // The second database is dropped from the configuration; the next sync completes.
+    // The second database is dropped from the configuration; the next sync (and the
+    // retry request of the failed database, due at once here) complete.
     attach(&pool, tenancy, &[("good", &url)]).await;
     crate::harness::fixtures::verify_channel(&pool, channel).await;
     sequence_all(&pool, 1000).await;
-    sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
-        .execute(&pool)
-        .await
-        .unwrap();
     let batch = poll_once(&poller).await;
 
-    assert_eq!((batch.claimed, batch.published), (1, 1));
-    assert!(request_states(&pool, tenancy).await.is_empty());
+    assert!(
+        batch.claimed >= 1 && batch.published == batch.claimed,
+        "{batch:?}"
+    );
+    assert!(pending_request_keys(&pool).await.is_empty());
     let newest = watermark(&tenant, "users")
         .await
         .min(watermark(&tenant, "contact_channels").await);

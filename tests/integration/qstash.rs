@@ -187,8 +187,10 @@ async fn a_refused_token_is_recorded_and_nothing_is_lost() {
     assert!(standin.published().is_empty());
 }
 
+/// A database that cannot be reached answers 5xx (QStash may retry); it is attempted
+/// again by a retry request of its own, published when due, and heals.
 #[tokio::test]
-async fn a_sync_engine_5xx_is_retried_until_the_database_is_back() {
+async fn a_database_that_answered_5xx_heals_through_its_retry_request() {
     let (app, standin) = app_with_qstash(TOKEN).await;
     let tenancy = tenancy(&app.pool).await;
     attach(
@@ -213,16 +215,28 @@ async fn a_sync_engine_5xx_is_retried_until_the_database_is_back() {
     let (url, tenant) = tenant_database().await;
     attach(&app.pool, tenancy, &[("main", &url)]).await;
 
+    // The failed database's retry request is published when due (at most a second or
+    // two here); its entry changed meanwhile, so it is attempted at once.
+    let app = &app;
+    wait::until(
+        "the retry request to be published",
+        Duration::from_secs(20),
+        || async move {
+            let answer = app.run_poller("maxDurationMs=0").await;
+            (answer["published"].as_u64() > Some(0)).then_some(())
+        },
+    )
+    .await;
     wait_for_source_state(&app.pool, tenancy, &tenant).await;
     // The data is committed before the answer reaches the stand-in.
-    let deliveries = wait::until("a delivery answered 200", Duration::from_secs(10), || {
-        let deliveries = standin.deliveries();
-        let answered = deliveries.last().is_some_and(|last| last.status == 200);
-        async move { answered.then_some(deliveries) }
+    wait::until("a delivery answered 200", Duration::from_secs(10), || {
+        let answered = standin
+            .deliveries()
+            .last()
+            .is_some_and(|last| last.status == 200);
+        async move { answered.then_some(()) }
     })
     .await;
-    let last = deliveries.last().unwrap();
-    assert!(last.retried > 0, "{deliveries:?}");
 }
 
 /// Two `serve` replicas (each running a sequencer and a poller loop) share one internal

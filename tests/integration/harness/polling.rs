@@ -7,11 +7,23 @@ use external_db_sync::queue::direct::DirectPublisher;
 use external_db_sync::queue::Publisher;
 use sqlx::PgPool;
 
-use super::sync::engine;
+use external_db_sync::sync::SyncSettings;
+
+use super::sync::{engine_with, test_settings};
 
 /// A poller that syncs in-process on an engine of its own, `sync_concurrency` at once.
 pub fn direct_poller(pool: &PgPool, sync_concurrency: usize) -> Poller {
-    let publisher = Publisher::Direct(DirectPublisher::new(Arc::new(engine(pool))));
+    direct_poller_with(pool, sync_concurrency, test_settings())
+}
+
+/// [`direct_poller`] on an engine with `settings`.
+pub fn direct_poller_with(
+    pool: &PgPool,
+    sync_concurrency: usize,
+    settings: SyncSettings,
+) -> Poller {
+    let engine = engine_with(pool, settings, true);
+    let publisher = Publisher::Direct(DirectPublisher::new(Arc::new(engine)));
     let settings = PollerSettings {
         sync_concurrency,
         ..PollerSettings::default()

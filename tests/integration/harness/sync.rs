@@ -1,6 +1,9 @@
 //! Driving the sync engine from tests, and reading what arrived in tenant databases.
 
+use std::time::Duration;
+
 use chrono::NaiveDateTime;
+use external_db_sync::db::sync_status::{Backoff, RetrySchedule};
 use external_db_sync::sync::engine::TenancyReport;
 use external_db_sync::sync::target::{InternalDatabase, TargetPolicy};
 use external_db_sync::sync::{sync_tenancy, SyncEngine, SyncSettings, TenancySync};
@@ -16,9 +19,19 @@ pub fn engine(pool: &PgPool) -> SyncEngine {
     engine_with(pool, test_settings(), true)
 }
 
+/// Small batches, and a failed database due again after a millisecond: tests that sync
+/// again right after a failure mean to attempt it again.
 pub fn test_settings() -> SyncSettings {
+    let at_once = Backoff {
+        first: Duration::from_millis(1),
+        max: Duration::from_millis(1),
+    };
     SyncSettings {
         batch_size: 1000,
+        retry: RetrySchedule {
+            retryable: at_once,
+            permanent: at_once,
+        },
         ..SyncSettings::default()
     }
 }
@@ -337,4 +350,24 @@ pub async fn hold_mapping_lock(
         .await
         .unwrap();
     holder
+}
+
+/// Waits (60 s at most) until the tenant database holds exactly the source's users and
+/// contact channels of `tenancy`; before the first sync created its tables, it does not.
+pub async fn wait_until_equal(internal: &PgPool, tenancy: Uuid, tenant: &PgPool) {
+    super::wait::until(
+        "the tenant database to equal its source",
+        std::time::Duration::from_secs(60),
+        || async move {
+            if !table_exists(tenant, "contact_channels").await {
+                return None;
+            }
+            let users_equal =
+                external_users(tenant).await == expected_users(internal, tenancy).await;
+            let channels_equal =
+                external_channels(tenant).await == expected_channels(internal, tenancy).await;
+            (users_equal && channels_equal).then_some(())
+        },
+    )
+    .await;
 }

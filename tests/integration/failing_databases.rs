@@ -1,0 +1,151 @@
+//! A failing tenant database is attempted on its own schedule, not once per change, and
+//! heals by itself once it works again.
+
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+use crate::harness::binary::serve_logging_to;
+use crate::harness::fixtures::{email, rename_user, tenancy, tenant_database, user};
+use crate::harness::postgres::{pool, server};
+use crate::harness::sync::{attach, recorded_error, wait_until_equal};
+use crate::harness::wait;
+
+/// Sessions the server has seen open to `database` (`pg_stat_database.sessions`).
+async fn sessions_opened(any: &PgPool, database: &str) -> i64 {
+    sqlx::query_scalar("select sessions from pg_stat_database where datname = $1")
+        .bind(database)
+        .fetch_one(any)
+        .await
+        .unwrap()
+}
+
+/// Waits until no session is open to `database` (the last one may be ending).
+async fn wait_until_no_session(any: &PgPool, database: &str) {
+    wait::until(
+        "no session open to the tenant database",
+        Duration::from_secs(30),
+        || async move {
+            let open: i64 =
+                sqlx::query_scalar("select count(*) from pg_stat_activity where datname = $1")
+                    .bind(database)
+                    .fetch_one(any)
+                    .await
+                    .unwrap();
+            (open == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+/// `(nextAttemptAt - lastErrorAt)` of a database's status, in milliseconds.
+async fn recorded_retry_delay_ms(internal: &PgPool, database_id: &str) -> Option<f64> {
+    sqlx::query_scalar(
+        r#"select extract(epoch from "nextAttemptAt" - "lastErrorAt")::float8 * 1000
+           from "ExternalDbSyncStatus" where "databaseId" = $1"#,
+    )
+    .bind(database_id)
+    .fetch_one(internal)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_read_only_database_is_retried_on_its_schedule_and_heals_without_a_new_change() {
+    let database_url = server().migrated_database().await;
+    let internal = pool(&database_url).await;
+    let tenancy_id = tenancy(&internal).await;
+    let (healthy_url, healthy) = tenant_database().await;
+    let (flaky_url, flaky) = tenant_database().await;
+    attach(
+        &internal,
+        tenancy_id,
+        &[("healthy", &healthy_url), ("flaky", &flaky_url)],
+    )
+    .await;
+    let ada = user(&internal, tenancy_id, "ada").await;
+    email(&internal, tenancy_id, ada, "ada@example.com", true).await;
+
+    let log = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let (mut child, _address) = serve_logging_to(
+        &database_url,
+        &[
+            ("SYNC_PERMANENT_RETRY_FIRST_MS", "2000"),
+            ("SYNC_PERMANENT_RETRY_MAX_MS", "4000"),
+        ],
+        &log,
+    )
+    .await;
+    wait_until_equal(&internal, tenancy_id, &flaky).await;
+    wait_until_equal(&internal, tenancy_id, &healthy).await;
+
+    // The flaky database turns read-only: new sessions cannot write (SQLSTATE 25006,
+    // which needs a person), and the service's kept sessions are ended.
+    let flaky_name: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&flaky)
+        .await
+        .unwrap();
+    flaky.close().await;
+    server()
+        .admin_execute(&format!(
+            "alter database \"{flaky_name}\" set default_transaction_read_only = on"
+        ))
+        .await;
+    server()
+        .admin_execute(&format!(
+            "select pg_terminate_backend(pid) from pg_stat_activity \
+             where datname = '{flaky_name}' and application_name = 'external-db-sync'"
+        ))
+        .await;
+    wait_until_no_session(&internal, &flaky_name).await;
+    let sessions_before = sessions_opened(&internal, &flaky_name).await;
+
+    // Its tenancy changes continuously for 20 s.
+    let started = Instant::now();
+    let mut changes = 0;
+    while started.elapsed() < Duration::from_secs(20) {
+        changes += 1;
+        rename_user(&internal, ada, &format!("ada {changes}")).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The healthy database kept up meanwhile.
+    wait_until_equal(&internal, tenancy_id, &healthy).await;
+    // Counted by the tenant's server: each failed attempt opened one session.
+    wait_until_no_session(&internal, &flaky_name).await;
+    let attempts = sessions_opened(&internal, &flaky_name).await - sessions_before;
+    let (error, retryable, failures) = recorded_error(&internal, tenancy_id, "flaky").await;
+    assert!(error.unwrap().contains("25006"));
+    assert_eq!(retryable, Some(false));
+    // 20 s at 1 to 2 s, then 2 to 4 s apart: a handful of attempts, not one per change.
+    assert!(
+        (2..=12).contains(&attempts) && (2..=12).contains(&failures),
+        "{attempts} sessions and {failures} failed attempts for {changes} changes"
+    );
+    let delay = recorded_retry_delay_ms(&internal, "flaky").await.unwrap();
+    assert!(
+        (1000.0..=4001.0).contains(&delay),
+        "next attempt {delay} ms after the error"
+    );
+
+    // Writable again: it catches up with no further change to its tenancy.
+    server()
+        .admin_execute(&format!(
+            "alter database \"{flaky_name}\" reset default_transaction_read_only"
+        ))
+        .await;
+    let flaky = pool(&flaky_url).await;
+    wait_until_equal(&internal, tenancy_id, &flaky).await;
+    // The success is recorded as the request completes, just after the data commits.
+    let internal = &internal;
+    wait::until(
+        "the success to be recorded",
+        Duration::from_secs(30),
+        || async move {
+            let (_, _, failures) = recorded_error(internal, tenancy_id, "flaky").await;
+            (failures == 0).then_some(())
+        },
+    )
+    .await;
+    child.kill().await.unwrap();
+    assert_eq!(recorded_retry_delay_ms(internal, "flaky").await, None);
+}
