@@ -358,6 +358,11 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 defaults.database_concurrency,
                 |raw| parse_in_range(raw, 1, 256),
             )?,
+            max_databases_per_tenancy: self.parse_or(
+                "SYNC_MAX_DATABASES_PER_TENANCY",
+                defaults.max_databases_per_tenancy,
+                |raw| parse_in_range(raw, 1, 1000),
+            )?,
             session: SessionSettings {
                 connect_timeout: millis(
                     "SYNC_CONNECT_TIMEOUT_MS",

@@ -6,7 +6,8 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::sync_status::{
-    not_due_databases, reserve_due_databases, success_columns, SyncedTenancy, RECORD_SUCCESSES,
+    not_due_databases, reserve_due_databases, success_columns, SyncedTenancy,
+    CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
 };
 
 /// Prefix of the deduplication key of a tenancy's sync request; the key is this
@@ -182,7 +183,7 @@ pub async fn complete(
 ) -> Result<(), sqlx::Error> {
     static RECORD_AND_DELETE: LazyLock<String> = LazyLock::new(|| {
         format!(
-            r#"with recorded as ({RECORD_SUCCESSES})
+            r#"with cleared as ({CLEAR_CONFIGURATION_PROBLEM}), recorded as ({RECORD_SUCCESSES})
             delete from "OutgoingRequest" where "id" = $4"#
         )
     });

@@ -1,5 +1,6 @@
 //! `"ExternalDbSyncStatus"`: the outcome of the last sync of each tenant database.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use sqlx::PgExecutor;
@@ -39,6 +40,13 @@ pub(crate) const RECORD_SUCCESSES: &str = r#"
             "updatedAt" = current_timestamp
         "#;
 
+/// Next to [`RECORD_SUCCESSES`], as a CTE of the same statement: a problem recorded for
+/// the tenancy's configuration as a whole (database id `*`) is gone once a database of
+/// it synced. `$1` the tenancy.
+pub(crate) const CLEAR_CONFIGURATION_PROBLEM: &str = r#"
+        delete from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = '*'
+        "#;
+
 /// The parameters of [`RECORD_SUCCESSES`] after the tenancy: ids and sequence ids.
 pub(crate) fn success_columns(synced: &[SyncSuccess]) -> (Vec<&str>, Vec<i64>) {
     synced
@@ -58,7 +66,10 @@ pub async fn record_successes(
     synced: &SyncedTenancy,
 ) -> Result<(), sqlx::Error> {
     let (database_ids, synced_through) = success_columns(&synced.databases);
-    sqlx::query(RECORD_SUCCESSES)
+    static STATEMENT: LazyLock<String> = LazyLock::new(|| {
+        format!("with cleared as ({CLEAR_CONFIGURATION_PROBLEM}) {RECORD_SUCCESSES}")
+    });
+    sqlx::query(&STATEMENT)
         .bind(synced.tenancy_id)
         .bind(database_ids)
         .bind(synced_through)

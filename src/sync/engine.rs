@@ -41,6 +41,8 @@ pub struct SyncSettings {
     pub max_batches_per_run: u32,
     /// Databases of one tenancy synced at the same time (`SYNC_DATABASE_CONCURRENCY`).
     pub database_concurrency: usize,
+    /// Most databases one tenancy may configure (`SYNC_MAX_DATABASES_PER_TENANCY`).
+    pub max_databases_per_tenancy: usize,
     /// Timeouts of every tenant-database session.
     pub session: SessionSettings,
     /// Tenant sessions kept open between syncs.
@@ -55,6 +57,7 @@ impl Default for SyncSettings {
             batch_size: 5000,
             max_batches_per_run: 20,
             database_concurrency: 4,
+            max_databases_per_tenancy: 10,
             session: SessionSettings {
                 connect_timeout: Duration::from_secs(10),
                 statement_timeout: Duration::from_secs(60),
@@ -345,10 +348,20 @@ async fn sync_with(
         tracing::info!(%tenancy_id, "sync requested for an unknown tenancy; nothing to do");
         return Ok(TenancySync::UnknownTenancy);
     };
-    let entries = match external_database::parse_all(&config) {
+    let max_databases = engine.settings.max_databases_per_tenancy;
+    let entries = match external_database::parse_all(&config, max_databases) {
         Ok(entries) => entries,
         Err(error) => {
             tracing::warn!(%tenancy_id, %error, "unusable external database configuration");
+            db::sync_status::record_failure(
+                &engine.pool,
+                tenancy_id,
+                external_database::WHOLE_CONFIGURATION,
+                &error.to_string(),
+                false,
+                &engine.settings.retry,
+            )
+            .await?;
             return Ok(TenancySync::InvalidConfig(error));
         }
     };

@@ -29,9 +29,27 @@ pub struct ExternalDatabase {
 /// One configured database: its id, and the entry or why it cannot be used.
 pub type Entry = (String, Result<ExternalDatabase, SyncError>);
 
+/// The id under which a problem with a tenancy's configuration as a whole (too many
+/// databases, an unusable id) is recorded in `"ExternalDbSyncStatus"`. No database may
+/// have it.
+pub const WHOLE_CONFIGURATION: &str = "*";
+
+/// Longest database id, in bytes: ids key the recorded statuses.
+pub const MAX_DATABASE_ID_BYTES: usize = 128;
+/// Most `readRoles` of one database.
+pub const MAX_READ_ROLES: usize = 32;
+/// Longest `connectionString`, in bytes.
+pub const MAX_CONNECTION_STRING_BYTES: usize = 4096;
+/// Largest entry, in bytes of JSON: room for a 64 KiB `caCertificate` and the rest.
+pub const MAX_ENTRY_BYTES: usize = 96 * 1024;
+
 /// The entries of `externalDatabases` by id, in id order. `null` (no `dbSync` section)
-/// means no databases; anything but an object is an error.
-pub fn parse_all(external_databases: &Value) -> Result<Vec<Entry>, SyncError> {
+/// means no databases; anything but an object, more than `max_databases` entries, or an
+/// unusable id is an error of the whole configuration.
+pub fn parse_all(
+    external_databases: &Value,
+    max_databases: usize,
+) -> Result<Vec<Entry>, SyncError> {
     let entries = match external_databases {
         Value::Null => return Ok(Vec::new()),
         Value::Object(entries) => entries,
@@ -41,6 +59,16 @@ pub fn parse_all(external_databases: &Value) -> Result<Vec<Entry>, SyncError> {
             ))
         }
     };
+    if entries.len() > max_databases {
+        return Err(SyncError::InvalidConfig(format!(
+            "dbSync.externalDatabases lists {} databases; at most {max_databases} are allowed \
+             per tenancy (SYNC_MAX_DATABASES_PER_TENANCY)",
+            entries.len()
+        )));
+    }
+    for id in entries.keys() {
+        validate_database_id(id)?;
+    }
     let mut parsed: Vec<_> = entries
         .iter()
         .map(|(id, entry)| (id.clone(), parse_one(entry)))
@@ -49,8 +77,30 @@ pub fn parse_all(external_databases: &Value) -> Result<Vec<Entry>, SyncError> {
     Ok(parsed)
 }
 
+fn validate_database_id(id: &str) -> Result<(), SyncError> {
+    let reason = if id.is_empty() || id.len() > MAX_DATABASE_ID_BYTES {
+        format!("database ids must be 1 to {MAX_DATABASE_ID_BYTES} bytes long")
+    } else if id.chars().any(char::is_control) {
+        "database ids cannot contain control characters".to_owned()
+    } else if id == WHOLE_CONFIGURATION {
+        format!("`{WHOLE_CONFIGURATION}` is reserved and cannot be a database id")
+    } else {
+        return Ok(());
+    };
+    Err(SyncError::InvalidConfig(format!(
+        "dbSync.externalDatabases: {reason}"
+    )))
+}
+
 fn parse_one(entry: &Value) -> Result<ExternalDatabase, SyncError> {
     let invalid = |reason: &str| SyncError::InvalidConfig(reason.to_owned());
+    let serialized = entry.to_string();
+    if serialized.len() > MAX_ENTRY_BYTES {
+        return Err(invalid(&format!(
+            "the entry is {} bytes of JSON; at most {MAX_ENTRY_BYTES} are allowed",
+            serialized.len()
+        )));
+    }
     let entry = entry
         .as_object()
         .ok_or_else(|| invalid("each external database must be an object"))?;
@@ -72,6 +122,12 @@ fn parse_one(entry: &Value) -> Result<ExternalDatabase, SyncError> {
         .get("connectionString")
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("connectionString is missing or not a string"))?;
+    if connection_string.len() > MAX_CONNECTION_STRING_BYTES {
+        return Err(invalid(&format!(
+            "connectionString is {} bytes long; at most {MAX_CONNECTION_STRING_BYTES} are allowed",
+            connection_string.len()
+        )));
+    }
     let mut target = Target::parse(connection_string)?;
     match entry.get("caCertificate") {
         None | Some(Value::Null) => {}
@@ -80,6 +136,12 @@ fn parse_one(entry: &Value) -> Result<ExternalDatabase, SyncError> {
     }
     let read_roles = match entry.get("readRoles") {
         None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(roles)) if roles.len() > MAX_READ_ROLES => {
+            return Err(invalid(&format!(
+                "readRoles lists {} roles; at most {MAX_READ_ROLES} are allowed",
+                roles.len()
+            )))
+        }
         Some(Value::Array(roles)) => roles
             .iter()
             .map(|role| {
@@ -93,7 +155,7 @@ fn parse_one(entry: &Value) -> Result<ExternalDatabase, SyncError> {
             .collect::<Result<_, SyncError>>()?,
         Some(_) => return Err(invalid("readRoles must be a list of role names")),
     };
-    let fingerprint = Sha256::digest(Value::Object(entry.clone()).to_string()).into();
+    let fingerprint = Sha256::digest(serialized).into();
     Ok(ExternalDatabase {
         target,
         read_roles,
@@ -108,21 +170,37 @@ mod tests {
 
     #[test]
     fn no_configuration_means_no_databases() {
-        assert!(parse_all(&Value::Null).unwrap().is_empty());
-        assert!(parse_all(&json!({})).unwrap().is_empty());
-        assert!(parse_all(&json!(["x"])).is_err());
+        assert!(parse_all(&Value::Null, 10).unwrap().is_empty());
+        assert!(parse_all(&json!({}), 10).unwrap().is_empty());
+        assert!(parse_all(&json!(["x"]), 10).is_err());
+    }
+
+    #[test]
+    fn ids_that_cannot_key_a_status_refuse_the_whole_configuration() {
+        let entry = json!({"type": "postgres", "connectionString": "postgres://a@h/x"});
+        for id in ["", "*", "a\nb", &"x".repeat(129)] {
+            let error = parse_all(&json!({ id: entry }), 10).unwrap_err();
+            assert!(
+                error.to_string().contains("dbSync.externalDatabases:"),
+                "{error}"
+            );
+        }
+        assert!(parse_all(&json!({ "x".repeat(128): entry }), 10).is_ok());
     }
 
     #[test]
     fn each_entry_stands_on_its_own() {
-        let parsed = parse_all(&json!({
+        let parsed = parse_all(
+            &json!({
             "b-good": {"type": "postgres", "connectionString": "postgres://a@db.example.com/x",
                        "readRoles": ["analyst", "bi \"team\""]},
             "a-mysql": {"type": "mysql", "connectionString": "mysql://a@h/x"},
             "c-roles": {"type": "postgres", "connectionString": "postgres://a@h/x",
                         "readRoles": "analyst"},
             "d-missing": {"type": "postgres"},
-        }))
+            }),
+            10,
+        )
         .unwrap();
         let ids: Vec<&str> = parsed.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(ids, ["a-mysql", "b-good", "c-roles", "d-missing"]);

@@ -2,8 +2,12 @@
 //! operators shadowed through `search_path`, and bookkeeping tables altered into
 //! nonsense. Each either syncs untouched or fails alone, permanently.
 
+use external_db_sync::sync::{sync_tenancy, TenancySync};
+
 use crate::harness::binary::serve_logging_to;
-use crate::harness::fixtures::{delete_user, email, rename_user, tenancy, tenant_database, user};
+use crate::harness::fixtures::{
+    delete_user, email, rename_user, sequence_all, tenancy, tenant_database, user,
+};
 use crate::harness::postgres::{migrated_pool, pool, server, short_id};
 use crate::harness::sync::{
     attach_config, engine, expected_users, external_users, recorded_error, sync, sync_ok,
@@ -204,5 +208,99 @@ async fn a_bookkeeping_table_altered_into_nonsense_fails_only_its_own_database()
     assert_eq!(
         external_users(&third_tenant).await,
         expected_users(&pool, third).await
+    );
+}
+
+/// Every database id recorded for a tenancy, in order.
+async fn recorded_ids(pool: &sqlx::PgPool, tenancy_id: uuid::Uuid) -> Vec<String> {
+    sqlx::query_scalar(
+        r#"select "databaseId" from "ExternalDbSyncStatus" where "tenancyId" = $1 order by 1"#,
+    )
+    .bind(tenancy_id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_tenancy_over_a_limit_gets_one_recorded_error_and_the_others_sync() {
+    let pool = migrated_pool().await;
+    let engine = engine(&pool);
+    let (url, _) = tenant_database().await;
+    let entry = |url: &str| serde_json::json!({"type": "postgres", "connectionString": url});
+
+    // Twenty thousand databases: refused as a whole, without a session or a status per
+    // entry.
+    let crowded = tenancy(&pool).await;
+    let many: serde_json::Map<String, serde_json::Value> = (0..20_000)
+        .map(|n| (format!("db{n}"), entry("postgres://sync@127.0.0.1:1/none")))
+        .collect();
+    attach_config(&pool, crowded, serde_json::Value::Object(many)).await;
+    user(&pool, crowded, "crowded").await;
+    sequence_all(&pool, 1000).await;
+    let outcome = sync_tenancy(&engine, crowded).await.unwrap();
+    let TenancySync::InvalidConfig(error) = outcome else {
+        panic!("expected the configuration to be refused, got {outcome:?}");
+    };
+    assert!(error.to_string().contains("at most 10"), "{error}");
+    assert_eq!(recorded_ids(&pool, crowded).await, ["*"]);
+    let (recorded, retryable, _) = recorded_error(&pool, crowded, "*").await;
+    assert!(recorded.unwrap().contains("SYNC_MAX_DATABASES_PER_TENANCY"));
+    assert_eq!(retryable, Some(false));
+
+    // Entries over a limit fail alone, each with its error; the good one syncs.
+    let mixed = tenancy(&pool).await;
+    let (good_url, good) = tenant_database().await;
+    let roles: Vec<String> = (0..33).map(|n| format!("role{n}")).collect();
+    let long_url = format!("{url}?application_name={}", "x".repeat(5000));
+    attach_config(
+        &pool,
+        mixed,
+        serde_json::json!({
+            "good": entry(&good_url),
+            "roles": {"type": "postgres", "connectionString": url, "readRoles": roles},
+            "long": entry(&long_url),
+        }),
+    )
+    .await;
+    user(&pool, mixed, "mixed").await;
+    let report = sync(&pool, &engine, mixed).await;
+    let errors: Vec<(String, String)> = report
+        .databases
+        .iter()
+        .filter_map(|database| {
+            let error = database.result.as_ref().err()?;
+            assert!(!error.is_retryable());
+            Some((database.database_id.clone(), error.to_string()))
+        })
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].0 == "long" && errors[0].1.contains("at most 4096"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].0 == "roles" && errors[1].1.contains("at most 32"),
+        "{errors:?}"
+    );
+    assert_eq!(
+        external_users(&good).await,
+        expected_users(&pool, mixed).await
+    );
+
+    // The crowded tenancy trims its list: the recorded problem goes with the first
+    // success.
+    let (trimmed_url, trimmed) = tenant_database().await;
+    attach_config(
+        &pool,
+        crowded,
+        serde_json::json!({"main": entry(&trimmed_url)}),
+    )
+    .await;
+    sync_ok(&pool, &engine, crowded).await;
+    assert_eq!(recorded_ids(&pool, crowded).await, ["main"]);
+    assert_eq!(
+        external_users(&trimmed).await,
+        expected_users(&pool, crowded).await
     );
 }
