@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::trace::TraceLayer;
 
+use crate::error::AppError;
 use crate::startup::AppState;
 
 /// Common prefix of the service's internal routes, as in the platform this mirrors.
@@ -42,6 +43,8 @@ pub fn router(state: AppState) -> Router {
             SYNC_ENGINE_PATH,
             post(sync_engine::run).layer(DefaultBodyLimit::max(sync_engine::BODY_LIMIT)),
         )
+        .fallback(|| async { AppError::NotFound })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         // The path only: a query string is the caller's and is never logged.
         .layer(TraceLayer::new_for_http().make_span_with(
             |request: &axum::http::Request<axum::body::Body>| {

@@ -9,6 +9,7 @@
 //! retry request comes when it is due.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::qstash::SIGNATURE_HEADER;
-use crate::error::{error_chain, AppError};
+use crate::error::AppError;
 use crate::startup::AppState;
 use crate::sync::engine::{DatabaseReport, MappingReport, TenancySync};
 use crate::sync::sync_tenancy;
@@ -39,6 +40,9 @@ struct SyncResponse {
     tenancy_id: Uuid,
     /// `synced`, `unknownTenancy` or `invalidConfig`.
     outcome: &'static str,
+    /// A stable name for `error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     databases: Vec<DatabaseResult>,
@@ -54,6 +58,9 @@ struct SyncResponse {
 struct DatabaseResult {
     database_id: String,
     ok: bool,
+    /// A stable name for `error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     synced_through: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -79,8 +86,16 @@ struct MappingResult {
 pub async fn run(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AppError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::PayloadTooLarge
+        } else {
+            tracing::debug!(error = %rejection, "cannot read a sync-engine request body");
+            AppError::BadRequest("the request body could not be read".to_owned())
+        }
+    })?;
     let verifier = state
         .verifier
         .as_ref()
@@ -92,10 +107,8 @@ pub async fn run(
         .verify(token, body)
         .map_err(AppError::InvalidSignature)?;
     let request: SyncRequest = serde_json::from_slice(verified.bytes()).map_err(|error| {
-        AppError::BadRequest(format!(
-            "expected {{\"tenancyId\": \"<uuid>\"}} ({})",
-            error_chain(&error)
-        ))
+        tracing::debug!(%error, "malformed sync-engine request body");
+        AppError::BadRequest("expected {\"tenancyId\": \"<uuid>\"}".to_owned())
     })?;
     let tenancy_id = request.tenancy_id;
 
@@ -107,6 +120,7 @@ pub async fn run(
                 ok: true,
                 tenancy_id,
                 outcome: "unknownTenancy",
+                code: None,
                 error: None,
                 databases: Vec::new(),
                 not_due_databases: Vec::new(),
@@ -119,6 +133,7 @@ pub async fn run(
                 ok: false,
                 tenancy_id,
                 outcome: "invalidConfig",
+                code: Some(error.code()),
                 error: Some(error.to_string()),
                 databases: Vec::new(),
                 not_due_databases: Vec::new(),
@@ -139,6 +154,7 @@ pub async fn run(
                     ok: databases.iter().all(|database| database.ok) && report.not_due.is_empty(),
                     tenancy_id,
                     outcome: "synced",
+                    code: None,
                     error: None,
                     databases,
                     not_due_databases: report.not_due,
@@ -159,6 +175,7 @@ impl From<&DatabaseReport> for DatabaseResult {
                 ok: true,
                 synced_through: Some(synced.synced_through()),
                 mappings: Some(synced.mappings.iter().map(MappingResult::from).collect()),
+                code: None,
                 error: None,
                 retryable: None,
             },
@@ -167,7 +184,8 @@ impl From<&DatabaseReport> for DatabaseResult {
                 ok: false,
                 synced_through: None,
                 mappings: None,
-                error: Some(error_chain(error)),
+                code: Some(error.code()),
+                error: Some(error.to_string()),
                 retryable: Some(error.is_retryable()),
             },
         }
@@ -185,5 +203,27 @@ impl From<&MappingReport> for MappingResult {
             last_synced_sequence_id: report.watermark,
             more_remaining: report.more_remaining,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::SyncError;
+
+    #[test]
+    fn a_database_result_names_its_error_without_internals() {
+        let report = DatabaseReport {
+            database_id: "main".to_owned(),
+            result: Err(SyncError::Internal(sqlx::Error::Protocol(
+                "detail of the internal database".to_owned(),
+            ))),
+        };
+        let answer = serde_json::to_value(DatabaseResult::from(&report)).unwrap();
+        assert_eq!(answer["code"], "internal");
+        assert_eq!(answer["error"], "internal database");
+        assert!(!answer
+            .to_string()
+            .contains("detail of the internal database"));
     }
 }

@@ -49,6 +49,22 @@ pub enum SyncError {
 }
 
 impl SyncError {
+    /// A stable, machine-readable name of the failure, answered with it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SyncError::InvalidConfig(_) => "invalid_config",
+            SyncError::TargetRefused(_) => "target_refused",
+            SyncError::ForeignOwner(_) => "foreign_owner",
+            SyncError::Resolve { .. } => "resolve_failed",
+            SyncError::Tls(_) => "tls",
+            SyncError::ConnectTimeout(_) => "connect_timeout",
+            SyncError::Target(_) => "tenant_database",
+            SyncError::MissingWatermark(_) => "missing_watermark",
+            SyncError::Malformed(_) => "malformed_tenant_database",
+            SyncError::Internal(_) => "internal",
+        }
+    }
+
     /// Whether the same attempt may succeed later without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
         match self {

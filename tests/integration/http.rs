@@ -283,3 +283,50 @@ async fn workers_in_serve_sequence_and_publish_changes_without_any_cron_call() {
     assert!(pending_request_keys(&app.pool).await.is_empty());
     app.stop().await.unwrap();
 }
+
+/// Every error answer is JSON with a stable code and a short message, whatever the
+/// route, and a malformed webhook body is not echoed back.
+#[tokio::test]
+async fn error_answers_carry_a_stable_code_and_a_short_message() {
+    let app = TestApp::spawn().await;
+    let cases = [
+        (
+            Method::GET,
+            "/no/such/route".to_owned(),
+            Some(CRON_SECRET),
+            404,
+            "not_found",
+        ),
+        (
+            Method::DELETE,
+            "/healthz".to_owned(),
+            None,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            Method::GET,
+            format!("{PREFIX}/sequencer"),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            Method::GET,
+            format!("{PREFIX}/poller?maxDurationMs=soon"),
+            Some(CRON_SECRET),
+            400,
+            "bad_request",
+        ),
+    ];
+    for (method, path, bearer, status, code) in cases {
+        let response = app.request(method.clone(), &path, bearer).await;
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["ok"], false, "{method} {path}");
+        assert_eq!(body["code"], code, "{method} {path}");
+        assert!(body["error"]
+            .as_str()
+            .is_some_and(|error| !error.is_empty() && error.len() < 200));
+    }
+}

@@ -131,6 +131,15 @@ async fn bad_signatures_are_rejected_with_401_and_nothing_is_synced() {
         let (status, answer) = deliver(&app, body.clone(), &claims, key).await;
         assert_eq!(status, 401, "{case}: {answer}");
         assert_eq!(answer["ok"], false, "{case}");
+        // Which check failed is for the log, not for the caller.
+        assert_eq!(
+            (&answer["code"], &answer["error"]),
+            (
+                &json!("invalid_signature"),
+                &json!("invalid Upstash-Signature")
+            ),
+            "{case}"
+        );
     }
 
     // A tampered body: signed for one tenancy, delivered for another.
@@ -254,7 +263,8 @@ async fn an_oversized_body_is_refused() {
     let app = app().await;
     let body = vec![b' '; 100 * 1024];
 
-    let (status, _) = deliver_signed(&app, &body, CURRENT_SIGNING_KEY).await;
+    let (status, answer) = deliver_signed(&app, &body, CURRENT_SIGNING_KEY).await;
 
     assert_eq!(status, 413);
+    assert_eq!(answer["code"], "payload_too_large");
 }
