@@ -12,7 +12,8 @@
 //! while it sleeps; while it is awake it holds a lease that keeps writers quiet, since
 //! notifying makes their commits queue behind one another (migration 8).
 
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
@@ -88,6 +89,9 @@ async fn run_batch(
     else {
         return Ok(SequencerRun::Disabled);
     };
+    if batch.project_users + batch.contact_channels + batch.deleted_rows == 0 && prune_is_due() {
+        prune_tombstones(pool).await;
+    }
     if batch.tenancies > 0 {
         tracing::debug!(
             project_users = batch.project_users,
@@ -99,6 +103,37 @@ async fn run_batch(
         );
     }
     Ok(SequencerRun::Batch(batch))
+}
+
+/// How often a sequencer that found nothing to number prunes tombstones, at most (per
+/// process).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+
+static LAST_PRUNE: Mutex<Option<Instant>> = Mutex::new(None);
+
+fn prune_is_due() -> bool {
+    let mut last = LAST_PRUNE.lock().unwrap_or_else(PoisonError::into_inner);
+    let due = last.map_or(true, |at| at.elapsed() >= PRUNE_INTERVAL);
+    if due {
+        *last = Some(Instant::now());
+    }
+    due
+}
+
+/// One bounded pass of [`db::tombstones::prune`]. A failure is logged, not returned:
+/// the batch itself succeeded, and the next pass tries again.
+async fn prune_tombstones(pool: &PgPool) {
+    match db::tombstones::prune(
+        pool,
+        db::tombstones::PRUNE_BATCH,
+        db::tombstones::PRUNE_TENANCIES,
+    )
+    .await
+    {
+        Ok(0) => {}
+        Ok(pruned) => tracing::debug!(pruned, "pruned tombstones every database has synced past"),
+        Err(error) => tracing::warn!(error = %error_chain(&error), "cannot prune tombstones"),
+    }
 }
 
 /// How long the loop's lease keeps writers quiet. Renewed by every batch once half of it

@@ -8,6 +8,7 @@ pub mod queue;
 pub mod sequencing;
 pub mod sync_status;
 pub mod tenancy;
+pub mod tombstones;
 
 use std::time::Duration;
 

@@ -6,8 +6,8 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::sync_status::{
-    not_due_databases, reserve_due_databases, success_columns, SyncedTenancy,
-    CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
+    bind_successes, not_due_databases, pruned_through_columns, reserve_due_databases,
+    SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
 };
 
 /// Prefix of the deduplication key of a tenancy's sync request; the key is this
@@ -73,6 +73,11 @@ pub struct ClaimedRequest {
     /// being attempted by another sync. The claim reserved the due ones for this one.
     #[sqlx(rename = "notDueDatabases")]
     pub not_due_databases: Vec<String>,
+    /// How far the tenancy's user and contact-channel tombstones are pruned, if at all.
+    #[sqlx(rename = "usersPrunedThrough")]
+    pub users_pruned_through: Option<i64>,
+    #[sqlx(rename = "channelsPrunedThrough")]
+    pub channels_pruned_through: Option<i64>,
 }
 
 /// Text that PostgreSQL always accepts as a `uuid`.
@@ -154,7 +159,8 @@ pub async fn claim(
                       as "latestUserChange",
                   external_db_sync_latest_change(due.tenancy_id, 'ContactChannel')
                       as "latestChannelChange",
-                  {} as "notDueDatabases"
+                  {} as "notDueDatabases",
+                  {pruned}
         "#,
             not_due_databases(
                 "due.tenancy_id",
@@ -162,6 +168,7 @@ pub async fn claim(
                                    where first.tenancy_id = due.tenancy_id
                                    order by first."id" limit 1)"#
             ),
+            pruned = pruned_through_columns("due.tenancy_id"),
             reserved = reserve_due_databases("(select tenancy_id as tenancy from due) as claimed"),
         )
     });
@@ -184,7 +191,7 @@ pub async fn complete(
     static RECORD_AND_DELETE: LazyLock<String> = LazyLock::new(|| {
         format!(
             r#"with cleared as ({CLEAR_CONFIGURATION_PROBLEM}), recorded as ({RECORD_SUCCESSES})
-            delete from "OutgoingRequest" where "id" = $4"#
+            delete from "OutgoingRequest" where "id" = $6"#
         )
     });
     match synced.filter(|synced| !synced.databases.is_empty()) {
@@ -195,11 +202,7 @@ pub async fn complete(
                 .await?;
         }
         Some(synced) => {
-            let (database_ids, synced_through) = success_columns(&synced.databases);
-            sqlx::query(&RECORD_AND_DELETE)
-                .bind(synced.tenancy_id)
-                .bind(database_ids)
-                .bind(synced_through)
+            bind_successes(sqlx::query(&RECORD_AND_DELETE), synced)
                 .bind(id)
                 .execute(executor)
                 .await?;

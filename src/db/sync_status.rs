@@ -3,14 +3,20 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use sqlx::PgExecutor;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgExecutor, Postgres};
 use uuid::Uuid;
 
 /// A tenant database synced successfully, whose status is still to be recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncSuccess {
     pub database_id: String,
+    /// The lowest watermark of its mappings.
     pub last_synced_sequence_id: i64,
+    /// The watermark of each mapping, by [`crate::sync::mapping::Mapping::index`]:
+    /// how far the tombstones of each source table are applied there.
+    pub watermarks: [i64; 2],
 }
 
 /// The successes of one sync of a tenancy, recorded when its request is completed
@@ -22,18 +28,25 @@ pub struct SyncedTenancy {
 }
 
 /// Records successful syncs: `$1` the tenancy, `$2` the database ids, `$3` the sequence
-/// ids they are synced through. `"lastSyncedSequenceId"` never moves back, even if an
+/// ids they are synced through, `$4` and `$5` their `users` and `contact_channels`
+/// watermarks (see [`bind_successes`]). No recorded value ever moves back, even if an
 /// older run finishes last.
 pub(crate) const RECORD_SUCCESSES: &str = r#"
         insert into "ExternalDbSyncStatus" as status
-            ("tenancyId", "databaseId", "lastSyncedSequenceId", "lastSuccessAt",
-             "consecutiveFailures", "updatedAt")
-        select $1, synced.database_id, synced.synced_through, current_timestamp, 0,
-               current_timestamp
-        from unnest($2::text[], $3::bigint[]) as synced(database_id, synced_through)
+            ("tenancyId", "databaseId", "lastSyncedSequenceId", "usersSyncedThrough",
+             "contactChannelsSyncedThrough", "lastSuccessAt", "consecutiveFailures",
+             "updatedAt")
+        select $1, synced.database_id, synced.synced_through, synced.users,
+               synced.contact_channels, current_timestamp, 0, current_timestamp
+        from unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+            as synced(database_id, synced_through, users, contact_channels)
         on conflict ("tenancyId", "databaseId") do update set
             "lastSyncedSequenceId" =
                 greatest(status."lastSyncedSequenceId", excluded."lastSyncedSequenceId"),
+            "usersSyncedThrough" =
+                greatest(status."usersSyncedThrough", excluded."usersSyncedThrough"),
+            "contactChannelsSyncedThrough" = greatest(
+                status."contactChannelsSyncedThrough", excluded."contactChannelsSyncedThrough"),
             "lastSuccessAt" = current_timestamp,
             "consecutiveFailures" = 0,
             "nextAttemptAt" = null,
@@ -47,17 +60,25 @@ pub(crate) const CLEAR_CONFIGURATION_PROBLEM: &str = r#"
         delete from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = '*'
         "#;
 
-/// The parameters of [`RECORD_SUCCESSES`] after the tenancy: ids and sequence ids.
-pub(crate) fn success_columns(synced: &[SyncSuccess]) -> (Vec<&str>, Vec<i64>) {
-    synced
+/// Binds the parameters `$1` to `$5` of [`RECORD_SUCCESSES`].
+pub(crate) fn bind_successes<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    synced: &'q SyncedTenancy,
+) -> Query<'q, Postgres, PgArguments> {
+    let column = |value: fn(&SyncSuccess) -> i64| -> Vec<i64> {
+        synced.databases.iter().map(value).collect()
+    };
+    let ids: Vec<&str> = synced
+        .databases
         .iter()
-        .map(|success| {
-            (
-                success.database_id.as_str(),
-                success.last_synced_sequence_id,
-            )
-        })
-        .unzip()
+        .map(|success| success.database_id.as_str())
+        .collect();
+    query
+        .bind(synced.tenancy_id)
+        .bind(ids)
+        .bind(column(|success| success.last_synced_sequence_id))
+        .bind(column(|success| success.watermarks[0]))
+        .bind(column(|success| success.watermarks[1]))
 }
 
 /// Records successful syncs of `synced`'s databases.
@@ -65,14 +86,10 @@ pub async fn record_successes(
     executor: impl PgExecutor<'_>,
     synced: &SyncedTenancy,
 ) -> Result<(), sqlx::Error> {
-    let (database_ids, synced_through) = success_columns(&synced.databases);
     static STATEMENT: LazyLock<String> = LazyLock::new(|| {
         format!("with cleared as ({CLEAR_CONFIGURATION_PROBLEM}) {RECORD_SUCCESSES}")
     });
-    sqlx::query(&STATEMENT)
-        .bind(synced.tenancy_id)
-        .bind(database_ids)
-        .bind(synced_through)
+    bind_successes(sqlx::query(&STATEMENT), synced)
         .execute(executor)
         .await?;
     Ok(())
@@ -254,5 +271,22 @@ pub(crate) fn not_due_databases(tenancy: &str, owner: &str) -> String {
                        select from reserved
                        where reserved."tenancyId" = status."tenancyId"
                          and reserved."databaseId" = status."databaseId")))"#
+    )
+}
+
+/// The SQL expressions of how far the tombstones of tenancy `tenancy` (an expression of
+/// the enclosing query) are pruned: `"usersPrunedThrough"` and
+/// `"channelsPrunedThrough"`, null where none were.
+pub(crate) fn pruned_through_columns(tenancy: &str) -> String {
+    let of = |table: &str| {
+        format!(
+            r#"(select pruned."prunedThrough" from "ExternalDbSyncPrunedTombstones" as pruned
+                where pruned."tenancyId" = {tenancy} and pruned."tableName" = '{table}')"#
+        )
+    };
+    format!(
+        r#"{} as "usersPrunedThrough", {} as "channelsPrunedThrough""#,
+        of("ProjectUser"),
+        of("ContactChannel")
     )
 }

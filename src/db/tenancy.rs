@@ -3,7 +3,7 @@
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::sync_status::{not_due_databases, reserve_due_databases};
+use super::sync_status::{not_due_databases, pruned_through_columns, reserve_due_databases};
 
 /// What a sync needs to know of a tenancy.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -14,6 +14,11 @@ pub struct TenancyToSync {
     /// Databases whose last attempt failed and whose next one is not due yet.
     #[sqlx(rename = "notDueDatabases")]
     pub not_due_databases: Vec<String>,
+    /// How far the tenancy's user and contact-channel tombstones are pruned, if at all.
+    #[sqlx(rename = "usersPrunedThrough")]
+    pub users_pruned_through: Option<i64>,
+    #[sqlx(rename = "channelsPrunedThrough")]
+    pub channels_pruned_through: Option<i64>,
 }
 
 /// The tenancy's databases and which of them to leave alone, or `None` when the
@@ -27,12 +32,14 @@ pub async fn to_sync(
         with {}
         select coalesce("config" -> 'dbSync' -> 'externalDatabases', 'null'::jsonb)
                    as "externalDatabases",
-               {} as "notDueDatabases"
+               {} as "notDueDatabases",
+               {}
         from "Tenancy"
         where "id" = $1
         "#,
         reserve_due_databases("(select $1::uuid as tenancy) as asked"),
-        not_due_databases("$1", "true")
+        not_due_databases("$1", "true"),
+        pruned_through_columns("$1")
     ))
     .bind(tenancy_id)
     .fetch_optional(executor)

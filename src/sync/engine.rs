@@ -217,6 +217,7 @@ impl TenancyReport {
                 Some(SyncSuccess {
                     database_id: database.database_id.clone(),
                     last_synced_sequence_id: synced.synced_through(),
+                    watermarks: synced.watermarks(),
                 })
             })
             .collect();
@@ -255,6 +256,15 @@ impl DatabaseSynced {
             .unwrap_or(-1)
     }
 
+    /// Each mapping's watermark, by [`Mapping::index`].
+    pub fn watermarks(&self) -> [i64; Mapping::ALL.len()] {
+        let mut watermarks = [-1; Mapping::ALL.len()];
+        for mapping in &self.mappings {
+            watermarks[mapping.mapping.index()] = mapping.watermark;
+        }
+        watermarks
+    }
+
     /// Changes applied in this run, over all mappings.
     pub fn changes(&self) -> u64 {
         self.mappings.iter().map(|mapping| mapping.changes).sum()
@@ -276,6 +286,10 @@ pub struct MappingReport {
     pub watermark: i64,
     /// The batch budget ran out before the mapping was caught up.
     pub more_remaining: bool,
+    /// The database had missed deletions whose tombstones were pruned (it was away, or
+    /// its watermark went back), and was brought back to the source: this many rows
+    /// that the source no longer has were removed.
+    pub removed_by_resync: Option<u64>,
 }
 
 /// What the poller's claim read about a tenancy, so that a sync started right after it
@@ -291,6 +305,9 @@ pub struct ClaimedTenancy {
     pub latest_changes: [Option<i64>; Mapping::ALL.len()],
     /// The databases whose next attempt is not due yet.
     pub not_due_databases: Vec<String>,
+    /// How far each mapping's tombstones have been pruned, if at all, by
+    /// [`Mapping::index`].
+    pub pruned_through: [Option<i64>; Mapping::ALL.len()],
 }
 
 /// Syncs every external database of `tenancy_id`. Failures of single databases are in
@@ -305,12 +322,20 @@ pub async fn sync_tenancy(
             external_databases: Some(tenancy.external_databases),
             latest_changes: [None; Mapping::ALL.len()],
             not_due_databases: tenancy.not_due_databases,
+            pruned_through: [
+                tenancy.users_pruned_through,
+                tenancy.channels_pruned_through,
+            ],
         });
     let Some(claimed) = claimed else {
         tracing::info!(%tenancy_id, "sync requested for an unknown tenancy; nothing to do");
         return Ok(TenancySync::UnknownTenancy);
     };
-    sync_with(engine, tenancy_id, claimed, None, false).await
+    let facts = MappingFacts {
+        latest: None,
+        pruned_through: claimed.pruned_through,
+    };
+    sync_with(engine, tenancy_id, claimed, facts, false).await
 }
 
 /// [`sync_tenancy`] with what its claim read. A mapping whose watermark this process
@@ -330,18 +355,27 @@ pub async fn sync_claimed_tenancy(
     tenancy_id: Uuid,
     claimed: ClaimedTenancy,
 ) -> Result<TenancySync, sqlx::Error> {
-    let latest = Some(claimed.latest_changes);
-    sync_with(engine, tenancy_id, claimed, latest, true).await
+    let facts = MappingFacts {
+        latest: Some(claimed.latest_changes),
+        pruned_through: claimed.pruned_through,
+    };
+    sync_with(engine, tenancy_id, claimed, facts, true).await
 }
 
-/// The latest change of each mapping, when a claim read them.
-type LatestChanges = Option<[Option<i64>; Mapping::ALL.len()]>;
+/// What the caller read about the tenancy's mappings, by [`Mapping::index`].
+#[derive(Debug, Clone, Copy)]
+struct MappingFacts {
+    /// The latest change of each mapping, when a claim read them.
+    latest: Option<[Option<i64>; Mapping::ALL.len()]>,
+    /// How far each mapping's tombstones have been pruned, if at all.
+    pruned_through: [Option<i64>; Mapping::ALL.len()],
+}
 
 async fn sync_with(
     engine: &SyncEngine,
     tenancy_id: Uuid,
     tenancy: ClaimedTenancy,
-    latest: LatestChanges,
+    latest: MappingFacts,
     defer_successes: bool,
 ) -> Result<TenancySync, sqlx::Error> {
     let Some(config) = tenancy.external_databases else {
@@ -415,14 +449,14 @@ async fn sync_database(
     tenancy_id: Uuid,
     database_id: String,
     entry: Result<ExternalDatabase, SyncError>,
-    latest: LatestChanges,
+    latest: MappingFacts,
 ) -> DatabaseReport {
     let target = entry
         .as_ref()
         .map(|database| database.target.describe())
         .ok();
     let result = match entry {
-        Ok(database) => sync_target(engine, tenancy_id, &database, latest).await,
+        Ok(database) => sync_target(engine, tenancy_id, &database_id, &database, latest).await,
         Err(error) => Err(error),
     };
     // Successes are recorded by the caller, all of the tenancy's in one statement.
@@ -477,21 +511,26 @@ async fn sync_database(
 async fn sync_target(
     engine: &SyncEngine,
     tenancy_id: Uuid,
+    database_id: &str,
     database: &ExternalDatabase,
-    latest: LatestChanges,
+    latest: MappingFacts,
 ) -> Result<DatabaseSynced, SyncError> {
     let key = SessionKey {
         tenancy_id,
         fingerprint: database.fingerprint,
     };
-    let kept = Sessions::new(engine, key, database, true);
+    let kept = Sessions::new(engine, key, database_id, database, true);
     match sync_on(&kept, latest).await {
         // A kept session can have been closed while it waited (the server restarted, an
         // idle timeout, a proxy). That says nothing about the database now: try once
         // more on new sessions. Safe, because a batch is all or nothing and idempotent.
         Err(error) if kept.reused() && error.is_lost_session() => {
             tracing::debug!(%tenancy_id, error = %error_chain(&error), "a kept tenant session was closed; syncing on new sessions");
-            sync_on(&Sessions::new(engine, key, database, false), latest).await
+            sync_on(
+                &Sessions::new(engine, key, database_id, database, false),
+                latest,
+            )
+            .await
         }
         synced => synced,
     }
@@ -503,6 +542,7 @@ async fn sync_target(
 struct Sessions<'a> {
     engine: &'a SyncEngine,
     key: SessionKey,
+    database_id: &'a str,
     database: &'a ExternalDatabase,
     reuse: bool,
     reused: AtomicBool,
@@ -512,12 +552,14 @@ impl<'a> Sessions<'a> {
     fn new(
         engine: &'a SyncEngine,
         key: SessionKey,
+        database_id: &'a str,
         database: &'a ExternalDatabase,
         reuse: bool,
     ) -> Self {
         Self {
             engine,
             key,
+            database_id,
             database,
             reuse,
             reused: AtomicBool::new(false),
@@ -560,7 +602,7 @@ impl<'a> Sessions<'a> {
 /// database is forgotten.
 async fn sync_on(
     sessions: &Sessions<'_>,
-    latest: LatestChanges,
+    facts: MappingFacts,
 ) -> Result<DatabaseSynced, SyncError> {
     let (engine, key) = (sessions.engine, &sessions.key);
     let synced = async {
@@ -579,8 +621,9 @@ async fn sync_on(
         let handed = [first, None];
         let mappings = futures::future::try_join_all(Mapping::ALL.into_iter().zip(handed).map(
             |(mapping, session)| {
-                let latest = latest.map(|latest| latest[mapping.index()]);
-                sync_mapping(sessions, mapping, session, latest)
+                let latest = facts.latest.map(|latest| latest[mapping.index()]);
+                let pruned_through = facts.pruned_through[mapping.index()];
+                sync_mapping(sessions, mapping, session, latest, pruned_through)
             },
         ))
         .await?;
@@ -597,15 +640,24 @@ async fn sync_on(
 /// mapping whose `latest` change (as read by the claim, if any) is not after it is done
 /// at once; otherwise the changes after it are read first, and a mapping with none is
 /// done without touching the tenant database.
+///
+/// A known watermark older than the mapping's pruned tombstones (`pruned_through`) is
+/// not trusted: the database may have been away while they were pruned (removed from
+/// the configuration and added back), so it goes the locked way, which checks.
 async fn sync_mapping(
     sessions: &Sessions<'_>,
     mapping: Mapping,
     session: Option<TenantSession>,
     latest: Option<Option<i64>>,
+    pruned_through: Option<i64>,
 ) -> Result<MappingReport, SyncError> {
     let (engine, key) = (sessions.engine, &sessions.key);
     let mut read_ahead = None;
-    if let Some(watermark) = engine.known.watermark(key, mapping) {
+    let known = engine
+        .known
+        .watermark(key, mapping)
+        .filter(|watermark| pruned_through.map_or(true, |pruned| *watermark >= pruned));
+    if let Some(watermark) = known {
         // Whether the claim saw no change of this mapping after the watermark.
         let caught_up = match latest {
             Some(Some(latest)) => latest <= watermark,
@@ -632,7 +684,7 @@ async fn sync_mapping(
         Some(session) => session,
         None => sessions.open().await?,
     };
-    let report = apply_batches(engine, &mut session, key, mapping, read_ahead).await?;
+    let report = apply_batches(sessions, &mut session, mapping, read_ahead).await?;
     sessions.give_back(session);
     Ok(report)
 }
@@ -647,6 +699,7 @@ impl MappingReport {
             deleted: 0,
             watermark,
             more_remaining: false,
+            removed_by_resync: None,
         }
     }
 }
@@ -659,12 +712,12 @@ impl MappingReport {
 /// other run wrote in between, and the batch is newer than anything written so far.
 /// Otherwise it is read again.
 async fn apply_batches(
-    engine: &SyncEngine,
+    sessions: &Sessions<'_>,
     session: &mut TenantSession,
-    key: &SessionKey,
     mapping: Mapping,
     mut read_ahead: Option<ReadAhead>,
 ) -> Result<MappingReport, SyncError> {
+    let (engine, key) = (sessions.engine, &sessions.key);
     let settings = &engine.settings;
     let mut report = MappingReport::nothing_after(mapping, -1);
     // A small batch read after the known watermark: one round trip, guarded by that
@@ -690,9 +743,27 @@ async fn apply_batches(
             read_ahead = None;
         }
     }
+    let mut deletions_checked = false;
     loop {
         let watermark = begin_locked(session, mapping).await?;
         report.watermark = watermark;
+        if !deletions_checked {
+            deletions_checked = true;
+            let missed = db::tombstones::missed_pruned_deletions(
+                &engine.pool,
+                key.tenancy_id,
+                sessions.database_id,
+                mapping.source_table(),
+                watermark,
+            )
+            .await?;
+            if missed {
+                let removed = remove_rows_not_in_source(sessions, session, mapping).await?;
+                report.removed_by_resync = Some(removed);
+                read_ahead = None;
+                continue;
+            }
+        }
         let batch = match read_ahead.take() {
             Some(ahead) if ahead.after == watermark => ahead.batch,
             _ => read_batch(engine, key.tenancy_id, mapping, watermark).await?,
@@ -744,6 +815,88 @@ async fn apply_batches(
         }
     }
     Ok(report)
+}
+
+/// Ids of the source's live rows sent to the tenant database at once during a resync.
+const RESYNC_PAGE: i64 = 10_000;
+
+/// Brings a database that missed deletions (their tombstones are pruned) back to the
+/// source: in the transaction [`begin_locked`] opened, removes every row of `mapping`
+/// whose id the source no longer has, and commits. The ids go to a temporary table a
+/// page at a time; memory stays bounded however large the tenancy. The watermark stays:
+/// every live row changed after it is still after it in the source. Then the database
+/// is recorded as having every deletion up to the latest sequence id applied.
+async fn remove_rows_not_in_source(
+    sessions: &Sessions<'_>,
+    session: &mut TenantSession,
+    mapping: Mapping,
+) -> Result<u64, SyncError> {
+    let (engine, tenancy_id) = (sessions.engine, sessions.key.tenancy_id);
+    // Read first: a deletion numbered later comes with a tombstone after this.
+    let complete_through = db::tombstones::latest_sequence_id(&engine.pool).await?;
+    let client = session.client();
+    client
+        .batch_execute(
+            "create temporary table _stack_sync_keep (id uuid primary key) on commit drop",
+        )
+        .await
+        .map_err(SyncError::target)?;
+    let mut after = None;
+    loop {
+        let ids = db::tombstones::live_ids(
+            &engine.pool,
+            tenancy_id,
+            mapping.source_table(),
+            after,
+            RESYNC_PAGE,
+        )
+        .await?;
+        let Some(last) = ids.last().copied() else {
+            break;
+        };
+        client
+            .execute(
+                "insert into pg_temp._stack_sync_keep select pg_catalog.unnest($1::uuid[])",
+                &[&ids],
+            )
+            .await
+            .map_err(SyncError::target)?;
+        if ids.len() < RESYNC_PAGE as usize {
+            break;
+        }
+        after = Some(last);
+    }
+    let removed = client
+        .execute(
+            &format!(
+                "delete from {} as target where not exists \
+                 (select from pg_temp._stack_sync_keep as keep where keep.id = target.id)",
+                mapping.name()
+            ),
+            &[],
+        )
+        .await
+        .map_err(SyncError::target)?;
+    client
+        .batch_execute("commit")
+        .await
+        .map_err(SyncError::target)?;
+    db::tombstones::record_resync(
+        &engine.pool,
+        tenancy_id,
+        sessions.database_id,
+        complete_through,
+    )
+    .await?;
+    tracing::warn!(
+        %tenancy_id,
+        database_id = sessions.database_id,
+        mapping = mapping.name(),
+        removed,
+        "the tenant database had missed deletions whose tombstones were pruned; \
+         brought it back to the source"
+    );
+    Ok(removed)
 }
 
 /// A batch read before its turn, and the watermark it was read after.

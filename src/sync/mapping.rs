@@ -34,6 +34,14 @@ impl Mapping {
 
     /// The external table's name, also the key of its watermark in
     /// `_stack_sync_metadata`.
+    /// The internal table the mapping reads, also its `"DeletedRow"."tableName"`.
+    pub fn source_table(self) -> &'static str {
+        match self {
+            Mapping::Users => "ProjectUser",
+            Mapping::ContactChannels => "ContactChannel",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Mapping::Users => "users",

@@ -21,5 +21,6 @@ mod sync_isolation;
 mod sync_sessions;
 mod sync_targets;
 mod sync_webhook;
+mod tombstones;
 mod triggers;
 mod wakeups;

@@ -38,7 +38,15 @@ async fn sequences_every_flagged_row_once_and_queues_one_request_per_tenancy() {
         }
         tenancies.push(tenancy);
     }
-    // One deletion in the first tenancy: a user tombstone plus a channel tombstone.
+    // One deletion in the first tenancy: a user tombstone plus a channel tombstone. The
+    // tenancy has a database that never synced, so an idle sequencer's pruning keeps
+    // them.
+    crate::harness::sync::attach(
+        &pool,
+        tenancies[0],
+        &[("never", "postgres://sync@127.0.0.1:1/never")],
+    )
+    .await;
     sqlx::query(
         r#"delete from "ProjectUser" where "projectUserId" =
            (select "projectUserId" from "ProjectUser" where "tenancyId" = $1 limit 1)"#,

@@ -213,7 +213,8 @@ pub async fn watermark(tenant: &PgPool, mapping: &str) -> i64 {
 }
 
 /// The highest sequence id among `table`'s changes in `tenancy_id`: live rows and
-/// tombstones. A caught-up mapping's watermark is exactly this.
+/// tombstones. A caught-up mapping's watermark is exactly this, unless tombstones were
+/// pruned (see [`has_changes_after`]).
 pub async fn latest_change(pool: &PgPool, tenancy_id: Uuid, table: &str) -> i64 {
     let live = match table {
         "ProjectUser" => r#"select max("sequenceId") from "ProjectUser" where "tenancyId" = $1"#,
@@ -370,4 +371,31 @@ pub async fn wait_until_equal(internal: &PgPool, tenancy: Uuid, tenant: &PgPool)
         },
     )
     .await;
+}
+
+/// Whether `table` has a change in `tenancy_id` numbered after `watermark`: live rows
+/// and tombstones. A caught-up mapping has none, even once its tombstones are pruned.
+pub async fn has_changes_after(
+    pool: &PgPool,
+    tenancy_id: Uuid,
+    table: &str,
+    watermark: i64,
+) -> bool {
+    let live = match table {
+        "ProjectUser" => {
+            r#"select from "ProjectUser" where "tenancyId" = $1 and "sequenceId" > $3"#
+        }
+        _ => r#"select from "ContactChannel" where "tenancyId" = $1 and "sequenceId" > $3"#,
+    };
+    sqlx::query_scalar(&format!(
+        r#"select exists ({live}) or exists (
+               select from "DeletedRow"
+               where "tenancyId" = $1 and "tableName" = $2 and "sequenceId" > $3)"#
+    ))
+    .bind(tenancy_id)
+    .bind(table)
+    .bind(watermark)
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
