@@ -130,9 +130,24 @@ fn target_error_is_retryable(error: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// Longest part of a tenant server's error message that is kept (recorded, logged,
+/// answered): the message is the tenant's to choose, and can be megabytes long.
+const MAX_MESSAGE_CHARS: usize = 500;
+
 fn describe_postgres_error(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        Some(db) => {
+            let message = db.message();
+            let mut shown: String = message
+                .chars()
+                .take(MAX_MESSAGE_CHARS)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            if message.chars().nth(MAX_MESSAGE_CHARS).is_some() {
+                shown.push('…');
+            }
+            format!("{shown} (SQLSTATE {})", db.code().code())
+        }
         None => crate::error::error_chain(error),
     }
 }

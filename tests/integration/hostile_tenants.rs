@@ -304,3 +304,39 @@ async fn a_tenancy_over_a_limit_gets_one_recorded_error_and_the_others_sync() {
         expected_users(&pool, crowded).await
     );
 }
+
+#[tokio::test]
+async fn a_tenant_error_message_is_recorded_short_and_on_one_line() {
+    let pool = migrated_pool().await;
+    let engine = engine(&pool);
+    let tenancy_id = tenancy(&pool).await;
+    let (url, tenant) = tenant_database().await;
+    attach_config(
+        &pool,
+        tenancy_id,
+        serde_json::json!({"main": {"type": "postgres", "connectionString": url}}),
+    )
+    .await;
+    user(&pool, tenancy_id, "first").await;
+    sync_ok(&pool, &engine, tenancy_id).await;
+    sqlx::raw_sql(
+        r#"create function refuse() returns trigger language plpgsql as $$
+           begin
+               raise exception '%', pg_catalog.repeat('x', 1000000) || E'\nERROR forged line';
+           end $$;
+           create trigger refuse before insert on users for each row execute function refuse();"#,
+    )
+    .execute(&tenant)
+    .await
+    .unwrap();
+    user(&pool, tenancy_id, "second").await;
+
+    let report = sync(&pool, &engine, tenancy_id).await;
+
+    assert!(report.databases[0].result.is_err());
+    let (recorded, _, _) = recorded_error(&pool, tenancy_id, "main").await;
+    let recorded = recorded.unwrap();
+    assert!(recorded.len() < 1000, "{} bytes recorded", recorded.len());
+    assert!(!recorded.contains('\n'), "{recorded}");
+    assert!(recorded.contains("SQLSTATE P0001"), "{recorded}");
+}
