@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::sync_status::{
     bind_successes, not_due_databases, pruned_through_columns, reserve_due_databases,
-    SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
+    DatabaseStates, SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
 };
 
 /// Prefix of the deduplication key of a tenancy's sync request; the key is this
@@ -69,15 +69,10 @@ pub struct ClaimedRequest {
     /// The same for contact channels.
     #[sqlx(rename = "latestChannelChange")]
     pub latest_channel_change: Option<i64>,
-    /// The tenancy's failing databases that this sync must leave alone: not due yet, or
-    /// being attempted by another sync. The claim reserved the due ones for this one.
-    #[sqlx(rename = "notDueDatabases")]
-    pub not_due_databases: Vec<String>,
-    /// How far the tenancy's user and contact-channel tombstones are pruned, if at all.
-    #[sqlx(rename = "usersPrunedThrough")]
-    pub users_pruned_through: Option<i64>,
-    #[sqlx(rename = "channelsPrunedThrough")]
-    pub channels_pruned_through: Option<i64>,
+    /// Which databases to leave alone and how far tombstones are pruned, as of the
+    /// claim (which reserved the due failing databases for this request).
+    #[sqlx(flatten)]
+    pub databases: DatabaseStates,
 }
 
 /// Text that PostgreSQL always accepts as a `uuid`.

@@ -274,6 +274,29 @@ pub(crate) fn not_due_databases(tenancy: &str, owner: &str) -> String {
     )
 }
 
+/// What a sync must know of a tenancy's databases besides their configuration, read
+/// with it (the columns of [`not_due_databases`] and [`pruned_through_columns`]).
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct DatabaseStates {
+    /// The failing databases that this sync must leave alone: not due yet, or being
+    /// attempted by another sync. The due ones were reserved for this one.
+    #[sqlx(rename = "notDueDatabases")]
+    pub not_due_databases: Vec<String>,
+    /// How far the tenancy's user and contact-channel tombstones are pruned, if at all.
+    #[sqlx(rename = "usersPrunedThrough")]
+    pub users_pruned_through: Option<i64>,
+    #[sqlx(rename = "channelsPrunedThrough")]
+    pub channels_pruned_through: Option<i64>,
+}
+
+impl DatabaseStates {
+    /// How far each mapping's tombstones are pruned, by
+    /// [`crate::sync::mapping::Mapping::index`].
+    pub fn pruned_through(&self) -> [Option<i64>; 2] {
+        [self.users_pruned_through, self.channels_pruned_through]
+    }
+}
+
 /// The SQL expressions of how far the tombstones of tenancy `tenancy` (an expression of
 /// the enclosing query) are pruned: `"usersPrunedThrough"` and
 /// `"channelsPrunedThrough"`, null where none were.

@@ -3,7 +3,9 @@
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::sync_status::{not_due_databases, pruned_through_columns, reserve_due_databases};
+use super::sync_status::{
+    not_due_databases, pruned_through_columns, reserve_due_databases, DatabaseStates,
+};
 
 /// What a sync needs to know of a tenancy.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -11,14 +13,9 @@ pub struct TenancyToSync {
     /// `config.dbSync.externalDatabases` (JSON `null` when absent).
     #[sqlx(rename = "externalDatabases")]
     pub external_databases: serde_json::Value,
-    /// Databases whose last attempt failed and whose next one is not due yet.
-    #[sqlx(rename = "notDueDatabases")]
-    pub not_due_databases: Vec<String>,
-    /// How far the tenancy's user and contact-channel tombstones are pruned, if at all.
-    #[sqlx(rename = "usersPrunedThrough")]
-    pub users_pruned_through: Option<i64>,
-    #[sqlx(rename = "channelsPrunedThrough")]
-    pub channels_pruned_through: Option<i64>,
+    /// Which databases to leave alone and how far tombstones are pruned.
+    #[sqlx(flatten)]
+    pub databases: DatabaseStates,
 }
 
 /// The tenancy's databases and which of them to leave alone, or `None` when the

@@ -37,11 +37,7 @@ impl DirectPublisher {
                 let claimed = ClaimedTenancy {
                     external_databases: Some(config.clone()),
                     latest_changes: [request.latest_user_change, request.latest_channel_change],
-                    not_due_databases: request.not_due_databases.clone(),
-                    pruned_through: [
-                        request.users_pruned_through,
-                        request.channels_pruned_through,
-                    ],
+                    databases: request.databases.clone(),
                 };
                 sync_claimed_tenancy(&self.engine, tenancy_id, claimed).await
             }

@@ -27,7 +27,7 @@ use super::sessions::{SessionKey, SessionPool, SessionPoolSettings, TenantSessio
 use super::target::{self, SessionSettings, TargetPolicy};
 use crate::db;
 use crate::db::identity::DatabaseIdentity;
-use crate::db::sync_status::{RetrySchedule, SyncSuccess, SyncedTenancy};
+use crate::db::sync_status::{DatabaseStates, RetrySchedule, SyncSuccess, SyncedTenancy};
 use crate::error::error_chain;
 use crate::routes::SYNC_ENGINE_PATH;
 
@@ -303,11 +303,8 @@ pub struct ClaimedTenancy {
     /// The highest sequence id among each mapping's changes, by [`Mapping::index`];
     /// `None` where the mapping has none.
     pub latest_changes: [Option<i64>; Mapping::ALL.len()],
-    /// The databases whose next attempt is not due yet.
-    pub not_due_databases: Vec<String>,
-    /// How far each mapping's tombstones have been pruned, if at all, by
-    /// [`Mapping::index`].
-    pub pruned_through: [Option<i64>; Mapping::ALL.len()],
+    /// Which databases to leave alone, and how far tombstones are pruned.
+    pub databases: DatabaseStates,
 }
 
 /// Syncs every external database of `tenancy_id`. Failures of single databases are in
@@ -321,11 +318,7 @@ pub async fn sync_tenancy(
         .map(|tenancy| ClaimedTenancy {
             external_databases: Some(tenancy.external_databases),
             latest_changes: [None; Mapping::ALL.len()],
-            not_due_databases: tenancy.not_due_databases,
-            pruned_through: [
-                tenancy.users_pruned_through,
-                tenancy.channels_pruned_through,
-            ],
+            databases: tenancy.databases,
         });
     let Some(claimed) = claimed else {
         tracing::info!(%tenancy_id, "sync requested for an unknown tenancy; nothing to do");
@@ -333,7 +326,7 @@ pub async fn sync_tenancy(
     };
     let facts = MappingFacts {
         latest: None,
-        pruned_through: claimed.pruned_through,
+        pruned_through: claimed.databases.pruned_through(),
     };
     sync_with(engine, tenancy_id, claimed, facts, false).await
 }
@@ -357,7 +350,7 @@ pub async fn sync_claimed_tenancy(
 ) -> Result<TenancySync, sqlx::Error> {
     let facts = MappingFacts {
         latest: Some(claimed.latest_changes),
-        pruned_through: claimed.pruned_through,
+        pruned_through: claimed.databases.pruned_through(),
     };
     sync_with(engine, tenancy_id, claimed, facts, true).await
 }
@@ -375,7 +368,7 @@ async fn sync_with(
     engine: &SyncEngine,
     tenancy_id: Uuid,
     tenancy: ClaimedTenancy,
-    latest: MappingFacts,
+    facts: MappingFacts,
     defer_successes: bool,
 ) -> Result<TenancySync, sqlx::Error> {
     let Some(config) = tenancy.external_databases else {
@@ -402,12 +395,12 @@ async fn sync_with(
     let configured: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
     let (due, not_due): (Vec<_>, Vec<_>) = entries
         .into_iter()
-        .partition(|(id, _)| !tenancy.not_due_databases.contains(id));
+        .partition(|(id, _)| !tenancy.databases.not_due_databases.contains(id));
     let mut not_due: Vec<String> = not_due.into_iter().map(|(id, _)| id).collect();
     not_due.sort();
 
     let mut databases: Vec<DatabaseReport> = stream::iter(due)
-        .map(|(database_id, entry)| sync_database(engine, tenancy_id, database_id, entry, latest))
+        .map(|(database_id, entry)| sync_database(engine, tenancy_id, database_id, entry, facts))
         .buffer_unordered(engine.settings.database_concurrency.max(1))
         .collect()
         .await;
@@ -449,14 +442,14 @@ async fn sync_database(
     tenancy_id: Uuid,
     database_id: String,
     entry: Result<ExternalDatabase, SyncError>,
-    latest: MappingFacts,
+    facts: MappingFacts,
 ) -> DatabaseReport {
     let target = entry
         .as_ref()
         .map(|database| database.target.describe())
         .ok();
     let result = match entry {
-        Ok(database) => sync_target(engine, tenancy_id, &database_id, &database, latest).await,
+        Ok(database) => sync_target(engine, tenancy_id, &database_id, &database, facts).await,
         Err(error) => Err(error),
     };
     // Successes are recorded by the caller, all of the tenancy's in one statement.
@@ -513,14 +506,14 @@ async fn sync_target(
     tenancy_id: Uuid,
     database_id: &str,
     database: &ExternalDatabase,
-    latest: MappingFacts,
+    facts: MappingFacts,
 ) -> Result<DatabaseSynced, SyncError> {
     let key = SessionKey {
         tenancy_id,
         fingerprint: database.fingerprint,
     };
     let kept = Sessions::new(engine, key, database_id, database, true);
-    match sync_on(&kept, latest).await {
+    match sync_on(&kept, facts).await {
         // A kept session can have been closed while it waited (the server restarted, an
         // idle timeout, a proxy). That says nothing about the database now: try once
         // more on new sessions. Safe, because a batch is all or nothing and idempotent.
@@ -528,7 +521,7 @@ async fn sync_target(
             tracing::debug!(%tenancy_id, error = %error_chain(&error), "a kept tenant session was closed; syncing on new sessions");
             sync_on(
                 &Sessions::new(engine, key, database_id, database, false),
-                latest,
+                facts,
             )
             .await
         }
