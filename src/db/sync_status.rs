@@ -227,10 +227,11 @@ pub const ATTEMPT_RESERVATION: Duration = Duration::from_secs(300);
 
 /// A CTE, `reserved`, that takes the failing databases that are due among the
 /// tenancies of `from` (a FROM item whose column `tenancy` is a tenancy id): their
-/// `"nextAttemptAt"` moves [`ATTEMPT_RESERVATION`] ahead. A database whose
-/// configuration entry changed since it failed is due at once: its owner fixed it. Compared at the queue's
-/// precision, so that a retry request made due at a database's `"nextAttemptAt"` finds
-/// that database due.
+/// `"nextAttemptAt"` moves [`ATTEMPT_RESERVATION`] ahead. A configured database whose
+/// entry changed since it failed is due at once: its owner fixed it. Compared at the
+/// queue's precision, so that a retry request made due at a database's
+/// `"nextAttemptAt"` finds that database due. Databases no longer configured (and the
+/// whole-configuration row `*`) are left alone.
 pub(crate) fn reserve_due_databases(from: &str) -> String {
     format!(
         r#"reserved as (
@@ -239,6 +240,7 @@ pub(crate) fn reserve_due_databases(from: &str) -> String {
             from {from} join "Tenancy" as configured on configured."id" = tenancy
             where status."tenancyId" = tenancy
               and status."nextAttemptAt" is not null
+              and configured."config" -> 'dbSync' -> 'externalDatabases' ? status."databaseId"
               and (status."nextAttemptAt" <= current_timestamp::timestamp(3)
                    or status."failedConfigDigest" is distinct from {digest})
             returning status."tenancyId", status."databaseId"
