@@ -392,7 +392,6 @@ async fn sync_with(
             return Ok(TenancySync::InvalidConfig(error));
         }
     };
-    let configured: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
     let (due, not_due): (Vec<_>, Vec<_>) = entries
         .into_iter()
         .partition(|(id, _)| !tenancy.databases.not_due_databases.contains(id));
@@ -414,7 +413,12 @@ async fn sync_with(
     // A database that failed now, or is waiting for its next attempt, gets a request
     // for then: it heals without a new change to its tenancy.
     if !not_due.is_empty() || databases.iter().any(|database| database.result.is_err()) {
-        let ids: Vec<&str> = configured.iter().map(String::as_str).collect();
+        // Every configured database: the ones attempted and the ones not due.
+        let ids: Vec<&str> = databases
+            .iter()
+            .map(|database| database.database_id.as_str())
+            .chain(not_due.iter().map(String::as_str))
+            .collect();
         db::sync_status::schedule_retry(&engine.pool, tenancy_id, &ids, SYNC_ENGINE_PATH).await?;
     }
     let mut report = TenancyReport {
