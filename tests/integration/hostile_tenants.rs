@@ -4,7 +4,7 @@
 
 use external_db_sync::sync::{sync_tenancy, TenancySync};
 
-use crate::harness::binary::serve_logging_to;
+use crate::harness::binary::{peak_rss_bytes, serve_logging_to, PEAK_RSS_BOUND};
 use crate::harness::fixtures::{
     delete_user, email, rename_user, sequence_all, tenancy, tenant_database, user,
 };
@@ -57,26 +57,6 @@ do $$ begin
                               pg_catalog.current_database());
 end $$;
 "#;
-
-/// The service's peak resident memory, from the kernel's high-water mark.
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmHWM:"))
-        .unwrap();
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
-/// The bound stated for the service's peak memory while it syncs a hostile tenant. The
-/// shadowed functions answer with 10 million rows or 50 MB values; any one of them
-/// read by the service would pass it many times over.
-const PEAK_RSS_BOUND: u64 = 64 * 1024 * 1024;
 
 #[tokio::test]
 async fn a_tenant_shadowing_every_catalog_function_cannot_steer_the_service() {

@@ -1,10 +1,13 @@
 //! Connecting to tenant databases: TLS per `sslmode`, refused targets, and who may read
 //! the synced tables.
 
+use std::time::Duration;
+
 use external_db_sync::sync::SyncError;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 
+use crate::harness::binary::{peak_rss_bytes, serve_logging_to, PEAK_RSS_BOUND};
 use crate::harness::fixtures::{tenancy, tenant_database, user};
 use crate::harness::postgres::{migrated_pool, pool, server, short_id};
 use crate::harness::sync::{
@@ -12,6 +15,7 @@ use crate::harness::sync::{
     sync, sync_ok, table_exists, test_settings,
 };
 use crate::harness::tls::tls_server;
+use crate::harness::wait;
 
 /// A database on the TLS-only server, and its URL with `parameters` appended.
 async fn tls_database(parameters: &str) -> (String, sqlx::PgPool) {
@@ -95,19 +99,14 @@ async fn sslmode_verify_full_with_another_ca_fails_clearly_and_is_recorded() {
     assert!(!table_exists(&tenant, "users").await);
 }
 
-/// A tenant cannot make the service open a file: every `sslrootcert` path is refused
-/// when the configuration is read, before anything is opened. A FIFO would block a read
-/// forever and `/dev/zero` would never end one, so a prompt answer proves no read.
-#[tokio::test]
-async fn sslrootcert_paths_are_refused_before_anything_is_read() {
-    let internal = migrated_pool().await;
-    let tenancy = tenancy(&internal).await;
-    let files = tempfile::tempdir().unwrap();
+/// Four entries whose `sslrootcert` names something that must never be read: a file
+/// that never ends, a FIFO that blocks a reader forever, a directory, a missing file.
+/// The FIFO lives in `files`.
+fn entries_naming_files(url: &str, files: &tempfile::TempDir) -> serde_json::Value {
     let fifo = files.path().join("fifo");
     let fifo_c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo reads a valid NUL-terminated path and has no other preconditions.
     assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
-    let (url, tenant) = tenant_database().await;
     let paths = [
         "/dev/zero".to_owned(),
         fifo.display().to_string(),
@@ -125,7 +124,20 @@ async fn sslrootcert_paths_are_refused_before_anything_is_read() {
             )
         })
         .collect();
-    attach_config(&internal, tenancy, entries.into()).await;
+    entries.into()
+}
+
+/// A tenant cannot make the service open a file: every `sslrootcert` path is refused
+/// when the configuration is read, before anything is opened. A FIFO would block a read
+/// forever and `/dev/zero` would never end one, so a prompt answer proves no read.
+#[tokio::test]
+async fn sslrootcert_paths_are_refused_before_anything_is_read() {
+    let internal = migrated_pool().await;
+    let tenancy = tenancy(&internal).await;
+    let files = tempfile::tempdir().unwrap();
+    let (url, tenant) = tenant_database().await;
+    let entries = entries_naming_files(&url, &files);
+    attach_config(&internal, tenancy, entries).await;
     user(&internal, tenancy, "stays put").await;
 
     let report = tokio::time::timeout(
@@ -151,6 +163,52 @@ async fn sslrootcert_paths_are_refused_before_anything_is_read() {
         "the answer must not tell which paths exist: {answers:?}"
     );
     assert!(!table_exists(&tenant, "users").await);
+}
+
+/// The same entries against a running `serve`: each database's refusal is recorded,
+/// `/healthz` keeps answering (a FIFO read would hold a runtime thread), and the
+/// process stays small (a read of `/dev/zero` would grow it without end).
+#[tokio::test]
+async fn serve_stays_small_and_answers_while_tenants_name_files() {
+    let database_url = server().migrated_database().await;
+    let internal = pool(&database_url).await;
+    let tenancy = tenancy(&internal).await;
+    let files = tempfile::tempdir().unwrap();
+    let (url, _) = tenant_database().await;
+    attach_config(&internal, tenancy, entries_naming_files(&url, &files)).await;
+    user(&internal, tenancy, "stays put").await;
+
+    let log = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let (mut child, address) = serve_logging_to(&database_url, &[], &log).await;
+    let internal = &internal;
+    wait::until(
+        "the four refusals to be recorded",
+        Duration::from_secs(30),
+        || async move {
+            let refused: i64 = sqlx::query_scalar(
+                r#"select count(*) from "ExternalDbSyncStatus"
+                   where "tenancyId" = $1 and "lastError" like '%caCertificate%'"#,
+            )
+            .bind(tenancy)
+            .fetch_one(internal)
+            .await
+            .unwrap();
+            (refused == 4).then_some(())
+        },
+    )
+    .await;
+    let health = reqwest::get(format!("http://{address}/healthz"))
+        .await
+        .unwrap();
+    let peak = peak_rss_bytes(child.id().unwrap());
+    child.kill().await.unwrap();
+
+    assert_eq!(health.status(), 200);
+    assert!(
+        peak < PEAK_RSS_BOUND,
+        "the service peaked at {} MiB",
+        peak / 1024 / 1024
+    );
 }
 
 #[tokio::test]

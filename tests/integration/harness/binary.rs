@@ -95,3 +95,23 @@ pub async fn serve_logging_to(
     wait_until_healthy(&address, &mut child).await;
     (child, address)
 }
+
+/// The bound stated for a `serve` process's peak memory while tenants misbehave (the
+/// hostile-tenant and `sslrootcert` tests). What they try (ten million rows, 50 MB
+/// values, reading `/dev/zero`) would pass it many times over if the service took it.
+pub const PEAK_RSS_BOUND: u64 = 64 * 1024 * 1024;
+
+/// A process's peak resident memory, from the kernel's high-water mark.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .unwrap();
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib * 1024
+}
