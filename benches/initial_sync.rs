@@ -25,10 +25,11 @@ mod postgres;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
-use external_db_sync::config::SequencerSettings;
+use external_db_sync::db::InternalDatabase;
 use external_db_sync::sequencer;
-use external_db_sync::sync::engine::TenancySync;
-use external_db_sync::sync::target::{InternalDatabase, TargetPolicy};
+use external_db_sync::sequencer::SequencerSettings;
+use external_db_sync::sync::policy::{PrivateTargets, TargetPolicy};
+use external_db_sync::sync::TenancySync;
 use external_db_sync::sync::{sync_tenancy, SyncEngine, SyncSettings};
 use external_db_sync::workers::Outcome;
 use futures::pin_mut;
@@ -224,7 +225,11 @@ fn engine(pool: &sqlx::PgPool, batch_size: u32) -> SyncEngine {
         max_batches_per_run: u32::MAX,
         ..SyncSettings::default()
     };
-    SyncEngine::new(pool.clone(), settings, TargetPolicy::new(true, internal))
+    SyncEngine::new(
+        pool.clone(),
+        settings,
+        TargetPolicy::new(PrivateTargets::Allowed, internal),
+    )
 }
 
 async fn connect(url: &str) -> Client {

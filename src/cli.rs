@@ -23,8 +23,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the HTTP service (the default): applies pending migrations, serves the cron,
-    /// webhook and health routes, and with RUN_WORKERS=true also runs the sequencer loop
-    /// in-process. Stops cleanly on SIGINT or SIGTERM.
+    /// webhook and health routes, and with RUN_WORKERS=true (the default) also runs the
+    /// sequencer and poller loops in-process, so that no cron is needed. Stops cleanly on
+    /// SIGINT or SIGTERM, after the syncs it started have ended.
     Serve,
     /// Apply pending migrations to the internal database (DATABASE_URL) and exit.
     /// Safe to run repeatedly and over a database whose source tables already exist.

@@ -2,9 +2,16 @@
 //! PostgreSQL into PostgreSQL databases that the tenants own.
 //!
 //! The flow (DESIGN.md §1): triggers flag changed rows; the [`sequencer`] numbers them
-//! and queues one request per dirty tenancy; the [`poller`] publishes those requests
-//! through a [`queue`] publisher; the [`sync`] engine applies each tenancy's changes to
-//! its databases. [`wakeup`] lets the in-process loops sleep until there is work.
+//! and queues one request per dirty tenancy ([`db::queue`]); the [`poller`] publishes
+//! those requests through a [`publish::Publisher`]; the [`sync`] engine applies each
+//! tenancy's changes to its databases. [`wakeup`] lets the in-process loops sleep until
+//! there is work.
+//!
+//! Layers point down: the entry points ([`cli`], [`startup`], [`config`]) assemble
+//! everything; [`routes`] and [`auth`] are the HTTP layer; below them the loops
+//! ([`wakeup`], [`workers`], [`poller`], [`sequencer`]), then [`publish`], [`sync`],
+//! [`db`], and at the bottom [`mapping`], [`telemetry`], [`backoff`] and [`error`]. No
+//! module imports one above it.
 
 pub mod auth;
 pub mod backoff;
@@ -12,8 +19,9 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod mapping;
 pub mod poller;
-pub mod queue;
+pub mod publish;
 pub mod routes;
 pub mod sequencer;
 pub mod startup;

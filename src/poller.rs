@@ -11,14 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::backoff;
 use crate::db;
 use crate::db::queue::ClaimedRequest;
-use crate::db::sync_status::SyncedTenancy;
-use crate::queue::{PublishError, Publisher};
+use crate::publish::{PublishError, PublishResult, Publisher};
 use crate::workers::Outcome;
 
 /// Tuning of the poller.
@@ -32,8 +31,8 @@ pub struct PollerSettings {
     /// How long the in-process loop waits when idle and no request notification arrives
     /// (`POLLER_IDLE_INTERVAL_MS`): the safety net behind `LISTEN`.
     pub idle_interval: Duration,
-    /// Tenancies synced at the same time by this process in `direct` mode
-    /// (`POLLER_SYNC_CONCURRENCY`).
+    /// Publishes running at the same time in this process (`POLLER_SYNC_CONCURRENCY`):
+    /// in `direct` mode each is one tenancy's sync; through QStash, one batch call.
     pub sync_concurrency: usize,
     /// Smallest and largest wait before a failed request is tried again.
     pub retry_base: Duration,
@@ -80,7 +79,8 @@ pub struct PolledBatch {
 }
 
 impl PolledBatch {
-    /// Adds up what two steps did.
+    /// Adds the counts of a later step to these; `in_flight`, a state rather than a
+    /// count, becomes the later step's.
     pub fn add(&mut self, other: &PolledBatch) {
         self.claimed += other.claimed;
         self.published += other.published;
@@ -89,10 +89,8 @@ impl PolledBatch {
     }
 
     fn count(&mut self, settled: Settled) {
-        match settled {
-            Settled::Published => self.published += 1,
-            Settled::Released => self.failed += 1,
-        }
+        self.published += settled.published;
+        self.failed += settled.released;
     }
 }
 
@@ -110,27 +108,30 @@ impl PollerRun {
     }
 }
 
-/// How a claimed request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Settled {
-    Published,
-    Released,
+/// How the requests of one publish ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Settled {
+    /// Published and deleted.
+    published: u64,
+    /// Given back to the queue.
+    released: u64,
 }
 
 /// The poller of one process. It claims requests, publishes them, and settles each one:
 /// deleted when published, given back with backoff when not.
 ///
-/// In `direct` mode a publish is a whole sync, so each runs in its own task: the poller
-/// claims as many requests as it has free sync slots, and settles each one the moment
-/// its sync ends, while the others go on. A busy tenancy therefore never waits for a
-/// slow one, and a slot is refilled as soon as it frees. In `qstash` mode a publish is
-/// one quick HTTP call for a whole batch, made inside the step.
+/// Each publish runs in a task of its own, holding one of the process's slots: the
+/// poller claims as many requests as its free slots take ([`Publisher::batch_limit`]
+/// each), and settles a publish's requests the moment it ends, while the others go on.
+/// In `direct` mode a publish is one tenancy's sync, so a busy tenancy never waits for
+/// a slow one, and a slot is refilled as soon as it frees; through QStash it is one
+/// HTTP call for the whole batch.
 pub struct Poller {
     pool: PgPool,
-    publisher: Arc<Publisher>,
+    publisher: Arc<dyn Publisher>,
     settings: PollerSettings,
-    /// Free sync slots of this process, shared by every caller (`serve`'s loop and any
-    /// cron call), so that together they stay within `sync_concurrency`.
+    /// Free publish slots of this process, shared by every caller (`serve`'s loop and
+    /// any cron call), so that together they stay within `sync_concurrency`.
     slots: Arc<Semaphore>,
 }
 
@@ -202,7 +203,7 @@ impl Drop for InFlight {
 }
 
 impl Poller {
-    pub fn new(pool: PgPool, publisher: Arc<Publisher>, settings: PollerSettings) -> Self {
+    pub fn new(pool: PgPool, publisher: Arc<dyn Publisher>, settings: PollerSettings) -> Self {
         let slots = Arc::new(Semaphore::new(settings.sync_concurrency.max(1)));
         Self {
             pool,
@@ -216,31 +217,19 @@ impl Poller {
         &self.settings
     }
 
-    /// One step: claims due requests and publishes them, then counts the caller's
-    /// publishes that ended. In `direct` mode it first waits for a free sync slot,
-    /// claims at most as many requests as slots are free, and starts their syncs in
-    /// `in_flight`.
+    /// One step: waits for a free publish slot, claims as many due requests as the free
+    /// slots take, and starts their publishes in `in_flight`; then counts the caller's
+    /// publishes that ended.
     ///
     /// The claim itself checks the fusebox (one round trip for both); only a claim that
     /// found nothing reads the fusebox again, to tell "switched off" from "idle".
     /// Switched off, the step returns without counting: publishes that ended stay in
     /// `in_flight` for the next step or [`Poller::finish`].
     pub async fn run_once(&self, in_flight: &InFlight) -> Result<PollerRun, PollerError> {
-        let mut batch = PolledBatch::default();
-        match &*self.publisher {
-            Publisher::Direct(_) => self.start_syncs(in_flight, &mut batch).await?,
-            Publisher::Qstash(qstash) => {
-                let claimed = self.claim(self.settings.batch_size).await?;
-                batch.claimed = claimed.len() as u64;
-                if !claimed.is_empty() {
-                    let results = qstash.publish(&claimed).await;
-                    for (request, result) in claimed.iter().zip(results) {
-                        let result = result.map(|()| None);
-                        batch.count(settle(&self.pool, &self.settings, request, result).await?);
-                    }
-                }
-            }
-        }
+        let mut batch = PolledBatch {
+            claimed: self.start_publishes(in_flight).await?,
+            ..PolledBatch::default()
+        };
         if batch.claimed == 0 && !db::fusebox::read(&self.pool).await?.poller_enabled {
             return Ok(PollerRun::Disabled);
         }
@@ -273,31 +262,24 @@ impl Poller {
         first_error.map_or(Ok(batch), Err)
     }
 
-    async fn start_syncs(
-        &self,
-        in_flight: &InFlight,
-        batch: &mut PolledBatch,
-    ) -> Result<(), PollerError> {
-        let Publisher::Direct(_) = &*self.publisher else {
-            unreachable!("start_syncs is only called in direct mode")
-        };
-        let first = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the slot semaphore is never closed");
-        let mut slots = vec![first];
-        while slots.len() < self.settings.batch_size as usize {
-            match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => slots.push(slot),
-                Err(_) => break,
-            }
-        }
-        let claimed = self.claim(slots.len() as u32).await?;
-        batch.claimed = claimed.len() as u64;
+    /// Claims what the free slots take and starts one publish per slot used; returns
+    /// how many requests were claimed.
+    async fn start_publishes(&self, in_flight: &InFlight) -> Result<u64, PollerError> {
+        let per_slot = self.publisher.batch_limit().max(1);
+        let slots = self.free_slots(per_slot).await;
+        let limit = slots
+            .len()
+            .saturating_mul(per_slot)
+            .min(self.settings.batch_size as usize);
+        let claimed = self.claim(limit as u32).await?;
+        let count = claimed.len() as u64;
         let mut tasks = in_flight.tasks();
-        for (request, slot) in claimed.into_iter().zip(slots) {
+        let mut claimed = claimed.into_iter();
+        for slot in slots {
+            let requests: Vec<ClaimedRequest> = claimed.by_ref().take(per_slot).collect();
+            if requests.is_empty() {
+                break;
+            }
             let (pool, publisher, settings) = (
                 self.pool.clone(),
                 self.publisher.clone(),
@@ -305,18 +287,35 @@ impl Poller {
             );
             let ended = in_flight.ended.clone();
             tasks.spawn(async move {
-                let Publisher::Direct(direct) = &*publisher else {
-                    unreachable!("checked above")
-                };
-                let result = direct.sync(&request).await;
-                // The slot is free as soon as the sync is: settling is a quick query.
+                let results = publisher.publish(&requests).await;
+                // The slot is free as soon as the publish is: settling is quick queries.
                 drop(slot);
-                let settled = settle(&pool, &settings, &request, result).await;
+                let settled = settle_all(&pool, &settings, &requests, results).await;
                 ended.notify_one();
                 settled
             });
         }
-        Ok(())
+        Ok(count)
+    }
+
+    /// Waits for one free slot, then takes the others that are free, as many as the
+    /// batch size needs.
+    async fn free_slots(&self, per_slot: usize) -> Vec<OwnedSemaphorePermit> {
+        let first = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the slot semaphore is never closed");
+        let wanted = (self.settings.batch_size as usize).div_ceil(per_slot);
+        let mut slots = vec![first];
+        while slots.len() < wanted {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slots.push(slot),
+                Err(_) => break,
+            }
+        }
+        slots
     }
 
     async fn claim(&self, limit: u32) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
@@ -324,19 +323,44 @@ impl Poller {
     }
 }
 
+/// Settles each request of one publish by its result. A publisher that answered fewer
+/// results than requests (it never should) has the rest given back, as failed.
+async fn settle_all(
+    pool: &PgPool,
+    settings: &PollerSettings,
+    requests: &[ClaimedRequest],
+    results: Vec<PublishResult>,
+) -> Result<Settled, sqlx::Error> {
+    let mut settled = Settled::default();
+    let mut results = results.into_iter();
+    for request in requests {
+        let result = results.next().unwrap_or_else(|| {
+            Err(PublishError(
+                "the publisher gave no result for this request".to_owned(),
+            ))
+        });
+        if settle(pool, settings, request, result).await? {
+            settled.published += 1;
+        } else {
+            settled.released += 1;
+        }
+    }
+    Ok(settled)
+}
+
 /// Deletes a published request (recording, in the same statement, the statuses of the
 /// databases a direct sync brought up to date), or gives a failed one back with
-/// backoff and its error.
+/// backoff and its error. Returns whether the request was published.
 async fn settle(
     pool: &PgPool,
     settings: &PollerSettings,
     request: &ClaimedRequest,
-    result: Result<Option<SyncedTenancy>, PublishError>,
-) -> Result<Settled, sqlx::Error> {
+    result: PublishResult,
+) -> Result<bool, sqlx::Error> {
     match result {
-        Ok(synced) => {
-            db::queue::complete(pool, request.id, synced.as_ref()).await?;
-            Ok(Settled::Published)
+        Ok(published) => {
+            db::queue::complete(pool, request.id, published.synced.as_ref()).await?;
+            Ok(true)
         }
         Err(error) => {
             let attempts = u32::try_from(request.attempts).unwrap_or(1);
@@ -350,7 +374,7 @@ async fn settle(
                 "publish failed; the request stays queued"
             );
             db::queue::release(pool, request, &error.to_string(), retry_in).await?;
-            Ok(Settled::Released)
+            Ok(false)
         }
     }
 }

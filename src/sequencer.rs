@@ -8,21 +8,30 @@
 //! can never leave numbered rows without a pending sync, nor a sync request for rows
 //! that were never numbered.
 //!
-//! The loop in `serve` ([`Worker`]) is woken by the change notifications of writers
-//! while it sleeps; while it is awake it holds a lease that keeps writers quiet, since
-//! notifying makes their commits queue behind one another (migration 8).
+//! The loop in `serve` ([`crate::wakeup::SequencerLoop`]) is woken by the change
+//! notifications of writers while it sleeps; while it is awake it holds a lease that
+//! keeps writers quiet ([`crate::wakeup`] explains the protocol).
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
-use crate::config::SequencerSettings;
 use crate::db;
 use crate::db::sequencing::{SequencedBatch, Wakefulness};
 use crate::error::error_chain;
-use crate::routes::SYNC_ENGINE_PATH;
 use crate::workers::Outcome;
+
+/// Tuning of the sequencer.
+#[derive(Debug, Clone)]
+pub struct SequencerSettings {
+    /// Rows sequenced per table in one transaction (`SEQUENCER_BATCH_SIZE`).
+    pub batch_size: u32,
+    /// How long the in-process loop waits when it found nothing to do and no change
+    /// notification arrives (`SEQUENCER_IDLE_INTERVAL_MS`): the safety net behind
+    /// `LISTEN`.
+    pub idle_interval: Duration,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SequencerError {
@@ -78,14 +87,13 @@ pub async fn run_once(
     run_batch(pool, settings, Wakefulness::OneOff).await
 }
 
-async fn run_batch(
+pub(crate) async fn run_batch(
     pool: &PgPool,
     settings: &SequencerSettings,
     wakefulness: Wakefulness,
 ) -> Result<SequencerRun, SequencerError> {
     let Some(batch) =
-        db::sequencing::sequence_batch(pool, settings.batch_size, SYNC_ENGINE_PATH, wakefulness)
-            .await?
+        db::sequencing::sequence_batch(pool, settings.batch_size, wakefulness).await?
     else {
         return Ok(SequencerRun::Disabled);
     };
@@ -136,158 +144,22 @@ async fn prune_tombstones(pool: &PgPool) {
     }
 }
 
-/// How long the loop's lease keeps writers quiet. Renewed by every batch once half of it
-/// passed, so it only matters when the loop stops without giving it up (the process
-/// died): writers notify again this long after.
-const WAKE_LEASE: Duration = Duration::from_secs(2);
-
-/// The pauses of an awake loop after batches that found nothing, before it tries to
-/// sleep (about 30 ms in all). Under a steady stream of writes the next change is
-/// rarely further away than that; a loop that slept at the first empty batch would be
-/// woken by the very next writer, who pays for the notification. A write that comes
-/// during a pause waits for the pause's end, so they stay short.
-const AWAKE_PAUSES_MS: [u64; 6] = [1, 2, 4, 8, 8, 8];
-/// Once the loop tries to sleep, it may not while a writer that saw its lease has not
-/// committed (a transaction left open after its write), or while a flagged row is held
-/// locked by another transaction; it then looks again after pauses that double up to
-/// this.
-const REFUSED_PAUSE_LONGEST: Duration = Duration::from_millis(50);
-
-/// The sequencer as a loop in `serve`: one [`Worker::step`] per batch. It sleeps
-/// (waits for a change notification, or its timer) only once the database agreed that
-/// writers notify again; until then it looks again after a short pause.
-#[derive(Debug)]
-pub struct Worker {
-    /// Batches in a row that found nothing while awake. From `AWAKE_PAUSES_MS.len()`
-    /// on, each batch tries to go to sleep; asleep, the count stays there, so that a
-    /// wake-up with nothing to do goes back to sleep at once.
-    empty_looks: usize,
-}
-
-impl Default for Worker {
-    /// A new loop starts as if asleep: on an idle system its first batch goes to sleep.
-    fn default() -> Self {
-        Worker {
-            empty_looks: AWAKE_PAUSES_MS.len(),
-        }
-    }
-}
-
-impl Worker {
-    /// Runs one batch and tells the loop what to do next.
-    pub async fn step(
-        &mut self,
-        pool: &PgPool,
-        settings: &SequencerSettings,
-    ) -> Result<Outcome, SequencerError> {
-        let lease = WAKE_LEASE;
-        let wakefulness = if self.empty_looks >= AWAKE_PAUSES_MS.len() {
-            Wakefulness::Sleepy { lease }
-        } else {
-            Wakefulness::Awake { lease }
-        };
-        let run = run_batch(pool, settings, wakefulness).await?;
-        Ok(self.after(run, settings.batch_size))
-    }
-
-    /// Gives the lease up as the loop ends, so that writers notify the other replicas at
-    /// once instead of when the lease runs out. It keeps trying (a writer mid-commit, or
-    /// work found) for as long as the lease would last anyway.
-    pub async fn give_up_lease(&self, pool: &PgPool, settings: &SequencerSettings) {
-        let deadline = tokio::time::Instant::now() + WAKE_LEASE;
-        let sleepy = Wakefulness::Sleepy { lease: WAKE_LEASE };
-        while tokio::time::Instant::now() < deadline {
-            match run_batch(pool, settings, sleepy).await {
-                Ok(SequencerRun::Batch(batch)) if !batch.sleeping => {
-                    tokio::time::sleep(Duration::from_millis(AWAKE_PAUSES_MS[0])).await;
-                }
-                // Asleep, or switched off (which gives the lease up too).
-                Ok(_) => return,
-                Err(error) => {
-                    tracing::warn!(error = %error_chain(&error), "cannot give the sequencer's lease up; it runs out on its own");
-                    return;
-                }
-            }
-        }
-    }
-
-    fn after(&mut self, run: SequencerRun, batch_size: u32) -> Outcome {
-        let outcome = run.outcome(batch_size);
-        let sleeping = matches!(run, SequencerRun::Batch(batch) if batch.sleeping);
-        match outcome {
-            Outcome::Worked { .. } => self.empty_looks = 0,
-            Outcome::Idle if !sleeping => {
-                self.empty_looks = self.empty_looks.saturating_add(1);
-                let pause = match AWAKE_PAUSES_MS.get(self.empty_looks - 1) {
-                    Some(&ms) => Duration::from_millis(ms),
-                    None => {
-                        let refusals = (self.empty_looks - AWAKE_PAUSES_MS.len()).min(16) as u32;
-                        let last = AWAKE_PAUSES_MS[AWAKE_PAUSES_MS.len() - 1];
-                        Duration::from_millis(last << refusals).min(REFUSED_PAUSE_LONGEST)
-                    }
-                };
-                return Outcome::Recheck(pause);
-            }
-            _ => self.empty_looks = AWAKE_PAUSES_MS.len(),
-        }
-        outcome
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn batch(project_users: i64, contact_channels: i64, deleted_rows: i64) -> SequencerRun {
+    /// A run that numbered this many rows of each table.
+    pub(crate) fn batch(
+        project_users: i64,
+        contact_channels: i64,
+        deleted_rows: i64,
+    ) -> SequencerRun {
         SequencerRun::Batch(SequencedBatch {
             project_users,
             contact_channels,
             deleted_rows,
             ..SequencedBatch::default()
         })
-    }
-
-    #[test]
-    fn the_worker_stays_awake_briefly_then_sleeps_only_when_the_batch_says_so() {
-        let idle = |sleeping| {
-            SequencerRun::Batch(SequencedBatch {
-                sleeping,
-                ..SequencedBatch::default()
-            })
-        };
-        let recheck = |ms| Outcome::Recheck(Duration::from_millis(ms));
-        let mut worker = Worker::default();
-        assert_eq!(worker.empty_looks, AWAKE_PAUSES_MS.len(), "starts sleepy");
-
-        assert_eq!(
-            worker.after(batch(2, 0, 0), 10),
-            Outcome::Worked { n: 2, more: false }
-        );
-        // Awake: short pauses, without trying to sleep...
-        for ms in AWAKE_PAUSES_MS {
-            assert!(worker.empty_looks < AWAKE_PAUSES_MS.len(), "stays awake");
-            assert_eq!(worker.after(idle(false), 10), recheck(ms));
-        }
-        // ...then it tries at every look; refused, it looks again ever later.
-        for ms in [16, 32, 50, 50] {
-            assert!(
-                worker.empty_looks >= AWAKE_PAUSES_MS.len(),
-                "tries to sleep"
-            );
-            assert_eq!(worker.after(idle(false), 10), recheck(ms));
-        }
-        assert_eq!(worker.after(idle(true), 10), Outcome::Idle);
-        assert!(
-            worker.empty_looks >= AWAKE_PAUSES_MS.len(),
-            "woken with nothing to do, it goes back to sleep"
-        );
-        assert_eq!(
-            worker.after(batch(1, 0, 0), 10),
-            Outcome::Worked { n: 1, more: false }
-        );
-        assert_eq!(worker.after(idle(false), 10), recheck(1), "short again");
-        assert_eq!(worker.after(SequencerRun::Disabled, 10), Outcome::Disabled);
-        assert!(worker.empty_looks >= AWAKE_PAUSES_MS.len());
     }
 
     #[test]

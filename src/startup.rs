@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -14,34 +15,23 @@ use crate::auth::qstash::Verifier;
 use crate::config::{Config, SyncQueue};
 use crate::error::error_chain;
 use crate::poller::{InFlight, Poller};
-use crate::queue::direct::DirectPublisher;
-use crate::queue::qstash::QstashPublisher;
-use crate::queue::Publisher;
-use crate::sync::target::TargetPolicy;
+use crate::publish::direct::DirectPublisher;
+use crate::publish::qstash::QstashPublisher;
+use crate::publish::Publisher;
+use crate::routes::{self, AppState};
+use crate::sync::policy::{PrivateTargets, TargetPolicy};
 use crate::sync::SyncEngine;
-use crate::wakeup::{self, Wakeups};
-use crate::{db, routes, sequencer, workers};
+use crate::wakeup::{self, SequencerLoop, Wakeups};
+use crate::{db, workers};
 use futures::FutureExt;
-
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: PgPool,
-    pub config: Arc<Config>,
-    pub engine: Arc<SyncEngine>,
-    /// Claims sync requests and publishes them where `SYNC_QUEUE` says.
-    pub poller: Arc<Poller>,
-    /// Checks `/sync-engine` signatures; `None` when no signing key is configured.
-    pub verifier: Option<Arc<Verifier>>,
-    /// Cancelled when the service shuts down; long-running handlers stop early on it.
-    pub shutdown: CancellationToken,
-}
 
 /// A bound, not yet running service. Binding first lets tests ask for port 0 and learn
 /// the real port before serving.
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    /// `RUN_WORKERS`: the sequencer and poller loops run in this process.
+    run_workers: bool,
 }
 
 impl Application {
@@ -54,30 +44,31 @@ impl Application {
         let listener = TcpListener::bind(config.bind_addr)
             .await
             .with_context(|| format!("cannot listen on BIND_ADDR {}", config.bind_addr))?;
+        let private_targets = if config.allow_private_targets {
+            PrivateTargets::Allowed
+        } else {
+            PrivateTargets::Refused
+        };
         let engine = Arc::new(SyncEngine::new(
             pool.clone(),
             config.sync.clone(),
-            TargetPolicy::new(config.allow_private_targets, config.database.location()),
+            TargetPolicy::new(private_targets, config.database.location()),
         ));
-        let publisher = match (config.sync_queue, &config.qstash.token) {
-            (SyncQueue::Qstash, Some(token)) => Publisher::Qstash(QstashPublisher::new(
+        let publisher: Arc<dyn Publisher> = match (config.sync_queue, &config.qstash.token) {
+            (SyncQueue::Qstash, Some(token)) => Arc::new(QstashPublisher::new(
                 &config.qstash.url,
                 token.clone(),
                 &config.public_url,
                 config.qstash.retries,
             )),
             // Configuration parsing refuses qstash without a token.
-            _ => Publisher::Direct(DirectPublisher::new(engine.clone())),
+            _ => Arc::new(DirectPublisher::new(engine.clone())),
         };
-        let poller = Arc::new(Poller::new(
-            pool.clone(),
-            Arc::new(publisher),
-            config.poller.clone(),
-        ));
+        let poller = Arc::new(Poller::new(pool.clone(), publisher, config.poller.clone()));
         let sync_engine_url = format!(
             "{}{}",
             config.public_url.as_str().trim_end_matches('/'),
-            routes::SYNC_ENGINE_PATH
+            db::queue::SYNC_ENGINE_PATH
         );
         let verifier = Verifier::new(
             config.qstash.current_signing_key.as_ref(),
@@ -87,9 +78,11 @@ impl Application {
         );
         Ok(Self {
             listener,
+            run_workers: config.run_workers,
             state: AppState {
                 pool,
-                config: Arc::new(config),
+                cron_secret: Arc::new(config.cron_secret),
+                sequencer: config.sequencer,
                 engine,
                 poller,
                 verifier: verifier.map(Arc::new),
@@ -108,7 +101,11 @@ impl Application {
     /// and workers to finish. If any task ends on its own, the others are stopped too
     /// and the error names the task.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Application { listener, state } = self;
+        let Application {
+            listener,
+            state,
+            run_workers,
+        } = self;
         let shutdown = state.shutdown.clone();
         let mut tasks = JoinSet::new();
 
@@ -120,90 +117,99 @@ impl Application {
                 .await;
             ("http server", served.map_err(anyhow::Error::from))
         });
-
-        if state.config.run_workers {
+        if run_workers {
             let wakeups = Wakeups::default();
             tasks.spawn(
                 wakeup::listen(state.pool.clone(), wakeups.clone(), shutdown.clone())
                     .map(|()| ("change listener", Ok(()))),
             );
-            let worker_state = state.clone();
-            let sequencer_wake = wakeups.changes.clone();
-            tasks.spawn(async move {
-                let settings = &worker_state.config.sequencer;
-                let worker = tokio::sync::Mutex::new(sequencer::Worker::default());
-                let worker = &worker;
-                workers::run_loop(
-                    "sequencer",
-                    worker_state.shutdown.clone(),
-                    settings.idle_interval,
-                    sequencer_wake,
-                    || async { worker.lock().await.step(&worker_state.pool, settings).await },
-                )
-                .await;
-                worker
-                    .lock()
-                    .await
-                    .give_up_lease(&worker_state.pool, settings)
-                    .await;
-                ("sequencer worker", Ok(()))
-            });
-            let worker_state = state.clone();
-            let poller_wake = wakeups.requests.clone();
-            tasks.spawn(async move {
-                let poller = &worker_state.poller;
-                let settings = poller.settings();
-                // The loop's syncs wake it when they end, as new requests do.
-                let in_flight = InFlight::new(poller_wake.clone());
-                let in_flight = &in_flight;
-                workers::run_loop(
-                    "poller",
-                    worker_state.shutdown.clone(),
-                    settings.idle_interval,
-                    poller_wake,
-                    || async move {
-                        poller
-                            .run_once(in_flight)
-                            .await
-                            .map(|run| run.outcome(settings.batch_size))
-                    },
-                )
-                .await;
-                // Syncs already started are finished and settled before the process
-                // ends, rather than left claimed until their lease runs out.
-                if let Err(error) = poller.finish(in_flight).await {
-                    tracing::warn!(error = %error_chain(&error), "cannot settle the last sync requests; their leases will expire");
-                }
-                ("poller worker", Ok(()))
-            });
+            tasks.spawn(run_sequencer(state.clone(), wakeups.changes.clone()));
+            tasks.spawn(run_poller(state.clone(), wakeups.requests.clone()));
         }
-
-        let mut first_failure = None;
-        while let Some(joined) = tasks.join_next().await {
-            let (task, result) = match joined {
-                Ok(ended) => ended,
-                Err(join_error) => ("a task", Err(anyhow::anyhow!("panicked: {join_error}"))),
-            };
-            let unexpected = !shutdown.is_cancelled();
-            match (&result, unexpected) {
-                (Ok(()), false) => tracing::info!(task, "stopped"),
-                (Ok(()), true) => tracing::error!(task, "ended unexpectedly; stopping the service"),
-                (Err(error), _) => {
-                    tracing::error!(task, error = %format!("{error:#}"), "failed; stopping the service")
-                }
-            }
-            if unexpected || result.is_err() {
-                shutdown.cancel();
-                if first_failure.is_none() {
-                    first_failure = Some(match result {
-                        Ok(()) => anyhow::anyhow!("{task} ended unexpectedly"),
-                        Err(error) => error.context(format!("{task} failed")),
-                    });
-                }
-            }
-        }
-        first_failure.map_or(Ok(()), Err)
+        join_all(tasks, &shutdown).await
     }
+}
+
+/// A task of the service: its name, and how it ended.
+type Ended = (&'static str, anyhow::Result<()>);
+
+/// The sequencer's loop, until shutdown; then it gives its lease up.
+async fn run_sequencer(state: AppState, wake: Arc<Notify>) -> Ended {
+    let settings = &state.sequencer;
+    let sequencer = tokio::sync::Mutex::new(SequencerLoop::default());
+    let sequencer = &sequencer;
+    workers::run_loop(
+        "sequencer",
+        state.shutdown.clone(),
+        settings.idle_interval,
+        wake,
+        || async { sequencer.lock().await.step(&state.pool, settings).await },
+    )
+    .await;
+    sequencer
+        .lock()
+        .await
+        .give_up_lease(&state.pool, settings)
+        .await;
+    ("sequencer worker", Ok(()))
+}
+
+/// The poller's loop, until shutdown; then it settles the syncs it started.
+async fn run_poller(state: AppState, wake: Arc<Notify>) -> Ended {
+    let poller = &state.poller;
+    let settings = poller.settings();
+    // The loop's publishes wake it when they end, as new requests do.
+    let in_flight = InFlight::new(wake.clone());
+    let in_flight = &in_flight;
+    workers::run_loop(
+        "poller",
+        state.shutdown.clone(),
+        settings.idle_interval,
+        wake,
+        || async move {
+            poller
+                .run_once(in_flight)
+                .await
+                .map(|run| run.outcome(settings.batch_size))
+        },
+    )
+    .await;
+    // Syncs already started are finished and settled before the process ends, rather
+    // than left claimed until their lease runs out.
+    if let Err(error) = poller.finish(in_flight).await {
+        tracing::warn!(error = %error_chain(&error), "cannot settle the last sync requests; their leases will expire");
+    }
+    ("poller worker", Ok(()))
+}
+
+/// Waits for every task. The first one that fails, or ends before shutdown, stops the
+/// others, and its error is returned.
+async fn join_all(mut tasks: JoinSet<Ended>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let mut first_failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        let (task, result) = match joined {
+            Ok(ended) => ended,
+            Err(join_error) => ("a task", Err(anyhow::anyhow!("panicked: {join_error}"))),
+        };
+        let unexpected = !shutdown.is_cancelled();
+        match (&result, unexpected) {
+            (Ok(()), false) => tracing::info!(task, "stopped"),
+            (Ok(()), true) => tracing::error!(task, "ended unexpectedly; stopping the service"),
+            (Err(error), _) => {
+                tracing::error!(task, error = %format!("{error:#}"), "failed; stopping the service")
+            }
+        }
+        if unexpected || result.is_err() {
+            shutdown.cancel();
+            if first_failure.is_none() {
+                first_failure = Some(match result {
+                    Ok(()) => anyhow::anyhow!("{task} ended unexpectedly"),
+                    Err(error) => error.context(format!("{task} failed")),
+                });
+            }
+        }
+    }
+    first_failure.map_or(Ok(()), Err)
 }
 
 /// `serve`: connect, migrate, listen, and run until SIGINT or SIGTERM.

@@ -8,7 +8,24 @@
 use tracing_subscriber::filter::Directive;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, LogSettings};
+/// Log output format (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// How logs are written; read before anything else so that start-up is logged.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub filter: String,
+    pub format: LogFormat,
+    /// `LOG_UNSAFE_QUERY_PARAMETERS`: let dependencies log below `info`, bound query
+    /// parameters (users' e-mails and metadata) included. Unsafe; for debugging only.
+    pub unsafe_query_parameters: bool,
+}
 
 /// Targets that log statements or their parameters below `info`.
 const PARAMETER_TARGETS: [&str; 3] = ["tokio_postgres", "sqlx::query", "tower_http"];

@@ -1,12 +1,34 @@
-//! Waking the in-process loops when there is work, through PostgreSQL `LISTEN`.
+//! The wake-up and lease protocol: how the in-process loops sleep until there is work,
+//! without making the application's writes pay for it.
 //!
-//! Triggers notify `external_db_sync_changes` when a source table changes and
-//! `external_db_sync_requests` when a sync request is queued (see the migrations). One
-//! listener connection per process turns those into [`Notify`] permits; a loop that is
-//! idle waits for its permit or its timer, whichever comes first. A permit given while
-//! the loop is busy is kept, so no wake-up is lost; and if the listener's connection
-//! drops, notifications may be missed, so both loops are woken after it reconnects and
-//! their timers remain the safety net.
+//! **Notifications.** Triggers on the source tables notify [`CHANGES_CHANNEL`] when a
+//! row changes (migrations 5 and 8), and a trigger on `"OutgoingRequest"` notifies
+//! [`REQUESTS_CHANNEL`] when a sync request is inserted. One listener connection per
+//! process ([`listen`]) turns them into [`Notify`] permits ([`Wakeups`]); an idle loop
+//! waits for its permit or its timer (`*_IDLE_INTERVAL_MS`), whichever comes first. A
+//! permit given while the loop is busy is kept, so no wake-up is lost; when the
+//! listener's connection drops, notifications may be missed, so both loops are woken
+//! after it reconnects, and their timers remain the safety net. Switching a stage on in
+//! the fusebox notifies too ([`crate::db::fusebox`]).
+//!
+//! **The lease.** A `NOTIFY` is not free: PostgreSQL serializes the commits of notifying
+//! transactions. An awake sequencer does not need notifications, since it runs another
+//! batch as soon as the last one ends; so while awake it holds a lease ("awake until",
+//! kept in a sequence, renewed by its batches), and writers that see it stay quiet. To
+//! go to sleep, the sequencer's batch must find nothing *and* take, at once, the
+//! exclusive side of an advisory lock whose shared side every writer holds from the
+//! moment it looks at the lease until it commits; it then checks that no flagged row is
+//! left and clears the lease, in the same transaction. So a writer that saw the lease
+//! and stayed quiet is either committed (and its row seen) or still holding the lock (and
+//! the sequencer stays awake). The SQL is migration 8's `external_db_sync_sequence_batch`,
+//! called through [`crate::db::sequencing::sequence_batch`] with a [`Wakefulness`].
+//!
+//! **The sequencer's loop** ([`SequencerLoop`]) stays awake after work for a few short
+//! pauses (the next write is rarely further away), then asks to sleep at every batch;
+//! refused, it looks again after pauses that double up to 50 ms; asleep, it waits for a
+//! notification. A loop that dies keeps writers quiet only until its lease runs out
+//! ([`WAKE_LEASE`]); one that stops gives the lease up. **The poller's loop** is woken by
+//! request notifications and by the end of the publishes it started.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +39,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
+use crate::db::sequencing::Wakefulness;
+use crate::db::{CHANGES_CHANNEL, REQUESTS_CHANNEL};
 use crate::error::error_chain;
-
-pub const CHANGES_CHANNEL: &str = "external_db_sync_changes";
-pub const REQUESTS_CHANNEL: &str = "external_db_sync_requests";
+use crate::sequencer::{self, SequencerError, SequencerRun, SequencerSettings};
+use crate::workers::Outcome;
 
 /// The permits the listener hands out.
 #[derive(Clone, Default)]
@@ -89,5 +112,153 @@ async fn listen_once(
             // The connection was lost and re-established: notifications may be missed.
             None => wakeups.wake_all(),
         }
+    }
+}
+
+/// How long the loop's lease keeps writers quiet. Renewed by every batch once half of it
+/// passed, so it only matters when the loop stops without giving it up (the process
+/// died): writers notify again this long after.
+pub const WAKE_LEASE: Duration = Duration::from_secs(2);
+
+/// The pauses of an awake loop after batches that found nothing, before it tries to
+/// sleep (about 30 ms in all). Under a steady stream of writes the next change is
+/// rarely further away than that; a loop that slept at the first empty batch would be
+/// woken by the very next writer, who pays for the notification. A write that comes
+/// during a pause waits for the pause's end, so they stay short.
+const AWAKE_PAUSES_MS: [u64; 6] = [1, 2, 4, 8, 8, 8];
+/// Once the loop tries to sleep, it may not while a writer that saw its lease has not
+/// committed (a transaction left open after its write), or while a flagged row is held
+/// locked by another transaction; it then looks again after pauses that double up to
+/// this.
+const REFUSED_PAUSE_LONGEST: Duration = Duration::from_millis(50);
+
+/// The sequencer as a loop in `serve`: one [`SequencerLoop::step`] per batch. It sleeps
+/// (waits for a change notification, or its timer) only once the database agreed that
+/// writers notify again; until then it looks again after a short pause.
+#[derive(Debug)]
+pub struct SequencerLoop {
+    /// Batches in a row that found nothing while awake. From `AWAKE_PAUSES_MS.len()`
+    /// on, each batch tries to go to sleep; asleep, the count stays there, so that a
+    /// wake-up with nothing to do goes back to sleep at once.
+    empty_looks: usize,
+}
+
+impl Default for SequencerLoop {
+    /// A new loop starts as if asleep: on an idle system its first batch goes to sleep.
+    fn default() -> Self {
+        SequencerLoop {
+            empty_looks: AWAKE_PAUSES_MS.len(),
+        }
+    }
+}
+
+impl SequencerLoop {
+    /// Runs one batch and tells the loop what to do next.
+    pub async fn step(
+        &mut self,
+        pool: &PgPool,
+        settings: &SequencerSettings,
+    ) -> Result<Outcome, SequencerError> {
+        let lease = WAKE_LEASE;
+        let wakefulness = if self.empty_looks >= AWAKE_PAUSES_MS.len() {
+            Wakefulness::Sleepy { lease }
+        } else {
+            Wakefulness::Awake { lease }
+        };
+        let run = sequencer::run_batch(pool, settings, wakefulness).await?;
+        Ok(self.after(run, settings.batch_size))
+    }
+
+    /// Gives the lease up as the loop ends, so that writers notify the other replicas at
+    /// once instead of when the lease runs out. It keeps trying (a writer mid-commit, or
+    /// work found) for as long as the lease would last anyway.
+    pub async fn give_up_lease(&self, pool: &PgPool, settings: &SequencerSettings) {
+        let deadline = tokio::time::Instant::now() + WAKE_LEASE;
+        let sleepy = Wakefulness::Sleepy { lease: WAKE_LEASE };
+        while tokio::time::Instant::now() < deadline {
+            match sequencer::run_batch(pool, settings, sleepy).await {
+                Ok(SequencerRun::Batch(batch)) if !batch.sleeping => {
+                    tokio::time::sleep(Duration::from_millis(AWAKE_PAUSES_MS[0])).await;
+                }
+                // Asleep, or switched off (which gives the lease up too).
+                Ok(_) => return,
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "cannot give the sequencer's lease up; it runs out on its own");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn after(&mut self, run: SequencerRun, batch_size: u32) -> Outcome {
+        let outcome = run.outcome(batch_size);
+        let sleeping = matches!(run, SequencerRun::Batch(batch) if batch.sleeping);
+        match outcome {
+            Outcome::Worked { .. } => self.empty_looks = 0,
+            Outcome::Idle if !sleeping => {
+                self.empty_looks = self.empty_looks.saturating_add(1);
+                let pause = match AWAKE_PAUSES_MS.get(self.empty_looks - 1) {
+                    Some(&ms) => Duration::from_millis(ms),
+                    None => {
+                        let refusals = (self.empty_looks - AWAKE_PAUSES_MS.len()).min(16) as u32;
+                        let last = AWAKE_PAUSES_MS[AWAKE_PAUSES_MS.len() - 1];
+                        Duration::from_millis(last << refusals).min(REFUSED_PAUSE_LONGEST)
+                    }
+                };
+                return Outcome::Recheck(pause);
+            }
+            _ => self.empty_looks = AWAKE_PAUSES_MS.len(),
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::sequencing::SequencedBatch;
+    use crate::sequencer::tests::batch;
+
+    #[test]
+    fn the_worker_stays_awake_briefly_then_sleeps_only_when_the_batch_says_so() {
+        let idle = |sleeping| {
+            SequencerRun::Batch(SequencedBatch {
+                sleeping,
+                ..SequencedBatch::default()
+            })
+        };
+        let recheck = |ms| Outcome::Recheck(Duration::from_millis(ms));
+        let mut worker = SequencerLoop::default();
+        assert_eq!(worker.empty_looks, AWAKE_PAUSES_MS.len(), "starts sleepy");
+
+        assert_eq!(
+            worker.after(batch(2, 0, 0), 10),
+            Outcome::Worked { n: 2, more: false }
+        );
+        // Awake: short pauses, without trying to sleep...
+        for ms in AWAKE_PAUSES_MS {
+            assert!(worker.empty_looks < AWAKE_PAUSES_MS.len(), "stays awake");
+            assert_eq!(worker.after(idle(false), 10), recheck(ms));
+        }
+        // ...then it tries at every look; refused, it looks again ever later.
+        for ms in [16, 32, 50, 50] {
+            assert!(
+                worker.empty_looks >= AWAKE_PAUSES_MS.len(),
+                "tries to sleep"
+            );
+            assert_eq!(worker.after(idle(false), 10), recheck(ms));
+        }
+        assert_eq!(worker.after(idle(true), 10), Outcome::Idle);
+        assert!(
+            worker.empty_looks >= AWAKE_PAUSES_MS.len(),
+            "woken with nothing to do, it goes back to sleep"
+        );
+        assert_eq!(
+            worker.after(batch(1, 0, 0), 10),
+            Outcome::Worked { n: 1, more: false }
+        );
+        assert_eq!(worker.after(idle(false), 10), recheck(1), "short again");
+        assert_eq!(worker.after(SequencerRun::Disabled, 10), Outcome::Disabled);
+        assert!(worker.empty_looks >= AWAKE_PAUSES_MS.len());
     }
 }

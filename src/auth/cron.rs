@@ -7,8 +7,8 @@ use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::AppError;
-use crate::startup::AppState;
+use crate::routes::AppError;
+use crate::routes::AppState;
 
 /// Proof that the request carried `Authorization: Bearer {CRON_SECRET}`. Handlers that
 /// take it as an argument cannot run for an unauthenticated request.
@@ -25,7 +25,7 @@ impl FromRequestParts<AppState> for CronAuth {
             .and_then(|value| value.to_str().ok())
             .and_then(bearer_token)
             .ok_or(AppError::Unauthorized)?;
-        if secrets_match(token, state.config.cron_secret.expose_secret()) {
+        if secrets_match(token, state.cron_secret.expose_secret()) {
             Ok(CronAuth)
         } else {
             Err(AppError::Unauthorized)

@@ -17,7 +17,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgExecutor, Row};
 use uuid::Uuid;
 
-use crate::sync::mapping::{Batch, Mapping, Upserts};
+use crate::mapping::{Batch, Mapping, Upserts};
 
 /// The next batch of `mapping` for `tenancy_id` after `watermark`, or `None` when
 /// nothing is left.

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::PgExecutor;
 
-use crate::wakeup::{CHANGES_CHANNEL, REQUESTS_CHANNEL};
+use super::{CHANGES_CHANNEL, REQUESTS_CHANNEL};
 
 /// The two switches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]

@@ -10,13 +10,61 @@ pub mod sync_status;
 pub mod tenancy;
 pub mod tombstones;
 
+use std::fmt;
 use std::time::Duration;
 
 use sqlx::migrate::{MigrateError, Migrator};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use crate::config::DatabaseSettings;
+/// The `NOTIFY` channel of the change triggers: source rows changed (migrations 5 and 8;
+/// see [`crate::wakeup`]).
+pub const CHANGES_CHANNEL: &str = "external_db_sync_changes";
+/// The `NOTIFY` channel of `"OutgoingRequest"` inserts: a sync request was queued.
+pub const REQUESTS_CHANNEL: &str = "external_db_sync_requests";
+
+/// The internal database (`DATABASE_URL`).
+#[derive(Clone)]
+pub struct DatabaseSettings {
+    /// Parsed connection options; they contain the password, hence no `Debug` derive.
+    pub connect_options: PgConnectOptions,
+    pub max_connections: u32,
+}
+
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("host", &self.connect_options.get_host())
+            .field("port", &self.connect_options.get_port())
+            .field("database", &self.connect_options.get_database())
+            .field("username", &self.connect_options.get_username())
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+impl DatabaseSettings {
+    /// Where the internal database is, for the sync engine's target policy.
+    pub fn location(&self) -> InternalDatabase {
+        let options = &self.connect_options;
+        InternalDatabase {
+            host: options.get_host().to_owned(),
+            port: options.get_port(),
+            dbname: options
+                .get_database()
+                .unwrap_or_else(|| options.get_username())
+                .to_owned(),
+        }
+    }
+}
+
+/// Where the internal database lives, as `DATABASE_URL` says.
+#[derive(Debug, Clone)]
+pub struct InternalDatabase {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+}
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");

@@ -1,4 +1,10 @@
-//! The queue of sync requests (`"OutgoingRequest"`), as far as producers see it.
+//! The queue of sync requests (`"OutgoingRequest"`): what a request says, queueing one,
+//! and the poller's claim, completion and release.
+//!
+//! A request's `"qstashOptions"` is its message: `{"url": <path>, "body": {"tenancyId":
+//! <uuid>}}`, where the path is [`SYNC_ENGINE_PATH`]. The queue owns that shape: the
+//! sequencer and the sync engine queue requests through this module, publishers read
+//! them through [`ClaimedRequest`], and the HTTP layer serves the path.
 
 use std::sync::LazyLock;
 
@@ -9,6 +15,10 @@ use super::sync_status::{
     bind_successes, not_due_databases, pruned_through_columns, reserve_due_databases,
     DatabaseStates, SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
 };
+
+/// Where a sync request is delivered: QStash calls `PUBLIC_URL` followed by this path
+/// (the `/sync-engine` webhook), and a signature's `sub` claim names it.
+pub const SYNC_ENGINE_PATH: &str = "/api/latest/internal/external-db-sync/sync-engine";
 
 /// Prefix of the deduplication key of a tenancy's sync request; the key is this
 /// followed by the tenancy id, so a tenancy has at most one pending request.
@@ -21,7 +31,6 @@ pub const SYNC_REQUEST_KEY_PREFIX: &str = "external-db-sync:";
 pub async fn enqueue_sync(
     executor: impl PgExecutor<'_>,
     tenancy_id: Uuid,
-    sync_engine_path: &str,
 ) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
         r#"
@@ -35,7 +44,7 @@ pub async fn enqueue_sync(
     )
     .bind(SYNC_REQUEST_KEY_PREFIX)
     .bind(tenancy_id)
-    .bind(sync_engine_path)
+    .bind(SYNC_ENGINE_PATH)
     .execute(executor)
     .await?;
     Ok(inserted.rows_affected() == 1)
@@ -75,6 +84,37 @@ pub struct ClaimedRequest {
     pub databases: DatabaseStates,
 }
 
+/// A request whose message is not one this service queues (edited by hand, or written
+/// by another release). The message is recorded as the request's last error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MalformedRequest(&'static str);
+
+impl ClaimedRequest {
+    /// The tenancy the request is for, from its body.
+    pub fn tenancy_id(&self) -> Result<Uuid, MalformedRequest> {
+        self.qstash_options["body"]["tenancyId"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .ok_or(MalformedRequest(
+                "the request's body has no tenancyId that is a uuid",
+            ))
+    }
+
+    /// The path the request is delivered to (under `PUBLIC_URL`).
+    pub fn path(&self) -> Result<&str, MalformedRequest> {
+        self.qstash_options["url"]
+            .as_str()
+            .filter(|path| path.starts_with('/'))
+            .ok_or(MalformedRequest("the request has no url path"))
+    }
+
+    /// The body to deliver, as JSON text.
+    pub fn body(&self) -> String {
+        self.qstash_options["body"].to_string()
+    }
+}
+
 /// Text that PostgreSQL always accepts as a `uuid`.
 const UUID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
 
@@ -89,6 +129,8 @@ const UUID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-
 /// flight queues a new request: no wake-up is lost. That new request waits until the
 /// one in flight is settled: a second sync of the same tenancy meanwhile would only
 /// queue behind the first one's locks and hold a sync slot doing nothing.
+///
+/// Most of its length is the one statement's text, kept whole so that it reads as SQL.
 pub async fn claim(
     executor: impl PgExecutor<'_>,
     limit: u32,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sqlx::PgExecutor;
 
-use super::queue::SYNC_REQUEST_KEY_PREFIX;
+use super::queue::{SYNC_ENGINE_PATH, SYNC_REQUEST_KEY_PREFIX};
 
 /// How many rows one batch numbered, per table, and what it queued.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
@@ -77,14 +77,13 @@ struct BatchRow {
 pub async fn sequence_batch(
     executor: impl PgExecutor<'_>,
     batch_size: u32,
-    sync_engine_path: &str,
     wakefulness: Wakefulness,
 ) -> Result<Option<SequencedBatch>, sqlx::Error> {
     let row = sqlx::query_as::<_, BatchRow>(
         "select * from external_db_sync_sequence_batch($1, $2, $3, $4, $5)",
     )
     .bind(i64::from(batch_size))
-    .bind(sync_engine_path)
+    .bind(SYNC_ENGINE_PATH)
     .bind(SYNC_REQUEST_KEY_PREFIX)
     .bind(wakefulness.lease_ms())
     .bind(matches!(wakefulness, Wakefulness::Sleepy { .. }))

@@ -14,7 +14,7 @@ pub struct SyncSuccess {
     pub database_id: String,
     /// The lowest watermark of its mappings.
     pub last_synced_sequence_id: i64,
-    /// The watermark of each mapping, by [`crate::sync::mapping::Mapping::index`]:
+    /// The watermark of each mapping, by [`crate::mapping::Mapping::index`]:
     /// how far the tombstones of each source table are applied there.
     pub watermarks: [i64; 2],
 }
@@ -128,6 +128,15 @@ impl Default for RetrySchedule {
     }
 }
 
+/// Whether a later attempt may succeed where a sync failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The network, the server, a lock, a timeout: trying again soon may help.
+    Retryable,
+    /// The configuration, a privilege, the tenant's schema: only a change helps.
+    Permanent,
+}
+
 /// Records a failed sync of `database_id` and when it may be attempted again. `error`
 /// must already be free of secrets.
 pub async fn record_failure(
@@ -135,13 +144,12 @@ pub async fn record_failure(
     tenancy_id: Uuid,
     database_id: &str,
     error: &str,
-    retryable: bool,
+    kind: FailureKind,
     schedule: &RetrySchedule,
 ) -> Result<(), sqlx::Error> {
-    let backoff = if retryable {
-        schedule.retryable
-    } else {
-        schedule.permanent
+    let (backoff, retryable) = match kind {
+        FailureKind::Retryable => (schedule.retryable, true),
+        FailureKind::Permanent => (schedule.permanent, false),
     };
     // The delay after failure number `n` in a row: $5 · 2^(n-1), at most $6, less a
     // random part up to half.
@@ -194,7 +202,6 @@ pub async fn schedule_retry(
     executor: impl PgExecutor<'_>,
     tenancy_id: Uuid,
     database_ids: &[&str],
-    sync_engine_path: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         r#"
@@ -212,7 +219,7 @@ pub async fn schedule_retry(
     )
     .bind(RETRY_REQUEST_KEY_PREFIX)
     .bind(tenancy_id)
-    .bind(sync_engine_path)
+    .bind(super::queue::SYNC_ENGINE_PATH)
     .bind(database_ids)
     .execute(executor)
     .await?;
@@ -293,7 +300,7 @@ pub struct DatabaseStates {
 
 impl DatabaseStates {
     /// How far each mapping's tombstones are pruned, by
-    /// [`crate::sync::mapping::Mapping::index`].
+    /// [`crate::mapping::Mapping::index`].
     pub fn pruned_through(&self) -> [Option<i64>; 2] {
         [self.users_pruned_through, self.channels_pruned_through]
     }

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::AppError;
+use super::error::AppError;
 use crate::workers::Outcome;
 
 /// Vercel's longest function duration is 800 s; an hour is generous for any scheduler.

@@ -6,10 +6,10 @@ use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::error::AppError;
 use crate::auth::CronAuth;
 use crate::db::fusebox::{self, Fusebox};
-use crate::error::AppError;
-use crate::startup::AppState;
+use crate::routes::AppState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

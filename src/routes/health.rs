@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::db;
-use crate::startup::AppState;
+use crate::routes::AppState;
 
 /// The process is up and serving HTTP. Deliberately checks nothing else: a database
 /// outage must not make an orchestrator restart every replica.

@@ -2,6 +2,7 @@
 //! call a plain function and shape the answer.
 
 mod cron;
+mod error;
 mod fusebox;
 mod health;
 mod poller;
@@ -13,15 +14,38 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::trace::TraceLayer;
 
-use crate::error::AppError;
-use crate::startup::AppState;
+use crate::db::queue::SYNC_ENGINE_PATH;
+use std::sync::Arc;
+
+use secrecy::SecretString;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::qstash::Verifier;
+use crate::poller::Poller;
+use crate::sequencer::SequencerSettings;
+use crate::sync::SyncEngine;
+pub use error::AppError;
 
 /// Common prefix of the service's internal routes, as in the platform this mirrors.
 const PREFIX: &str = "/api/latest/internal/external-db-sync";
 
-/// Path of the sync-engine webhook; also what QStash is asked to call and what the
-/// signature's `sub` claim names (after `PUBLIC_URL`).
-pub const SYNC_ENGINE_PATH: &str = "/api/latest/internal/external-db-sync/sync-engine";
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    /// The bearer token `/sequencer`, `/poller` and `/fusebox` expect (`CRON_SECRET`).
+    pub cron_secret: Arc<SecretString>,
+    /// How `/sequencer` runs its batches.
+    pub sequencer: SequencerSettings,
+    pub engine: Arc<SyncEngine>,
+    /// Claims sync requests and publishes them where `SYNC_QUEUE` says.
+    pub poller: Arc<Poller>,
+    /// Checks `/sync-engine` signatures; `None` when no signing key is configured.
+    pub verifier: Option<Arc<Verifier>>,
+    /// Cancelled when the service shuts down; long-running handlers stop early on it.
+    pub shutdown: CancellationToken,
+}
 
 pub fn router(state: AppState) -> Router {
     Router::new()

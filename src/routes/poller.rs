@@ -7,10 +7,10 @@ use axum::Json;
 use serde::Serialize;
 
 use super::cron::{run_repeatedly, RunLimits, StopReason};
+use super::error::AppError;
 use crate::auth::CronAuth;
-use crate::error::AppError;
 use crate::poller::{InFlight, PolledBatch, PollerRun};
-use crate::startup::AppState;
+use crate::routes::AppState;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -7,10 +7,10 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use super::cron::{run_repeatedly, RunLimits, StopReason};
+use super::error::AppError;
 use crate::auth::CronAuth;
-use crate::error::AppError;
+use crate::routes::AppState;
 use crate::sequencer::{self, SequencerRun};
-use crate::startup::AppState;
 
 #[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -36,7 +36,7 @@ pub async fn run(
     State(state): State<AppState>,
     limits: RunLimits,
 ) -> Result<Json<SequencerResponse>, AppError> {
-    let settings = &state.config.sequencer;
+    let settings = &state.sequencer;
     let mut sequenced = Sequenced::default();
     let mut requests_enqueued = 0;
     let summary = run_repeatedly(

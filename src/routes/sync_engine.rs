@@ -17,11 +17,11 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::error::AppError;
 use crate::auth::qstash::SIGNATURE_HEADER;
-use crate::error::AppError;
-use crate::startup::AppState;
-use crate::sync::engine::{DatabaseReport, MappingReport, TenancySync};
-use crate::sync::sync_tenancy;
+use crate::routes::AppState;
+use crate::sync::report::{DatabaseReport, MappingReport, TenancySync};
+use crate::sync::{sync_tenancy, SyncError};
 
 /// Largest accepted body; a sync request is a few dozen bytes.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -110,35 +110,31 @@ pub async fn run(
         tracing::debug!(%error, "malformed sync-engine request body");
         AppError::BadRequest("expected {\"tenancyId\": \"<uuid>\"}".to_owned())
     })?;
-    let tenancy_id = request.tenancy_id;
+    let outcome = sync_tenancy(&state.engine, request.tenancy_id).await?;
+    let (status, response) = answer(request.tenancy_id, outcome);
+    Ok((status, Json(response)).into_response())
+}
 
-    let outcome = sync_tenancy(&state.engine, tenancy_id).await?;
-    let (status, response) = match outcome {
-        TenancySync::UnknownTenancy => (
-            StatusCode::OK,
-            SyncResponse {
-                ok: true,
-                tenancy_id,
-                outcome: "unknownTenancy",
-                code: None,
-                error: None,
-                databases: Vec::new(),
-                not_due_databases: Vec::new(),
-                requeued: false,
-            },
-        ),
+/// The status and body for a sync's outcome: 5xx only when a retry may help, so that
+/// QStash delivers the request again.
+fn answer(tenancy_id: Uuid, outcome: TenancySync) -> (StatusCode, SyncResponse) {
+    let nothing_synced = |ok, outcome, error: Option<SyncError>| SyncResponse {
+        ok,
+        tenancy_id,
+        outcome,
+        code: error.as_ref().map(SyncError::code),
+        error: error.as_ref().map(SyncError::to_string),
+        databases: Vec::new(),
+        not_due_databases: Vec::new(),
+        requeued: false,
+    };
+    match outcome {
+        TenancySync::UnknownTenancy => {
+            (StatusCode::OK, nothing_synced(true, "unknownTenancy", None))
+        }
         TenancySync::InvalidConfig(error) => (
             StatusCode::OK,
-            SyncResponse {
-                ok: false,
-                tenancy_id,
-                outcome: "invalidConfig",
-                code: Some(error.code()),
-                error: Some(error.to_string()),
-                databases: Vec::new(),
-                not_due_databases: Vec::new(),
-                requeued: false,
-            },
+            nothing_synced(false, "invalidConfig", Some(error)),
         ),
         TenancySync::Synced(report) => {
             let status = if report.has_retryable_failure() {
@@ -148,22 +144,19 @@ pub async fn run(
             };
             let databases: Vec<DatabaseResult> =
                 report.databases.iter().map(DatabaseResult::from).collect();
-            (
-                status,
-                SyncResponse {
-                    ok: databases.iter().all(|database| database.ok) && report.not_due.is_empty(),
-                    tenancy_id,
-                    outcome: "synced",
-                    code: None,
-                    error: None,
-                    databases,
-                    not_due_databases: report.not_due,
-                    requeued: report.requeued,
-                },
-            )
+            let response = SyncResponse {
+                ok: databases.iter().all(|database| database.ok) && report.not_due.is_empty(),
+                tenancy_id,
+                outcome: "synced",
+                code: None,
+                error: None,
+                databases,
+                not_due_databases: report.not_due,
+                requeued: report.requeued,
+            };
+            (status, response)
         }
-    };
-    Ok((status, Json(response)).into_response())
+    }
 }
 
 impl From<&DatabaseReport> for DatabaseResult {
@@ -209,7 +202,6 @@ impl From<&MappingReport> for MappingResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::SyncError;
 
     #[test]
     fn a_database_result_names_its_error_without_internals() {

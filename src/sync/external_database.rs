@@ -134,14 +134,24 @@ fn parse_one(entry: &Value) -> Result<ExternalDatabase, SyncError> {
         Some(Value::String(pem)) => target = target.with_ca_certificate(pem)?,
         Some(_) => return Err(invalid("caCertificate must be PEM text")),
     }
-    let read_roles = match entry.get("readRoles") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(roles)) if roles.len() > MAX_READ_ROLES => {
-            return Err(invalid(&format!(
-                "readRoles lists {} roles; at most {MAX_READ_ROLES} are allowed",
-                roles.len()
-            )))
-        }
+    let read_roles = parse_read_roles(entry.get("readRoles"))?;
+    let fingerprint = Sha256::digest(serialized).into();
+    Ok(ExternalDatabase {
+        target,
+        read_roles,
+        fingerprint,
+    })
+}
+
+/// `readRoles`: at most [`MAX_READ_ROLES`] valid role names; absent means none.
+fn parse_read_roles(roles: Option<&Value>) -> Result<Vec<String>, SyncError> {
+    let invalid = |reason: &str| SyncError::InvalidConfig(reason.to_owned());
+    match roles {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(roles)) if roles.len() > MAX_READ_ROLES => Err(invalid(&format!(
+            "readRoles lists {} roles; at most {MAX_READ_ROLES} are allowed",
+            roles.len()
+        ))),
         Some(Value::Array(roles)) => roles
             .iter()
             .map(|role| {
@@ -152,15 +162,9 @@ fn parse_one(entry: &Value) -> Result<ExternalDatabase, SyncError> {
                     .map_err(|reason| invalid(&format!("readRoles: {reason}")))?;
                 Ok(role.to_owned())
             })
-            .collect::<Result<_, SyncError>>()?,
-        Some(_) => return Err(invalid("readRoles must be a list of role names")),
-    };
-    let fingerprint = Sha256::digest(serialized).into();
-    Ok(ExternalDatabase {
-        target,
-        read_roles,
-        fingerprint,
-    })
+            .collect(),
+        Some(_) => Err(invalid("readRoles must be a list of role names")),
+    }
 }
 
 #[cfg(test)]

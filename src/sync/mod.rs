@@ -1,26 +1,38 @@
 //! The sync engine (DESIGN.md §6): copies a tenancy's users and contact channels into
 //! each of the tenancy's own PostgreSQL databases.
 //!
-//! - [`engine`]: [`engine::sync_tenancy`], the entry point the webhook, the queue and
-//!   tests call;
+//! From the top down:
+//! - [`engine`]: [`sync_tenancy`], the entry point the publishers, the webhook and tests
+//!   call: a tenancy's due databases, what to queue next, the statuses;
+//! - `database`: one database: its sessions, its schema, its mappings side by side;
+//! - `apply`: a mapping's batches, each in one transaction under the mapping's lock;
+//! - `resync`: a database that missed pruned deletions, brought back to the source;
+//! - `known`: the watermarks and prepared schemas this process remembers;
+//! - [`report`]: what a sync did;
+//! - [`statements`]: the tenant SQL of each mapping; [`schema`]: tables, ownership and
+//!   privileges;
 //! - [`external_database`]: the tenancy's `dbSync.externalDatabases` configuration;
-//! - [`target`]: connection strings, the address policy, connecting;
-//! - [`tls`]: `sslmode` with rustls;
-//! - [`sessions`]: tenant sessions kept open between syncs;
-//! - [`schema`]: the tables in the tenant database, ownership and privileges;
-//! - [`mapping`]: the two mappings, their statements and parameters;
+//!   [`target`]: a connection string; [`policy`]: which addresses may be reached;
+//!   [`connect`]: opening a session; [`tls`]: `sslmode` with rustls; [`sessions`]:
+//!   sessions kept open between syncs;
 //! - [`error`]: what went wrong, and whether a retry can help.
 
+mod apply;
+pub mod connect;
+mod database;
 pub mod engine;
 pub mod error;
 pub mod external_database;
-pub mod mapping;
+mod known;
+pub mod policy;
+pub mod report;
+mod resync;
 pub mod schema;
 pub mod sessions;
+pub mod statements;
 pub mod target;
 pub mod tls;
 
-pub use engine::{
-    sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, SyncSettings, TenancySync,
-};
+pub use engine::{sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, SyncSettings};
 pub use error::SyncError;
+pub use report::{TenancyReport, TenancySync};

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use super::error::SyncError;
-use super::mapping::Mapping;
+use crate::mapping::Mapping;
 
 /// Advisory lock key serializing schema preparation in a tenant database ("extdbsch").
 const SCHEMA_LOCK_KEY: i64 = 0x6578_7464_6273_6368;
@@ -117,6 +117,9 @@ pub async fn prepare(
 }
 
 /// Grants and revokes only what differs, so that a steady state issues no DDL.
+///
+/// Kept whole: the read of the current grants, the comparison and the statements that
+/// follow from it are one decision, easier to check side by side.
 async fn reconcile_privileges(
     transaction: &tokio_postgres::Transaction<'_>,
     read_roles: &[String],

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use external_db_sync::db::{queue, sequencing};
-use external_db_sync::routes::SYNC_ENGINE_PATH;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -95,9 +94,7 @@ async fn a_batch_that_commits_while_the_claim_runs_is_not_skipped() {
     // A decoy request, due before the tenancy's, whose claim stalls; then the
     // tenancy's pending request.
     let decoy_tenancy = tenancy(&pool).await;
-    assert!(queue::enqueue_sync(&pool, decoy_tenancy, SYNC_ENGINE_PATH)
-        .await
-        .unwrap());
+    assert!(queue::enqueue_sync(&pool, decoy_tenancy).await.unwrap());
     let decoy: Uuid = sqlx::query_scalar(
         r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp - interval '1 minute'
            where "deduplicationKey" = $1 returning "id""#,
@@ -117,15 +114,10 @@ async fn a_batch_that_commits_while_the_claim_runs_is_not_skipped() {
         .await
         .unwrap();
     let mut batch = pool.begin().await.unwrap();
-    let sequenced = sequencing::sequence_batch(
-        &mut *batch,
-        1000,
-        SYNC_ENGINE_PATH,
-        sequencing::Wakefulness::OneOff,
-    )
-    .await
-    .unwrap()
-    .expect("the sequencer is switched on");
+    let sequenced = sequencing::sequence_batch(&mut *batch, 1000, sequencing::Wakefulness::OneOff)
+        .await
+        .unwrap()
+        .expect("the sequencer is switched on");
     assert_eq!(
         (sequenced.contact_channels, sequenced.requests_enqueued),
         (1, 0)

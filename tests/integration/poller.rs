@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use external_db_sync::db::queue;
 use external_db_sync::db::sync_status::{Backoff, RetrySchedule, RETRY_REQUEST_KEY_PREFIX};
+use external_db_sync::mapping::Mapping;
 use external_db_sync::poller::InFlight;
-use external_db_sync::sync::mapping::Mapping;
 use external_db_sync::sync::SyncSettings;
 use reqwest::Method;
 use serde_json::json;
@@ -487,7 +487,7 @@ async fn the_fusebox_stops_and_resumes_the_poller_and_the_sequencer() {
 /// The sequencer's run-once function, as the in-process loop calls it, honours the
 /// fusebox too.
 async fn assert_the_sequencer_is_switched_off(pool: &PgPool) {
-    let settings = external_db_sync::config::SequencerSettings {
+    let settings = external_db_sync::sequencer::SequencerSettings {
         batch_size: 100,
         idle_interval: Duration::from_millis(50),
     };
@@ -669,7 +669,6 @@ async fn a_request_is_not_consumed_while_a_sequencer_batch_that_relies_on_it_is_
     let sequenced = external_db_sync::db::sequencing::sequence_batch(
         &mut *batch,
         1000,
-        external_db_sync::routes::SYNC_ENGINE_PATH,
         external_db_sync::db::sequencing::Wakefulness::OneOff,
     )
     .await

@@ -90,6 +90,13 @@ async fn qstash_mode_end_to_end_through_the_signed_webhook() {
         );
         assert_eq!(message["headers"]["Upstash-Retries"], "5");
     }
+    // The data is committed before the answer reaches the stand-in, which records the
+    // delivery then.
+    wait::until("both deliveries answered", Duration::from_secs(10), || {
+        let answered = standin.deliveries().len() >= 2;
+        async move { answered.then_some(()) }
+    })
+    .await;
     let deliveries = standin.deliveries();
     assert_eq!(
         deliveries.len(),

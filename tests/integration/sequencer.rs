@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use external_db_sync::routes::SYNC_ENGINE_PATH;
+use external_db_sync::db::queue::SYNC_ENGINE_PATH;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 

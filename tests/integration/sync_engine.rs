@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use chrono::NaiveDateTime;
-use external_db_sync::sync::mapping::Mapping;
+use external_db_sync::mapping::Mapping;
 use external_db_sync::sync::SyncSettings;
 use serde_json::json;
 use sqlx::PgPool;
@@ -18,7 +18,7 @@ use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, engine, engine_with, expected_channels, expected_users,
     external_channels, external_users, hold_mapping_lock, sync, sync_ok, sync_only, table_exists,
-    tenancy_with_database, test_settings, watermark, ExternalUser,
+    tenancy_with_database, test_settings, watermark, ExternalUser, PrivateTargets,
 };
 
 async fn user_count(tenant: &PgPool) -> i64 {
@@ -429,7 +429,7 @@ async fn a_delete_at_a_batch_boundary_is_not_lost() {
         batch_size: 100,
         ..test_settings()
     };
-    let engine = engine_with(&pool, settings, true);
+    let engine = engine_with(&pool, settings, PrivateTargets::Allowed);
     sync_ok(&pool, &engine, tenancy).await;
     assert_eq!(user_count(&tenant).await, 300);
 
@@ -463,7 +463,7 @@ async fn a_run_stops_after_its_batch_budget_and_requeues_the_tenancy() {
         max_batches_per_run: 2,
         ..test_settings()
     };
-    let engine = engine_with(&pool, settings, true);
+    let engine = engine_with(&pool, settings, PrivateTargets::Allowed);
 
     let report = sync_only(&engine, tenancy).await;
 
@@ -560,7 +560,7 @@ async fn a_mapping_with_nothing_new_leaves_the_tenant_database_alone() {
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let mut settings = test_settings();
     settings.session.lock_timeout = std::time::Duration::from_secs(2);
-    let engine = engine_with(&pool, settings, true);
+    let engine = engine_with(&pool, settings, PrivateTargets::Allowed);
     let id = user(&pool, tenancy, "first").await;
     sync_ok(&pool, &engine, tenancy).await;
 

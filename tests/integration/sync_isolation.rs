@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use external_db_sync::sync::mapping::Mapping;
+use external_db_sync::mapping::Mapping;
 use external_db_sync::sync::{SyncError, SyncSettings};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -18,6 +18,7 @@ use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, engine, engine_with, external_users, recorded_error,
     recorded_status, sync, sync_ok, sync_only, tenancy_with_database, test_settings, watermark,
+    PrivateTargets,
 };
 use crate::harness::wait;
 
@@ -188,7 +189,7 @@ async fn concurrent_runs_for_one_tenancy_converge_on_the_source() {
         max_batches_per_run: 1000,
         ..test_settings()
     };
-    let engine = Arc::new(engine_with(&pool, settings, true));
+    let engine = Arc::new(engine_with(&pool, settings, PrivateTargets::Allowed));
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let mut users = Vec::new();
     for n in 0..USERS {
@@ -280,7 +281,7 @@ async fn a_run_waits_for_the_mapping_lock_and_reads_the_watermark_under_it() {
 
     let mut holder = tenant.begin().await.unwrap();
     sqlx::query("select pg_advisory_xact_lock($1)")
-        .bind(Mapping::Users.lock_key())
+        .bind(external_db_sync::sync::statements::lock_key(Mapping::Users))
         .execute(&mut *holder)
         .await
         .unwrap();

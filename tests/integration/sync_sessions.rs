@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use crate::harness::fixtures::{rename_user, tenancy, tenant_database, user};
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, engine, engine_with, recorded_error, sync_ok,
-    tenancy_with_database, test_settings,
+    tenancy_with_database, test_settings, PrivateTargets,
 };
 use crate::harness::wait;
 
@@ -141,7 +141,7 @@ async fn idle_sessions_are_closed_after_the_idle_timeout() {
     let pool = crate::harness::postgres::migrated_pool().await;
     let mut settings = test_settings();
     settings.pool.idle_timeout = Duration::from_millis(300);
-    let engine = engine_with(&pool, settings, true);
+    let engine = engine_with(&pool, settings, PrivateTargets::Allowed);
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
     user(&pool, tenancy, "someone").await;
     sync_ok(&pool, &engine, tenancy).await;
@@ -160,7 +160,7 @@ async fn kept_sessions_are_bounded_in_total() {
         total: 3,
         ..SessionPoolSettings::default()
     };
-    let engine = engine_with(&pool, settings, true);
+    let engine = engine_with(&pool, settings, PrivateTargets::Allowed);
     let (first, first_tenant) = tenancy_with_database(&pool).await;
     let (second, second_tenant) = tenancy_with_database(&pool).await;
     user(&pool, first, "one").await;

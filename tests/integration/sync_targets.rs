@@ -12,7 +12,7 @@ use crate::harness::fixtures::{tenancy, tenant_database, user};
 use crate::harness::postgres::{migrated_pool, pool, server, short_id};
 use crate::harness::sync::{
     attach, attach_config, engine, engine_with, expected_users, external_users, recorded_error,
-    sync, sync_ok, table_exists, test_settings,
+    sync, sync_ok, table_exists, test_settings, PrivateTargets,
 };
 use crate::harness::tls::tls_server;
 use crate::harness::wait;
@@ -237,7 +237,7 @@ async fn a_loopback_target_is_refused_unless_private_targets_are_allowed() {
     );
     attach(&internal, tenancy, &[("local", &url)]).await;
     user(&internal, tenancy, "stays inside").await;
-    let strict = engine_with(&internal, test_settings(), false);
+    let strict = engine_with(&internal, test_settings(), PrivateTargets::Refused);
 
     let report = sync(&internal, &strict, tenancy).await;
 

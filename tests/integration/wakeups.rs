@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use external_db_sync::config::SequencerSettings;
 use external_db_sync::db::fusebox;
 use external_db_sync::db::sequencing::{sequence_batch, SequencedBatch, Wakefulness};
-use external_db_sync::routes::SYNC_ENGINE_PATH;
-use external_db_sync::sequencer::Worker;
-use external_db_sync::wakeup::{CHANGES_CHANNEL, REQUESTS_CHANNEL};
+use external_db_sync::db::{CHANGES_CHANNEL, REQUESTS_CHANNEL};
+use external_db_sync::sequencer::SequencerSettings;
+use external_db_sync::wakeup::SequencerLoop;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -25,7 +24,7 @@ const SLEEPY: Wakefulness = Wakefulness::Sleepy { lease: LEASE };
 const SENTINEL: &str = "sentinel";
 
 async fn batch(pool: &PgPool, wakefulness: Wakefulness) -> SequencedBatch {
-    sequence_batch(pool, 1000, SYNC_ENGINE_PATH, wakefulness)
+    sequence_batch(pool, 1000, wakefulness)
         .await
         .unwrap()
         .expect("the sequencer is switched on")
@@ -191,9 +190,7 @@ async fn a_switched_off_sequencer_gives_its_lease_up_and_switching_on_wakes_the_
     fusebox::write(&pool, Some(false), Some(false))
         .await
         .unwrap();
-    let switched_off = sequence_batch(&pool, 1000, SYNC_ENGINE_PATH, AWAKE)
-        .await
-        .unwrap();
+    let switched_off = sequence_batch(&pool, 1000, AWAKE).await.unwrap();
     assert_eq!(switched_off, None);
     assert!(!sequencer_awake(&pool).await);
     assert!(!notified(&pool, &mut changes, CHANGES_CHANNEL).await);
@@ -214,7 +211,7 @@ async fn a_stopping_loop_gives_its_lease_up() {
         batch_size: 100,
         idle_interval: Duration::from_secs(3600),
     };
-    let mut worker = Worker::default();
+    let mut worker = SequencerLoop::default();
     rename_user(&pool, user, "changed").await;
     worker.step(&pool, &settings).await.unwrap();
     assert!(

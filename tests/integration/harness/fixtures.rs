@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use external_db_sync::config::SequencerSettings;
 use external_db_sync::sequencer;
+use external_db_sync::sequencer::SequencerSettings;
 use external_db_sync::workers::Outcome;
 use serde_json::json;
 use sqlx::PgPool;

@@ -3,13 +3,12 @@
 use std::sync::Arc;
 
 use external_db_sync::poller::{InFlight, PolledBatch, Poller, PollerRun, PollerSettings};
-use external_db_sync::queue::direct::DirectPublisher;
-use external_db_sync::queue::Publisher;
+use external_db_sync::publish::direct::DirectPublisher;
 use sqlx::PgPool;
 
 use external_db_sync::sync::SyncSettings;
 
-use super::sync::{engine_with, test_settings};
+use super::sync::{engine_with, test_settings, PrivateTargets};
 
 /// A poller that syncs in-process on an engine of its own, `sync_concurrency` at once.
 pub fn direct_poller(pool: &PgPool, sync_concurrency: usize) -> Poller {
@@ -22,8 +21,8 @@ pub fn direct_poller_with(
     sync_concurrency: usize,
     settings: SyncSettings,
 ) -> Poller {
-    let engine = engine_with(pool, settings, true);
-    let publisher = Publisher::Direct(DirectPublisher::new(Arc::new(engine)));
+    let engine = engine_with(pool, settings, PrivateTargets::Allowed);
+    let publisher = DirectPublisher::new(Arc::new(engine));
     let settings = PollerSettings {
         sync_concurrency,
         ..PollerSettings::default()

@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use chrono::NaiveDateTime;
 use external_db_sync::db::sync_status::{Backoff, RetrySchedule};
-use external_db_sync::sync::engine::TenancyReport;
-use external_db_sync::sync::target::{InternalDatabase, TargetPolicy};
+use external_db_sync::db::InternalDatabase;
+pub use external_db_sync::sync::policy::PrivateTargets;
+use external_db_sync::sync::policy::TargetPolicy;
+use external_db_sync::sync::TenancyReport;
 use external_db_sync::sync::{sync_tenancy, SyncEngine, SyncSettings, TenancySync};
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -16,7 +18,7 @@ use super::fixtures::sequence_all;
 /// An engine on the internal database behind `pool`, allowing private targets (the
 /// tenant databases of the tests are on 127.0.0.1).
 pub fn engine(pool: &PgPool) -> SyncEngine {
-    engine_with(pool, test_settings(), true)
+    engine_with(pool, test_settings(), PrivateTargets::Allowed)
 }
 
 /// Small batches, and a failed database due again after a millisecond: tests that sync
@@ -36,7 +38,11 @@ pub fn test_settings() -> SyncSettings {
     }
 }
 
-pub fn engine_with(pool: &PgPool, settings: SyncSettings, allow_private: bool) -> SyncEngine {
+pub fn engine_with(
+    pool: &PgPool,
+    settings: SyncSettings,
+    private_targets: PrivateTargets,
+) -> SyncEngine {
     let options = pool.connect_options();
     let internal = InternalDatabase {
         host: options.get_host().to_owned(),
@@ -46,7 +52,7 @@ pub fn engine_with(pool: &PgPool, settings: SyncSettings, allow_private: bool) -
     SyncEngine::new(
         pool.clone(),
         settings,
-        TargetPolicy::new(allow_private, internal),
+        TargetPolicy::new(private_targets, internal),
     )
 }
 
@@ -342,11 +348,11 @@ pub async fn two_tenancies_with_users(pool: &PgPool) -> [(Uuid, PgPool); 2] {
 /// until the returned transaction ends.
 pub async fn hold_mapping_lock(
     tenant: &PgPool,
-    mapping: external_db_sync::sync::mapping::Mapping,
+    mapping: external_db_sync::mapping::Mapping,
 ) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut holder = tenant.begin().await.unwrap();
     sqlx::query("select pg_advisory_xact_lock($1)")
-        .bind(mapping.lock_key())
+        .bind(external_db_sync::sync::statements::lock_key(mapping))
         .execute(&mut *holder)
         .await
         .unwrap();

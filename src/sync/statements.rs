@@ -1,10 +1,5 @@
-//! The mappings from internal tables to a tenant's tables (DESIGN.md §6), and how one
-//! batch of changes is written: deletes and one set-based upsert per batch, never a
-//! statement per row.
-//!
-//! A batch carries the *current* state of every row it touches (see
-//! [`crate::db::changes`]), so applying a batch twice, or an older batch after a newer
-//! one, converges on the same result; the watermark only moves forward.
+//! The statements that write one batch of a mapping into a tenant database: deletes
+//! and one set-based upsert per batch, never a statement per row.
 
 use std::sync::LazyLock;
 
@@ -12,101 +7,63 @@ use chrono::NaiveDateTime;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-/// One synced table in the tenant database and the internal rows behind it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mapping {
-    /// `users`: one row per `"ProjectUser"`, with its primary e-mail.
-    Users,
-    /// `contact_channels`: one row per `"ContactChannel"`.
-    ContactChannels,
+use crate::mapping::{ContactChannelRow, Mapping, Upserts, UserRow};
+
+/// Advisory lock (in the tenant database) that serializes writers of `mapping`.
+pub fn lock_key(mapping: Mapping) -> i64 {
+    // "extdbsm" followed by the mapping's number.
+    const BASE: i64 = 0x6578_7464_6273_6d00;
+    match mapping {
+        Mapping::Users => BASE + 1,
+        Mapping::ContactChannels => BASE + 2,
+    }
 }
 
-impl Mapping {
-    pub const ALL: [Mapping; 2] = [Mapping::Users, Mapping::ContactChannels];
-
-    /// The mapping's position in [`Mapping::ALL`].
-    pub fn index(self) -> usize {
-        match self {
-            Mapping::Users => 0,
-            Mapping::ContactChannels => 1,
-        }
+/// Deletes the rows whose ids are in `$1`, in one statement.
+pub fn delete(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => "delete from users where id = any($1::uuid[])",
+        Mapping::ContactChannels => "delete from contact_channels where id = any($1::uuid[])",
     }
+}
 
-    /// The external table's name, also the key of its watermark in
-    /// `_stack_sync_metadata`.
-    /// The internal table the mapping reads, also its `"DeletedRow"."tableName"`.
-    pub fn source_table(self) -> &'static str {
-        match self {
-            Mapping::Users => "ProjectUser",
-            Mapping::ContactChannels => "ContactChannel",
-        }
+/// Inserts or updates the rows given as [`Columns`], in one statement whatever their
+/// number. Rows whose values did not change are left untouched, so a repeated sync
+/// writes nothing.
+pub fn upsert(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => UPSERT_USERS,
+        Mapping::ContactChannels => UPSERT_CONTACT_CHANNELS,
     }
+}
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Mapping::Users => "users",
-            Mapping::ContactChannels => "contact_channels",
-        }
+/// [`delete`] that deletes nothing unless the mapping's watermark is `$3` (`$2`: the
+/// mapping's name).
+pub fn guarded_delete(mapping: Mapping) -> &'static str {
+    static USERS: LazyLock<String> = LazyLock::new(|| guard_delete(Mapping::Users));
+    static CHANNELS: LazyLock<String> = LazyLock::new(|| guard_delete(Mapping::ContactChannels));
+    match mapping {
+        Mapping::Users => &USERS,
+        Mapping::ContactChannels => &CHANNELS,
     }
+}
 
-    /// Advisory lock (in the tenant database) that serializes writers of this mapping.
-    pub fn lock_key(self) -> i64 {
-        // "extdbsm" followed by the mapping's number.
-        const BASE: i64 = 0x6578_7464_6273_6d00;
-        match self {
-            Mapping::Users => BASE + 1,
-            Mapping::ContactChannels => BASE + 2,
-        }
+/// [`upsert`] that writes nothing unless the mapping's watermark is the parameter after
+/// the columns; the mapping's name is the one before it.
+pub fn guarded_upsert(mapping: Mapping) -> &'static str {
+    static USERS: LazyLock<String> = LazyLock::new(|| guard_upsert(Mapping::Users));
+    static CHANNELS: LazyLock<String> = LazyLock::new(|| guard_upsert(Mapping::ContactChannels));
+    match mapping {
+        Mapping::Users => &USERS,
+        Mapping::ContactChannels => &CHANNELS,
     }
+}
 
-    /// Deletes the rows whose ids are in `$1`, in one statement.
-    pub fn delete_sql(self) -> &'static str {
-        match self {
-            Mapping::Users => "delete from users where id = any($1::uuid[])",
-            Mapping::ContactChannels => "delete from contact_channels where id = any($1::uuid[])",
-        }
-    }
-
-    /// Inserts or updates the rows given as [`Columns`], in one statement whatever their
-    /// number. Rows whose values did not change are left untouched, so a repeated sync
-    /// writes nothing.
-    pub fn upsert_sql(self) -> &'static str {
-        match self {
-            Mapping::Users => UPSERT_USERS,
-            Mapping::ContactChannels => UPSERT_CONTACT_CHANNELS,
-        }
-    }
-
-    /// [`Mapping::delete_sql`] that deletes nothing unless the mapping's watermark is
-    /// `$3` (`$2`: the mapping's name).
-    pub fn guarded_delete_sql(self) -> &'static str {
-        static USERS: LazyLock<String> = LazyLock::new(|| guarded_delete(Mapping::Users));
-        static CHANNELS: LazyLock<String> =
-            LazyLock::new(|| guarded_delete(Mapping::ContactChannels));
-        match self {
-            Mapping::Users => &USERS,
-            Mapping::ContactChannels => &CHANNELS,
-        }
-    }
-
-    /// [`Mapping::upsert_sql`] that writes nothing unless the mapping's watermark is the
-    /// parameter after the columns; the mapping's name is the one before it.
-    pub fn guarded_upsert_sql(self) -> &'static str {
-        static USERS: LazyLock<String> = LazyLock::new(|| guarded_upsert(Mapping::Users));
-        static CHANNELS: LazyLock<String> =
-            LazyLock::new(|| guarded_upsert(Mapping::ContactChannels));
-        match self {
-            Mapping::Users => &USERS,
-            Mapping::ContactChannels => &CHANNELS,
-        }
-    }
-
-    /// How many parameters (one array per column) [`Mapping::upsert_sql`] takes.
-    fn column_count(self) -> usize {
-        match self {
-            Mapping::Users => 10,
-            Mapping::ContactChannels => 8,
-        }
+/// How many parameters (one array per column) [`upsert`] takes.
+fn column_count(mapping: Mapping) -> usize {
+    match mapping {
+        Mapping::Users => 10,
+        Mapping::ContactChannels => 8,
     }
 }
 
@@ -120,81 +77,17 @@ fn watermark_is(name: usize) -> String {
     )
 }
 
-fn guarded_delete(mapping: Mapping) -> String {
-    format!("{} and {}", mapping.delete_sql(), watermark_is(2))
+fn guard_delete(mapping: Mapping) -> String {
+    format!("{} and {}", delete(mapping), watermark_is(2))
 }
 
-fn guarded_upsert(mapping: Mapping) -> String {
-    let guard = watermark_is(mapping.column_count() + 1);
-    let sql = mapping.upsert_sql();
+fn guard_upsert(mapping: Mapping) -> String {
+    let guard = watermark_is(column_count(mapping) + 1);
+    let sql = upsert(mapping);
     let conflict = sql
         .find("on conflict (id)")
         .expect("every upsert has an on conflict clause");
     format!("{}where {guard}\n{}", &sql[..conflict], &sql[conflict..])
-}
-
-/// A `users` row as the tenant sees it.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct UserRow {
-    pub id: Uuid,
-    pub display_name: Option<String>,
-    pub profile_image_url: Option<String>,
-    pub primary_email: Option<String>,
-    pub primary_email_verified: bool,
-    pub signed_up_at: NaiveDateTime,
-    /// JSON text: passed through as read, so the engine never parses row contents.
-    pub client_metadata: String,
-    pub client_read_only_metadata: String,
-    pub server_metadata: String,
-    pub is_anonymous: bool,
-}
-
-/// A `contact_channels` row as the tenant sees it.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct ContactChannelRow {
-    pub id: Uuid,
-    pub user_id: Uuid,
-    #[sqlx(rename = "type")]
-    pub kind: String,
-    pub value: String,
-    pub is_primary: bool,
-    pub is_verified: bool,
-    pub used_for_auth: bool,
-    pub created_at: NaiveDateTime,
-}
-
-/// The rows to write for one batch.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Upserts {
-    Users(Vec<UserRow>),
-    ContactChannels(Vec<ContactChannelRow>),
-}
-
-impl Upserts {
-    pub fn len(&self) -> usize {
-        match self {
-            Upserts::Users(rows) => rows.len(),
-            Upserts::ContactChannels(rows) => rows.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// One batch of changes of one mapping, in sequence order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Batch {
-    /// Rows that exist now, with their current values.
-    pub upserts: Upserts,
-    /// Ids of rows that no longer exist.
-    pub deletes: Vec<Uuid>,
-    /// How many changes (sequence ids) the batch covers; several changes of one row
-    /// collapse into one upsert or delete.
-    pub changes: u64,
-    /// The highest sequence id in the batch: the watermark once it is applied.
-    pub last_sequence_id: i64,
 }
 
 /// Rows a batch's statements changed.
@@ -260,7 +153,7 @@ where (contact_channels.user_id, contact_channels.type, contact_channels.value,
 "#;
 
 /// A batch's upserts as one array per column: the parameters of
-/// [`Mapping::upsert_sql`].
+/// [`upsert`].
 pub enum Columns {
     Users(UserColumns),
     ContactChannels(ContactChannelColumns),
@@ -377,28 +270,5 @@ impl ContactChannelColumns {
             &self.used_for_auth,
             &self.created_at,
         ]
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn guarded_statements_put_the_watermark_check_after_their_own_parameters() {
-        assert_eq!(
-            Mapping::Users.guarded_delete_sql(),
-            "delete from users where id = any($1::uuid[]) and exists (select from \
-             _stack_sync_metadata where mapping_name = $2 and last_synced_sequence_id = $3)"
-        );
-        let users = Mapping::Users.guarded_upsert_sql();
-        assert!(users.contains("$10::boolean[]") && !users.contains("$13"));
-        assert!(users.contains(
-            "where exists (select from _stack_sync_metadata where mapping_name = $11 \
-             and last_synced_sequence_id = $12)\non conflict (id) do update"
-        ));
-        let channels = Mapping::ContactChannels.guarded_upsert_sql();
-        assert!(channels.contains("$8::timestamp[])\nwhere exists"));
-        assert!(channels.contains("mapping_name = $9 and last_synced_sequence_id = $10)"));
     }
 }

@@ -1,11 +1,14 @@
 //! `SYNC_QUEUE=direct`: a published request is a sync run right here, in-process. No
-//! HTTP hop and no outside service; the poller waits for the runs it started.
+//! HTTP hop and no outside service. One request per publish, so that each settles the
+//! moment its sync ends, whatever the others do.
 
 use std::sync::Arc;
 
-use super::{tenancy_of, PublishError};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use super::{PublishError, PublishResult, Published, Publisher};
 use crate::db::queue::ClaimedRequest;
-use crate::db::sync_status::SyncedTenancy;
 use crate::error::error_chain;
 use crate::sync::{sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, TenancySync};
 
@@ -27,11 +30,8 @@ impl DirectPublisher {
     ///
     /// On success, the statuses of the databases synced are returned, not yet
     /// recorded: the poller records them with the request's completion.
-    pub async fn sync(
-        &self,
-        request: &ClaimedRequest,
-    ) -> Result<Option<SyncedTenancy>, PublishError> {
-        let tenancy_id = tenancy_of(request)?;
+    async fn sync(&self, request: &ClaimedRequest) -> PublishResult {
+        let tenancy_id = request.tenancy_id()?;
         let synced = match &request.external_databases {
             Some(config) => {
                 let claimed = ClaimedTenancy {
@@ -46,12 +46,31 @@ impl DirectPublisher {
             None => sync_tenancy(&self.engine, tenancy_id).await,
         };
         match synced {
-            Ok(TenancySync::Synced(report)) => Ok(report.unrecorded),
-            Ok(_) => Ok(None),
+            Ok(TenancySync::Synced(report)) => Ok(Published {
+                synced: report.unrecorded,
+            }),
+            Ok(_) => Ok(Published::default()),
             Err(error) => Err(PublishError(format!(
                 "sync of tenancy {tenancy_id}: {}",
                 error_chain(&error)
             ))),
         }
+    }
+}
+
+impl Publisher for DirectPublisher {
+    fn batch_limit(&self) -> usize {
+        1
+    }
+
+    fn publish<'a>(&'a self, requests: &'a [ClaimedRequest]) -> BoxFuture<'a, Vec<PublishResult>> {
+        async move {
+            let mut results = Vec::with_capacity(requests.len());
+            for request in requests {
+                results.push(self.sync(request).await);
+            }
+            results
+        }
+        .boxed()
     }
 }

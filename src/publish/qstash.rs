@@ -16,7 +16,10 @@ use serde::Serialize;
 use serde_json::Value;
 use url::Url;
 
-use super::{tenancy_of, PublishError};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use super::{PublishError, PublishResult, Published, Publisher};
 use crate::db::queue::ClaimedRequest;
 
 /// How long one batch publish may take.
@@ -56,7 +59,7 @@ impl QstashPublisher {
         }
     }
 
-    pub async fn publish(&self, requests: &[ClaimedRequest]) -> Vec<Result<(), PublishError>> {
+    async fn publish_batch(&self, requests: &[ClaimedRequest]) -> Vec<Result<(), PublishError>> {
         let mut results: Vec<Result<(), PublishError>> = vec![Ok(()); requests.len()];
         let mut messages = Vec::new();
         let mut sent = Vec::new();
@@ -98,11 +101,8 @@ impl QstashPublisher {
     }
 
     fn message(&self, request: &ClaimedRequest) -> Result<Message, PublishError> {
-        let tenancy_id = tenancy_of(request)?;
-        let path = request.qstash_options["url"]
-            .as_str()
-            .filter(|path| path.starts_with('/'))
-            .ok_or_else(|| PublishError("the request has no url path".to_owned()))?;
+        let tenancy_id = request.tenancy_id()?;
+        let path = request.path()?;
         let header = |value: String| Value::String(value);
         let headers = serde_json::Map::from_iter([
             (
@@ -129,7 +129,7 @@ impl QstashPublisher {
         Ok(Message {
             destination: format!("{}{path}", self.public_url),
             headers,
-            body: request.qstash_options["body"].to_string(),
+            body: request.body(),
         })
     }
 
@@ -157,6 +157,24 @@ impl QstashPublisher {
         }
         serde_json::from_str::<Vec<Value>>(&text)
             .map_err(|_| PublishError("QStash's answer is not a JSON array".to_owned()))
+    }
+}
+
+impl Publisher for QstashPublisher {
+    /// What the poller claims at once goes out in one call.
+    fn batch_limit(&self) -> usize {
+        usize::MAX
+    }
+
+    fn publish<'a>(&'a self, requests: &'a [ClaimedRequest]) -> BoxFuture<'a, Vec<PublishResult>> {
+        async move {
+            let results = self.publish_batch(requests).await;
+            results
+                .into_iter()
+                .map(|result| result.map(|()| Published::default()))
+                .collect()
+        }
+        .boxed()
     }
 }
 

@@ -1,0 +1,201 @@
+//! Each component's settings, read from its variables. The components own their
+//! settings types; this is the one place that knows the variables' names.
+
+use std::time::Duration;
+
+use url::Url;
+
+use super::env::{parse_database_url, parse_http_url, Env};
+use super::{ConfigError, QstashSettings};
+use crate::db::sync_status::{Backoff, RetrySchedule};
+use crate::db::DatabaseSettings;
+use crate::poller::PollerSettings;
+use crate::sequencer::SequencerSettings;
+use crate::sync::connect::SessionSettings;
+use crate::sync::sessions::SessionPoolSettings;
+use crate::sync::SyncSettings;
+use crate::telemetry::{LogFormat, LogSettings};
+
+/// The longest wait between two attempts of a failing database that may be configured.
+const DAY_MS: u64 = 86_400_000;
+/// The longest idle interval of a loop, and the longest statement or lock timeout.
+const HOUR_MS: u64 = 3_600_000;
+
+impl<F: Fn(&str) -> Option<String>> Env<F> {
+    /// `RUST_LOG`, `LOG_FORMAT` and `LOG_UNSAFE_QUERY_PARAMETERS`.
+    pub fn log_settings(&self) -> Result<LogSettings, ConfigError> {
+        let filter = self.get("RUST_LOG").unwrap_or_else(|| "info".to_owned());
+        tracing_subscriber::EnvFilter::try_new(&filter).map_err(|error| {
+            ConfigError::new("RUST_LOG", format!("not a valid filter ({error})"))
+        })?;
+        let format = self.parse_or("LOG_FORMAT", LogFormat::Pretty, |raw| {
+            match raw.to_ascii_lowercase().as_str() {
+                "pretty" => Ok(LogFormat::Pretty),
+                "json" => Ok(LogFormat::Json),
+                _ => Err("expected pretty or json".to_owned()),
+            }
+        })?;
+        let unsafe_query_parameters = self.bool_or("LOG_UNSAFE_QUERY_PARAMETERS", false)?;
+        Ok(LogSettings {
+            filter,
+            format,
+            unsafe_query_parameters,
+        })
+    }
+
+    /// `DATABASE_URL` and `DATABASE_MAX_CONNECTIONS`. The embedded database of a later
+    /// release will make `DATABASE_URL` optional; until then it is required.
+    pub fn database_settings(&self) -> Result<DatabaseSettings, ConfigError> {
+        let raw = self.get("DATABASE_URL").ok_or_else(|| {
+            ConfigError::new(
+                "DATABASE_URL",
+                "is required (postgres://user:password@host:5432/database)",
+            )
+        })?;
+        let connect_options = parse_database_url(raw.trim())
+            .map_err(|reason| ConfigError::new("DATABASE_URL", reason))?
+            .application_name("external-db-sync");
+        Ok(DatabaseSettings {
+            connect_options,
+            max_connections: self.number("DATABASE_MAX_CONNECTIONS", 10, 2, 1000)?,
+        })
+    }
+
+    /// `QSTASH_*`.
+    pub(super) fn qstash_settings(&self) -> Result<QstashSettings, ConfigError> {
+        let default_url =
+            Url::parse("https://qstash.upstash.io").expect("the default QStash URL is valid");
+        Ok(QstashSettings {
+            url: self.parse_or("QSTASH_URL", default_url, parse_http_url)?,
+            token: self.secret("QSTASH_TOKEN"),
+            current_signing_key: self.secret("QSTASH_CURRENT_SIGNING_KEY"),
+            next_signing_key: self.secret("QSTASH_NEXT_SIGNING_KEY"),
+            clock_tolerance: self.secs(
+                "QSTASH_CLOCK_TOLERANCE_SECS",
+                Duration::from_secs(5),
+                0,
+                300,
+            )?,
+            retries: self.number("QSTASH_RETRIES", 5, 0, 100)?,
+        })
+    }
+
+    /// `SEQUENCER_*`.
+    pub(super) fn sequencer_settings(&self) -> Result<SequencerSettings, ConfigError> {
+        Ok(SequencerSettings {
+            batch_size: self.number("SEQUENCER_BATCH_SIZE", 1000, 1, 100_000)?,
+            idle_interval: self.millis(
+                "SEQUENCER_IDLE_INTERVAL_MS",
+                Duration::from_secs(5),
+                HOUR_MS,
+            )?,
+        })
+    }
+
+    /// `POLLER_*`.
+    pub(super) fn poller_settings(&self) -> Result<PollerSettings, ConfigError> {
+        let defaults = PollerSettings::default();
+        Ok(PollerSettings {
+            batch_size: self.number("POLLER_BATCH_SIZE", defaults.batch_size, 1, 10_000)?,
+            lease: self.secs("POLLER_LEASE_SECS", defaults.lease, 1, 86_400)?,
+            idle_interval: self.millis(
+                "POLLER_IDLE_INTERVAL_MS",
+                defaults.idle_interval,
+                HOUR_MS,
+            )?,
+            sync_concurrency: self.number(
+                "POLLER_SYNC_CONCURRENCY",
+                defaults.sync_concurrency,
+                1,
+                1000,
+            )?,
+            ..defaults
+        })
+    }
+
+    /// `SYNC_*`: batch size, per-run budget, concurrency, tenant sessions and retries.
+    pub(super) fn sync_settings(&self) -> Result<SyncSettings, ConfigError> {
+        let defaults = SyncSettings::default();
+        Ok(SyncSettings {
+            batch_size: self.number("SYNC_BATCH_SIZE", defaults.batch_size, 1, 100_000)?,
+            max_batches_per_run: self.number(
+                "SYNC_MAX_BATCHES_PER_RUN",
+                defaults.max_batches_per_run,
+                1,
+                100_000,
+            )?,
+            database_concurrency: self.number(
+                "SYNC_DATABASE_CONCURRENCY",
+                defaults.database_concurrency,
+                1,
+                256,
+            )?,
+            max_databases_per_tenancy: self.number(
+                "SYNC_MAX_DATABASES_PER_TENANCY",
+                defaults.max_databases_per_tenancy,
+                1,
+                1000,
+            )?,
+            session: self.session_settings(&defaults.session)?,
+            pool: self.session_pool_settings(&defaults.pool)?,
+            retry: self.retry_schedule(&defaults.retry)?,
+        })
+    }
+
+    /// `SYNC_CONNECT_TIMEOUT_MS`, `SYNC_STATEMENT_TIMEOUT_MS`, `SYNC_LOCK_TIMEOUT_MS`.
+    fn session_settings(&self, defaults: &SessionSettings) -> Result<SessionSettings, ConfigError> {
+        Ok(SessionSettings {
+            connect_timeout: self.millis(
+                "SYNC_CONNECT_TIMEOUT_MS",
+                defaults.connect_timeout,
+                300_000,
+            )?,
+            statement_timeout: self.millis(
+                "SYNC_STATEMENT_TIMEOUT_MS",
+                defaults.statement_timeout,
+                HOUR_MS,
+            )?,
+            lock_timeout: self.millis("SYNC_LOCK_TIMEOUT_MS", defaults.lock_timeout, HOUR_MS)?,
+            idle_in_transaction_timeout: defaults.idle_in_transaction_timeout,
+        })
+    }
+
+    /// `SYNC_IDLE_SESSIONS_PER_DATABASE`, `SYNC_MAX_IDLE_SESSIONS`, `SYNC_SESSION_IDLE_SECS`.
+    fn session_pool_settings(
+        &self,
+        defaults: &SessionPoolSettings,
+    ) -> Result<SessionPoolSettings, ConfigError> {
+        Ok(SessionPoolSettings {
+            per_database: self.number(
+                "SYNC_IDLE_SESSIONS_PER_DATABASE",
+                defaults.per_database,
+                0,
+                64,
+            )?,
+            total: self.number("SYNC_MAX_IDLE_SESSIONS", defaults.total, 0, 100_000)?,
+            idle_timeout: self.secs("SYNC_SESSION_IDLE_SECS", defaults.idle_timeout, 1, 3600)?,
+        })
+    }
+
+    /// `SYNC_RETRY_*` and `SYNC_PERMANENT_RETRY_*`.
+    fn retry_schedule(&self, defaults: &RetrySchedule) -> Result<RetrySchedule, ConfigError> {
+        Ok(RetrySchedule {
+            retryable: Backoff {
+                first: self.millis("SYNC_RETRY_FIRST_MS", defaults.retryable.first, DAY_MS)?,
+                max: self.millis("SYNC_RETRY_MAX_MS", defaults.retryable.max, DAY_MS)?,
+            },
+            permanent: Backoff {
+                first: self.millis(
+                    "SYNC_PERMANENT_RETRY_FIRST_MS",
+                    defaults.permanent.first,
+                    DAY_MS,
+                )?,
+                max: self.millis(
+                    "SYNC_PERMANENT_RETRY_MAX_MS",
+                    defaults.permanent.max,
+                    DAY_MS,
+                )?,
+            },
+        })
+    }
+}

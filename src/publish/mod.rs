@@ -1,0 +1,49 @@
+//! Publishing claimed sync requests (DESIGN.md §5): in-process ([`direct`], the default)
+//! or through Upstash QStash ([`qstash`]), which calls `/sync-engine` back.
+//!
+//! The poller drives every publisher the same way, through [`Publisher`]: it takes a free
+//! slot, claims up to [`Publisher::batch_limit`] requests for it, publishes them in a
+//! task of their own, and settles each request by its own result: deleted when it went
+//! out, given back to the queue with backoff when not.
+
+pub mod direct;
+pub mod qstash;
+
+use futures::future::BoxFuture;
+
+use crate::db::queue::{ClaimedRequest, MalformedRequest};
+use crate::db::sync_status::SyncedTenancy;
+
+/// Why one request was not published. The message is recorded in
+/// `"OutgoingRequest"."lastError"`, so it never contains secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PublishError(pub String);
+
+impl From<MalformedRequest> for PublishError {
+    fn from(error: MalformedRequest) -> Self {
+        PublishError(error.to_string())
+    }
+}
+
+/// A request that went out. A direct publish is the sync itself: it returns the
+/// statuses of the databases it brought up to date, for the poller to record with the
+/// request's completion (one statement for both).
+#[derive(Debug, Default)]
+pub struct Published {
+    pub synced: Option<SyncedTenancy>,
+}
+
+/// The result of publishing one request.
+pub type PublishResult = Result<Published, PublishError>;
+
+/// Where claimed requests go.
+pub trait Publisher: Send + Sync + 'static {
+    /// Most requests one [`Publisher::publish`] call takes: 1 when a publish is a whole
+    /// sync (so that each settles the moment it ends), a batch when it is one call.
+    fn batch_limit(&self) -> usize;
+
+    /// Publishes `requests` (at most [`Publisher::batch_limit`]); one result per
+    /// request, in their order.
+    fn publish<'a>(&'a self, requests: &'a [ClaimedRequest]) -> BoxFuture<'a, Vec<PublishResult>>;
+}

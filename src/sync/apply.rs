@@ -1,0 +1,334 @@
+//! Applying a mapping's changes to a tenant database: batches read from the internal
+//! database, each written in one transaction under the mapping's advisory lock, with
+//! the watermark moved forward in the same transaction.
+
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::database::Sessions;
+use super::engine::SyncEngine;
+use super::error::SyncError;
+use super::report::MappingReport;
+use super::resync;
+use super::sessions::TenantSession;
+use super::statements::{self, Applied, Columns};
+use crate::db;
+use crate::mapping::{Batch, Mapping};
+
+/// Applies batches of `mapping` until it is caught up or the batch budget is spent.
+///
+/// While one batch is written to the tenant database, the next one is read from the
+/// internal database. A batch read ahead (or before the session was open) is only used
+/// if the watermark, re-read under the lock, is still where it was read from: then no
+/// other run wrote in between, and the batch is newer than anything written so far.
+/// Otherwise it is read again.
+pub(super) async fn apply_batches(
+    sessions: &Sessions<'_>,
+    session: &mut TenantSession,
+    mapping: Mapping,
+    mut read_ahead: Option<ReadAhead>,
+) -> Result<MappingReport, SyncError> {
+    let (engine, key) = (sessions.engine, &sessions.key);
+    let settings = &engine.settings;
+    let mut report = MappingReport::nothing_after(mapping, -1);
+    if let Some(ahead) = &read_ahead {
+        match apply_small_batch(sessions, session, mapping, ahead).await? {
+            SmallBatch::Applied(report) => return Ok(report),
+            SmallBatch::Stale => read_ahead = None,
+            SmallBatch::NotSmall => {}
+        }
+    }
+    let mut deletions_checked = false;
+    loop {
+        let watermark = begin_locked(session, mapping).await?;
+        report.watermark = watermark;
+        if !deletions_checked {
+            deletions_checked = true;
+            if let Some(removed) =
+                resync_if_deletions_missed(sessions, session, mapping, watermark).await?
+            {
+                report.removed_by_resync = Some(removed);
+                read_ahead = None;
+                continue;
+            }
+        }
+        let batch = match read_ahead.take() {
+            Some(ahead) if ahead.after == watermark => ahead.batch,
+            _ => read_batch(engine, key.tenancy_id, mapping, watermark).await?,
+        };
+        let Some(batch) = batch else {
+            session
+                .client()
+                .batch_execute("commit")
+                .await
+                .map_err(SyncError::target)?;
+            engine.known.set_watermark(key, mapping, watermark);
+            break;
+        };
+
+        let full = batch.changes >= u64::from(settings.batch_size);
+        let another = full && report.batches + 1 < settings.max_batches_per_run;
+        let next_after = batch.last_sequence_id;
+        let write = write_batch(session, mapping, &batch, None);
+        let read_next = async {
+            if another {
+                read_batch(engine, key.tenancy_id, mapping, next_after)
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let (applied, next) = tokio::join!(write, read_next);
+        let applied = applied?.expect("an unguarded write always applies");
+        engine
+            .known
+            .set_watermark(key, mapping, batch.last_sequence_id);
+        read_ahead = next?.map(|batch| ReadAhead {
+            after: next_after,
+            batch,
+        });
+        report.add_batch(&batch, applied);
+        if !full {
+            break;
+        }
+        if report.batches >= settings.max_batches_per_run {
+            report.more_remaining = true;
+            break;
+        }
+    }
+    Ok(report)
+}
+
+/// What became of a batch read after the known watermark.
+enum SmallBatch {
+    /// It was small, and applied: the mapping is caught up.
+    Applied(MappingReport),
+    /// Another run moved the watermark meanwhile; nothing was written.
+    Stale,
+    /// A full batch (more may follow) or none: it goes the locked way.
+    NotSmall,
+}
+
+/// A small batch read after the known watermark is written in one round trip, guarded
+/// by that watermark. If another run moved it meanwhile, nothing is written, and the
+/// caller reads again under the lock.
+async fn apply_small_batch(
+    sessions: &Sessions<'_>,
+    session: &mut TenantSession,
+    mapping: Mapping,
+    ahead: &ReadAhead,
+) -> Result<SmallBatch, SyncError> {
+    let Some(batch) = &ahead.batch else {
+        return Ok(SmallBatch::NotSmall);
+    };
+    if batch.changes >= u64::from(sessions.engine.settings.batch_size) {
+        return Ok(SmallBatch::NotSmall);
+    }
+    let Some(applied) = write_batch(session, mapping, batch, Some(ahead.after)).await? else {
+        return Ok(SmallBatch::Stale);
+    };
+    sessions
+        .engine
+        .known
+        .set_watermark(&sessions.key, mapping, batch.last_sequence_id);
+    let mut report = MappingReport::nothing_after(mapping, ahead.after);
+    report.add_batch(batch, applied);
+    Ok(SmallBatch::Applied(report))
+}
+
+/// In the transaction [`begin_locked`] opened: if the database missed deletions whose
+/// tombstones are pruned (it was away, or its watermark went back), brings it back to
+/// the source and returns how many rows that removed; the transaction is then
+/// committed.
+async fn resync_if_deletions_missed(
+    sessions: &Sessions<'_>,
+    session: &mut TenantSession,
+    mapping: Mapping,
+    watermark: i64,
+) -> Result<Option<u64>, SyncError> {
+    let missed = db::tombstones::missed_pruned_deletions(
+        &sessions.engine.pool,
+        sessions.key.tenancy_id,
+        sessions.database_id,
+        mapping.source_table(),
+        watermark,
+    )
+    .await?;
+    if !missed {
+        return Ok(None);
+    }
+    let removed = resync::remove_rows_not_in_source(sessions, session, mapping).await?;
+    Ok(Some(removed))
+}
+
+/// A batch read before its turn, and the watermark it was read after.
+pub(super) struct ReadAhead {
+    pub(super) after: i64,
+    pub(super) batch: Option<Batch>,
+}
+
+/// Opens a transaction, takes the mapping's advisory lock in it, so that runs for the
+/// same tenant database take turns, and reads the watermark under the lock: one round
+/// trip, on statements prepared once per session. The answer is bounded whatever the
+/// tenant did to its table: at most two rows of one `int8`.
+pub(super) async fn begin_locked(
+    session: &mut TenantSession,
+    mapping: Mapping,
+) -> Result<i64, SyncError> {
+    let [lock, read] = session
+        .statements([LOCK_MAPPING, READ_WATERMARK])
+        .await
+        .map_err(SyncError::target)?;
+    let (name, lock_key) = (mapping.name(), statements::lock_key(mapping));
+    let client = session.client();
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&lock_key];
+    let read_params: [&(dyn ToSql + Sync); 1] = [&name];
+    let (begun, locked, rows) = tokio::join!(
+        biased;
+        client.batch_execute("begin"),
+        client.execute(&lock, &lock_params),
+        client.query(&read, &read_params),
+    );
+    begun.map_err(SyncError::target)?;
+    locked.map_err(SyncError::target)?;
+    match rows.map_err(SyncError::target)?.as_slice() {
+        [] => Err(SyncError::MissingWatermark(name)),
+        [row] => row.try_get(0).map_err(|_| {
+            SyncError::Malformed(format!(
+                "the watermark of {name} in _stack_sync_metadata is null"
+            ))
+        }),
+        _ => Err(SyncError::Malformed(format!(
+            "_stack_sync_metadata holds more than one row for {name}; its primary key is gone"
+        ))),
+    }
+}
+
+pub(super) async fn read_batch(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+    mapping: Mapping,
+    after: i64,
+) -> Result<Option<Batch>, SyncError> {
+    let batch_size = engine.settings.batch_size;
+    Ok(db::changes::next_batch(&engine.pool, mapping, tenancy_id, after, batch_size).await?)
+}
+
+const ADVANCE_WATERMARK: &str = "update _stack_sync_metadata \
+     set last_synced_sequence_id = $2, updated_at = pg_catalog.now() \
+     where mapping_name = $1 and last_synced_sequence_id < $2";
+
+const ADVANCE_WATERMARK_FROM: &str = "update _stack_sync_metadata \
+     set last_synced_sequence_id = $2, updated_at = pg_catalog.now() \
+     where mapping_name = $1 and last_synced_sequence_id = $3";
+
+/// Every catalog function sent to a tenant database is schema-qualified: the session's
+/// `search_path` is set by [`super::connect::connect`], but a tenant's trigger could
+/// change it on a kept session.
+const LOCK_MAPPING: &str = "select pg_catalog.pg_advisory_xact_lock($1)";
+
+/// At most two rows, each one `int8` converted by the server: whatever the tenant did
+/// to the table (dropped its key, changed the column's type), the answer stays small.
+const READ_WATERMARK: &str = "select last_synced_sequence_id::pg_catalog.int8 \
+     from _stack_sync_metadata where mapping_name = $1 limit 2";
+
+/// Writes `batch` (one delete and one upsert statement, whatever the batch size), moves
+/// the watermark forward, and commits: sent together, in one round trip, on statements
+/// prepared once per session. The server runs them in order; if one fails, the
+/// transaction is aborted, the rest fail or roll back, and the first error is returned:
+/// nothing of the batch is kept.
+///
+/// Without a `guard`, the transaction is already open, holds the mapping's lock, and
+/// the watermark was checked under it; the watermark never moves back. With
+/// `guard: Some(expected)`, the transaction is opened and the lock taken in the same
+/// round trip, and every statement does its part only if the watermark is `expected`;
+/// `None` is returned when it was not (another run moved it), and then nothing was
+/// written.
+///
+/// Longer than most functions here on purpose: the six requests of the round trip are
+/// built side by side and polled in one `join!`, which is what pipelines them.
+async fn write_batch(
+    session: &mut TenantSession,
+    mapping: Mapping,
+    batch: &Batch,
+    guard: Option<i64>,
+) -> Result<Option<Applied>, SyncError> {
+    let (delete_sql, upsert_sql, advance_sql) = match guard {
+        None => (
+            statements::delete(mapping),
+            statements::upsert(mapping),
+            ADVANCE_WATERMARK,
+        ),
+        Some(_) => (
+            statements::guarded_delete(mapping),
+            statements::guarded_upsert(mapping),
+            ADVANCE_WATERMARK_FROM,
+        ),
+    };
+    let [lock, delete, upsert, advance] = session
+        .statements([LOCK_MAPPING, delete_sql, upsert_sql, advance_sql])
+        .await
+        .map_err(SyncError::target)?;
+    let columns = Columns::of(&batch.upserts);
+    let name = mapping.name();
+    let lock_key = statements::lock_key(mapping);
+    let expected = guard.unwrap_or_default();
+    let guard_params: [&(dyn ToSql + Sync); 2] = [&name, &expected];
+    let guarded = guard.is_some();
+    let mut upsert_params = columns.params();
+    let mut delete_params: Vec<&(dyn ToSql + Sync)> = vec![&batch.deletes];
+    let mut advance_params: Vec<&(dyn ToSql + Sync)> = vec![&name, &batch.last_sequence_id];
+    if guarded {
+        upsert_params.extend(guard_params);
+        delete_params.extend(guard_params);
+        advance_params.push(&expected);
+    }
+    let client = session.client();
+    // A request is sent when its future is first polled; `biased` makes `join!` poll
+    // them in this order, so the server receives them in this order. All are awaited,
+    // and the first failure in statement order is the one reported (the later ones
+    // only say that the transaction was aborted).
+    let beginning = async {
+        if guarded {
+            client.batch_execute("begin").await
+        } else {
+            Ok(())
+        }
+    };
+    let locking = async {
+        if guarded {
+            client.execute(&lock, &[&lock_key]).await.map(drop)
+        } else {
+            Ok(())
+        }
+    };
+    let deleting = async {
+        if batch.deletes.is_empty() {
+            Ok(0)
+        } else {
+            client.execute(&delete, &delete_params).await
+        }
+    };
+    let upserting = async {
+        if batch.upserts.is_empty() {
+            Ok(0)
+        } else {
+            client.execute(&upsert, &upsert_params).await
+        }
+    };
+    let advancing = client.execute(&advance, &advance_params);
+    let committing = client.batch_execute("commit");
+    let (begun, locked, deleted, upserted, advanced, committed) =
+        tokio::join!(biased; beginning, locking, deleting, upserting, advancing, committing);
+    begun.map_err(SyncError::target)?;
+    locked.map_err(SyncError::target)?;
+    let deleted = deleted.map_err(SyncError::target)?;
+    let upserted = upserted.map_err(SyncError::target)?;
+    let advanced = advanced.map_err(SyncError::target)?;
+    committed.map_err(SyncError::target)?;
+    if guarded && advanced == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Applied { upserted, deleted }))
+}
