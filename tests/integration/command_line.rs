@@ -1,13 +1,14 @@
 //! The binary itself: configuration errors, `migrate`, `serve` and its shutdown.
 
-use std::process::Stdio;
+use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use serde_json::Value;
 
 use crate::harness::app::CRON_SECRET;
-use crate::harness::binary::{command, free_address, wait_until_healthy};
+use crate::harness::binary::{command, serve_logging_to};
 use crate::harness::postgres::server;
+use crate::harness::wait;
 
 /// Runs the binary to completion (bounded) and returns (exit code, stderr).
 async fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
@@ -123,22 +124,50 @@ async fn migrate_reports_an_unreachable_database_on_one_line() {
     assert!(!stderr.contains("s3cr3t-pass"), "{stderr}");
 }
 
+/// The loops `serve` runs in-process, by the name they log as `worker`.
+const WORKERS: [&str; 2] = ["sequencer", "poller"];
+
+/// The log lines of a `serve` process that logs JSON, each as an object; lines that are
+/// not JSON (none are expected) are kept as their text.
+fn log_lines(log: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| Value::String(line.to_owned())))
+        .collect()
+}
+
+/// The position of the first log line with `message` whose fields include `fields`.
+fn position(lines: &[Value], message: &str, fields: &[(&str, &str)]) -> Option<usize> {
+    lines.iter().position(|line| {
+        line["message"] == message && fields.iter().all(|(name, value)| line[*name] == *value)
+    })
+}
+
+/// `serve` with its in-process workers: both workers start; on SIGTERM each worker loop
+/// stops, then its task, and only then does the process report a clean shut-down and
+/// exit 0.
 #[tokio::test]
 async fn serve_shuts_down_cleanly_on_sigterm() {
     let url = server().migrated_database().await;
-    let address = free_address();
-    let mut child = command(
-        &["serve"],
-        &[
-            ("DATABASE_URL", &url),
-            ("CRON_SECRET", CRON_SECRET),
-            ("BIND_ADDR", &address),
-        ],
+    let log = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let (mut child, _address) = serve_logging_to(
+        &url,
+        &[("LOG_FORMAT", "json"), ("RUN_WORKERS", "true")],
+        &log,
     )
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    wait_until_healthy(&address, &mut child).await;
+    .await;
+    for worker in WORKERS {
+        wait::until(
+            &format!("the {worker} worker to start"),
+            Duration::from_secs(30),
+            || {
+                let started = position(&log_lines(&log), "worker started", &[("worker", worker)]);
+                async move { started }
+            },
+        )
+        .await;
+    }
 
     // SAFETY: kill has no memory-safety preconditions; the pid is our live child's.
     let sent = unsafe { libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGTERM) };
@@ -148,19 +177,24 @@ async fn serve_shuts_down_cleanly_on_sigterm() {
         .expect("serve exits within 30 s of SIGTERM")
         .unwrap();
 
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
-    assert!(status.success(), "{stderr}");
-    assert!(stderr.contains("shut down cleanly"), "{stderr}");
-    assert!(
-        stderr.contains("sequencer"),
-        "the worker reported its end: {stderr}"
-    );
-    assert!(!stderr.contains(CRON_SECRET), "{stderr}");
+    let lines = log_lines(&log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    let signal = position(&lines, "shutting down", &[("signal", "SIGTERM")])
+        .unwrap_or_else(|| panic!("the signal is reported: {text}"));
+    let clean = position(&lines, "shut down cleanly", &[])
+        .unwrap_or_else(|| panic!("the shut-down is reported: {text}"));
+    assert_eq!(clean, lines.len() - 1, "the last line: {text}");
+    for worker in WORKERS {
+        let stopped = position(&lines, "worker stopped", &[("worker", worker)])
+            .unwrap_or_else(|| panic!("the {worker} loop reported its end: {text}"));
+        let task = format!("{worker} worker");
+        let ended = position(&lines, "stopped", &[("task", &task)])
+            .unwrap_or_else(|| panic!("the {task} task reported its end: {text}"));
+        assert!(
+            signal < stopped && stopped < ended && ended < clean,
+            "signal, loop end, task end, clean shut-down in this order: {text}"
+        );
+    }
+    assert!(!text.contains(CRON_SECRET), "{text}");
 }
