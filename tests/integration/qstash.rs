@@ -4,34 +4,43 @@
 
 use std::time::Duration;
 
+use external_db_sync::db::sync_status::RETRY_REQUEST_KEY_PREFIX;
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::harness::app::TestApp;
-use crate::harness::fixtures::{email, request_key, tenancy, tenant_database, user};
+use crate::harness::fixtures::{
+    email, pending_request_keys, request_key, tenancy, tenant_database, user,
+};
 use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
 use crate::harness::qstash_standin::{QstashStandIn, TOKEN};
 use crate::harness::sync::{
-    assert_tenant_matches_source, attach, expected_users, external_users, tenancy_with_database,
-    two_tenancies_with_users,
+    assert_tenant_matches_source, attach, expected_users, external_users, recorded_error,
+    tenancy_with_database, two_tenancies_with_users,
 };
 use crate::harness::wait;
 
 const PUBLIC_URL: &str = "https://sync.example.test";
 
 async fn app_with_qstash(token: &str) -> (TestApp, QstashStandIn) {
+    app_with_qstash_and(token, &[]).await
+}
+
+/// [`app_with_qstash`] with `env` on top.
+async fn app_with_qstash_and(token: &str, env: &[(&str, &str)]) -> (TestApp, QstashStandIn) {
     let standin = QstashStandIn::start(CURRENT_SIGNING_KEY).await;
-    let app = TestApp::spawn_with(&[
+    let mut variables = vec![
         ("SYNC_QUEUE", "qstash"),
-        ("QSTASH_URL", &standin.url),
+        ("QSTASH_URL", standin.url.as_str()),
         ("QSTASH_TOKEN", token),
         ("QSTASH_CURRENT_SIGNING_KEY", CURRENT_SIGNING_KEY),
         ("QSTASH_NEXT_SIGNING_KEY", NEXT_SIGNING_KEY),
         ("PUBLIC_URL", PUBLIC_URL),
         ("ALLOW_PRIVATE_TARGETS", "true"),
-    ])
-    .await;
+    ];
+    variables.extend_from_slice(env);
+    let app = TestApp::spawn_with(&variables).await;
     // QStash calls the public URL; here it reaches the app directly.
     standin.deliver_to(&app.address);
     (app, standin)
@@ -194,12 +203,26 @@ async fn a_refused_token_is_recorded_and_nothing_is_lost() {
     assert!(standin.published().is_empty());
 }
 
-/// A database that cannot be reached answers 5xx (QStash may retry); it is attempted
-/// again by a retry request of its own, published when due, and heals.
+/// A database that cannot be reached answers 5xx, and QStash delivers the message again;
+/// while the database's next attempt is not due, that delivery leaves it alone
+/// (answered 200). The database is attempted again by a retry request of its own,
+/// published when due, and heals.
+///
+/// The database waits a minute before its next attempt, so no stall of this machine can
+/// make it due early; its time coming is simulated by moving the retry request's due
+/// time rather than waited for, and each step waits on the state it needs.
 #[tokio::test]
 async fn a_database_that_answered_5xx_heals_through_its_retry_request() {
-    let (app, standin) = app_with_qstash(TOKEN).await;
+    let (app, standin) = app_with_qstash_and(
+        TOKEN,
+        &[
+            ("SYNC_RETRY_FIRST_MS", "60000"),
+            ("SYNC_RETRY_MAX_MS", "60000"),
+        ],
+    )
+    .await;
     let tenancy = tenancy(&app.pool).await;
+    // Nothing listens on port 1: connection refused, a retryable failure.
     attach(
         &app.pool,
         tenancy,
@@ -210,40 +233,79 @@ async fn a_database_that_answered_5xx_heals_through_its_retry_request() {
     app.run_sequencer("stopWhenIdle=true").await;
     let answer = app.run_poller("stopWhenIdle=true").await;
     assert_eq!(answer["published"], 1);
-    wait::until("a delivery answered 500", Duration::from_secs(10), || {
-        let failed = standin
-            .deliveries()
-            .iter()
-            .any(|delivery| delivery.status == 500);
-        async move { failed.then_some(()) }
-    })
-    .await;
+    let first = standin.published()[0]["messageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
-    let (url, tenant) = tenant_database().await;
-    attach(&app.pool, tenancy, &[("main", &url)]).await;
-
-    // The failed database's retry request is published when due (at most a second or
-    // two here); its entry changed meanwhile, so it is attempted at once.
-    let app = &app;
+    // QStash's first delivery failed on the database and asked for a retry; its retry
+    // found the database not due and was answered 200, which ended the deliveries.
     wait::until(
-        "the retry request to be published",
-        Duration::from_secs(20),
-        || async move {
-            let answer = app.run_poller("maxDurationMs=0").await;
-            (answer["published"].as_u64() > Some(0)).then_some(())
+        "QStash's retry of the message to be answered",
+        Duration::from_secs(10),
+        || {
+            let attempts = delivery_attempts(&standin, &first);
+            async move { (attempts.len() >= 2).then_some(attempts) }
         },
     )
     .await;
-    wait_for_source_state(&app.pool, tenancy, &tenant).await;
-    // The data is committed before the answer reaches the stand-in.
-    wait::until("a delivery answered 200", Duration::from_secs(10), || {
-        let answered = standin
-            .deliveries()
-            .last()
-            .is_some_and(|last| last.status == 200);
-        async move { answered.then_some(()) }
-    })
+    assert_eq!(delivery_attempts(&standin, &first), [(0, 500), (1, 200)]);
+    let (_, retryable, failures) = recorded_error(&app.pool, tenancy, "main").await;
+    assert_eq!(
+        (retryable, failures),
+        (Some(true), 1),
+        "attempted once: the retry left it alone"
+    );
+    let retry_key = format!("{RETRY_REQUEST_KEY_PREFIX}{tenancy}");
+    assert_eq!(pending_request_keys(&app.pool).await, [retry_key.clone()]);
+    let not_yet = app.run_poller("maxDurationMs=0").await;
+    assert_eq!(not_yet["claimed"], 0, "the retry request is not due yet");
+
+    // The database comes back, and the retry request's time comes.
+    let (url, tenant) = tenant_database().await;
+    attach(&app.pool, tenancy, &[("main", &url)]).await;
+    let retry_request: Uuid = sqlx::query_scalar(
+        r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp
+           where "deduplicationKey" = $1 returning "id""#,
+    )
+    .bind(&retry_key)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let answer = app.run_poller("maxDurationMs=0").await;
+
+    assert_eq!(answer["published"], 1, "{answer}");
+    let retry_message = standin
+        .published()
+        .into_iter()
+        .find(|message| message["headers"]["Upstash-Deduplication-Id"] == retry_request.to_string())
+        .expect("the retry request was published");
+    let retry_message = retry_message["messageId"].as_str().unwrap().to_owned();
+    wait::until(
+        "the retry request's delivery to be answered",
+        Duration::from_secs(20),
+        || {
+            let attempts = delivery_attempts(&standin, &retry_message);
+            async move { (!attempts.is_empty()).then_some(()) }
+        },
+    )
     .await;
+    assert_eq!(delivery_attempts(&standin, &retry_message), [(0, 200)]);
+    assert_tenant_matches_source(&app.pool, tenancy, &tenant).await;
+    assert_eq!(recorded_error(&app.pool, tenancy, "main").await.2, 0);
+    assert!(pending_request_keys(&app.pool).await.is_empty());
+}
+
+/// `(Upstash-Retried, status)` of every delivery attempt of `message_id` so far.
+fn delivery_attempts(standin: &QstashStandIn, message_id: &str) -> Vec<(u32, u16)> {
+    let mut attempts: Vec<(u32, u16)> = standin
+        .deliveries()
+        .into_iter()
+        .filter(|delivery| delivery.message_id == message_id)
+        .map(|delivery| (delivery.retried, delivery.status))
+        .collect();
+    attempts.sort_unstable();
+    attempts
 }
 
 /// Two `serve` replicas (each running a sequencer and a poller loop) share one internal
