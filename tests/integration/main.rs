@@ -7,6 +7,7 @@ mod harness;
 
 mod command_line;
 mod failing_databases;
+mod guarded_writes;
 mod hostile_tenants;
 mod http;
 mod log_hygiene;
