@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use external_db_sync::db::sync_status::RETRY_REQUEST_KEY_PREFIX;
-use serde_json::Value;
+use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -14,7 +14,7 @@ use crate::harness::fixtures::{
     email, pending_request_keys, request_key, tenancy, tenant_database, user,
 };
 use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
-use crate::harness::qstash_standin::{QstashStandIn, TOKEN};
+use crate::harness::qstash_standin::{MessageAnswer, QstashStandIn, TOKEN};
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, expected_users, external_users, recorded_error,
     tenancy_with_database, two_tenancies_with_users,
@@ -204,6 +204,110 @@ async fn a_refused_token_is_recorded_and_nothing_is_lost() {
         "the token is not recorded"
     );
     assert!(standin.published().is_empty());
+}
+
+/// QStash answers a batch message by message. A message it refused (`{"error": …}`, or a
+/// URL group's answer with a refused endpoint) leaves its request queued, with the
+/// reason recorded and the attempt counted, until QStash accepts it; the messages it
+/// accepted in the same batch (a URL group's answer when every endpoint took it) are
+/// deleted and delivered.
+#[tokio::test]
+async fn a_batch_answer_is_checked_message_by_message() {
+    let (app, standin) = app_with_qstash(TOKEN).await;
+    let (accepted, accepted_tenant) = tenancy_with_database(&app.pool).await;
+    let (grouped, grouped_tenant) = tenancy_with_database(&app.pool).await;
+    let refused = tenancy(&app.pool).await;
+    let partly_refused = tenancy(&app.pool).await;
+    for tenancy in [accepted, grouped, refused, partly_refused] {
+        user(&app.pool, tenancy, "batched").await;
+    }
+    standin.answer_messages(
+        &refused.to_string(),
+        MessageAnswer::Refused("destination is blocked".to_owned()),
+    );
+    standin.answer_messages(
+        &grouped.to_string(),
+        MessageAnswer::UrlGroup(vec![None, None]),
+    );
+    standin.answer_messages(
+        &partly_refused.to_string(),
+        MessageAnswer::UrlGroup(vec![None, Some("endpoint quota exceeded".to_owned())]),
+    );
+    app.run_sequencer("stopWhenIdle=true").await;
+    let refused_keys = {
+        let mut keys = [request_key(refused), request_key(partly_refused)];
+        keys.sort();
+        keys
+    };
+
+    // One iteration: one batch of the four requests.
+    let answer = app.run_poller("maxDurationMs=0").await;
+
+    assert_eq!(
+        (&answer["claimed"], &answer["published"], &answer["failed"]),
+        (&json!(4), &json!(2), &json!(2)),
+        "{answer}"
+    );
+    assert_eq!(pending_request_keys(&app.pool).await, refused_keys);
+    assert_eq!(
+        queued_state(&app.pool, refused).await,
+        (
+            1,
+            "QStash refused the message: destination is blocked".to_owned()
+        )
+    );
+    assert_eq!(
+        queued_state(&app.pool, partly_refused).await,
+        (
+            1,
+            "QStash refused the message: endpoint quota exceeded".to_owned()
+        )
+    );
+    wait_for_source_state(&app.pool, accepted, &accepted_tenant).await;
+    wait_for_source_state(&app.pool, grouped, &grouped_tenant).await;
+
+    // Refused again when due: the attempts add up.
+    make_requests_due(&app.pool).await;
+    let answer = app.run_poller("maxDurationMs=0").await;
+    assert_eq!(
+        (&answer["claimed"], &answer["published"], &answer["failed"]),
+        (&json!(2), &json!(0), &json!(2)),
+        "{answer}"
+    );
+    assert_eq!(queued_state(&app.pool, refused).await.0, 2);
+    assert_eq!(queued_state(&app.pool, partly_refused).await.0, 2);
+
+    // Accepted at last: published and deleted.
+    standin.accept_all();
+    make_requests_due(&app.pool).await;
+    let answer = app.run_poller("maxDurationMs=0").await;
+    assert_eq!(
+        (&answer["claimed"], &answer["published"], &answer["failed"]),
+        (&json!(2), &json!(2), &json!(0)),
+        "{answer}"
+    );
+    assert!(pending_request_keys(&app.pool).await.is_empty());
+}
+
+/// `(attempts, lastError)` of the tenancy's queued request.
+async fn queued_state(pool: &PgPool, tenancy: Uuid) -> (i32, String) {
+    let (attempts, error): (i32, Option<String>) = sqlx::query_as(
+        r#"select "attempts", "lastError" from "OutgoingRequest"
+           where "deduplicationKey" = $1 and "startedFulfillingAt" is null"#,
+    )
+    .bind(request_key(tenancy))
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (attempts, error.unwrap_or_default())
+}
+
+/// Makes every queued request due now, as if its backoff had passed.
+async fn make_requests_due(pool: &PgPool) {
+    sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 /// A database that cannot be reached answers 5xx, and QStash delivers the message again;

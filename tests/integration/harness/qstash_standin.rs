@@ -7,9 +7,12 @@
 //! stopping early on `489` with `Upstash-NonRetryable-Error: true`.
 //!
 //! Tests can make it refuse publishes (answer 500, or read the request and hang up
-//! without an answer) and read what it delivered. Deliveries can be
-//! routed to another host than the destination names (`deliver_to`), as a public URL
-//! reaches the service through a proxy; the signature still names the destination.
+//! without an answer), answer particular messages as QStash answers a message it refused
+//! (`{"error": …}` in its place in a batch answer, the rest of the batch still accepted)
+//! or a message to a URL group (one answer per endpoint, an array in its place), and
+//! read what it delivered. Deliveries can be routed to another host than the
+//! destination names (`deliver_to`), as a public URL reaches the service through a
+//! proxy; the signature still names the destination.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,9 +49,24 @@ struct Inner {
     failing_publishes: AtomicU32,
     /// Connections still to hang up on once their request arrived.
     dropping_connections: Arc<AtomicU32>,
+    /// Messages answered otherwise than accepted: the first rule whose fragment the
+    /// message's body contains applies.
+    answers: Mutex<Vec<(String, MessageAnswer)>>,
     published: Mutex<Vec<Value>>,
     deliveries: Mutex<Vec<Delivery>>,
     client: reqwest::Client,
+}
+
+/// How the stand-in answers a message, instead of accepting it.
+#[derive(Debug, Clone)]
+pub enum MessageAnswer {
+    /// QStash refused the message: `{"error": reason}`, and nothing is delivered.
+    Refused(String),
+    /// As QStash answers a message to a URL group: an array with one answer per
+    /// endpoint, `{"messageId": …, "url": …}` for an endpoint the message was accepted
+    /// for (and delivered to; every endpoint here stands for the message's
+    /// destination), `{"error": reason}` for one given as `Some(reason)`.
+    UrlGroup(Vec<Option<String>>),
 }
 
 /// A running stand-in. It stops with the test's runtime.
@@ -76,6 +94,7 @@ impl QstashStandIn {
             deliver_to: Mutex::new(String::new()),
             failing_publishes: AtomicU32::new(0),
             dropping_connections: Arc::new(AtomicU32::new(0)),
+            answers: Mutex::new(Vec::new()),
             published: Mutex::new(Vec::new()),
             deliveries: Mutex::new(Vec::new()),
             client: reqwest::Client::new(),
@@ -110,6 +129,21 @@ impl QstashStandIn {
         self.inner
             .dropping_connections
             .store(count, Ordering::SeqCst);
+    }
+
+    /// From now on, every message whose body contains `fragment` (a tenancy id, say) is
+    /// answered with `answer`, until [`QstashStandIn::accept_all`].
+    pub fn answer_messages(&self, fragment: &str, answer: MessageAnswer) {
+        self.inner
+            .answers
+            .lock()
+            .unwrap()
+            .push((fragment.to_owned(), answer));
+    }
+
+    /// Every message is accepted again.
+    pub fn accept_all(&self) {
+        self.inner.answers.lock().unwrap().clear();
     }
 
     /// Every message accepted so far, as published.
@@ -231,7 +265,7 @@ async fn publish(
     (status, Json(answer)).into_response()
 }
 
-/// Validates one message, records it, and starts delivering it.
+/// Validates one message and answers it: as a test asked, or by accepting it.
 fn accept(inner: &Arc<Inner>, message: BatchMessage) -> Value {
     let Ok(destination) = url::Url::parse(&message.destination) else {
         return json!({ "error": "invalid destination url" });
@@ -239,6 +273,31 @@ fn accept(inner: &Arc<Inner>, message: BatchMessage) -> Value {
     if !matches!(destination.scheme(), "http" | "https") {
         return json!({ "error": "invalid destination url" });
     }
+    let answer = inner
+        .answers
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(fragment, _)| message.body.contains(fragment.as_str()))
+        .map(|(_, answer)| answer.clone());
+    match answer {
+        None => json!({ "messageId": enqueue(inner, &message) }),
+        Some(MessageAnswer::Refused(reason)) => json!({ "error": reason }),
+        Some(MessageAnswer::UrlGroup(endpoints)) => endpoints
+            .into_iter()
+            .map(|refusal| match refusal {
+                None => json!({
+                    "messageId": enqueue(inner, &message),
+                    "url": message.destination,
+                }),
+                Some(reason) => json!({ "error": reason }),
+            })
+            .collect(),
+    }
+}
+
+/// Records an accepted message and starts delivering it; returns its id.
+fn enqueue(inner: &Arc<Inner>, message: &BatchMessage) -> String {
     let header = |name: &str| {
         message
             .headers
@@ -261,12 +320,12 @@ fn accept(inner: &Arc<Inner>, message: BatchMessage) -> Value {
     tokio::spawn(deliver(
         inner.clone(),
         message_id.clone(),
-        message.destination,
-        message.body,
+        message.destination.clone(),
+        message.body.clone(),
         content_type,
         retries,
     ));
-    json!({ "messageId": message_id })
+    message_id
 }
 
 /// Delivers until a 2xx answer, a non-retryable 489, or the retries are spent.
