@@ -18,6 +18,7 @@ mod qstash;
 mod sequencer;
 mod soak;
 mod sync_engine;
+mod sync_errors;
 mod sync_isolation;
 mod sync_sessions;
 mod sync_targets;
