@@ -1,11 +1,12 @@
 //! The guarded statements a run uses when it writes without holding the mapping's lock
-//! from its read on ([`Mapping::guarded_upsert_sql`], [`Mapping::guarded_delete_sql`]),
+//! from its read on (`statements::guarded_upsert`, `statements::guarded_delete`),
 //! run against a real tenant database: they write only while the mapping's watermark is
 //! the one the run expects, so a run that another one overtook cannot put an older
 //! state over a newer one.
 
 use chrono::NaiveDateTime;
-use external_db_sync::sync::mapping::{Columns, ContactChannelRow, Mapping, Upserts, UserRow};
+use external_db_sync::mapping::{ContactChannelRow, Mapping, Upserts, UserRow};
+use external_db_sync::sync::statements::{self, Columns};
 use sqlx::PgPool;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
@@ -79,7 +80,7 @@ async fn guarded_upsert(
     let mut params = columns.params();
     params.extend([&name as &(dyn ToSql + Sync), &watermark]);
     client
-        .execute(mapping.guarded_upsert_sql(), &params)
+        .execute(statements::guarded_upsert(mapping), &params)
         .await
         .unwrap()
 }
@@ -89,7 +90,10 @@ async fn guarded_delete(client: &Client, mapping: Mapping, ids: &[Uuid], waterma
     let ids = ids.to_vec();
     let name = mapping.name();
     client
-        .execute(mapping.guarded_delete_sql(), &[&ids, &name, &watermark])
+        .execute(
+            statements::guarded_delete(mapping),
+            &[&ids, &name, &watermark],
+        )
         .await
         .unwrap()
 }
