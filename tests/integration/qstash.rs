@@ -364,7 +364,10 @@ async fn a_database_that_answered_5xx_heals_through_its_retry_request() {
         "attempted once: the retry left it alone"
     );
     let retry_key = format!("{RETRY_REQUEST_KEY_PREFIX}{tenancy}");
-    assert_eq!(pending_request_keys(&app.pool).await, std::slice::from_ref(&retry_key));
+    assert_eq!(
+        pending_request_keys(&app.pool).await,
+        std::slice::from_ref(&retry_key)
+    );
     let not_yet = app.run_poller("maxDurationMs=0").await;
     assert_eq!(not_yet["claimed"], 0, "the retry request is not due yet");
 
