@@ -5,7 +5,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use std::collections::HashMap;
+
+use secrecy::ExposeSecret;
+
 use crate::config::{ConfigError, Env};
+use crate::embedded::Embedded;
 use crate::{db, startup, telemetry};
 
 /// Keeps each tenant's user data continuously copied from the internal PostgreSQL into
@@ -26,8 +31,13 @@ enum Command {
     /// webhook and health routes, and with RUN_WORKERS=true (the default) also runs the
     /// sequencer and poller loops in-process, so that no cron is needed. Stops cleanly on
     /// SIGINT or SIGTERM, after the syncs it started have ended.
+    ///
+    /// Without DATABASE_URL it runs an embedded PostgreSQL in EMBEDDED_DATA_DIR (default
+    /// .external-db-sync/ here), from the server binaries installed on the machine, with a
+    /// generated CRON_SECRET kept beside it unless one is set.
     Serve,
-    /// Apply pending migrations to the internal database (DATABASE_URL) and exit.
+    /// Apply pending migrations to the internal database (DATABASE_URL, or the embedded
+    /// one) and exit.
     /// Safe to run repeatedly and over a database whose source tables already exist.
     Migrate,
 }
@@ -50,17 +60,64 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
-    let env = Env::process();
-    let log_settings = env.log_settings()?;
-    match cli.command.unwrap_or(Command::Serve) {
+    let process = Env::process();
+    let log_settings = process.log_settings()?;
+    telemetry::init(&log_settings);
+    let (env, embedded) = with_database(process).await?;
+    let result = run_command(
+        cli.command.unwrap_or(Command::Serve),
+        &env,
+        embedded.as_ref(),
+    )
+    .await;
+    if let Some(embedded) = embedded {
+        embedded.stop().await;
+    }
+    result
+}
+
+/// The environment as the commands read it: as it is when `DATABASE_URL` is set;
+/// otherwise with `DATABASE_URL` pointing at an embedded database started here (and, if
+/// unset, `CRON_SECRET` read from the one kept beside it).
+async fn with_database(
+    process: Env<fn(&str) -> Option<String>>,
+) -> anyhow::Result<(Env<Lookup>, Option<Embedded>)> {
+    let Some(directory) = process.embedded_data_dir() else {
+        return Ok((
+            Env::from_lookup(Box::new(|name| std::env::var(name).ok())),
+            None,
+        ));
+    };
+    let embedded = Embedded::start(&directory).await?;
+    let mut set = HashMap::new();
+    set.insert("DATABASE_URL", embedded.url().expose_secret().to_owned());
+    if !process.is_set("CRON_SECRET") {
+        let (secret, _) = embedded.cron_secret()?;
+        set.insert("CRON_SECRET", secret.expose_secret().to_owned());
+    }
+    let lookup: Lookup =
+        Box::new(move |name| set.get(name).cloned().or_else(|| std::env::var(name).ok()));
+    Ok((Env::from_lookup(lookup), Some(embedded)))
+}
+
+/// How the commands read a variable.
+type Lookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+async fn run_command(
+    command: Command,
+    env: &Env<Lookup>,
+    embedded: Option<&Embedded>,
+) -> anyhow::Result<()> {
+    match command {
         Command::Serve => {
             let config = env.config()?;
-            telemetry::init(&log_settings);
+            if let Some(embedded) = embedded {
+                print_embedded_block(embedded, &config.bind_addr.to_string())?;
+            }
             startup::serve(config).await
         }
         Command::Migrate => {
             let database = env.database_settings()?;
-            telemetry::init(&log_settings);
             let pool = db::connect(&database)
                 .await
                 .context("cannot connect to the internal database (DATABASE_URL)")?;
@@ -72,4 +129,24 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The one block `serve` prints on an embedded database: where everything is.
+fn print_embedded_block(embedded: &Embedded, address: &str) -> anyhow::Result<()> {
+    let secret = if std::env::var("CRON_SECRET").is_ok_and(|value| !value.trim().is_empty()) {
+        "from CRON_SECRET".to_owned()
+    } else {
+        embedded.cron_secret()?.1.display().to_string()
+    };
+    println!(
+        "external-db-sync on an embedded PostgreSQL {} in {}
+           internal database  {} (password in {})
+           listening on       http://{address}
+           cron secret        {secret}",
+        embedded.version(),
+        embedded.directory().display(),
+        embedded.display_url(),
+        embedded.password_file().display(),
+    );
+    Ok(())
 }

@@ -7,7 +7,7 @@
 //! tenancy's changes to its databases. [`wakeup`] lets the in-process loops sleep until
 //! there is work.
 //!
-//! Layers point down: the entry points ([`cli`], [`startup`], [`config`]) assemble
+//! Layers point down: the entry points ([`cli`], [`startup`], [`config`], [`embedded`]) assemble
 //! everything; [`routes`] and [`auth`] are the HTTP layer; below them the loops
 //! ([`wakeup`], [`workers`], [`poller`], [`sequencer`]), then [`publish`], [`sync`],
 //! [`db`], and at the bottom [`mapping`], [`telemetry`], [`backoff`] and [`error`]. No
@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod embedded;
 pub mod error;
 pub mod mapping;
 pub mod poller;

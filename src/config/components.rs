@@ -1,6 +1,7 @@
 //! Each component's settings, read from its variables. The components own their
 //! settings types; this is the one place that knows the variables' names.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use url::Url;
@@ -9,6 +10,7 @@ use super::env::{parse_database_url, parse_http_url, Env};
 use super::{ConfigError, QstashSettings};
 use crate::db::sync_status::{Backoff, RetrySchedule};
 use crate::db::DatabaseSettings;
+use crate::embedded::DEFAULT_DIRECTORY;
 use crate::poller::PollerSettings;
 use crate::sequencer::SequencerSettings;
 use crate::sync::connect::SessionSettings;
@@ -22,6 +24,24 @@ const DAY_MS: u64 = 86_400_000;
 const HOUR_MS: u64 = 3_600_000;
 
 impl<F: Fn(&str) -> Option<String>> Env<F> {
+    /// Where the embedded database lives (`EMBEDDED_DATA_DIR`, by default
+    /// [`DEFAULT_DIRECTORY`] under the current directory), or `None` when `DATABASE_URL`
+    /// names the database to use.
+    pub fn embedded_data_dir(&self) -> Option<PathBuf> {
+        if self.get("DATABASE_URL").is_some() {
+            return None;
+        }
+        Some(
+            self.get("EMBEDDED_DATA_DIR")
+                .map_or_else(|| PathBuf::from(DEFAULT_DIRECTORY), PathBuf::from),
+        )
+    }
+
+    /// Whether `name` is set (to something other than blanks).
+    pub fn is_set(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
     /// `RUST_LOG`, `LOG_FORMAT` and `LOG_UNSAFE_QUERY_PARAMETERS`.
     pub fn log_settings(&self) -> Result<LogSettings, ConfigError> {
         let filter = self.get("RUST_LOG").unwrap_or_else(|| "info".to_owned());
@@ -43,8 +63,8 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         })
     }
 
-    /// `DATABASE_URL` and `DATABASE_MAX_CONNECTIONS`. The embedded database of a later
-    /// release will make `DATABASE_URL` optional; until then it is required.
+    /// `DATABASE_URL` and `DATABASE_MAX_CONNECTIONS`. The command line starts an embedded
+    /// database when `DATABASE_URL` is unset, and sets it before this is read.
     pub fn database_settings(&self) -> Result<DatabaseSettings, ConfigError> {
         let raw = self.get("DATABASE_URL").ok_or_else(|| {
             ConfigError::new(

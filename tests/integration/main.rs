@@ -6,6 +6,7 @@
 mod harness;
 
 mod command_line;
+mod embedded;
 mod failing_databases;
 mod guarded_writes;
 mod hostile_tenants;

@@ -12,8 +12,9 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_external-db-sync");
 
 /// Every variable the service reads, cleared so that the caller's environment cannot leak
 /// into a test.
-const VARIABLES: [&str; 16] = [
+const VARIABLES: [&str; 17] = [
     "DATABASE_URL",
+    "EMBEDDED_DATA_DIR",
     "DATABASE_MAX_CONNECTIONS",
     "BIND_ADDR",
     "PUBLIC_URL",
