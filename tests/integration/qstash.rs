@@ -16,8 +16,8 @@ use crate::harness::fixtures::{
 use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
 use crate::harness::qstash_standin::{MessageAnswer, QstashStandIn, TOKEN};
 use crate::harness::sync::{
-    assert_tenant_matches_source, attach, expected_users, external_users, recorded_error,
-    tenancy_with_database, two_tenancies_with_users,
+    assert_tenant_matches_source, attach, recorded_error, tenancy_with_database,
+    two_tenancies_with_users, wait_until_equal,
 };
 use crate::harness::wait;
 
@@ -46,27 +46,6 @@ async fn app_with_qstash_and(token: &str, env: &[(&str, &str)]) -> (TestApp, Qst
     (app, standin)
 }
 
-/// Waits until the tenant database holds exactly the tenancy's users.
-async fn wait_for_source_state(pool: &PgPool, tenancy: Uuid, tenant: &PgPool) {
-    wait::until(
-        "the tenant database to catch up",
-        Duration::from_secs(30),
-        || {
-            let (pool, tenant) = (pool.clone(), tenant.clone());
-            async move {
-                let users = sqlx::query_scalar::<_, i64>("select count(*) from users")
-                    .fetch_one(&tenant)
-                    .await
-                    .ok()?;
-                let expected = expected_users(&pool, tenancy).await;
-                (users as usize == expected.len() && external_users(&tenant).await == expected)
-                    .then_some(())
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn qstash_mode_end_to_end_through_the_signed_webhook() {
     let (app, standin) = app_with_qstash(TOKEN).await;
@@ -77,8 +56,8 @@ async fn qstash_mode_end_to_end_through_the_signed_webhook() {
     let answer = app.run_poller("stopWhenIdle=true").await;
 
     assert_eq!(answer["published"], 2, "{answer}");
-    wait_for_source_state(&app.pool, first, &first_tenant).await;
-    wait_for_source_state(&app.pool, second, &second_tenant).await;
+    wait_until_equal(&app.pool, first, &first_tenant).await;
+    wait_until_equal(&app.pool, second, &second_tenant).await;
     assert_tenant_matches_source(&app.pool, second, &second_tenant).await;
     let published = standin.published();
     assert_eq!(published.len(), 2);
@@ -99,14 +78,16 @@ async fn qstash_mode_end_to_end_through_the_signed_webhook() {
         );
         assert_eq!(message["headers"]["Upstash-Retries"], "5");
     }
-    // The data is committed before the answer reaches the stand-in, which records the
-    // delivery then.
-    wait::until("both deliveries answered", Duration::from_secs(10), || {
-        let answered = standin.deliveries().len() >= 2;
-        async move { answered.then_some(()) }
-    })
+    // A delivery is recorded once its answer arrives, just after the data committed.
+    let deliveries = wait::until(
+        "both deliveries to be answered",
+        Duration::from_secs(10),
+        || {
+            let deliveries = standin.deliveries();
+            async move { (deliveries.len() >= 2).then_some(deliveries) }
+        },
+    )
     .await;
-    let deliveries = standin.deliveries();
     assert_eq!(
         deliveries.len(),
         2,
@@ -176,7 +157,7 @@ async fn publish_failure_leaves_the_request(
         .unwrap();
     let answer = app.run_poller("stopWhenIdle=true").await;
     assert_eq!(answer["published"], 1);
-    wait_for_source_state(&app.pool, tenancy, &tenant).await;
+    wait_until_equal(&app.pool, tenancy, &tenant).await;
 }
 
 #[tokio::test]
@@ -263,8 +244,8 @@ async fn a_batch_answer_is_checked_message_by_message() {
             "QStash refused the message: endpoint quota exceeded".to_owned()
         )
     );
-    wait_for_source_state(&app.pool, accepted, &accepted_tenant).await;
-    wait_for_source_state(&app.pool, grouped, &grouped_tenant).await;
+    wait_until_equal(&app.pool, accepted, &accepted_tenant).await;
+    wait_until_equal(&app.pool, grouped, &grouped_tenant).await;
 
     // Refused again when due: the attempts add up.
     make_requests_due(&app.pool).await;
@@ -465,7 +446,7 @@ async fn two_replicas_over_twenty_tenancies_lose_nothing_and_publish_nothing_twi
     }
 
     for (tenancy, tenant) in &tenancies {
-        wait_for_source_state(&pool, *tenancy, tenant).await;
+        wait_until_equal(&pool, *tenancy, tenant).await;
         assert_tenant_matches_source(&pool, *tenancy, tenant).await;
     }
     let published = standin.published();
