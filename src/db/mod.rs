@@ -6,6 +6,7 @@ pub mod fusebox;
 pub mod identity;
 pub mod queue;
 pub mod sequencing;
+pub mod status;
 pub mod sync_status;
 pub mod tenancy;
 pub mod tombstones;

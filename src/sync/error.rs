@@ -115,7 +115,9 @@ fn target_error_is_retryable(error: &tokio_postgres::Error) -> bool {
             let code = code.code();
             code.starts_with("08") // connection exception
                 || code.starts_with("53") // insufficient resources
-                || code.starts_with("57P") // admin shutdown, crash shutdown, cannot connect now
+                // Admin shutdown, crash shutdown, cannot connect now, idle session timeout;
+                // not 57P04, database dropped: that needs a person.
+                || (code.starts_with("57P") && code != "57P04")
                 || matches!(
                     code,
                     "40001" // serialization failure

@@ -18,6 +18,7 @@ mod poller;
 mod qstash;
 mod sequencer;
 mod soak;
+mod status;
 mod sync_engine;
 mod sync_errors;
 mod sync_isolation;

@@ -44,7 +44,8 @@ const RETRYABLE: [(&str, &str); 18] = [
 
 /// SQLSTATEs that need someone to change the database, its privileges or the
 /// configuration: the same attempt would fail the same way.
-const PERMANENT: [(&str, &str); 12] = [
+const PERMANENT: [(&str, &str); 13] = [
+    ("57P04", "database_dropped"),
     ("42501", "insufficient_privilege"),
     ("42P01", "undefined_table"),
     ("42703", "undefined_column"),

@@ -1,13 +1,18 @@
 //! The command line. Each command's doc comment is its `--help`.
+//!
+//! Exit codes: 0 success; 1 a failure, or (`status`) a database that is failing; 2 an
+//! invalid configuration or command line.
 
+mod status;
+mod table;
+
+use std::collections::HashMap;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-
-use std::collections::HashMap;
-
 use secrecy::ExposeSecret;
+use uuid::Uuid;
 
 use crate::config::{ConfigError, Env};
 use crate::embedded::Embedded;
@@ -40,6 +45,23 @@ enum Command {
     /// one) and exit.
     /// Safe to run repeatedly and over a database whose source tables already exist.
     Migrate,
+    /// Show how far behind each tenant database is: the tenancy's latest change, how far
+    /// the database is synced, the changes in between, the time since its last success,
+    /// and its last error. Exits 1 when any database is failing.
+    Status {
+        /// Only this tenancy.
+        tenancy: Option<Uuid>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How a command that succeeded ends.
+enum Finished {
+    Success,
+    /// The command worked and found something wrong (exit code 1).
+    Attention,
 }
 
 /// Runs the command and turns its result into the process exit code: 0 on success, 2
@@ -47,7 +69,8 @@ enum Command {
 /// on standard error.
 pub async fn run(cli: Cli) -> ExitCode {
     match execute(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Finished::Success) => ExitCode::SUCCESS,
+        Ok(Finished::Attention) => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("external-db-sync: {error:#}");
             if error.downcast_ref::<ConfigError>().is_some() {
@@ -59,7 +82,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-async fn execute(cli: Cli) -> anyhow::Result<()> {
+async fn execute(cli: Cli) -> anyhow::Result<Finished> {
     let process = Env::process();
     let log_settings = process.log_settings()?;
     telemetry::init(&log_settings);
@@ -89,6 +112,7 @@ async fn with_database(
         ));
     };
     let embedded = Embedded::start(&directory).await?;
+    migrate_embedded(&embedded).await?;
     let mut set = HashMap::new();
     set.insert("DATABASE_URL", embedded.url().expose_secret().to_owned());
     if !process.is_set("CRON_SECRET") {
@@ -100,6 +124,26 @@ async fn with_database(
     Ok((Env::from_lookup(lookup), Some(embedded)))
 }
 
+/// Brings a new (or older) embedded database to the current schema, so that every
+/// command finds its tables.
+async fn migrate_embedded(embedded: &Embedded) -> anyhow::Result<()> {
+    let options: sqlx::postgres::PgConnectOptions = embedded
+        .url()
+        .expose_secret()
+        .parse()
+        .context("the embedded database's URL")?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .context("cannot connect to the embedded database")?;
+    db::migrate(&pool)
+        .await
+        .context("cannot migrate the embedded database")?;
+    pool.close().await;
+    Ok(())
+}
+
 /// How the commands read a variable.
 type Lookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -107,28 +151,49 @@ async fn run_command(
     command: Command,
     env: &Env<Lookup>,
     embedded: Option<&Embedded>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Finished> {
     match command {
         Command::Serve => {
             let config = env.config()?;
             if let Some(embedded) = embedded {
                 print_embedded_block(embedded, &config.bind_addr.to_string())?;
             }
-            startup::serve(config).await
+            startup::serve(config).await?;
+            Ok(Finished::Success)
         }
         Command::Migrate => {
-            let database = env.database_settings()?;
-            let pool = db::connect(&database)
-                .await
-                .context("cannot connect to the internal database (DATABASE_URL)")?;
+            let pool = connect(env).await?;
             db::migrate(&pool)
                 .await
                 .context("cannot migrate the internal database")?;
             tracing::info!("migrations applied");
             pool.close().await;
-            Ok(())
+            Ok(Finished::Success)
+        }
+        Command::Status { tenancy, json } => {
+            let pool = connect(env).await?;
+            let statuses = db::status::read(&pool, tenancy)
+                .await
+                .context("cannot read the sync status")?;
+            pool.close().await;
+            status::print(&statuses, json)?;
+            Ok(
+                if statuses.iter().any(db::status::DatabaseStatus::is_failing) {
+                    Finished::Attention
+                } else {
+                    Finished::Success
+                },
+            )
         }
     }
+}
+
+/// The internal database's pool, for a command.
+async fn connect(env: &Env<Lookup>) -> anyhow::Result<sqlx::PgPool> {
+    let database = env.database_settings()?;
+    db::connect(&database)
+        .await
+        .context("cannot connect to the internal database (DATABASE_URL)")
 }
 
 /// The one block `serve` prints on an embedded database: where everything is.

@@ -1,0 +1,76 @@
+//! `status`: the tenant databases' lag, as a table or as JSON.
+
+use serde_json::json;
+
+use super::table;
+use crate::db::status::{DatabaseStatus, CHANGES_BEHIND_CAP};
+
+/// Longest part of a last error shown in the table (`--json` has it whole).
+const ERROR_CHARS: usize = 80;
+
+pub fn print(statuses: &[DatabaseStatus], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        let failing = statuses.iter().filter(|status| status.is_failing()).count();
+        let document = json!({ "ok": failing == 0, "failing": failing, "databases": statuses });
+        println!("{}", serde_json::to_string_pretty(&document)?);
+        return Ok(());
+    }
+    if statuses.is_empty() {
+        println!("no tenant databases configured");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = statuses.iter().map(row).collect();
+    println!(
+        "{}",
+        table::render(
+            &[
+                "TENANCY",
+                "DATABASE",
+                "LATEST",
+                "SYNCED THROUGH",
+                "BEHIND",
+                "LAST SUCCESS",
+                "FAILURES",
+                "LAST ERROR",
+            ],
+            &rows,
+        )
+    );
+    Ok(())
+}
+
+fn row(status: &DatabaseStatus) -> Vec<String> {
+    let optional = |value: Option<i64>| value.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let behind = if status.changes_behind >= CHANGES_BEHIND_CAP {
+        format!("{CHANGES_BEHIND_CAP}+")
+    } else {
+        status.changes_behind.to_string()
+    };
+    let database = if status.configured {
+        status.database_id.clone()
+    } else {
+        format!("{} (not configured)", status.database_id)
+    };
+    let last_success = status.seconds_since_success.map_or_else(
+        || "never".to_owned(),
+        |seconds| format!("{seconds:.0} s ago"),
+    );
+    let error: String = status
+        .last_error
+        .as_deref()
+        .filter(|_| status.is_failing())
+        .unwrap_or("-")
+        .chars()
+        .take(ERROR_CHARS)
+        .collect();
+    vec![
+        status.tenancy_id.to_string(),
+        database,
+        optional(status.latest_sequence_id),
+        optional(status.synced_through),
+        behind,
+        last_success,
+        status.consecutive_failures.to_string(),
+        error,
+    ]
+}
