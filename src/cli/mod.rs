@@ -176,14 +176,13 @@ async fn run_command(
                 .await
                 .context("cannot read the sync status")?;
             pool.close().await;
-            status::print(&statuses, json)?;
-            Ok(
-                if statuses.iter().any(db::status::DatabaseStatus::is_failing) {
-                    Finished::Attention
-                } else {
-                    Finished::Success
-                },
-            )
+            let report = db::status::StatusReport::new(statuses);
+            status::print(&report, json)?;
+            Ok(if report.ok {
+                Finished::Success
+            } else {
+                Finished::Attention
+            })
         }
     }
 }

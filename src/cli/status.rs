@@ -1,20 +1,18 @@
 //! `status`: the tenant databases' lag, as a table or as JSON.
 
-use serde_json::json;
-
 use super::table;
-use crate::db::status::{DatabaseStatus, CHANGES_BEHIND_CAP};
+use crate::db::status::{DatabaseStatus, StatusReport, CHANGES_BEHIND_CAP};
 
 /// Longest part of a last error shown in the table (`--json` has it whole).
 const ERROR_CHARS: usize = 80;
 
-pub fn print(statuses: &[DatabaseStatus], as_json: bool) -> anyhow::Result<()> {
+/// Prints the report; as JSON, it is what `GET /status` answers.
+pub fn print(report: &StatusReport, as_json: bool) -> anyhow::Result<()> {
     if as_json {
-        let failing = statuses.iter().filter(|status| status.is_failing()).count();
-        let document = json!({ "ok": failing == 0, "failing": failing, "databases": statuses });
-        println!("{}", serde_json::to_string_pretty(&document)?);
+        println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
+    let statuses = &report.databases;
     if statuses.is_empty() {
         println!("no tenant databases configured");
         return Ok(());

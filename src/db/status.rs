@@ -43,6 +43,31 @@ impl DatabaseStatus {
     }
 }
 
+/// What `status` answers: every database, and whether any is failing.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// No database is failing.
+    pub ok: bool,
+    /// How many databases are failing.
+    pub failing: usize,
+    pub databases: Vec<DatabaseStatus>,
+}
+
+impl StatusReport {
+    pub fn new(databases: Vec<DatabaseStatus>) -> Self {
+        let failing = databases
+            .iter()
+            .filter(|status| status.is_failing())
+            .count();
+        StatusReport {
+            ok: failing == 0,
+            failing,
+            databases,
+        }
+    }
+}
+
 /// The status of every database of `tenancy` (of every tenancy when `None`), by
 /// tenancy and database id.
 pub async fn read(

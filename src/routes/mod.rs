@@ -7,6 +7,7 @@ mod fusebox;
 mod health;
 mod poller;
 mod sequencer;
+mod status;
 mod sync_engine;
 
 use axum::extract::DefaultBodyLimit;
@@ -59,6 +60,7 @@ pub fn router(state: AppState) -> Router {
             &format!("{PREFIX}/poller"),
             get(poller::run).post(poller::run),
         )
+        .route(&format!("{PREFIX}/status"), get(status::read))
         .route(
             &format!("{PREFIX}/fusebox"),
             get(fusebox::read).post(fusebox::write),

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::harness::app::{TestApp, CRON_SECRET, PREFIX};
 use crate::harness::binary::command;
 use crate::harness::fixtures::{sequence_all, tenancy, tenant_database, user};
 use crate::harness::postgres::{migrated_pool, server};
@@ -144,4 +146,43 @@ async fn status_of_a_tenancy_without_databases_says_so() {
     let (code, stdout) = status(&url, &[&tenancy.to_string()]).await;
     assert_eq!(code, Some(0), "{stdout}");
     assert_eq!(stdout.trim(), "no tenant databases configured");
+}
+
+#[tokio::test]
+async fn the_status_route_answers_what_the_command_prints() {
+    let app = TestApp::spawn().await;
+    let tenancy = tenancy(&app.pool).await;
+    let (tenant_url, _tenant) = tenant_database().await;
+    attach(&app.pool, tenancy, &[("main", &tenant_url)]).await;
+    add_users(&app.pool, tenancy, 2).await;
+    let path = format!("{PREFIX}/status?tenancyId={tenancy}");
+
+    let answer = app.request(Method::GET, &path, Some(CRON_SECRET)).await;
+    assert_eq!(answer.status(), 200);
+    let answered: Value = answer.json().await.unwrap();
+    let (code, stdout) = status(&app.database_url, &[&tenancy.to_string(), "--json"]).await;
+    assert_eq!(code, Some(0));
+    let printed: Value = serde_json::from_str(&stdout).unwrap();
+    let without_clock = |mut document: Value| {
+        for database in document["databases"].as_array_mut().unwrap() {
+            database["secondsSinceSuccess"] = Value::Null;
+        }
+        document
+    };
+    assert_eq!(without_clock(answered.clone()), without_clock(printed));
+    assert_eq!(answered["ok"], true);
+    assert_eq!(answered["databases"][0]["changesBehind"], 2);
+
+    let unauthorized = app.request(Method::GET, &path, None).await;
+    assert_eq!(unauthorized.status(), 401);
+    let bad = app
+        .request(
+            Method::GET,
+            &format!("{PREFIX}/status?tenancyId=nope"),
+            Some(CRON_SECRET),
+        )
+        .await;
+    assert_eq!(bad.status(), 400);
+    let bad: Value = bad.json().await.unwrap();
+    assert_eq!(bad["code"], "bad_request");
 }
