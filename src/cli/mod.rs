@@ -4,6 +4,7 @@
 //! invalid configuration or command line.
 
 mod status;
+mod sync_report;
 mod table;
 
 use std::collections::HashMap;
@@ -16,7 +17,10 @@ use uuid::Uuid;
 
 use crate::config::{ConfigError, Env};
 use crate::embedded::Embedded;
-use crate::{db, startup, telemetry};
+use crate::sync::policy::TargetPolicy;
+use crate::sync::summary::SyncSummary;
+use crate::sync::{SyncEngine, TenancySync};
+use crate::{db, startup, sync, telemetry};
 
 /// Keeps each tenant's user data continuously copied from the internal PostgreSQL into
 /// PostgreSQL databases that the tenants own.
@@ -55,6 +59,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Sync one tenancy now, in the foreground, whatever the queue holds, and print each
+    /// database's result (what the /sync-engine webhook answers). Exits 1 when a
+    /// database failed or the tenancy does not exist. Databases waiting for their next
+    /// attempt after a failure are left alone, as the service leaves them.
+    Sync {
+        tenancy: Uuid,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How a command that succeeded ends.
@@ -84,15 +98,15 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<Finished> {
     let process = Env::process();
-    let log_settings = process.log_settings()?;
+    let mut log_settings = process.log_settings()?;
+    let command = cli.command.unwrap_or(Command::Serve);
+    if !matches!(command, Command::Serve | Command::Migrate) && !process.is_set("RUST_LOG") {
+        // A command that prints a report logs only what goes wrong, unless asked.
+        log_settings.filter = "warn".to_owned();
+    }
     telemetry::init(&log_settings);
     let (env, embedded) = with_database(process).await?;
-    let result = run_command(
-        cli.command.unwrap_or(Command::Serve),
-        &env,
-        embedded.as_ref(),
-    )
-    .await;
+    let result = run_command(command, &env, embedded.as_ref()).await;
     if let Some(embedded) = embedded {
         embedded.stop().await;
     }
@@ -184,7 +198,31 @@ async fn run_command(
                 Finished::Attention
             })
         }
+        Command::Sync { tenancy, json } => sync_now(env, tenancy, json).await,
     }
+}
+
+/// `sync`: the engine as `serve` builds it, on this one tenancy.
+async fn sync_now(env: &Env<Lookup>, tenancy: Uuid, json: bool) -> anyhow::Result<Finished> {
+    let database = env.database_settings()?;
+    let settings = env.sync_settings()?;
+    let policy = TargetPolicy::new(env.private_targets()?, database.location());
+    let pool = connect(env).await?;
+    let engine = SyncEngine::new(pool.clone(), settings, policy);
+    let outcome = sync::sync_tenancy(&engine, tenancy)
+        .await
+        .context("cannot read the tenancy from the internal database")?;
+    pool.close().await;
+    if matches!(outcome, TenancySync::UnknownTenancy) {
+        anyhow::bail!("no tenancy {tenancy}");
+    }
+    let summary = SyncSummary::new(tenancy, outcome);
+    sync_report::print(&summary, json)?;
+    Ok(if summary.ok {
+        Finished::Success
+    } else {
+        Finished::Attention
+    })
 }
 
 /// The internal database's pool, for a command.

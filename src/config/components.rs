@@ -14,6 +14,7 @@ use crate::embedded::DEFAULT_DIRECTORY;
 use crate::poller::PollerSettings;
 use crate::sequencer::SequencerSettings;
 use crate::sync::connect::SessionSettings;
+use crate::sync::policy::PrivateTargets;
 use crate::sync::sessions::SessionPoolSettings;
 use crate::sync::SyncSettings;
 use crate::telemetry::{LogFormat, LogSettings};
@@ -35,6 +36,15 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             self.get("EMBEDDED_DATA_DIR")
                 .map_or_else(|| PathBuf::from(DEFAULT_DIRECTORY), PathBuf::from),
         )
+    }
+
+    /// `ALLOW_PRIVATE_TARGETS`.
+    pub fn private_targets(&self) -> Result<PrivateTargets, ConfigError> {
+        Ok(if self.bool_or("ALLOW_PRIVATE_TARGETS", false)? {
+            PrivateTargets::Allowed
+        } else {
+            PrivateTargets::Refused
+        })
     }
 
     /// Whether `name` is set (to something other than blanks).
@@ -134,7 +144,7 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
     }
 
     /// `SYNC_*`: batch size, per-run budget, concurrency, tenant sessions and retries.
-    pub(super) fn sync_settings(&self) -> Result<SyncSettings, ConfigError> {
+    pub fn sync_settings(&self) -> Result<SyncSettings, ConfigError> {
         let defaults = SyncSettings::default();
         Ok(SyncSettings {
             batch_size: self.number("SYNC_BATCH_SIZE", defaults.batch_size, 1, 100_000)?,

@@ -8,7 +8,7 @@
 //! - `apply`: a mapping's batches, each in one transaction under the mapping's lock;
 //! - `resync`: a database that missed pruned deletions, brought back to the source;
 //! - `known`: the watermarks and prepared schemas this process remembers;
-//! - [`report`]: what a sync did;
+//! - [`report`]: what a sync did; [`summary`]: the same as the webhook answers it;
 //! - [`statements`]: the tenant SQL of each mapping; [`schema`]: tables, ownership and
 //!   privileges;
 //! - [`external_database`]: the tenancy's `dbSync.externalDatabases` configuration;
@@ -30,6 +30,7 @@ mod resync;
 pub mod schema;
 pub mod sessions;
 pub mod statements;
+pub mod summary;
 pub mod target;
 pub mod tls;
 

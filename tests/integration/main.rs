@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod cli_sync;
 mod command_line;
 mod embedded;
 mod failing_databases;
