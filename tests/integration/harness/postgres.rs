@@ -354,31 +354,9 @@ fn die_with_this_process(command: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_this_process(_command: &mut Command) {}
 
+/// Where the service itself looks for an embedded database's binaries.
 fn find_server_binaries() -> PathBuf {
-    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|dir| has_server(dir)) {
-            return dir;
-        }
-    }
-    if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-        if output.status.success() && has_server(&dir) {
-            return dir;
-        }
-    }
-    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let version = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
-            Some((version, entry.path().join("bin")))
-        })
-        .filter(|(_, dir)| has_server(dir))
-        .collect();
-    candidates.sort();
-    candidates.pop().map(|(_, dir)| dir).unwrap_or_else(|| {
+    external_db_sync::embedded::find_server_binaries().unwrap_or_else(|| {
         panic!(
             "no PostgreSQL server binaries (initdb, postgres) found on PATH, through \
              pg_config --bindir, or under /usr/lib/postgresql/*/bin; install them \
