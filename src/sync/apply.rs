@@ -68,26 +68,9 @@ pub(super) async fn apply_batches(
 
         let full = batch.changes >= u64::from(settings.batch_size);
         let another = full && report.batches + 1 < settings.max_batches_per_run;
-        let next_after = batch.last_sequence_id;
-        let write = write_batch(session, mapping, &batch, None);
-        let read_next = async {
-            if another {
-                read_batch(engine, key.tenancy_id, mapping, next_after)
-                    .await
-                    .map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        let (applied, next) = tokio::join!(write, read_next);
-        let applied = applied?.expect("an unguarded write always applies");
-        engine
-            .known
-            .set_watermark(key, mapping, batch.last_sequence_id);
-        read_ahead = next?.map(|batch| ReadAhead {
-            after: next_after,
-            batch,
-        });
+        let (applied, next) =
+            write_reading_next(sessions, session, mapping, &batch, another).await?;
+        read_ahead = next;
         report.add_batch(&batch, applied);
         if !full {
             break;
@@ -98,6 +81,34 @@ pub(super) async fn apply_batches(
         }
     }
     Ok(report)
+}
+
+/// Writes `batch` in the transaction that holds the lock and commits it, while the batch
+/// after it is read from the internal database (if `read_next`).
+async fn write_reading_next(
+    sessions: &Sessions<'_>,
+    session: &mut TenantSession,
+    mapping: Mapping,
+    batch: &Batch,
+    read_next: bool,
+) -> Result<(Applied, Option<ReadAhead>), SyncError> {
+    let (engine, key) = (sessions.engine, &sessions.key);
+    let after = batch.last_sequence_id;
+    let write = write_batch(session, mapping, batch, None);
+    let read = async {
+        if read_next {
+            read_batch(engine, key.tenancy_id, mapping, after)
+                .await
+                .map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let (applied, next) = tokio::join!(write, read);
+    let applied = applied?.expect("an unguarded write always applies");
+    engine.known.set_watermark(key, mapping, after);
+    let next = next?.map(|batch| ReadAhead { after, batch });
+    Ok((applied, next))
 }
 
 /// What became of a batch read after the known watermark.
