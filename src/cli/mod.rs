@@ -6,6 +6,7 @@
 mod status;
 mod sync_report;
 mod table;
+mod verify_report;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -65,6 +66,18 @@ enum Command {
     /// attempt after a failure are left alone, as the service leaves them.
     Sync {
         tenancy: Uuid,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare each tenant database of a tenancy with the source, mapping by mapping, in
+    /// bounded memory: rows missing, extra and differing, with up to 10 example ids each.
+    /// Nothing is written. Exits 0 only when every database is equal to its source.
+    Verify {
+        tenancy: Uuid,
+        /// Only this database (its id in the tenancy's configuration).
+        #[arg(long)]
+        database: Option<String>,
         /// One JSON document instead of a table.
         #[arg(long)]
         json: bool,
@@ -199,16 +212,54 @@ async fn run_command(
             })
         }
         Command::Sync { tenancy, json } => sync_now(env, tenancy, json).await,
+        Command::Verify {
+            tenancy,
+            database,
+            json,
+        } => verify(env, tenancy, database.as_deref(), json).await,
     }
 }
 
-/// `sync`: the engine as `serve` builds it, on this one tenancy.
-async fn sync_now(env: &Env<Lookup>, tenancy: Uuid, json: bool) -> anyhow::Result<Finished> {
+/// The sync engine as `serve` builds it (settings, target policy), and its pool.
+async fn engine(env: &Env<Lookup>) -> anyhow::Result<(SyncEngine, sqlx::PgPool)> {
     let database = env.database_settings()?;
     let settings = env.sync_settings()?;
     let policy = TargetPolicy::new(env.private_targets()?, database.location());
     let pool = connect(env).await?;
-    let engine = SyncEngine::new(pool.clone(), settings, policy);
+    Ok((SyncEngine::new(pool.clone(), settings, policy), pool))
+}
+
+/// `verify`: every database of the tenancy (or one) against the source.
+async fn verify(
+    env: &Env<Lookup>,
+    tenancy: Uuid,
+    database: Option<&str>,
+    json: bool,
+) -> anyhow::Result<Finished> {
+    let (engine, pool) = engine(env).await?;
+    let comparisons = sync::verify::verify_tenancy(&engine, tenancy, database)
+        .await
+        .context("cannot read the source from the internal database")?;
+    pool.close().await;
+    let Some(comparisons) = comparisons else {
+        anyhow::bail!("no tenancy {tenancy}");
+    };
+    if let Some(database) = database {
+        if comparisons.is_empty() {
+            anyhow::bail!("tenancy {tenancy} has no database {database}");
+        }
+    }
+    verify_report::print(tenancy, &comparisons, json)?;
+    Ok(if comparisons.iter().all(|database| database.equal) {
+        Finished::Success
+    } else {
+        Finished::Attention
+    })
+}
+
+/// `sync`: the engine as `serve` builds it, on this one tenancy.
+async fn sync_now(env: &Env<Lookup>, tenancy: Uuid, json: bool) -> anyhow::Result<Finished> {
+    let (engine, pool) = engine(env).await?;
     let outcome = sync::sync_tenancy(&engine, tenancy)
         .await
         .context("cannot read the tenancy from the internal database")?;

@@ -10,6 +10,7 @@ pub mod status;
 pub mod sync_status;
 pub mod tenancy;
 pub mod tombstones;
+pub mod verify;
 
 use std::fmt;
 use std::time::Duration;

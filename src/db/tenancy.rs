@@ -18,6 +18,21 @@ pub struct TenancyToSync {
     pub databases: DatabaseStates,
 }
 
+/// `config.dbSync.externalDatabases` of `tenancy_id` (JSON `null` when absent), or
+/// `None` when the tenancy does not exist. Reads only: nothing is reserved.
+pub async fn external_databases(
+    executor: impl PgExecutor<'_>,
+    tenancy_id: Uuid,
+) -> Result<Option<serde_json::Value>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"select coalesce("config" -> 'dbSync' -> 'externalDatabases', 'null'::jsonb)
+           from "Tenancy" where "id" = $1"#,
+    )
+    .bind(tenancy_id)
+    .fetch_optional(executor)
+    .await
+}
+
 /// The tenancy's databases and which of them to leave alone, or `None` when the
 /// tenancy does not exist. Failing databases that are due are reserved for the caller.
 pub async fn to_sync(

@@ -43,7 +43,7 @@ pub(super) async fn sync_target(
 
 /// Where [`Sessions`] takes a session from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SessionSource {
+pub(super) enum SessionSource {
     /// A kept session of the database if there is one, a new one otherwise.
     KeptFirst,
     /// Always a new session.
@@ -63,7 +63,7 @@ pub(super) struct Sessions<'a> {
 }
 
 impl<'a> Sessions<'a> {
-    fn new(
+    pub(super) fn new(
         engine: &'a SyncEngine,
         key: SessionKey,
         database_id: &'a str,

@@ -33,6 +33,7 @@ pub mod statements;
 pub mod summary;
 pub mod target;
 pub mod tls;
+pub mod verify;
 
 pub use engine::{sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, SyncSettings};
 pub use error::SyncError;

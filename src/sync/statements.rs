@@ -59,6 +59,27 @@ pub fn guarded_upsert(mapping: Mapping) -> &'static str {
     }
 }
 
+/// Up to `$2` rows of the mapping's table with an id after `$1` (none: from the start),
+/// in id order, each as its id and the digest [`crate::db::verify`] computes for the
+/// source row.
+pub fn verify_page(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => {
+            "select id, pg_catalog.md5(row(display_name, profile_image_url, primary_email, \
+             primary_email_verified, signed_up_at, client_metadata, client_read_only_metadata, \
+             server_metadata, is_anonymous)::pg_catalog.text) as digest \
+             from users where $1::uuid is null or id OPERATOR(pg_catalog.>) $1 \
+             order by id limit $2"
+        }
+        Mapping::ContactChannels => {
+            "select id, pg_catalog.md5(row(user_id, type, value, is_primary, is_verified, \
+             used_for_auth, created_at)::pg_catalog.text) as digest \
+             from contact_channels where $1::uuid is null or id OPERATOR(pg_catalog.>) $1 \
+             order by id limit $2"
+        }
+    }
+}
+
 /// How many parameters (one array per column) [`upsert`] takes.
 fn column_count(mapping: Mapping) -> usize {
     match mapping {

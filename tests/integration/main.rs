@@ -28,4 +28,5 @@ mod sync_targets;
 mod sync_webhook;
 mod tombstones;
 mod triggers;
+mod verify;
 mod wakeups;

@@ -1,0 +1,142 @@
+//! `verify TENANCY`: a tenant database compared with its source, from the binary.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::harness::binary::command;
+use crate::harness::fixtures::{email, tenancy, tenant_database, user};
+use crate::harness::postgres::{migrated_pool, server};
+use crate::harness::sync::{attach, engine, sync_ok};
+
+async fn verify(database_url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["verify"];
+    all.extend_from_slice(args);
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        command(
+            &all,
+            &[
+                ("DATABASE_URL", database_url),
+                ("ALLOW_PRIVATE_TARGETS", "true"),
+            ],
+        )
+        .output(),
+    )
+    .await
+    .expect("verify ends within two minutes")
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn examples(report: &Value, mapping: usize, kind: &str) -> Vec<String> {
+    report["databases"][0]["mappings"][mapping][kind]["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn verify_finds_rows_edited_deleted_and_added_by_hand_in_a_tenant_database() {
+    let pool = migrated_pool().await;
+    let url = server().url(pool.connect_options().get_database().unwrap());
+    let tenancy = tenancy(&pool).await;
+    let (tenant_url, tenant) = tenant_database().await;
+    attach(&pool, tenancy, &[("main", &tenant_url)]).await;
+    // More users than one page (5,000) on each side, so that the merge crosses pages.
+    sqlx::query(
+        r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
+           select $1, gen_random_uuid(), 'user ' || n from generate_series(1, 6000) as n"#,
+    )
+    .bind(tenancy)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let ana = user(&pool, tenancy, "ana").await;
+    email(&pool, tenancy, ana, "ana@example.com", true).await;
+    sync_ok(&pool, &engine(&pool), tenancy).await;
+
+    let (code, stdout, stderr) = verify(&url, &[&tenancy.to_string()]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("6001 source rows, 6001 in the database: equal"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("every database equals its source"),
+        "{stdout}"
+    );
+
+    let edited: Uuid = sqlx::query_scalar("select id from users order by id offset 5500 limit 1")
+        .fetch_one(&tenant)
+        .await
+        .unwrap();
+    sqlx::query("update users set display_name = 'changed by hand' where id = $1")
+        .bind(edited)
+        .execute(&tenant)
+        .await
+        .unwrap();
+    let deleted: Uuid = sqlx::query_scalar("select id from users order by id offset 10 limit 1")
+        .fetch_one(&tenant)
+        .await
+        .unwrap();
+    sqlx::query("delete from users where id = $1")
+        .bind(deleted)
+        .execute(&tenant)
+        .await
+        .unwrap();
+    let added = Uuid::new_v4();
+    sqlx::query("insert into users (id, signed_up_at) values ($1, now())")
+        .bind(added)
+        .execute(&tenant)
+        .await
+        .unwrap();
+    sqlx::query("update contact_channels set is_verified = not is_verified")
+        .execute(&tenant)
+        .await
+        .unwrap();
+
+    let (code, stdout, stderr) = verify(&url, &[&tenancy.to_string(), "--json"]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["equal"], false);
+    let users = &report["databases"][0]["mappings"][0];
+    assert_eq!(users["mapping"], "users");
+    assert_eq!(users["sourceRows"], 6001, "{users}");
+    assert_eq!(users["tenantRows"], 6001, "{users}");
+    assert_eq!(examples(&report, 0, "missing"), [deleted.to_string()]);
+    assert_eq!(examples(&report, 0, "extra"), [added.to_string()]);
+    assert_eq!(examples(&report, 0, "differing"), [edited.to_string()]);
+    let channels = &report["databases"][0]["mappings"][1];
+    assert_eq!(channels["differing"]["count"], 1, "{channels}");
+
+    // The table names the same ids.
+    let (code, stdout, _) = verify(&url, &[&tenancy.to_string(), "--database", "main"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stdout.contains(&format!("main users missing: {deleted}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 missing, 1 extra, 1 differing"),
+        "{stdout}"
+    );
+
+    let (code, _, stderr) = verify(&url, &[&tenancy.to_string(), "--database", "nope"]).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("has no database nope"), "{stderr}");
+    let unknown = Uuid::new_v4();
+    let (code, _, stderr) = verify(&url, &[&unknown.to_string()]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains(&format!("no tenancy {unknown}")),
+        "{stderr}"
+    );
+}
