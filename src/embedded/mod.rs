@@ -75,6 +75,11 @@ pub enum EmbeddedError {
         path: PathBuf,
         account: &'static str,
     },
+    #[error(
+        "EMBEDDED_DATA_DIR {0}: the directory exists and holds other files; choose a new or \
+         empty directory for the embedded database"
+    )]
+    Foreign(PathBuf),
     #[error("the embedded PostgreSQL {step} failed: {detail}")]
     Failed { step: &'static str, detail: String },
     #[error("EMBEDDED_DATA_DIR {path}: {source}")]

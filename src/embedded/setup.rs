@@ -79,6 +79,7 @@ pub(super) fn prepare_directory(
     directory: &Path,
     account: Option<Account>,
 ) -> Result<(), EmbeddedError> {
+    refuse_foreign_directory(directory)?;
     std::fs::create_dir_all(directory).map_err(io(directory))?;
     std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o700))
         .map_err(io(directory))?;
@@ -102,6 +103,22 @@ pub(super) fn prepare_directory(
         }
     }
     Ok(())
+}
+
+/// An existing directory is taken over (made private, handed to the server's account)
+/// only if it is empty or already an embedded database's: `EMBEDDED_DATA_DIR` pointed at
+/// a home or project directory by mistake is refused, untouched.
+fn refuse_foreign_directory(directory: &Path) -> Result<(), EmbeddedError> {
+    let mut entries = match std::fs::read_dir(directory) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(io(directory)(error)),
+    };
+    let ours = directory.join("service.lock").exists() || directory.join("data").is_dir();
+    if ours || entries.next().is_none() {
+        return Ok(());
+    }
+    Err(EmbeddedError::Foreign(directory.to_owned()))
 }
 
 /// Takes `service.lock`; fails at once if another process holds it.

@@ -215,6 +215,35 @@ async fn a_second_serve_on_the_same_directory_fails_with_a_clear_message() {
 }
 
 #[tokio::test]
+async fn a_directory_holding_other_files_is_refused_untouched() {
+    let parent = data_parent();
+    let directory = parent.path().join("project");
+    std::fs::create_dir(&directory).unwrap();
+    std::fs::write(directory.join("notes.txt"), "mine").unwrap();
+    std::fs::set_permissions(&directory, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = command(
+        &["serve"],
+        &[
+            ("EMBEDDED_DATA_DIR", directory.to_str().unwrap()),
+            ("BIND_ADDR", &free_address()),
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("holds other files"), "{stderr}");
+    let mode = std::fs::metadata(&directory).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755, "its permissions are left alone");
+    assert_eq!(
+        std::fs::read_dir(&directory).unwrap().count(),
+        1,
+        "nothing is written into it"
+    );
+}
+
+#[tokio::test]
 async fn a_data_directory_the_server_account_cannot_reach_is_named() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
