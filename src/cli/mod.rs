@@ -121,7 +121,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Finished> {
     let (env, embedded) = with_database(process).await?;
     let result = run_command(command, &env, embedded.as_ref()).await;
     if let Some(embedded) = embedded {
-        embedded.stop().await;
+        embedded.database.stop().await;
     }
     result
 }
@@ -131,7 +131,7 @@ async fn execute(cli: Cli) -> anyhow::Result<Finished> {
 /// unset, `CRON_SECRET` read from the one kept beside it).
 async fn with_database(
     process: Env<fn(&str) -> Option<String>>,
-) -> anyhow::Result<(Env<Lookup>, Option<Embedded>)> {
+) -> anyhow::Result<(Env<Lookup>, Option<EmbeddedRun>)> {
     let Some(directory) = process.embedded_data_dir() else {
         return Ok((
             Env::from_lookup(Box::new(|name| std::env::var(name).ok())),
@@ -142,13 +142,27 @@ async fn with_database(
     migrate_embedded(&embedded).await?;
     let mut set = HashMap::new();
     set.insert("DATABASE_URL", embedded.url().expose_secret().to_owned());
-    if !process.is_set("CRON_SECRET") {
-        let (secret, _) = embedded.cron_secret()?;
+    let secret = if process.is_set("CRON_SECRET") {
+        "from CRON_SECRET".to_owned()
+    } else {
+        let (secret, path) = embedded.cron_secret()?;
         set.insert("CRON_SECRET", secret.expose_secret().to_owned());
-    }
+        path.display().to_string()
+    };
     let lookup: Lookup =
         Box::new(move |name| set.get(name).cloned().or_else(|| std::env::var(name).ok()));
-    Ok((Env::from_lookup(lookup), Some(embedded)))
+    let run = EmbeddedRun {
+        database: embedded,
+        secret,
+    };
+    Ok((Env::from_lookup(lookup), Some(run)))
+}
+
+/// The embedded database the command runs on, and where its `CRON_SECRET` comes from
+/// (the variable, or the file it was generated into), for the start-up block.
+struct EmbeddedRun {
+    database: Embedded,
+    secret: String,
 }
 
 /// Brings a new (or older) embedded database to the current schema, so that every
@@ -177,13 +191,13 @@ type Lookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 async fn run_command(
     command: Command,
     env: &Env<Lookup>,
-    embedded: Option<&Embedded>,
+    embedded: Option<&EmbeddedRun>,
 ) -> anyhow::Result<Finished> {
     match command {
         Command::Serve => {
             let config = env.config()?;
             if let Some(embedded) = embedded {
-                print_embedded_block(embedded, &config.bind_addr.to_string())?;
+                print_embedded_block(embedded, &config.bind_addr.to_string());
             }
             startup::serve(config).await?;
             Ok(Finished::Success)
@@ -285,21 +299,17 @@ async fn connect(env: &Env<Lookup>) -> anyhow::Result<sqlx::PgPool> {
 }
 
 /// The one block `serve` prints on an embedded database: where everything is.
-fn print_embedded_block(embedded: &Embedded, address: &str) -> anyhow::Result<()> {
-    let secret = if std::env::var("CRON_SECRET").is_ok_and(|value| !value.trim().is_empty()) {
-        "from CRON_SECRET".to_owned()
-    } else {
-        embedded.cron_secret()?.1.display().to_string()
-    };
+fn print_embedded_block(run: &EmbeddedRun, address: &str) {
+    let embedded = &run.database;
     println!(
-        "external-db-sync on an embedded PostgreSQL {} in {}
-           internal database  {} (password in {})
-           listening on       http://{address}
-           cron secret        {secret}",
+        "external-db-sync on an embedded PostgreSQL {} in {}\n  \
+         internal database  {} (password in {})\n  \
+         listening on       http://{address}\n  \
+         cron secret        {}",
         embedded.version(),
         embedded.directory().display(),
         embedded.display_url(),
         embedded.password_file().display(),
+        run.secret,
     );
-    Ok(())
 }

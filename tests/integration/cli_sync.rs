@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::harness::binary::command;
 use crate::harness::fixtures::{sequence_all, tenancy, tenant_database, user};
-use crate::harness::postgres::{migrated_pool, server};
+use crate::harness::postgres::{pool, server};
 use crate::harness::sync::{assert_tenant_matches_source, attach};
 
 /// The binary with `args` against `database_url` and `env`: (exit code, stdout, stderr).
@@ -31,8 +31,8 @@ async fn run(
 
 #[tokio::test]
 async fn sync_brings_a_tenancy_up_to_date_and_says_what_it_did() {
-    let pool = migrated_pool().await;
-    let url = server().url(pool.connect_options().get_database().unwrap());
+    let url = server().migrated_database().await;
+    let pool = pool(&url).await;
     let tenancy = tenancy(&pool).await;
     let (tenant_url, tenant) = tenant_database().await;
     attach(&pool, tenancy, &[("main", &tenant_url)]).await;
@@ -70,8 +70,8 @@ async fn sync_brings_a_tenancy_up_to_date_and_says_what_it_did() {
 
 #[tokio::test]
 async fn sync_refuses_what_the_service_refuses_and_names_an_unknown_tenancy() {
-    let pool = migrated_pool().await;
-    let url = server().url(pool.connect_options().get_database().unwrap());
+    let url = server().migrated_database().await;
+    let pool = pool(&url).await;
     let tenancy = tenancy(&pool).await;
     let (tenant_url, _tenant) = tenant_database().await;
     let with_password = tenant_url.replacen("postgres@", "postgres:hunter2-secret@", 1);

@@ -56,6 +56,23 @@ async fn serve_embedded(directory: &Path) -> (Child, String, Vec<String>) {
     (child, address, block)
 }
 
+/// `serve` on `directory`, expected to give up: its output once it exited (a minute at
+/// most).
+async fn serve_to_the_end(directory: &Path) -> std::process::Output {
+    let output = command(
+        &["serve"],
+        &[
+            ("EMBEDDED_DATA_DIR", directory.to_str().unwrap()),
+            ("BIND_ADDR", &free_address()),
+        ],
+    )
+    .output();
+    tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .expect("serve gives up within a minute")
+        .unwrap()
+}
+
 /// The internal database URL of the start-up block, with the password from its file.
 fn database_url(block: &[String], directory: &Path) -> String {
     let line = block
@@ -183,20 +200,7 @@ async fn a_second_serve_on_the_same_directory_fails_with_a_clear_message() {
     let directory = parent.path().join("state");
     let (first, address, _block) = serve_embedded(&directory).await;
 
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        command(
-            &["serve"],
-            &[
-                ("EMBEDDED_DATA_DIR", directory.to_str().unwrap()),
-                ("BIND_ADDR", &free_address()),
-            ],
-        )
-        .output(),
-    )
-    .await
-    .expect("the second serve gives up within a minute")
-    .unwrap();
+    let output = serve_to_the_end(&directory).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
@@ -221,16 +225,7 @@ async fn a_directory_holding_other_files_is_refused_untouched() {
     std::fs::create_dir(&directory).unwrap();
     std::fs::write(directory.join("notes.txt"), "mine").unwrap();
     std::fs::set_permissions(&directory, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let output = command(
-        &["serve"],
-        &[
-            ("EMBEDDED_DATA_DIR", directory.to_str().unwrap()),
-            ("BIND_ADDR", &free_address()),
-        ],
-    )
-    .output()
-    .await
-    .unwrap();
+    let output = serve_to_the_end(&directory).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("holds other files"), "{stderr}");
@@ -254,16 +249,7 @@ async fn a_data_directory_the_server_account_cannot_reach_is_named() {
     let closed = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
     std::fs::set_permissions(closed.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let directory = closed.path().join("state");
-    let output = command(
-        &["serve"],
-        &[
-            ("EMBEDDED_DATA_DIR", directory.to_str().unwrap()),
-            ("BIND_ADDR", &free_address()),
-        ],
-    )
-    .output()
-    .await
-    .unwrap();
+    let output = serve_to_the_end(&directory).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("EMBEDDED_DATA_DIR"), "{stderr}");

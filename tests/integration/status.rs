@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::harness::app::{TestApp, CRON_SECRET, PREFIX};
 use crate::harness::binary::command;
 use crate::harness::fixtures::{sequence_all, tenancy, tenant_database, user};
-use crate::harness::postgres::{migrated_pool, server};
+use crate::harness::postgres::{pool, server};
 use crate::harness::sync::{attach, engine, sync, sync_ok};
 
 /// `status` with `args` against `database_url`: (exit code, stdout).
@@ -61,12 +61,8 @@ async fn allow_connections(database_url: &str, allowed: bool) {
 
 #[tokio::test]
 async fn status_shows_the_lag_grow_while_a_database_fails_and_vanish_once_it_is_back() {
-    let pool = migrated_pool().await;
-    let url = pool
-        .connect_options()
-        .get_database()
-        .map(|name| server().url(name))
-        .unwrap();
+    let url = server().migrated_database().await;
+    let pool = pool(&url).await;
     let tenancy = tenancy(&pool).await;
     let (tenant_url, _tenant) = tenant_database().await;
     attach(&pool, tenancy, &[("main", &tenant_url)]).await;
@@ -136,12 +132,8 @@ async fn status_shows_the_lag_grow_while_a_database_fails_and_vanish_once_it_is_
 
 #[tokio::test]
 async fn status_of_a_tenancy_without_databases_says_so() {
-    let pool = migrated_pool().await;
-    let url = pool
-        .connect_options()
-        .get_database()
-        .map(|name| server().url(name))
-        .unwrap();
+    let url = server().migrated_database().await;
+    let pool = pool(&url).await;
     let tenancy = tenancy(&pool).await;
     let (code, stdout) = status(&url, &[&tenancy.to_string()]).await;
     assert_eq!(code, Some(0), "{stdout}");

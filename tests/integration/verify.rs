@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::harness::binary::command;
 use crate::harness::fixtures::{email, tenancy, tenant_database, user};
-use crate::harness::postgres::{migrated_pool, server};
+use crate::harness::postgres::{pool, server};
 use crate::harness::sync::{attach, engine, sync_ok};
 
 async fn verify(database_url: &str, args: &[&str]) -> (Option<i32>, String, String) {
@@ -45,8 +45,8 @@ fn examples(report: &Value, mapping: usize, kind: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn verify_finds_rows_edited_deleted_and_added_by_hand_in_a_tenant_database() {
-    let pool = migrated_pool().await;
-    let url = server().url(pool.connect_options().get_database().unwrap());
+    let url = server().migrated_database().await;
+    let pool = pool(&url).await;
     let tenancy = tenancy(&pool).await;
     let (tenant_url, tenant) = tenant_database().await;
     attach(&pool, tenancy, &[("main", &tenant_url)]).await;
