@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a failure, or (`status`) a database that is failing; 2 an
 //! invalid configuration or command line.
 
+mod resync_report;
 mod status;
 mod sync_report;
 mod table;
@@ -74,6 +75,20 @@ enum Command {
     /// bounded memory: rows missing, extra and differing, with up to 10 example ids each.
     /// Nothing is written. Exits 0 only when every database is equal to its source.
     Verify {
+        tenancy: Uuid,
+        /// Only this database (its id in the tenancy's configuration).
+        #[arg(long)]
+        database: Option<String>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring each tenant database of a tenancy (or one) back to the source exactly: rows
+    /// the source does not have are deleted, missing and differing rows written, and the
+    /// watermark set to the source's last change. Each table is rewritten in one
+    /// transaction, so readers see it as it was until it is the source again, never
+    /// partial or empty. Exits 0 only when every database was brought back.
+    Resync {
         tenancy: Uuid,
         /// Only this database (its id in the tenancy's configuration).
         #[arg(long)]
@@ -231,6 +246,11 @@ async fn run_command(
             database,
             json,
         } => verify(env, tenancy, database.as_deref(), json).await,
+        Command::Resync {
+            tenancy,
+            database,
+            json,
+        } => resync(env, tenancy, database.as_deref(), json).await,
     }
 }
 
@@ -255,20 +275,52 @@ async fn verify(
         .await
         .context("cannot read the source from the internal database")?;
     pool.close().await;
-    let Some(comparisons) = comparisons else {
-        anyhow::bail!("no tenancy {tenancy}");
-    };
-    if let Some(database) = database {
-        if comparisons.is_empty() {
-            anyhow::bail!("tenancy {tenancy} has no database {database}");
-        }
-    }
+    let comparisons = known_databases(tenancy, database, comparisons)?;
     verify_report::print(tenancy, &comparisons, json)?;
     Ok(if comparisons.iter().all(|database| database.equal) {
         Finished::Success
     } else {
         Finished::Attention
     })
+}
+
+/// `resync`: every database of the tenancy (or one) back to the source.
+async fn resync(
+    env: &Env<Lookup>,
+    tenancy: Uuid,
+    database: Option<&str>,
+    json: bool,
+) -> anyhow::Result<Finished> {
+    let (engine, pool) = engine(env).await?;
+    let results = sync::resync::resync_tenancy(&engine, tenancy, database)
+        .await
+        .context("cannot read the source from the internal database")?;
+    pool.close().await;
+    let results = known_databases(tenancy, database, results)?;
+    resync_report::print(tenancy, &results, json)?;
+    Ok(if results.iter().all(|database| database.ok) {
+        Finished::Success
+    } else {
+        Finished::Attention
+    })
+}
+
+/// A tenancy's per-database results, or the error that there is no such tenancy, or
+/// no such database in it.
+fn known_databases<T>(
+    tenancy: Uuid,
+    database: Option<&str>,
+    results: Option<Vec<T>>,
+) -> anyhow::Result<Vec<T>> {
+    let Some(results) = results else {
+        anyhow::bail!("no tenancy {tenancy}");
+    };
+    if let Some(database) = database {
+        if results.is_empty() {
+            anyhow::bail!("tenancy {tenancy} has no database {database}");
+        }
+    }
+    Ok(results)
 }
 
 /// `sync`: the engine as `serve` builds it, on this one tenancy.

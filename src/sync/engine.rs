@@ -105,6 +105,34 @@ impl SyncEngine {
     pub fn idle_sessions(&self) -> usize {
         self.sessions.idle_count()
     }
+
+    /// The databases `tenancy_id` configures (only `only`, if given), in id order, each
+    /// parsed or with why it cannot be used; a configuration unusable as a whole is one
+    /// entry under [`external_database::WHOLE_CONFIGURATION`]. `None` when there is no
+    /// such tenancy. For the operator's commands, which read but reserve nothing.
+    pub(super) async fn configured_databases(
+        &self,
+        tenancy_id: Uuid,
+        only: Option<&str>,
+    ) -> Result<Option<Vec<external_database::Entry>>, sqlx::Error> {
+        let Some(config) = db::tenancy::external_databases(&self.pool, tenancy_id).await? else {
+            return Ok(None);
+        };
+        let entries =
+            match external_database::parse_all(&config, self.settings.max_databases_per_tenancy) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    let whole = external_database::WHOLE_CONFIGURATION.to_owned();
+                    return Ok(Some(vec![(whole, Err(error))]));
+                }
+            };
+        Ok(Some(
+            entries
+                .into_iter()
+                .filter(|(id, _)| only.map_or(true, |only| only == id))
+                .collect(),
+        ))
+    }
 }
 
 /// What the poller's claim read about a tenancy, so that a sync started right after it

@@ -26,7 +26,7 @@ pub mod external_database;
 mod known;
 pub mod policy;
 pub mod report;
-mod resync;
+pub mod resync;
 pub mod schema;
 pub mod sessions;
 pub mod statements;

@@ -1,11 +1,24 @@
-//! Bringing a tenant database that missed deletions back to the source: when the
-//! tombstones of deletions it had not applied were pruned, the rows the source no longer
-//! has are found by comparing ids.
+//! Bringing a tenant database back to the source.
+//!
+//! Two ways: [`remove_rows_not_in_source`], which a sync runs on its own when the
+//! tombstones of deletions the database had not applied were pruned (the rows the source
+//! no longer has are found by comparing ids); and [`resync_tenancy`], which an operator
+//! runs (`resync`) to make a database exactly the source again, whatever was done to it.
 
-use super::database::Sessions;
+use serde::Serialize;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::apply::{begin_locked, read_batch};
+use super::database::{SessionSource, Sessions};
+use super::engine::SyncEngine;
 use super::error::SyncError;
-use super::sessions::TenantSession;
+use super::external_database::ExternalDatabase;
+use super::schema;
+use super::sessions::{SessionKey, TenantSession};
+use super::statements::{self, Columns};
 use crate::db;
+use crate::error::error_chain;
 use crate::mapping::Mapping;
 
 /// Ids of the source's live rows sent to the tenant database at once during a resync.
@@ -25,19 +38,8 @@ pub(super) async fn remove_rows_not_in_source(
     let (engine, tenancy_id) = (sessions.engine, sessions.key.tenancy_id);
     // Read first: a deletion numbered later comes with a tombstone after this.
     let complete_through = db::tombstones::latest_sequence_id(&engine.pool).await?;
+    let removed = delete_rows_not_in_source(sessions, session.client(), mapping).await?;
     let client = session.client();
-    send_live_ids(sessions, client, mapping).await?;
-    let removed = client
-        .execute(
-            &format!(
-                "delete from {} as target where not exists \
-                 (select from pg_temp._stack_sync_keep as keep where keep.id = target.id)",
-                mapping.name()
-            ),
-            &[],
-        )
-        .await
-        .map_err(SyncError::target)?;
     client
         .batch_execute("commit")
         .await
@@ -58,6 +60,27 @@ pub(super) async fn remove_rows_not_in_source(
          brought it back to the source"
     );
     Ok(removed)
+}
+
+/// In an open transaction of the tenant session: deletes every row of `mapping` whose
+/// id the source no longer has, and returns how many.
+async fn delete_rows_not_in_source(
+    sessions: &Sessions<'_>,
+    client: &tokio_postgres::Client,
+    mapping: Mapping,
+) -> Result<u64, SyncError> {
+    send_live_ids(sessions, client, mapping).await?;
+    client
+        .execute(
+            &format!(
+                "delete from {} as target where not exists \
+                 (select from pg_temp._stack_sync_keep as keep where keep.id = target.id)",
+                mapping.name()
+            ),
+            &[],
+        )
+        .await
+        .map_err(SyncError::target)
 }
 
 /// Sends the ids of the source's live rows of `mapping` to a temporary table of the
@@ -97,5 +120,201 @@ async fn send_live_ids(
             return Ok(());
         }
         after = Some(last);
+    }
+}
+
+/// One database of a tenancy brought back to its source by [`resync_tenancy`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseResync {
+    pub database_id: String,
+    /// Every mapping was brought back.
+    pub ok: bool,
+    pub mappings: Vec<MappingResync>,
+    /// Why the database could not be brought back (its configuration, its server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+}
+
+/// What a resync changed in one mapping's table.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MappingResync {
+    pub mapping: &'static str,
+    /// Rows the source does not have, deleted.
+    pub removed: u64,
+    /// Rows missing or different from the source, written.
+    pub written: u64,
+    /// The watermark the tenant database had.
+    pub watermark_before: i64,
+    /// The watermark it has now: the last change it holds.
+    pub watermark: i64,
+}
+
+/// Brings every database of `tenancy_id` (or only `only`) back to the source exactly;
+/// `None` when there is no such tenancy. A database that cannot be brought back is
+/// reported with its error; the others are still done.
+///
+/// Each mapping is rewritten in one transaction on the tenant database, under the
+/// mapping's lock (syncs of that database wait): rows the source does not have are
+/// deleted, every change of the source is replayed from the start a batch at a time
+/// (rows already equal are left untouched, missing and differing ones written), and
+/// the watermark is set to the last change replayed, even if it was ahead. Readers see
+/// the table as it was until the commit, then as the source is: never a partial or
+/// empty table. Memory holds one batch, whatever the tenancy's size.
+pub async fn resync_tenancy(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+    only: Option<&str>,
+) -> Result<Option<Vec<DatabaseResync>>, sqlx::Error> {
+    let Some(entries) = engine.configured_databases(tenancy_id, only).await? else {
+        return Ok(None);
+    };
+    let mut results = Vec::new();
+    for (database_id, entry) in entries {
+        let result = match entry {
+            Ok(database) => resync_database(engine, tenancy_id, &database_id, &database).await,
+            Err(error) => Err(error),
+        };
+        results.push(match result {
+            Ok(mappings) => DatabaseResync {
+                database_id,
+                ok: true,
+                mappings,
+                error: None,
+                code: None,
+            },
+            Err(error) => {
+                tracing::warn!(%tenancy_id, %database_id, error = %error_chain(&error), "resync failed");
+                DatabaseResync {
+                    database_id,
+                    ok: false,
+                    mappings: Vec::new(),
+                    error: Some(error.to_string()),
+                    code: Some(error.code()),
+                }
+            }
+        });
+    }
+    Ok(Some(results))
+}
+
+async fn resync_database(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+    database_id: &str,
+    database: &ExternalDatabase,
+) -> Result<Vec<MappingResync>, SyncError> {
+    let key = SessionKey {
+        tenancy_id,
+        fingerprint: database.fingerprint,
+    };
+    let sessions = Sessions::new(engine, key, database_id, database, SessionSource::New);
+    // What this process remembers of the database (its watermarks) is about to change.
+    engine.known.forget(&key);
+    let resynced = async {
+        let mut session = sessions.open().await?;
+        schema::prepare(session.client_mut(), tenancy_id, &database.read_roles).await?;
+        // Read first: a deletion numbered later comes with a tombstone after this.
+        let complete_through = db::tombstones::latest_sequence_id(&engine.pool).await?;
+        let mut mappings = Vec::new();
+        for mapping in Mapping::ALL {
+            mappings.push(resync_mapping(&sessions, &mut session, mapping).await?);
+        }
+        db::tombstones::record_resync(&engine.pool, tenancy_id, database_id, complete_through)
+            .await?;
+        Ok(mappings)
+    }
+    .await;
+    engine.known.forget(&key);
+    resynced
+}
+
+/// One mapping, in one transaction: see [`resync_tenancy`].
+async fn resync_mapping(
+    sessions: &Sessions<'_>,
+    session: &mut TenantSession,
+    mapping: Mapping,
+) -> Result<MappingResync, SyncError> {
+    let watermark_before = begin_locked(session, mapping).await?;
+    let removed = delete_rows_not_in_source(sessions, session.client(), mapping).await?;
+    let replayed = replay_source(sessions, session, mapping).await?;
+    let watermark = replayed.last_change;
+    let client = session.client();
+    let name = mapping.name();
+    let params: [&(dyn ToSql + Sync); 2] = [&name, &watermark];
+    client
+        .execute(SET_WATERMARK, &params)
+        .await
+        .map_err(SyncError::target)?;
+    client
+        .batch_execute("commit")
+        .await
+        .map_err(SyncError::target)?;
+    Ok(MappingResync {
+        mapping: name,
+        removed: removed + replayed.deleted,
+        written: replayed.written,
+        watermark_before,
+        watermark,
+    })
+}
+
+/// Sets the watermark whichever way it moves (a resync may take it back).
+const SET_WATERMARK: &str = "update _stack_sync_metadata \
+     set last_synced_sequence_id = $2, updated_at = pg_catalog.now() \
+     where mapping_name = $1";
+
+/// What replaying the source wrote.
+#[derive(Default)]
+struct Replayed {
+    written: u64,
+    deleted: u64,
+    /// The id of the last change replayed (-1: none).
+    last_change: i64,
+}
+
+/// In the open transaction: writes every change of `mapping` in the source from the
+/// start, a batch at a time.
+async fn replay_source(
+    sessions: &Sessions<'_>,
+    session: &mut TenantSession,
+    mapping: Mapping,
+) -> Result<Replayed, SyncError> {
+    let (engine, tenancy_id) = (sessions.engine, sessions.key.tenancy_id);
+    let [delete, upsert] = session
+        .statements([statements::delete(mapping), statements::upsert(mapping)])
+        .await
+        .map_err(SyncError::target)?;
+    let client = session.client();
+    let mut replayed = Replayed {
+        last_change: -1,
+        ..Replayed::default()
+    };
+    loop {
+        let Some(batch) = read_batch(engine, tenancy_id, mapping, replayed.last_change).await?
+        else {
+            return Ok(replayed);
+        };
+        if !batch.deletes.is_empty() {
+            // Rows deleted since the ids were sent.
+            replayed.deleted += client
+                .execute(&delete, &[&batch.deletes])
+                .await
+                .map_err(SyncError::target)?;
+        }
+        if !batch.upserts.is_empty() {
+            let columns = Columns::of(&batch.upserts);
+            replayed.written += client
+                .execute(&upsert, &columns.params())
+                .await
+                .map_err(SyncError::target)?;
+        }
+        replayed.last_change = batch.last_sequence_id;
+        if batch.changes < u64::from(engine.settings.batch_size) {
+            return Ok(replayed);
+        }
     }
 }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::database::{SessionSource, Sessions};
 use super::engine::SyncEngine;
 use super::error::SyncError;
-use super::external_database::{self, ExternalDatabase};
+use super::external_database::ExternalDatabase;
 use super::sessions::{SessionKey, TenantSession};
 use super::statements;
 use crate::db;
@@ -86,24 +86,11 @@ pub async fn verify_tenancy(
     tenancy_id: Uuid,
     only: Option<&str>,
 ) -> Result<Option<Vec<DatabaseComparison>>, sqlx::Error> {
-    let Some(config) = db::tenancy::external_databases(&engine.pool, tenancy_id).await? else {
+    let Some(entries) = engine.configured_databases(tenancy_id, only).await? else {
         return Ok(None);
     };
-    let entries =
-        match external_database::parse_all(&config, engine.settings.max_databases_per_tenancy) {
-            Ok(entries) => entries,
-            Err(error) => {
-                return Ok(Some(vec![unusable(
-                    external_database::WHOLE_CONFIGURATION,
-                    &error,
-                )]))
-            }
-        };
     let mut comparisons = Vec::new();
     for (database_id, entry) in entries {
-        if only.is_some_and(|only| only != database_id) {
-            continue;
-        }
         let comparison = match entry {
             Ok(database) => compare_database(engine, tenancy_id, &database_id, &database).await,
             Err(error) => Err(error),
@@ -119,7 +106,6 @@ pub async fn verify_tenancy(
             Err(error) => unusable(&database_id, &error),
         });
     }
-    comparisons.sort_by(|a, b| a.database_id.cmp(&b.database_id));
     Ok(Some(comparisons))
 }
 

@@ -1,4 +1,5 @@
-//! `verify TENANCY`: a tenant database compared with its source, from the binary.
+//! `verify TENANCY` and `resync TENANCY`, from the binary: a tenant database compared
+//! with its source, then brought back to it.
 
 use std::time::Duration;
 
@@ -11,7 +12,11 @@ use crate::harness::postgres::{pool, server};
 use crate::harness::sync::{attach, engine, sync_ok};
 
 async fn verify(database_url: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut all = vec!["verify"];
+    run("verify", database_url, args).await
+}
+
+async fn run(subcommand: &str, database_url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec![subcommand];
     all.extend_from_slice(args);
     let output = tokio::time::timeout(
         Duration::from_secs(120),
@@ -25,7 +30,7 @@ async fn verify(database_url: &str, args: &[&str]) -> (Option<i32>, String, Stri
         .output(),
     )
     .await
-    .expect("verify ends within two minutes")
+    .expect("the command ends within two minutes")
     .unwrap();
     (
         output.status.code(),
@@ -44,7 +49,8 @@ fn examples(report: &Value, mapping: usize, kind: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn verify_finds_rows_edited_deleted_and_added_by_hand_in_a_tenant_database() {
+async fn verify_finds_rows_changed_by_hand_and_resync_brings_them_back_while_readers_see_every_row()
+{
     let url = server().migrated_database().await;
     let pool = pool(&url).await;
     let tenancy = tenancy(&pool).await;
@@ -134,6 +140,88 @@ async fn verify_finds_rows_edited_deleted_and_added_by_hand_in_a_tenant_database
     assert!(stderr.contains("has no database nope"), "{stderr}");
     let unknown = Uuid::new_v4();
     let (code, _, stderr) = verify(&url, &[&unknown.to_string()]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains(&format!("no tenancy {unknown}")),
+        "{stderr}"
+    );
+
+    resync_brings_the_database_back(&url, tenancy, &tenant).await;
+}
+
+/// After the hand edits above: `resync` makes `verify` pass, and a reader polling
+/// `count(*)` meanwhile never sees fewer rows than the source's 6,001. A watermark moved
+/// ahead by hand is set back to the source's last change.
+async fn resync_brings_the_database_back(url: &str, tenancy: Uuid, tenant: &sqlx::PgPool) {
+    sqlx::query(
+        "update _stack_sync_metadata set last_synced_sequence_id = 999999999 \
+         where mapping_name = 'users'",
+    )
+    .execute(tenant)
+    .await
+    .unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = tokio::spawn({
+        let (tenant, done) = (tenant.clone(), done.clone());
+        async move {
+            let mut counts = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let count: i64 = sqlx::query_scalar("select count(*) from users")
+                    .fetch_one(&tenant)
+                    .await
+                    .unwrap();
+                counts.push(count);
+            }
+            counts
+        }
+    });
+    let (code, stdout, stderr) = run("resync", url, &[&tenancy.to_string(), "--json"]).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let counts = reader.await.unwrap();
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(!counts.is_empty());
+    assert!(
+        counts.iter().all(|count| *count >= 6001),
+        "a reader saw fewer rows than the source has: {:?}",
+        counts.iter().min()
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let users = &report["databases"][0]["mappings"][0];
+    assert_eq!(users["removed"], 1, "{users}");
+    assert_eq!(
+        users["written"], 2,
+        "the deleted and the edited row: {users}"
+    );
+    assert_eq!(users["watermarkBefore"], 999999999, "{users}");
+    let source_last: i64 =
+        sqlx::query_scalar(r#"select max("sequenceId") from "ProjectUser" where "tenancyId" = $1"#)
+            .bind(tenancy)
+            .fetch_one(&pool(url).await)
+            .await
+            .unwrap();
+    assert_eq!(users["watermark"], source_last, "{users}");
+    let channels = &report["databases"][0]["mappings"][1];
+    assert_eq!(channels["written"], 1, "{channels}");
+
+    let (code, stdout, stderr) = verify(url, &[&tenancy.to_string()]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let count: i64 = sqlx::query_scalar("select count(*) from users")
+        .fetch_one(tenant)
+        .await
+        .unwrap();
+    assert_eq!(count, 6001);
+
+    // The table form, and a tenancy that does not exist.
+    let (code, stdout, _) = run("resync", url, &[&tenancy.to_string()]).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("0 removed, 0 written"), "{stdout}");
+    assert!(
+        stdout.contains("every database is back to its source"),
+        "{stdout}"
+    );
+    let unknown = Uuid::new_v4();
+    let (code, _, stderr) = run("resync", url, &[&unknown.to_string()]).await;
     assert_eq!(code, Some(1));
     assert!(
         stderr.contains(&format!("no tenancy {unknown}")),
