@@ -20,7 +20,9 @@ use uuid::Uuid;
 use crate::config::{ConfigError, Env};
 use crate::embedded::Embedded;
 use crate::sync::policy::TargetPolicy;
+use crate::sync::resync::TenancyResync;
 use crate::sync::summary::SyncSummary;
+use crate::sync::verify::TenancyComparison;
 use crate::sync::{SyncEngine, TenancySync};
 use crate::{db, startup, sync, telemetry};
 
@@ -275,9 +277,10 @@ async fn verify(
         .await
         .context("cannot read the source from the internal database")?;
     pool.close().await;
-    let comparisons = known_databases(tenancy, database, comparisons)?;
-    verify_report::print(tenancy, &comparisons, json)?;
-    Ok(if comparisons.iter().all(|database| database.equal) {
+    let comparison =
+        TenancyComparison::new(tenancy, known_databases(tenancy, database, comparisons)?);
+    verify_report::print(&comparison, json)?;
+    Ok(if comparison.equal {
         Finished::Success
     } else {
         Finished::Attention
@@ -296,9 +299,9 @@ async fn resync(
         .await
         .context("cannot read the source from the internal database")?;
     pool.close().await;
-    let results = known_databases(tenancy, database, results)?;
-    resync_report::print(tenancy, &results, json)?;
-    Ok(if results.iter().all(|database| database.ok) {
+    let resync = TenancyResync::new(tenancy, known_databases(tenancy, database, results)?);
+    resync_report::print(&resync, json)?;
+    Ok(if resync.ok {
         Finished::Success
     } else {
         Finished::Attention

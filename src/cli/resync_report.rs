@@ -1,20 +1,19 @@
 //! `resync`: per database and mapping, what was changed to bring it back to the source.
 
-use serde_json::json;
-use uuid::Uuid;
-
 use super::table;
-use crate::sync::resync::DatabaseResync;
+use crate::sync::resync::TenancyResync;
 
-pub fn print(tenancy: Uuid, databases: &[DatabaseResync], as_json: bool) -> anyhow::Result<()> {
-    let ok = databases.iter().all(|database| database.ok);
+pub fn print(resync: &TenancyResync, as_json: bool) -> anyhow::Result<()> {
     if as_json {
-        let document = json!({ "tenancyId": tenancy, "ok": ok, "databases": databases });
-        println!("{}", serde_json::to_string_pretty(&document)?);
+        println!("{}", serde_json::to_string_pretty(resync)?);
         return Ok(());
     }
+    let (databases, ok) = (&resync.databases, resync.ok);
     if databases.is_empty() {
-        println!("tenancy {tenancy}: no tenant databases configured");
+        println!(
+            "tenancy {}: no tenant databases configured",
+            resync.tenancy_id
+        );
         return Ok(());
     }
     let mut rows = Vec::new();

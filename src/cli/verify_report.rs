@@ -1,24 +1,21 @@
 //! `verify`: per database and mapping, what differs from the source.
 
-use serde_json::json;
 use uuid::Uuid;
 
 use super::table;
-use crate::sync::verify::{DatabaseComparison, Differences};
+use crate::sync::verify::{Differences, TenancyComparison};
 
-pub fn print(
-    tenancy: Uuid,
-    comparisons: &[DatabaseComparison],
-    as_json: bool,
-) -> anyhow::Result<()> {
-    let equal = comparisons.iter().all(|database| database.equal);
+pub fn print(comparison: &TenancyComparison, as_json: bool) -> anyhow::Result<()> {
     if as_json {
-        let document = json!({ "tenancyId": tenancy, "equal": equal, "databases": comparisons });
-        println!("{}", serde_json::to_string_pretty(&document)?);
+        println!("{}", serde_json::to_string_pretty(comparison)?);
         return Ok(());
     }
+    let (comparisons, equal) = (&comparison.databases, comparison.equal);
     if comparisons.is_empty() {
-        println!("tenancy {tenancy}: no tenant databases configured");
+        println!(
+            "tenancy {}: no tenant databases configured",
+            comparison.tenancy_id
+        );
         return Ok(());
     }
     let mut rows = Vec::new();

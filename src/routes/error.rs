@@ -34,6 +34,12 @@ pub enum AppError {
     /// No such route.
     #[error("no such route")]
     NotFound,
+    /// The tenancy a route names does not exist.
+    #[error("no tenancy {0}")]
+    UnknownTenancy(uuid::Uuid),
+    /// The tenancy has no database with the id asked for.
+    #[error("the tenancy has no database with that id")]
+    UnknownDatabase(String),
     /// The route exists, but not for this method.
     #[error("method not allowed on this route")]
     MethodNotAllowed,
@@ -55,6 +61,8 @@ impl AppError {
             AppError::BadRequest(_) => "bad_request",
             AppError::PayloadTooLarge => "payload_too_large",
             AppError::NotFound => "not_found",
+            AppError::UnknownTenancy(_) => "unknown_tenancy",
+            AppError::UnknownDatabase(_) => "unknown_database",
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Sequencer(_) | AppError::Poller(_) | AppError::Database(_) => "internal",
         }
@@ -66,7 +74,9 @@ impl AppError {
             AppError::SigningKeysMissing => StatusCode::SERVICE_UNAVAILABLE,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::NotFound | AppError::UnknownTenancy(_) | AppError::UnknownDatabase(_) => {
+                StatusCode::NOT_FOUND
+            }
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Sequencer(_) | AppError::Poller(_) | AppError::Database(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR

@@ -9,6 +9,7 @@ mod poller;
 mod sequencer;
 mod status;
 mod sync_engine;
+mod tenancies;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -61,6 +62,18 @@ pub fn router(state: AppState) -> Router {
             get(poller::run).post(poller::run),
         )
         .route(&format!("{PREFIX}/status"), get(status::read))
+        .route(
+            &format!("{PREFIX}/tenancies/{{id}}/sync"),
+            post(tenancies::sync),
+        )
+        .route(
+            &format!("{PREFIX}/tenancies/{{id}}/verify"),
+            post(tenancies::verify),
+        )
+        .route(
+            &format!("{PREFIX}/tenancies/{{id}}/resync"),
+            post(tenancies::resync),
+        )
         .route(
             &format!("{PREFIX}/fusebox"),
             get(fusebox::read).post(fusebox::write),

@@ -123,6 +123,27 @@ async fn send_live_ids(
     }
 }
 
+/// Every database of a tenancy brought back to its source: what `resync --json` prints
+/// and `POST …/tenancies/{id}/resync` answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenancyResync {
+    pub tenancy_id: Uuid,
+    /// Every database brought back.
+    pub ok: bool,
+    pub databases: Vec<DatabaseResync>,
+}
+
+impl TenancyResync {
+    pub fn new(tenancy_id: Uuid, databases: Vec<DatabaseResync>) -> Self {
+        Self {
+            tenancy_id,
+            ok: databases.iter().all(|database| database.ok),
+            databases,
+        }
+    }
+}
+
 /// One database of a tenancy brought back to its source by [`resync_tenancy`].
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -29,6 +29,27 @@ const PAGE: i64 = 5_000;
 /// Example ids kept per kind of difference.
 const EXAMPLES: usize = 10;
 
+/// Every database of a tenancy compared with its source: what `verify --json` prints
+/// and `POST …/tenancies/{id}/verify` answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenancyComparison {
+    pub tenancy_id: Uuid,
+    /// Every database equal to its source.
+    pub equal: bool,
+    pub databases: Vec<DatabaseComparison>,
+}
+
+impl TenancyComparison {
+    pub fn new(tenancy_id: Uuid, databases: Vec<DatabaseComparison>) -> Self {
+        Self {
+            tenancy_id,
+            equal: databases.iter().all(|database| database.equal),
+            databases,
+        }
+    }
+}
+
 /// One database compared with its source.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -26,6 +26,7 @@ mod sync_isolation;
 mod sync_sessions;
 mod sync_targets;
 mod sync_webhook;
+mod tenancy_routes;
 mod tombstones;
 mod triggers;
 mod verify;
