@@ -1,12 +1,15 @@
 //! The command line. Each command's doc comment is its `--help`.
 //!
-//! Exit codes: 0 success; 1 a failure, or (`status`) a database that is failing; 2 an
-//! invalid configuration or command line.
+//! Exit codes: 0 success; 1 a failure, or a report that found something wrong (`status`:
+//! a database is failing; `verify`: a database differs; `sync`, `resync`: a database
+//! failed), or an unknown tenancy or database; 2 an invalid configuration, command line
+//! or argument (nothing was done).
 
 mod resync_report;
 mod status;
 mod sync_report;
 mod table;
+mod tenancy;
 mod verify_report;
 
 use std::collections::HashMap;
@@ -85,6 +88,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create, list, show and delete tenancies.
+    Tenancy {
+        #[command(subcommand)]
+        command: tenancy::TenancyCommand,
+    },
+    /// Add a tenant database to a tenancy, or remove one.
+    Database {
+        #[command(subcommand)]
+        command: tenancy::DatabaseCommand,
+    },
     /// Bring each tenant database of a tenancy (or one) back to the source exactly: rows
     /// the source does not have are deleted, missing and differing rows written, and the
     /// watermark set to the source's last change. Each table is rewritten in one
@@ -101,8 +114,14 @@ enum Command {
     },
 }
 
+/// An argument the command refuses (a database entry the sync engine would not use, a
+/// deletion not confirmed): nothing was done, and the exit code is 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct Refused(pub(super) String);
+
 /// How a command that succeeded ends.
-enum Finished {
+pub(super) enum Finished {
     Success,
     /// The command worked and found something wrong (exit code 1).
     Attention,
@@ -117,7 +136,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Ok(Finished::Attention) => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("external-db-sync: {error:#}");
-            if error.downcast_ref::<ConfigError>().is_some() {
+            if error.downcast_ref::<ConfigError>().is_some()
+                || error.downcast_ref::<Refused>().is_some()
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
@@ -203,7 +224,7 @@ async fn migrate_embedded(embedded: &Embedded) -> anyhow::Result<()> {
 }
 
 /// How the commands read a variable.
-type Lookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+pub(super) type Lookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 async fn run_command(
     command: Command,
@@ -248,6 +269,8 @@ async fn run_command(
             database,
             json,
         } => verify(env, tenancy, database.as_deref(), json).await,
+        Command::Tenancy { command } => tenancy::tenancy(command, env).await,
+        Command::Database { command } => tenancy::database(command, env).await,
         Command::Resync {
             tenancy,
             database,
@@ -346,7 +369,7 @@ async fn sync_now(env: &Env<Lookup>, tenancy: Uuid, json: bool) -> anyhow::Resul
 }
 
 /// The internal database's pool, for a command.
-async fn connect(env: &Env<Lookup>) -> anyhow::Result<sqlx::PgPool> {
+pub(super) async fn connect(env: &Env<Lookup>) -> anyhow::Result<sqlx::PgPool> {
     let database = env.database_settings()?;
     db::connect(&database)
         .await

@@ -77,6 +77,13 @@ pub fn parse_all(
     Ok(parsed)
 }
 
+/// One entry with its id, validated as [`parse_all`] validates each: for an operator
+/// adding a database, before anything is written.
+pub fn parse_entry(id: &str, entry: &Value) -> Result<ExternalDatabase, SyncError> {
+    validate_database_id(id)?;
+    parse_one(entry)
+}
+
 fn validate_database_id(id: &str) -> Result<(), SyncError> {
     let reason = if id.is_empty() || id.len() > MAX_DATABASE_ID_BYTES {
         format!("database ids must be 1 to {MAX_DATABASE_ID_BYTES} bytes long")

@@ -170,6 +170,35 @@ impl Target {
         format!("{}@{}:{}/{}", self.user, host, self.port, self.dbname)
     }
 
+    /// The connection string without its password (`postgres://user@host:port/dbname
+    /// ?sslmode=…`), to show an operator what is configured.
+    pub fn display_url(&self) -> String {
+        /// What cannot stand as itself in a URL's user or path.
+        const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+            .add(b' ')
+            .add(b'/')
+            .add(b'?')
+            .add(b'#')
+            .add(b'@')
+            .add(b':')
+            .add(b'%');
+        let encode = |text: &str| percent_encoding::utf8_percent_encode(text, RESERVED).to_string();
+        let host = if self.is_unix_socket() {
+            encode(&self.host)
+        } else if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!(
+            "postgres://{}@{host}:{}/{}?sslmode={}",
+            encode(&self.user),
+            self.port,
+            encode(&self.dbname),
+            self.ssl_mode.name()
+        )
+    }
+
     pub(super) fn is_unix_socket(&self) -> bool {
         self.host.starts_with('/')
     }
@@ -203,6 +232,19 @@ mod tests {
 
     fn reason(raw: &str) -> String {
         Target::parse(raw).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn display_url_has_everything_but_the_password() {
+        let target = parse("postgres://ana:s%40cret@db.example.com:6543/app%20db?sslmode=require");
+        assert_eq!(
+            target.display_url(),
+            "postgres://ana@db.example.com:6543/app%20db?sslmode=require"
+        );
+        assert_eq!(
+            parse("postgres://ana:x@[::1]/db").display_url(),
+            "postgres://ana@[::1]:5432/db?sslmode=prefer"
+        );
     }
 
     #[test]

@@ -86,12 +86,23 @@ impl SslMode {
         })
     }
 
-    /// What tokio-postgres should negotiate.
+    /// The name a connection string uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
     /// Whether the server's certificate is checked (`verify-ca`, `verify-full`).
     pub fn verifies(self) -> bool {
         matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
     }
 
+    /// What tokio-postgres should negotiate.
     pub fn negotiation(self) -> tokio_postgres::config::SslMode {
         match self {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,

@@ -77,17 +77,43 @@ async fn missing_required_variables_stop_start_up_naming_them() {
 async fn help_documents_every_command() {
     let (code, _) = run(&["--help"], &[]).await;
     assert_eq!(code, Some(0));
-    let output = command(&["--help"], &[]).output().await.unwrap();
-    let help = String::from_utf8_lossy(&output.stdout);
-    assert!(help.contains("serve") && help.contains("migrate"), "{help}");
-    for subcommand in ["serve", "migrate"] {
-        let output = command(&[subcommand, "--help"], &[])
-            .output()
-            .await
-            .unwrap();
-        assert!(output.status.success());
-        assert!(!output.stdout.is_empty());
+    let top = help(&[]).await;
+    let commands = commands_in(&top);
+    for expected in [
+        "serve", "migrate", "status", "sync", "verify", "resync", "tenancy", "database",
+    ] {
+        assert!(commands.contains(&expected.to_owned()), "{expected}: {top}");
     }
+    // Every command and subcommand the help lists documents itself.
+    for command in commands {
+        let text = help(&[&command]).await;
+        assert!(text.lines().count() > 3, "{command}: {text}");
+        for subcommand in commands_in(&text) {
+            let text = help(&[&command, &subcommand]).await;
+            assert!(text.contains("Usage:"), "{command} {subcommand}: {text}");
+        }
+    }
+}
+
+/// `external-db-sync ARGS --help`, which must succeed.
+async fn help(args: &[&str]) -> String {
+    let mut all = args.to_vec();
+    all.push("--help");
+    let output = command(&all, &[]).output().await.unwrap();
+    assert!(output.status.success(), "{all:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The commands a help text lists under `Commands:`, without `help`.
+fn commands_in(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| !line.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|command| *command != "help")
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test]

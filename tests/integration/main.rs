@@ -6,6 +6,7 @@
 mod harness;
 
 mod cli_sync;
+mod cli_tenancy;
 mod command_line;
 mod embedded;
 mod failing_databases;
