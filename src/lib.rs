@@ -20,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod embedded;
 pub mod error;
+pub mod instruments;
 pub mod mapping;
 pub mod poller;
 pub mod publish;

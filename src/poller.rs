@@ -17,7 +17,8 @@ use tokio::task::JoinSet;
 use crate::backoff;
 use crate::db;
 use crate::db::queue::ClaimedRequest;
-use crate::publish::{PublishError, PublishResult, Publisher};
+use crate::instruments;
+use crate::publish::{FailureReason, PublishError, PublishResult, Publisher};
 use crate::workers::Outcome;
 
 /// Tuning of the poller.
@@ -273,6 +274,7 @@ impl Poller {
             .min(self.settings.batch_size as usize);
         let claimed = self.claim(limit as u32).await?;
         let count = claimed.len() as u64;
+        instruments::requests_claimed(count);
         let mut tasks = in_flight.tasks();
         let mut claimed = claimed.into_iter();
         for slot in slots {
@@ -287,10 +289,12 @@ impl Poller {
             );
             let ended = in_flight.ended.clone();
             tasks.spawn(async move {
+                let started = std::time::Instant::now();
                 let results = publisher.publish(&requests).await;
+                let took = started.elapsed();
                 // The slot is free as soon as the publish is: settling is quick queries.
                 drop(slot);
-                let settled = settle_all(&pool, &settings, &requests, results).await;
+                let settled = settle_all(&pool, &settings, &requests, results, took).await;
                 ended.notify_one();
                 settled
             });
@@ -330,15 +334,25 @@ async fn settle_all(
     settings: &PollerSettings,
     requests: &[ClaimedRequest],
     results: Vec<PublishResult>,
+    took: std::time::Duration,
 ) -> Result<Settled, sqlx::Error> {
     let mut settled = Settled::default();
     let mut results = results.into_iter();
     for request in requests {
         let result = results.next().unwrap_or_else(|| {
-            Err(PublishError(
-                "the publisher gave no result for this request".to_owned(),
+            Err(PublishError::new(
+                FailureReason::NoResult,
+                "the publisher gave no result for this request",
             ))
         });
+        match &result {
+            Ok(_) => {
+                let queued = std::time::Duration::try_from_secs_f64(request.queued_seconds)
+                    .unwrap_or_default();
+                instruments::request_published(queued + took);
+            }
+            Err(error) => instruments::request_failed(error.reason.label()),
+        }
         if settle(pool, settings, request, result).await? {
             settled.published += 1;
         } else {

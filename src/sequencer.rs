@@ -20,6 +20,7 @@ use sqlx::PgPool;
 use crate::db;
 use crate::db::sequencing::{SequencedBatch, Wakefulness};
 use crate::error::error_chain;
+use crate::instruments;
 use crate::workers::Outcome;
 
 /// Tuning of the sequencer.
@@ -97,7 +98,9 @@ pub(crate) async fn run_batch(
     else {
         return Ok(SequencerRun::Disabled);
     };
-    if batch.project_users + batch.contact_channels + batch.deleted_rows == 0 && prune_is_due() {
+    let sequenced = batch.project_users + batch.contact_channels + batch.deleted_rows;
+    instruments::rows_sequenced(u64::try_from(sequenced).unwrap_or(0));
+    if sequenced == 0 && prune_is_due() {
         prune_tombstones(pool).await;
     }
     if batch.tenancies > 0 {

@@ -22,7 +22,7 @@ use crate::routes::{self, AppState};
 use crate::sync::policy::{PrivateTargets, TargetPolicy};
 use crate::sync::SyncEngine;
 use crate::wakeup::{self, SequencerLoop, Wakeups};
-use crate::{db, workers};
+use crate::{db, instruments, workers};
 use futures::FutureExt;
 
 /// A bound, not yet running service. Binding first lets tests ask for port 0 and learn
@@ -44,6 +44,8 @@ impl Application {
         let listener = TcpListener::bind(config.bind_addr)
             .await
             .with_context(|| format!("cannot listen on BIND_ADDR {}", config.bind_addr))?;
+        // Installed before any work is done, so that every count reaches /metrics.
+        instruments::handle();
         let private_targets = if config.allow_private_targets {
             PrivateTargets::Allowed
         } else {
@@ -117,6 +119,7 @@ impl Application {
                 .await;
             ("http server", served.map_err(anyhow::Error::from))
         });
+        tasks.spawn(keep_metrics_bounded(shutdown.clone()));
         if run_workers {
             let wakeups = Wakeups::default();
             tasks.spawn(
@@ -127,6 +130,17 @@ impl Application {
             tasks.spawn(run_poller(state.clone(), wakeups.requests.clone()));
         }
         join_all(tasks, &shutdown).await
+    }
+}
+
+/// Drains the histograms every few seconds, so that they stay bounded between scrapes.
+async fn keep_metrics_bounded(shutdown: CancellationToken) -> Ended {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return ("metrics upkeep", Ok(())),
+            _ = ticks.tick() => instruments::run_upkeep(),
+        }
     }
 }
 

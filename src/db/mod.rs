@@ -1,6 +1,7 @@
 //! The internal database: connecting, migrating, and the queries the rest of the
 //! service runs against it. SQL lives here and nowhere else.
 
+pub mod backlog;
 pub mod changes;
 pub mod fusebox;
 pub mod identity;

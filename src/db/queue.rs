@@ -64,6 +64,10 @@ pub struct ClaimedRequest {
     /// The claim's timestamp: the lease, and the token that proves it is still ours.
     #[sqlx(rename = "startedFulfillingAt")]
     pub claimed_at: chrono::NaiveDateTime,
+    /// Seconds from the request being queued to this claim, on the internal database's
+    /// clock.
+    #[sqlx(rename = "queuedSeconds")]
+    pub queued_seconds: f64,
     /// The tenancy's `config.dbSync.externalDatabases` as of the claim (JSON `null`
     /// when absent), or `None` when the body names no existing tenancy in the canonical
     /// spelling. Read by the claim itself, so that a sync started right after it need
@@ -183,6 +187,8 @@ pub async fn claim(
         where request."id" = due."id"
         returning request."id", request."deduplicationKey", request."qstashOptions",
                   request."attempts", request."startedFulfillingAt",
+                  extract(epoch from (request."startedFulfillingAt" - request."createdAt"))
+                      ::float8 as "queuedSeconds",
                   (select coalesce(tenancy."config" -> 'dbSync' -> 'externalDatabases',
                                    'null'::jsonb)
                    from "Tenancy" as tenancy

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::{PublishError, PublishResult, Published, Publisher};
+use super::{FailureReason, PublishError, PublishResult, Published, Publisher};
 use crate::db::queue::ClaimedRequest;
 use crate::error::error_chain;
 use crate::sync::{sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, TenancySync};
@@ -50,10 +50,10 @@ impl DirectPublisher {
                 synced: report.unrecorded,
             }),
             Ok(_) => Ok(Published::default()),
-            Err(error) => Err(PublishError(format!(
-                "sync of tenancy {tenancy_id}: {}",
-                error_chain(&error)
-            ))),
+            Err(error) => Err(PublishError::new(
+                FailureReason::InternalDatabase,
+                format!("sync of tenancy {tenancy_id}: {}", error_chain(&error)),
+            )),
         }
     }
 }

@@ -17,12 +17,54 @@ use crate::db::sync_status::SyncedTenancy;
 /// Why one request was not published. The message is recorded in
 /// `"OutgoingRequest"."lastError"`, so it never contains secrets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct PublishError(pub String);
+#[error("{message}")]
+pub struct PublishError {
+    pub reason: FailureReason,
+    pub message: String,
+}
+
+impl PublishError {
+    pub fn new(reason: FailureReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The kind of a [`PublishError`], a label of the failed-requests metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// The queued message is not a sync request this service can read.
+    MalformedRequest,
+    /// A direct sync could not read or write the internal database.
+    InternalDatabase,
+    /// QStash could not be reached, or its answer not read.
+    QstashUnreachable,
+    /// QStash refused the call or the message.
+    QstashRefused,
+    /// QStash answered something this service does not understand.
+    QstashUnexpectedAnswer,
+    /// The publisher gave no result for the request.
+    NoResult,
+}
+
+impl FailureReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureReason::MalformedRequest => "malformed_request",
+            FailureReason::InternalDatabase => "internal_database",
+            FailureReason::QstashUnreachable => "qstash_unreachable",
+            FailureReason::QstashRefused => "qstash_refused",
+            FailureReason::QstashUnexpectedAnswer => "qstash_unexpected_answer",
+            FailureReason::NoResult => "no_result",
+        }
+    }
+}
 
 impl From<MalformedRequest> for PublishError {
     fn from(error: MalformedRequest) -> Self {
-        PublishError(error.to_string())
+        PublishError::new(FailureReason::MalformedRequest, error.to_string())
     }
 }
 

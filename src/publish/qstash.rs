@@ -19,7 +19,7 @@ use url::Url;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::{PublishError, PublishResult, Published, Publisher};
+use super::{FailureReason, PublishError, PublishResult, Published, Publisher};
 use crate::db::queue::ClaimedRequest;
 
 /// How long one batch publish may take.
@@ -82,11 +82,14 @@ impl QstashPublisher {
                 }
             }
             Ok(answers) => {
-                let error = PublishError(format!(
-                    "QStash answered {} results for {} messages",
-                    answers.len(),
-                    sent.len()
-                ));
+                let error = PublishError::new(
+                    FailureReason::QstashUnexpectedAnswer,
+                    format!(
+                        "QStash answered {} results for {} messages",
+                        answers.len(),
+                        sent.len()
+                    ),
+                );
                 for index in sent {
                     results[index] = Err(error.clone());
                 }
@@ -141,22 +144,37 @@ impl QstashPublisher {
             .json(messages)
             .send()
             .await
-            .map_err(|error| PublishError(format!("cannot reach QStash: {}", describe(error))))?;
+            .map_err(|error| {
+                PublishError::new(
+                    FailureReason::QstashUnreachable,
+                    format!("cannot reach QStash: {}", describe(error)),
+                )
+            })?;
         let status = response.status();
         let text = response.text().await.map_err(|error| {
-            PublishError(format!("reading QStash's answer: {}", describe(error)))
+            PublishError::new(
+                FailureReason::QstashUnreachable,
+                format!("reading QStash's answer: {}", describe(error)),
+            )
         })?;
         if status != StatusCode::OK
             && status != StatusCode::CREATED
             && status != StatusCode::ACCEPTED
         {
-            return Err(PublishError(format!(
-                "QStash answered {status}: {}",
-                text.chars().take(200).collect::<String>()
-            )));
+            return Err(PublishError::new(
+                FailureReason::QstashRefused,
+                format!(
+                    "QStash answered {status}: {}",
+                    text.chars().take(200).collect::<String>()
+                ),
+            ));
         }
-        serde_json::from_str::<Vec<Value>>(&text)
-            .map_err(|_| PublishError("QStash's answer is not a JSON array".to_owned()))
+        serde_json::from_str::<Vec<Value>>(&text).map_err(|_| {
+            PublishError::new(
+                FailureReason::QstashUnexpectedAnswer,
+                "QStash's answer is not a JSON array",
+            )
+        })
     }
 }
 
@@ -184,15 +202,19 @@ fn check_answer(answer: &Value) -> Result<(), PublishError> {
     match answer {
         Value::Array(parts) => parts.iter().try_for_each(check_answer),
         Value::Object(fields) if fields.contains_key("messageId") => Ok(()),
-        Value::Object(fields) => Err(PublishError(format!(
-            "QStash refused the message: {}",
-            fields
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason given")
-        ))),
-        _ => Err(PublishError(
-            "QStash's answer has an unexpected shape".to_owned(),
+        Value::Object(fields) => Err(PublishError::new(
+            FailureReason::QstashRefused,
+            format!(
+                "QStash refused the message: {}",
+                fields
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given")
+            ),
+        )),
+        _ => Err(PublishError::new(
+            FailureReason::QstashUnexpectedAnswer,
+            "QStash's answer has an unexpected shape",
         )),
     }
 }

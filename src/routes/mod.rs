@@ -5,6 +5,7 @@ mod cron;
 mod error;
 mod fusebox;
 mod health;
+mod metrics;
 mod poller;
 mod sequencer;
 mod status;
@@ -53,6 +54,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::render))
         .route(
             &format!("{PREFIX}/sequencer"),
             get(sequencer::run).post(sequencer::run),

@@ -27,6 +27,7 @@ use crate::db;
 use crate::db::identity::DatabaseIdentity;
 use crate::db::sync_status::{DatabaseStates, FailureKind, RetrySchedule};
 use crate::error::error_chain;
+use crate::instruments::{self, SyncOutcome};
 use crate::mapping::Mapping;
 
 /// Tuning of the sync engine.
@@ -342,10 +343,12 @@ async fn sync_database(
         .map(|database| database.target.describe())
         .ok();
     let target = target.as_deref().unwrap_or_default();
+    let started = std::time::Instant::now();
     let result = match entry {
         Ok(database) => sync_target(engine, tenancy_id, &database_id, &database, facts).await,
         Err(error) => Err(error),
     };
+    measure(&result, started.elapsed());
     match &result {
         Ok(synced) => log_success(tenancy_id, &database_id, target, synced),
         Err(error) => {
@@ -383,6 +386,23 @@ async fn sync_database(
         database_id,
         result,
     }
+}
+
+fn measure(result: &Result<DatabaseSynced, SyncError>, took: Duration) {
+    let (outcome, upserted, deleted) = match result {
+        Ok(synced) => {
+            let mappings = &synced.mappings;
+            let upserted = mappings.iter().map(|mapping| mapping.upserted).sum();
+            let deleted = mappings
+                .iter()
+                .map(|mapping| mapping.deleted + mapping.removed_by_resync.unwrap_or(0))
+                .sum();
+            (SyncOutcome::Ok, upserted, deleted)
+        }
+        Err(error) if error.is_retryable() => (SyncOutcome::RetryableFailure, 0, 0),
+        Err(_) => (SyncOutcome::PermanentFailure, 0, 0),
+    };
+    instruments::database_synced(outcome, took, upserted, deleted);
 }
 
 fn log_success(tenancy_id: Uuid, database_id: &str, target: &str, synced: &DatabaseSynced) {

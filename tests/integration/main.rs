@@ -15,6 +15,7 @@ mod hostile_tenants;
 mod http;
 mod log_hygiene;
 mod lost_changes;
+mod metrics;
 mod migrations;
 mod poller;
 mod qstash;
