@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod embedded;
 pub mod error;
 pub mod instruments;

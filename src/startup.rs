@@ -245,7 +245,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// Cancels `shutdown` on the first SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).
-async fn cancel_on_signal(shutdown: CancellationToken) {
+pub(crate) async fn cancel_on_signal(shutdown: CancellationToken) {
     let ctrl_c = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
             tracing::error!(%error, "cannot listen for Ctrl-C");

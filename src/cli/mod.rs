@@ -52,6 +52,14 @@ enum Command {
     /// .external-db-sync/ here), from the server binaries installed on the machine, with a
     /// generated CRON_SECRET kept beside it unless one is set.
     Serve,
+    /// See the whole pipeline work on this machine in one command: starts an embedded
+    /// PostgreSQL in a fresh directory, creates tenancies each with its own tenant
+    /// database, runs the service in-process, loads users, writes a burst of inserts,
+    /// updates and deletes while measuring commit-to-visible latency, waits until every
+    /// tenant database has caught up, verifies each against its source and prints a
+    /// summary. Never touches DATABASE_URL. Exits 0 only when every tenant database
+    /// verified equal.
+    Demo(crate::demo::DemoArgs),
     /// Apply pending migrations to the internal database (DATABASE_URL, or the embedded
     /// one) and exit.
     /// Safe to run repeatedly and over a database whose source tables already exist.
@@ -151,12 +159,18 @@ async fn execute(cli: Cli) -> anyhow::Result<Finished> {
     let process = Env::process();
     let mut log_settings = process.log_settings()?;
     let command = cli.command.unwrap_or(Command::Serve);
+
     if !matches!(command, Command::Serve | Command::Migrate) && !process.is_set("RUST_LOG") {
-        // A command that prints a report logs only what goes wrong, unless asked.
+        // A command that prints a report (or, for the demo, its progress) logs only
+        // what goes wrong, unless asked.
         log_settings.filter = "warn".to_owned();
     }
     telemetry::init(&log_settings);
-    let (env, embedded) = with_database(process).await?;
+    let (env, embedded) = match command {
+        // The demo starts a database of its own, whatever DATABASE_URL says.
+        Command::Demo(_) => (process_env(), None),
+        _ => with_database(process).await?,
+    };
     let result = run_command(command, &env, embedded.as_ref()).await;
     if let Some(embedded) = embedded {
         embedded.database.stop().await;
@@ -171,10 +185,7 @@ async fn with_database(
     process: Env<fn(&str) -> Option<String>>,
 ) -> anyhow::Result<(Env<Lookup>, Option<EmbeddedRun>)> {
     let Some(directory) = process.embedded_data_dir() else {
-        return Ok((
-            Env::from_lookup(Box::new(|name| std::env::var(name).ok())),
-            None,
-        ));
+        return Ok((process_env(), None));
     };
     let embedded = Embedded::start(&directory).await?;
     migrate_embedded(&embedded).await?;
@@ -194,6 +205,11 @@ async fn with_database(
         secret,
     };
     Ok((Env::from_lookup(lookup), Some(run)))
+}
+
+/// The environment as it is.
+fn process_env() -> Env<Lookup> {
+    Env::from_lookup(Box::new(|name| std::env::var(name).ok()))
 }
 
 /// The embedded database the command runs on, and where its `CRON_SECRET` comes from
@@ -269,6 +285,11 @@ async fn run_command(
             database,
             json,
         } => verify(env, tenancy, database.as_deref(), json).await,
+        Command::Demo(args) => Ok(if crate::demo::run(args).await? {
+            Finished::Success
+        } else {
+            Finished::Attention
+        }),
         Command::Tenancy { command } => tenancy::tenancy(command, env).await,
         Command::Database { command } => tenancy::database(command, env).await,
         Command::Resync {

@@ -11,9 +11,10 @@
 //! - `service.lock`: held (`flock`) while a service uses the directory, so that a second
 //!   one fails at once with a clear message; the kernel drops it when the holder dies,
 //!   so a killed run leaves no stale lock;
-//! - `postgres.log`, and the server's Unix socket.
+//! - `postgres.log`, the server's log.
 //!
-//! The server listens on 127.0.0.1 only, on a free port chosen at each start. It runs in
+//! The server listens on 127.0.0.1 only (no Unix socket), on a free port chosen at each
+//! start. It runs in
 //! a process group of its own (a Ctrl-C reaches the service, which then stops the
 //! server in order) and gets SIGINT (a fast, clean shutdown) if the service dies. When
 //! the service runs as root, the cluster runs as the `postgres` account (or `nobody`),
@@ -174,6 +175,11 @@ impl Embedded {
             "postgres://postgres@127.0.0.1:{}/{DATABASE_NAME}",
             self.port
         )
+    }
+
+    /// The port the server listens on (127.0.0.1), chosen at this start.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn directory(&self) -> &Path {

@@ -241,8 +241,9 @@ pub(super) fn spawn_server(
         .arg(data)
         .args(["-p", &port.to_string()])
         .args(["-c", "listen_addresses=127.0.0.1"])
-        .arg("-c")
-        .arg(format!("unix_socket_directories={}", directory.display()))
+        // TCP only: a socket file in a deep EMBEDDED_DATA_DIR would pass the 107-byte
+        // limit on its path and stop the server, and nothing here uses it.
+        .args(["-c", "unix_socket_directories="])
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io(&log_path))?)
         .stderr(log)

@@ -80,7 +80,7 @@ async fn help_documents_every_command() {
     let top = help(&[]).await;
     let commands = commands_in(&top);
     for expected in [
-        "serve", "migrate", "status", "sync", "verify", "resync", "tenancy", "database",
+        "serve", "migrate", "demo", "status", "sync", "verify", "resync", "tenancy", "database",
     ] {
         assert!(commands.contains(&expected.to_owned()), "{expected}: {top}");
     }

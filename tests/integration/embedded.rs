@@ -15,7 +15,7 @@ use crate::harness::binary::{command, free_address, wait_until_healthy};
 
 /// A directory for the embedded data, under one the `postgres` account can traverse
 /// (when the tests run as root, the cluster runs as that account).
-fn data_parent() -> tempfile::TempDir {
+pub(crate) fn data_parent() -> tempfile::TempDir {
     let parent = tempfile::Builder::new()
         .prefix("external-db-sync-embedded-")
         .tempdir_in("/tmp")
@@ -104,7 +104,7 @@ async fn stop(mut child: Child) {
 
 /// Processes whose command line names `directory` (the embedded server and its
 /// children name their data directory).
-fn processes_naming(directory: &Path) -> Vec<String> {
+pub(crate) fn processes_naming(directory: &Path) -> Vec<String> {
     let needle = directory.to_str().unwrap();
     std::fs::read_dir("/proc")
         .unwrap()

@@ -8,6 +8,7 @@ mod harness;
 mod cli_sync;
 mod cli_tenancy;
 mod command_line;
+mod demo;
 mod embedded;
 mod failing_databases;
 mod guarded_writes;
