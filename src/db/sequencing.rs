@@ -11,6 +11,7 @@ use std::time::Duration;
 use sqlx::PgExecutor;
 
 use super::queue::{SYNC_ENGINE_PATH, SYNC_REQUEST_KEY_PREFIX};
+use super::REQUESTS_CHANNEL;
 
 /// How many rows one batch numbered, per table, and what it queued.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
@@ -79,14 +80,23 @@ pub async fn sequence_batch(
     batch_size: u32,
     wakefulness: Wakefulness,
 ) -> Result<Option<SequencedBatch>, sqlx::Error> {
+    // A tenancy that already had a pending request got no new one, so no insert
+    // notified the pollers; but the batch locked that request until it commits, and a
+    // poller that tried to claim it meanwhile skipped it and went to sleep. So the batch
+    // notifies them itself, delivered at its commit: without it, such a request waited
+    // for the pollers' timer (`POLLER_IDLE_INTERVAL_MS`, 5 s by default).
     let row = sqlx::query_as::<_, BatchRow>(
-        "select * from external_db_sync_sequence_batch($1, $2, $3, $4, $5)",
+        "select batch.*, \
+                (select count(*) from (select pg_notify($6, '') \
+                 where batch.tenancies > batch.requests_enqueued) as relied) as announced \
+         from external_db_sync_sequence_batch($1, $2, $3, $4, $5) as batch",
     )
     .bind(i64::from(batch_size))
     .bind(SYNC_ENGINE_PATH)
     .bind(SYNC_REQUEST_KEY_PREFIX)
     .bind(wakefulness.lease_ms())
     .bind(matches!(wakefulness, Wakefulness::Sleepy { .. }))
+    .bind(REQUESTS_CHANNEL)
     .fetch_one(executor)
     .await?;
     Ok(row.sequencer_enabled.then_some(row.batch))

@@ -65,6 +65,8 @@ pub struct DemoArgs {
 
 /// How long the tenant databases may take to catch up after a phase.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
+/// Concurrent writers of the burst; each writes its share of `--rate`.
+const BURST_WRITERS: u32 = 4;
 /// How often progress is read.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -103,6 +105,8 @@ fn fresh_directory() -> anyhow::Result<PathBuf> {
 
 /// The service's configuration on the embedded database: direct mode, workers on, an
 /// ephemeral port, private targets allowed (the tenant databases are on this machine).
+/// The tuning variables (`SEQUENCER_*`, `POLLER_*`, `SYNC_*`) are read from the
+/// environment, as `serve` reads them.
 fn demo_config(url: &SecretString) -> anyhow::Result<Config> {
     let secret = uuid::Uuid::new_v4().simple().to_string();
     let variables: HashMap<&str, String> = HashMap::from([
@@ -110,8 +114,16 @@ fn demo_config(url: &SecretString) -> anyhow::Result<Config> {
         ("CRON_SECRET", secret),
         ("BIND_ADDR", "127.0.0.1:0".to_owned()),
         ("ALLOW_PRIVATE_TARGETS", "true".to_owned()),
+        ("SYNC_QUEUE", "direct".to_owned()),
+        ("RUN_WORKERS", "true".to_owned()),
     ]);
-    Ok(Env::from_lookup(move |name: &str| variables.get(name).cloned()).config()?)
+    let tuning = ["SEQUENCER_", "POLLER_", "SYNC_"];
+    let lookup = move |name: &str| match variables.get(name) {
+        Some(value) => Some(value.clone()),
+        None if tuning.iter().any(|prefix| name.starts_with(prefix)) => std::env::var(name).ok(),
+        None => None,
+    };
+    Ok(Env::from_lookup(lookup).config()?)
 }
 
 async fn run_on(embedded: &Embedded, args: &DemoArgs) -> anyhow::Result<bool> {
@@ -187,7 +199,11 @@ async fn phases(
     let until = Instant::now() + Duration::from_secs(u64::from(args.seconds));
     let written = Mutex::new(Written::default());
     let tenancies = &*tenancies;
-    let burst = workload::burst(pool, tenancies, args.rate, until, &written);
+    // Several writers, as an application has: one commits a few hundred times a second.
+    let writers = (0..BURST_WRITERS).map(|_| {
+        workload::burst(pool, tenancies, args.rate.div_ceil(BURST_WRITERS), until, &written)
+    });
+    let burst = futures::future::try_join_all(writers);
     let probe = workload::probe(pool, tenancies, until, CATCH_UP_TIMEOUT);
     let watch = watch_until(pool, tenancies, progress, until, shutdown);
     let (burst, latencies, watched) = tokio::join!(burst, probe, watch);

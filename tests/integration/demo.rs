@@ -23,7 +23,11 @@ async fn demo(parent: &Path, args: &[&str]) -> (Option<i32>, String, String) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    (output.status.code(), stdout.clone(), format!("{stdout}{stderr}"))
+    (
+        output.status.code(),
+        stdout.clone(),
+        format!("{stdout}{stderr}"),
+    )
 }
 
 /// The directory the demo said it started PostgreSQL in.

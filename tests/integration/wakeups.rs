@@ -309,3 +309,32 @@ async fn serve_wakes_for_each_write_after_sleeping() {
     assert_tenant_matches_source(&app.pool, tenancy, &tenant).await;
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_that_relies_on_a_pending_request_wakes_the_pollers() {
+    let pool = migrated_pool().await;
+    let (_, user) = sequenced_user(&pool).await;
+    let mut requests = listener_on(&pool, REQUESTS_CHANNEL).await;
+    // The tenancy's request is pending (queued by the batch that numbered the user).
+    let pending: i64 = sqlx::query_scalar(
+        r#"select count(*) from "OutgoingRequest" where "startedFulfillingAt" is null"#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(pending, 1);
+    assert!(!notified(&pool, &mut requests, REQUESTS_CHANNEL).await);
+
+    // A new change of the same tenancy: the batch queues nothing new, it relies on the
+    // pending request, which it held locked while it ran. Pollers that skipped it then
+    // must hear about it.
+    rename_user(&pool, user, "changed").await;
+    let relied = batch(&pool, AWAKE).await;
+    assert_eq!((relied.tenancies, relied.requests_enqueued), (1, 0));
+    assert!(notified(&pool, &mut requests, REQUESTS_CHANNEL).await);
+
+    // A batch that numbers nothing stays quiet.
+    let empty = batch(&pool, AWAKE).await;
+    assert_eq!(empty.tenancies, 0);
+    assert!(!notified(&pool, &mut requests, REQUESTS_CHANNEL).await);
+}
