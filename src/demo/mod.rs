@@ -201,7 +201,13 @@ async fn phases(
     let tenancies = &*tenancies;
     // Several writers, as an application has: one commits a few hundred times a second.
     let writers = (0..BURST_WRITERS).map(|_| {
-        workload::burst(pool, tenancies, args.rate.div_ceil(BURST_WRITERS), until, &written)
+        workload::burst(
+            pool,
+            tenancies,
+            args.rate.div_ceil(BURST_WRITERS),
+            until,
+            &written,
+        )
     });
     let burst = futures::future::try_join_all(writers);
     let probe = workload::probe(pool, tenancies, until, CATCH_UP_TIMEOUT);

@@ -1,18 +1,76 @@
 //! `GET /metrics`: Prometheus text that a parser reads, whose counters move as the
 //! service works, whose gauges follow the queue and the failing databases, and whose
 //! labels never name a tenant.
+//!
+//! The service runs as a process of its own: the metrics recorder is process-wide, and
+//! other tests' in-process services would move its counters.
+
+use std::process::Stdio;
 
 use prometheus_parse::{Scrape, Value};
-use reqwest::Method;
+use serde_json::Value as Json;
+use tokio::process::Child;
 use uuid::Uuid;
 
-use crate::harness::app::TestApp;
+use crate::harness::app::{CRON_SECRET, PREFIX};
+use crate::harness::binary::{command, free_address, wait_until_healthy};
 use crate::harness::fixtures::{tenancy, tenant_database, user};
-use crate::harness::sync::{attach, engine, sync};
+use crate::harness::postgres::{pool, server};
+use crate::harness::sync::attach;
+
+/// `serve` on `database_url` with its loops off: each stage runs when a test calls it.
+struct Service {
+    address: String,
+    client: reqwest::Client,
+    _child: Child,
+}
+
+impl Service {
+    async fn start(database_url: &str) -> Service {
+        let address = free_address();
+        let mut child = command(
+            &["serve"],
+            &[
+                ("DATABASE_URL", database_url),
+                ("CRON_SECRET", CRON_SECRET),
+                ("BIND_ADDR", &address),
+                ("RUN_WORKERS", "false"),
+                ("ALLOW_PRIVATE_TARGETS", "true"),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        wait_until_healthy(&address, &mut child).await;
+        Service {
+            address,
+            client: reqwest::Client::new(),
+            _child: child,
+        }
+    }
+
+    /// A cron route, or a tenancy's, with the bearer.
+    async fn post(&self, path: &str) -> Json {
+        let answer = self
+            .client
+            .post(format!("http://{}{PREFIX}{path}", self.address))
+            .bearer_auth(CRON_SECRET)
+            .send()
+            .await
+            .unwrap();
+        answer.json().await.unwrap()
+    }
+}
 
 /// The metrics as the service renders them, parsed.
-async fn scrape(app: &TestApp) -> Scrape {
-    let answer = app.request(Method::GET, "/metrics", None).await;
+async fn scrape(service: &Service) -> Scrape {
+    let answer = service
+        .client
+        .get(format!("http://{}/metrics", service.address))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(answer.status(), 200);
     let content_type = answer.headers()["content-type"]
         .to_str()
@@ -44,21 +102,23 @@ fn value(scrape: &Scrape, name: &str, label: Option<(&str, &str)>) -> f64 {
 
 #[tokio::test]
 async fn metrics_parse_as_prometheus_text_and_move_as_work_is_done() {
-    let app = TestApp::spawn_with(&[("ALLOW_PRIVATE_TARGETS", "true")]).await;
-    let tenancy = tenancy(&app.pool).await;
+    let url = server().migrated_database().await;
+    let internal = pool(&url).await;
+    let service = Service::start(&url).await;
+    let tenancy = tenancy(&internal).await;
     let (tenant_url, _tenant) = tenant_database().await;
-    attach(&app.pool, tenancy, &[("main", &tenant_url)]).await;
+    attach(&internal, tenancy, &[("main", &tenant_url)]).await;
     for name in ["ana", "bo", "cy"] {
-        user(&app.pool, tenancy, name).await;
+        user(&internal, tenancy, name).await;
     }
-    let before = scrape(&app).await;
+    let before = scrape(&service).await;
     assert_eq!(
         value(&before, "external_db_sync_backlog_read_ok", None),
         1.0
     );
 
-    app.run_sequencer("maxDurationMs=0").await;
-    let sequenced = scrape(&app).await;
+    service.post("/sequencer?maxDurationMs=0").await;
+    let sequenced = scrape(&service).await;
     let rows = "external_db_sync_rows_sequenced_total";
     assert_eq!(
         value(&sequenced, rows, None) - value(&before, rows, None),
@@ -73,8 +133,8 @@ async fn metrics_parse_as_prometheus_text_and_move_as_work_is_done() {
         ) >= 0.0
     );
 
-    app.run_poller("stopWhenIdle=true").await;
-    let synced = scrape(&app).await;
+    service.post("/poller?stopWhenIdle=true").await;
+    let synced = scrape(&service).await;
     let moved = |name: &str, label: Option<(&str, &str)>| {
         value(&synced, name, label) - value(&sequenced, name, label)
     };
@@ -103,17 +163,19 @@ async fn metrics_parse_as_prometheus_text_and_move_as_work_is_done() {
     );
 
     // A database that refuses connections: a failed sync, and a failing database.
-    let broken = crate::harness::fixtures::tenancy(&app.pool).await;
+    let broken = crate::harness::fixtures::tenancy(&internal).await;
     attach(
-        &app.pool,
+        &internal,
         broken,
         &[("gone", "postgres://nobody@127.0.0.1:1/db")],
     )
     .await;
-    user(&app.pool, broken, "dee").await;
-    // One sync, from the test (the poller would keep retrying it).
-    sync(&app.pool, &engine(&app.pool), broken).await;
-    let failed = scrape(&app).await;
+    user(&internal, broken, "dee").await;
+    service.post("/sequencer?maxDurationMs=0").await;
+    // One sync (the poller would retry it until its route's time is up).
+    let answer = service.post(&format!("/tenancies/{broken}/sync")).await;
+    assert_eq!(answer["ok"], false, "{answer}");
+    let failed = scrape(&service).await;
     assert_eq!(
         value(
             &failed,
@@ -145,5 +207,4 @@ async fn metrics_parse_as_prometheus_text_and_move_as_work_is_done() {
             );
         }
     }
-    app.stop().await.unwrap();
 }
