@@ -98,14 +98,15 @@ fn describe() {
     describe_gauge!(
         WORST_LAG,
         Unit::Seconds,
-        "Of the tenant databases with changes they do not have yet, the longest time since \
-         one last synced successfully"
+        "The longest any tenant database has lacked a change: for a failing one, the time \
+         since its last success; for a healthy one that is behind, the age of its tenancy's \
+         oldest outstanding sync request"
     );
     describe_gauge!(DATABASES_FAILING, "Tenant databases whose last sync failed");
     describe_gauge!(
         BACKLOG_READ_OK,
-        "1 when the queue and lag gauges were read from the internal database at this \
-         scrape, 0 when they are from an earlier one"
+        "1 when the last reading of the queue and lag gauges from the internal database \
+         succeeded, 0 when it failed (they then keep their earlier values)"
     );
 }
 

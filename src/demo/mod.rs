@@ -148,29 +148,30 @@ async fn run_on(embedded: &Embedded, args: &DemoArgs) -> anyhow::Result<bool> {
     let service = tokio::spawn(application.run());
     tokio::spawn(startup::cancel_on_signal(shutdown.clone()));
 
-    let result = phases(&pool, &mut tenancies, args, &mut progress, &shutdown).await;
-    let verified = match result {
-        Ok(mut summary) => {
-            let engine = SyncEngine::new(
-                pool.clone(),
-                engine_settings.0,
-                TargetPolicy::new(PrivateTargets::Allowed, engine_settings.1),
-            );
-            progress.line("verifying every tenant database against its source");
-            summary.verification = verify_all(&engine, &tenancies).await?;
-            summary.print(args.json)?;
-            if args.keep && !shutdown.is_cancelled() {
-                print_psql(embedded, &tenancies, address);
-                shutdown.cancelled().await;
-            }
-            Ok(summary.all_equal())
+    // Whatever happens from here, the service is stopped before the database.
+    let verified = async {
+        let mut summary = phases(&pool, &mut tenancies, args, &mut progress, &shutdown).await?;
+        let engine = SyncEngine::new(
+            pool.clone(),
+            engine_settings.0,
+            TargetPolicy::new(PrivateTargets::Allowed, engine_settings.1),
+        );
+        progress.line("verifying every tenant database against its source");
+        summary.verification = verify_all(&engine, &tenancies).await?;
+        summary.print(args.json)?;
+        if args.keep && !shutdown.is_cancelled() {
+            print_psql(embedded, &tenancies, address);
+            shutdown.cancelled().await;
         }
-        Err(error) => Err(error),
-    };
+        anyhow::Ok(summary.all_equal())
+    }
+    .await;
     shutdown.cancel();
-    service.await.context("the service task")??;
+    let served = service.await.context("the service task")?;
     pool.close().await;
-    verified
+    let verified = verified?;
+    served?;
+    Ok(verified)
 }
 
 /// The load, the burst and the catch-up, with progress; the summary without its

@@ -23,7 +23,8 @@ pub struct TenancyProgress {
     pub source_rows: u64,
     /// Users and contact channels in the tenant database.
     pub tenant_rows: u64,
-    /// Changes the tenant database does not have yet.
+    /// Changes the tenant database does not have yet: sequenced ones after its
+    /// watermarks, and ones the sequencer has not numbered yet.
     pub changes_behind: i64,
 }
 
@@ -38,6 +39,24 @@ pub async fn measure(
                select "tenancyId" from "ProjectUser" where "tenancyId" = any($1)
                union all
                select "tenancyId" from "ContactChannel" where "tenancyId" = any($1)) as rows
+           group by "tenancyId""#,
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    // Changes not numbered yet are not behind any watermark, but not synced either.
+    let unsequenced: HashMap<Uuid, i64> = sqlx::query_as(
+        r#"select "tenancyId", count(*) from (
+               select "tenancyId" from "ProjectUser"
+               where "shouldUpdateSequenceId" and "tenancyId" = any($1)
+               union all
+               select "tenancyId" from "ContactChannel"
+               where "shouldUpdateSequenceId" and "tenancyId" = any($1)
+               union all
+               select "tenancyId" from "DeletedRow"
+               where "shouldUpdateSequenceId" and "tenancyId" = any($1)) as rows
            group by "tenancyId""#,
     )
     .bind(&ids)
@@ -62,7 +81,8 @@ pub async fn measure(
         progress.push(TenancyProgress {
             source_rows: source.get(&tenancy.id).copied().unwrap_or(0) as u64,
             tenant_rows: tenant_rows as u64,
-            changes_behind: behind.get(&tenancy.id).copied().unwrap_or(0),
+            changes_behind: behind.get(&tenancy.id).copied().unwrap_or(0)
+                + unsequenced.get(&tenancy.id).copied().unwrap_or(0),
         });
     }
     Ok(progress)
