@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Env};
@@ -65,6 +65,9 @@ pub struct DemoArgs {
 
 /// How long the tenant databases may take to catch up after a phase.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
+/// The demo's connections to the internal database: the burst's writers, the probe,
+/// the progress display, and one to spare.
+const DEMO_CONNECTIONS: u32 = BURST_WRITERS + 3;
 /// Concurrent writers of the burst; each writes its share of `--rate`.
 const BURST_WRITERS: u32 = 4;
 /// How often progress is read.
@@ -128,7 +131,20 @@ fn demo_config(url: &SecretString) -> anyhow::Result<Config> {
 
 async fn run_on(embedded: &Embedded, args: &DemoArgs) -> anyhow::Result<bool> {
     let config = demo_config(&embedded.url())?;
-    let pool = db::connect(&config.database)
+    let service_pool = db::connect(&config.database)
+        .await
+        .context("cannot connect to the embedded database")?;
+    // The demo's own connections, apart from the service's. Its progress queries are
+    // slow while the burst keeps both cores busy: not worth a warning with their text.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(DEMO_CONNECTIONS)
+        .connect_with(
+            config
+                .database
+                .connect_options
+                .clone()
+                .disable_statement_logging(),
+        )
         .await
         .context("cannot connect to the embedded database")?;
     db::migrate(&pool)
@@ -143,7 +159,7 @@ async fn run_on(embedded: &Embedded, args: &DemoArgs) -> anyhow::Result<bool> {
 
     let shutdown = CancellationToken::new();
     let engine_settings = (config.sync.clone(), config.database.location());
-    let application = Application::build(config, pool.clone(), shutdown.clone()).await?;
+    let application = Application::build(config, service_pool.clone(), shutdown.clone()).await?;
     let address = application.local_addr();
     let service = tokio::spawn(application.run());
     tokio::spawn(startup::cancel_on_signal(shutdown.clone()));
@@ -168,7 +184,11 @@ async fn run_on(embedded: &Embedded, args: &DemoArgs) -> anyhow::Result<bool> {
     .await;
     shutdown.cancel();
     let served = service.await.context("the service task")?;
+    for tenancy in &tenancies {
+        tenancy.tenant.close().await;
+    }
     pool.close().await;
+    service_pool.close().await;
     let verified = verified?;
     served?;
     Ok(verified)
