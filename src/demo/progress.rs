@@ -34,35 +34,27 @@ pub async fn measure(
     tenancies: &[DemoTenancy],
 ) -> anyhow::Result<Vec<TenancyProgress>> {
     let ids: Vec<Uuid> = tenancies.iter().map(|tenancy| tenancy.id).collect();
-    let source: HashMap<Uuid, i64> = sqlx::query_as(
-        r#"select "tenancyId", count(*) from (
-               select "tenancyId" from "ProjectUser" where "tenancyId" = any($1)
-               union all
-               select "tenancyId" from "ContactChannel" where "tenancyId" = any($1)) as rows
+    // Per tenancy, in one pass: its live rows, and its changes not numbered yet (they
+    // are behind no watermark, but not synced either).
+    let source: HashMap<Uuid, (i64, i64)> = sqlx::query_as::<_, (Uuid, i64, i64)>(
+        r#"select "tenancyId", count(*) filter (where live),
+                  count(*) filter (where "shouldUpdateSequenceId")
+           from (select "tenancyId", true as live, "shouldUpdateSequenceId"
+                 from "ProjectUser" where "tenancyId" = any($1)
+                 union all
+                 select "tenancyId", true, "shouldUpdateSequenceId"
+                 from "ContactChannel" where "tenancyId" = any($1)
+                 union all
+                 select "tenancyId", false, true
+                 from "DeletedRow"
+                 where "shouldUpdateSequenceId" and "tenancyId" = any($1)) as rows
            group by "tenancyId""#,
     )
     .bind(&ids)
     .fetch_all(pool)
     .await?
     .into_iter()
-    .collect();
-    // Changes not numbered yet are not behind any watermark, but not synced either.
-    let unsequenced: HashMap<Uuid, i64> = sqlx::query_as(
-        r#"select "tenancyId", count(*) from (
-               select "tenancyId" from "ProjectUser"
-               where "shouldUpdateSequenceId" and "tenancyId" = any($1)
-               union all
-               select "tenancyId" from "ContactChannel"
-               where "shouldUpdateSequenceId" and "tenancyId" = any($1)
-               union all
-               select "tenancyId" from "DeletedRow"
-               where "shouldUpdateSequenceId" and "tenancyId" = any($1)) as rows
-           group by "tenancyId""#,
-    )
-    .bind(&ids)
-    .fetch_all(pool)
-    .await?
-    .into_iter()
+    .map(|(tenancy, rows, unsequenced)| (tenancy, (rows, unsequenced)))
     .collect();
     let behind: HashMap<Uuid, i64> = db::status::read(pool, None)
         .await?
@@ -78,11 +70,11 @@ pub async fn measure(
         .fetch_one(&tenancy.tenant)
         .await
         .unwrap_or(0);
+        let (source_rows, unsequenced) = source.get(&tenancy.id).copied().unwrap_or((0, 0));
         progress.push(TenancyProgress {
-            source_rows: source.get(&tenancy.id).copied().unwrap_or(0) as u64,
+            source_rows: source_rows as u64,
             tenant_rows: tenant_rows as u64,
-            changes_behind: behind.get(&tenancy.id).copied().unwrap_or(0)
-                + unsequenced.get(&tenancy.id).copied().unwrap_or(0),
+            changes_behind: behind.get(&tenancy.id).copied().unwrap_or(0) + unsequenced,
         });
     }
     Ok(progress)
