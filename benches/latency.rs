@@ -8,6 +8,13 @@
 //! metadata. Both clocks are the same server's. A write that is overtaken by a newer one
 //! of the same user before a sync counts as visible when the newer one arrives.
 //!
+//! Scale: `BENCH_QUIET_TENANCIES` more tenancies (default 0), each with
+//! `BENCH_QUIET_USERS` users (default 200) and no tenant database, are imported before
+//! the service starts. The benchmark prints how long the service took to number that
+//! backlog (and how many sync requests it queued for it: none is right), then measures
+//! latency and the idle query rate with them in the internal database. The issue's
+//! scale case: `BENCH_TENANCIES=100 BENCH_QUIET_TENANCIES=9900`.
+//!
 //! Run: `cargo bench --bench latency`. Settings: `BENCH_RATE` (changes per second,
 //! default 1000), `BENCH_SECONDS` (default 10), `BENCH_TENANCIES` (default 50),
 //! `BENCH_DURABLE=0` (no `fsync`, to see what disk flushes cost), `BENCH_STATEMENTS=1`
@@ -99,6 +106,52 @@ async fn main() {
         tenants.push((tenancy, postgres::pool(&tenant_url).await));
     }
 
+    // Quiet tenancies: many users, no tenant database.
+    let quiet_tenancies = setting("BENCH_QUIET_TENANCIES", 0);
+    let quiet_users = setting("BENCH_QUIET_USERS", 200);
+    if quiet_tenancies > 0 {
+        let started = Instant::now();
+        sqlx::query(
+            r#"with tenancies as (
+                   insert into "Tenancy" ("id", "projectId")
+                   select gen_random_uuid(), 'quiet' from generate_series(1, $1)
+                   returning "id")
+               insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
+               select tenancies."id", gen_random_uuid(), 'quiet user ' || n
+               from tenancies, generate_series(1, $2) n"#,
+        )
+        .bind(quiet_tenancies as i64)
+        .bind(quiet_users as i32)
+        .execute(&pool)
+        .await
+        .unwrap();
+        // No manual VACUUM or ANALYZE: autovacuum (with the migrations' settings) is
+        // what a production database would have.
+        println!(
+            "imported {quiet_tenancies} quiet tenancies with {quiet_users} users each in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    // Every sync request queued from now on, logged by a trigger of the benchmark's.
+    sqlx::raw_sql(
+        r#"create table bench_queued (key text not null);
+           create function bench_log_queued() returns trigger language plpgsql as $$
+           begin
+               insert into bench_queued values (new."deduplicationKey");
+               return null;
+           end $$;
+           create trigger bench_log_queued after insert on "OutgoingRequest"
+               for each row execute function bench_log_queued();"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let backlog: i64 =
+        sqlx::query_scalar(r#"select count(*) from "ProjectUser" where "shouldUpdateSequenceId""#)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+
     // The service, as `serve` runs it.
     // The service's tuning variables (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`,
     // `DATABASE_MAX_CONNECTIONS`) pass through from the environment.
@@ -129,6 +182,33 @@ async fn main() {
         .await
         .unwrap();
     let service = tokio::spawn(application.run());
+
+    // The backlog numbered by the service's sequencer, and the queue it left.
+    let started = Instant::now();
+    wait_for(Duration::from_secs(1800), || async {
+        sqlx::query_scalar::<_, bool>(
+            r#"select not exists (select from "ProjectUser" where "shouldUpdateSequenceId")"#,
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(false)
+    })
+    .await;
+    let numbering = started.elapsed();
+    let quiet_requests: i64 = sqlx::query_scalar(
+        r#"select count(*) from bench_queued as queued
+           join "Tenancy" as tenancy on queued.key like '%' || tenancy."id"::text
+           where tenancy."projectId" = 'quiet'"#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    println!(
+        "backlog: {backlog} users numbered in {:.1} s ({:.0} rows/s); sync requests queued \
+         for tenancies without databases: {quiet_requests}",
+        numbering.as_secs_f64(),
+        backlog as f64 / numbering.as_secs_f64().max(0.001)
+    );
 
     // The initial sync, then the arrival log in every tenant database.
     for (_, tenant) in &tenants {

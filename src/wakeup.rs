@@ -132,6 +132,15 @@ const AWAKE_PAUSES_MS: [u64; 6] = [1, 2, 4, 8, 8, 8];
 /// this.
 const REFUSED_PAUSE_LONGEST: Duration = Duration::from_millis(50);
 
+/// How far a sequencer loop's batches grow while a backlog lasts: a batch that came back
+/// full is followed by one twice its size, up to this many times `SEQUENCER_BATCH_SIZE`
+/// (and never over [`GROWN_BATCH_MOST`] rows per table); a batch that was not full
+/// brings it back to the configured size. Larger batches spend less per row on the
+/// round trip and the commit; the cap keeps a batch short enough that the changes of
+/// small tenancies, queued behind it, still arrive within a fraction of a second.
+const BATCH_GROWTH_LIMIT: u32 = 8;
+const GROWN_BATCH_MOST: u32 = 10_000;
+
 /// The sequencer as a loop in `serve`: one [`SequencerLoop::step`] per batch. It sleeps
 /// (waits for a change notification, or its timer) only once the database agreed that
 /// writers notify again; until then it looks again after a short pause.
@@ -141,6 +150,9 @@ pub struct SequencerLoop {
     /// on, each batch tries to go to sleep; asleep, the count stays there, so that a
     /// wake-up with nothing to do goes back to sleep at once.
     empty_looks: usize,
+    /// The next batch's size, as a multiple of the configured one (see
+    /// [`BATCH_GROWTH_LIMIT`]).
+    growth: u32,
 }
 
 impl Default for SequencerLoop {
@@ -148,6 +160,7 @@ impl Default for SequencerLoop {
     fn default() -> Self {
         SequencerLoop {
             empty_looks: AWAKE_PAUSES_MS.len(),
+            growth: 1,
         }
     }
 }
@@ -165,8 +178,34 @@ impl SequencerLoop {
         } else {
             Wakefulness::Awake { lease }
         };
-        let run = sequencer::run_batch(pool, settings, wakefulness).await?;
-        Ok(self.after(run, settings.batch_size))
+        let batch_size = self.batch_size(settings.batch_size);
+        let grown = SequencerSettings {
+            batch_size,
+            ..settings.clone()
+        };
+        let run = sequencer::run_batch(pool, &grown, wakefulness).await?;
+        let outcome = self.after(run, batch_size);
+        self.grow(&outcome);
+        Ok(outcome)
+    }
+
+    /// After a full batch, the next one is twice as large (up to the limit); after any
+    /// other, back to the configured size.
+    fn grow(&mut self, outcome: &Outcome) {
+        self.growth = match outcome {
+            Outcome::Worked { more: true, .. } => (self.growth * 2).min(BATCH_GROWTH_LIMIT),
+            _ => 1,
+        };
+    }
+
+    /// The size of the next batch, from the configured one.
+    fn batch_size(&self, configured: u32) -> u32 {
+        let grown = configured.saturating_mul(self.growth);
+        if grown > configured {
+            grown.min(GROWN_BATCH_MOST.max(configured))
+        } else {
+            configured
+        }
     }
 
     /// Gives the lease up as the loop ends, so that writers notify the other replicas at
@@ -218,6 +257,29 @@ mod tests {
     use super::*;
     use crate::db::sequencing::SequencedBatch;
     use crate::sequencer::tests::batch;
+
+    #[test]
+    fn batches_grow_while_they_come_back_full_and_shrink_back_after() {
+        let mut worker = SequencerLoop::default();
+        let full = Outcome::Worked { n: 1, more: true };
+        let mut sizes = Vec::new();
+        for _ in 0..5 {
+            sizes.push(worker.batch_size(1000));
+            worker.grow(&full);
+        }
+        assert_eq!(sizes, [1000, 2000, 4000, 8000, 8000]);
+        worker.grow(&Outcome::Worked { n: 1, more: false });
+        assert_eq!(worker.batch_size(1000), 1000);
+
+        // Never over GROWN_BATCH_MOST, and never under the configured size.
+        for _ in 0..5 {
+            worker.grow(&full);
+        }
+        assert_eq!(worker.batch_size(5000), 10_000);
+        assert_eq!(worker.batch_size(50_000), 50_000);
+        worker.grow(&Outcome::Idle);
+        assert_eq!(worker.batch_size(5000), 5000);
+    }
 
     #[test]
     fn the_worker_stays_awake_briefly_then_sleeps_only_when_the_batch_says_so() {

@@ -134,8 +134,9 @@ pub enum DatabaseChange {
     TooMany,
 }
 
-/// Adds `entry` (already validated) as database `database_id` of the tenancy, and
-/// queues a sync of the tenancy so that the new database is filled. The tenancy's row
+/// Adds `entry` (already validated) as database `database_id` of the tenancy. A trigger
+/// on `"Tenancy"` (migration 12) queues a sync of the tenancy in the same transaction,
+/// so that the new database is filled. The tenancy's row
 /// is locked while its configuration is read and written: concurrent changes take
 /// turns.
 pub async fn add_database(
@@ -158,7 +159,6 @@ pub async fn add_database(
     let mut databases = databases;
     databases.insert(database_id.to_owned(), entry.clone());
     write_databases(&mut transaction, tenancy_id, databases).await?;
-    super::queue::enqueue_sync(&mut *transaction, tenancy_id).await?;
     transaction.commit().await?;
     Ok(DatabaseChange::Done)
 }

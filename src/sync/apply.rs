@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::database::Sessions;
 use super::engine::SyncEngine;
 use super::error::SyncError;
+use super::initial_copy;
 use super::report::MappingReport;
 use super::resync;
 use super::sessions::TenantSession;
@@ -39,6 +40,7 @@ pub(super) async fn apply_batches(
         }
     }
     let mut deletions_checked = false;
+    let mut copy_considered = false;
     loop {
         let watermark = begin_locked(session, mapping).await?;
         report.watermark = watermark;
@@ -48,6 +50,18 @@ pub(super) async fn apply_batches(
                 resync_if_deletions_missed(sessions, session, mapping, watermark).await?
             {
                 report.removed_by_resync = Some(removed);
+                read_ahead = None;
+                continue;
+            }
+        }
+        if watermark == -1 && !copy_considered {
+            copy_considered = true;
+            let copied =
+                initial_copy::copy_if_empty(&engine.pool, session, mapping, key.tenancy_id).await?;
+            if let Some(copied) = copied {
+                advance_and_commit(session, mapping, copied.through).await?;
+                engine.known.set_watermark(key, mapping, copied.through);
+                report.add_copy(copied.rows, copied.through);
                 read_ahead = None;
                 continue;
             }
@@ -171,6 +185,29 @@ async fn resync_if_deletions_missed(
     }
     let removed = resync::remove_rows_not_in_source(sessions, session, mapping).await?;
     Ok(Some(removed))
+}
+
+/// In the transaction that holds the mapping's lock: moves the watermark forward to
+/// `through` and commits, in one round trip.
+async fn advance_and_commit(
+    session: &mut TenantSession,
+    mapping: Mapping,
+    through: i64,
+) -> Result<(), SyncError> {
+    let [advance] = session
+        .statements([ADVANCE_WATERMARK])
+        .await
+        .map_err(SyncError::target)?;
+    let name = mapping.name();
+    let params: [&(dyn ToSql + Sync); 2] = [&name, &through];
+    let client = session.client();
+    let (advanced, committed) = tokio::join!(
+        biased;
+        client.execute(&advance, &params),
+        client.batch_execute("commit"),
+    );
+    advanced.map_err(SyncError::target)?;
+    committed.map_err(SyncError::target)
 }
 
 /// A batch read before its turn, and the watermark it was read after.

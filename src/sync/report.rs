@@ -129,6 +129,15 @@ impl MappingReport {
         self.watermark = batch.last_sequence_id;
     }
 
+    /// Counts the rows of an initial copy, which applied every change through
+    /// `through`; its rows count as changes.
+    pub(super) fn add_copy(&mut self, rows: u64, through: i64) {
+        self.batches += 1;
+        self.changes += rows;
+        self.upserted += rows;
+        self.watermark = through;
+    }
+
     /// A mapping left as it was: nothing after `watermark`.
     pub(super) fn nothing_after(mapping: Mapping, watermark: i64) -> Self {
         Self {

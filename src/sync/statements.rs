@@ -37,6 +37,31 @@ pub fn upsert(mapping: Mapping) -> &'static str {
     }
 }
 
+/// `COPY … FROM STDIN (FORMAT binary)` into the mapping's table, in the columns (and
+/// types) of [`crate::db::changes::copy_current_rows`].
+pub fn copy_in(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => {
+            "copy users (id, display_name, profile_image_url, primary_email, \
+             primary_email_verified, signed_up_at, client_metadata, client_read_only_metadata, \
+             server_metadata, is_anonymous) from stdin (format binary)"
+        }
+        Mapping::ContactChannels => {
+            "copy contact_channels (id, user_id, type, value, is_primary, is_verified, \
+             used_for_auth, created_at) from stdin (format binary)"
+        }
+    }
+}
+
+/// Whether the mapping's table holds any row: one row of one boolean, whatever the
+/// table holds.
+pub fn has_rows(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => "select exists (select from users)",
+        Mapping::ContactChannels => "select exists (select from contact_channels)",
+    }
+}
+
 /// [`delete`] that deletes nothing unless the mapping's watermark is `$3` (`$2`: the
 /// mapping's name).
 pub fn guarded_delete(mapping: Mapping) -> &'static str {

@@ -51,7 +51,7 @@ async fn sequencer_rejects_missing_malformed_and_wrong_bearers() {
 #[tokio::test]
 async fn sequencer_with_the_right_bearer_answers_with_its_summary() {
     let app = TestApp::spawn().await;
-    let tenancy = fixtures::tenancy(&app.pool).await;
+    let tenancy = fixtures::tenancy_with_placeholder_database(&app.pool).await;
     let user = fixtures::user(&app.pool, tenancy, "Ada").await;
     fixtures::email(&app.pool, tenancy, user, "ada@example.com", true).await;
 
@@ -91,13 +91,16 @@ async fn sequencer_with_the_right_bearer_answers_with_its_summary() {
 #[tokio::test]
 async fn sequencer_reports_what_it_did() {
     let app = TestApp::spawn().await;
-    let tenancy = fixtures::tenancy(&app.pool).await;
+    let tenancy = fixtures::tenancy_with_placeholder_database(&app.pool).await;
     let user = fixtures::user(&app.pool, tenancy, "Ada").await;
     fixtures::email(&app.pool, tenancy, user, "ada@example.com", true).await;
+    // A tenancy without databases: its user is numbered, but no request is queued.
+    let without_databases = fixtures::tenancy(&app.pool).await;
+    fixtures::user(&app.pool, without_databases, "Grace").await;
 
     let body = app.run_sequencer("maxDurationMs=0").await;
 
-    assert_eq!(body["sequenced"]["projectUsers"], 1);
+    assert_eq!(body["sequenced"]["projectUsers"], 2);
     assert_eq!(body["sequenced"]["contactChannels"], 1);
     assert_eq!(body["sequenced"]["deletedRows"], 0);
     assert_eq!(body["requestsEnqueued"], 1);
@@ -263,8 +266,9 @@ const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[tokio::test]
 async fn workers_in_serve_sequence_and_publish_changes_without_any_cron_call() {
-    let app = TestApp::spawn_with(&[("RUN_WORKERS", "true")]).await;
-    let tenancy = fixtures::tenancy(&app.pool).await;
+    let app =
+        TestApp::spawn_with(&[("RUN_WORKERS", "true"), ("ALLOW_PRIVATE_TARGETS", "true")]).await;
+    let (tenancy, tenant) = crate::harness::sync::tenancy_with_database(&app.pool).await;
     let user = fixtures::user(&app.pool, tenancy, "Ada").await;
 
     let sequence_id = crate::harness::wait::until(
@@ -278,8 +282,8 @@ async fn workers_in_serve_sequence_and_publish_changes_without_any_cron_call() {
     .await;
 
     assert!(sequence_id.is_some());
-    // The in-process poller then takes the tenancy's request and publishes it (the
-    // tenancy has no databases, so the sync has nothing to do).
+    // The in-process poller then takes the tenancy's request and publishes it: the
+    // tenant database receives the user.
     crate::harness::wait::until(
         "the in-process poller to publish the request",
         std::time::Duration::from_secs(10),
@@ -295,6 +299,7 @@ async fn workers_in_serve_sequence_and_publish_changes_without_any_cron_call() {
         },
     )
     .await;
+    crate::harness::sync::wait_until_equal(&app.pool, tenancy, &tenant).await;
     assert!(pending_request_keys(&app.pool).await.is_empty());
     app.stop().await.unwrap();
 }

@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod bulk;
 mod cli_sync;
 mod cli_tenancy;
 mod command_line;

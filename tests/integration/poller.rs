@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::harness::app::{TestApp, CRON_SECRET, PREFIX};
 use crate::harness::fixtures::{
     delete_channel, delete_user, email, pending_request_keys, rename_user, request_key,
-    sequence_all, tenancy, tenant_database, user,
+    sequence_all, tenancy, tenancy_with_placeholder_database, tenant_database, user,
 };
 use crate::harness::polling::{direct_poller, direct_poller_with, poll_once, step};
 use crate::harness::postgres::migrated_pool;
@@ -152,8 +152,8 @@ async fn a_failing_database_is_retried_by_its_own_request_when_due() {
     assert_eq!(poll_once(&poller).await.claimed, 1);
     assert_eq!(retry_state(&pool, tenancy, "main").await, (2, true));
 
-    // The database comes back: its entry changed, so it is due at once; the retry
-    // request, when it comes, brings everything over.
+    // The database comes back: its entry changed, so it is due at once, and the change
+    // queued a sync of the tenancy beside the retry request; they bring everything over.
     let (url, tenant) = tenant_database().await;
     attach(&pool, tenancy, &[("main", &url)]).await;
     sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
@@ -162,8 +162,15 @@ async fn a_failing_database_is_retried_by_its_own_request_when_due() {
         .unwrap();
     let batch = poll_once(&poller).await;
 
-    assert_eq!((batch.claimed, batch.published), (1, 1));
-    assert!(pending_request_keys(&pool).await.is_empty());
+    assert_eq!((batch.claimed, batch.published), (2, 2));
+    // One of the two syncs attempted the database; the other found it reserved for that
+    // attempt and planned a retry for when the reservation would run out (it will find
+    // nothing to do). No change request is left.
+    assert_eq!(
+        pending_request_keys(&pool).await,
+        [retry_key(tenancy)],
+        "only the planned retry is left"
+    );
     assert_eq!(retry_state(&pool, tenancy, "main").await, (0, false));
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
@@ -348,7 +355,7 @@ async fn direct_syncs_record_every_database_status_whether_it_succeeded_or_not()
 #[tokio::test]
 async fn a_request_due_this_very_moment_is_claimed() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
+    let tenancy = tenancy_with_placeholder_database(&pool).await;
     user(&pool, tenancy, "first").await;
     sequence_all(&pool, 1000).await;
 
@@ -403,7 +410,7 @@ async fn a_claim_whose_poller_died_is_taken_over_after_its_lease() {
 #[tokio::test]
 async fn a_change_while_a_request_is_in_flight_leaves_exactly_one_pending_request() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
+    let tenancy = tenancy_with_placeholder_database(&pool).await;
     let id = user(&pool, tenancy, "first").await;
     sequence_all(&pool, 1000).await;
     // Many more changes while the request is pending: still one request.
@@ -526,7 +533,7 @@ async fn the_poller_and_fusebox_routes_require_the_bearer() {
 #[tokio::test]
 async fn a_pending_request_waits_while_its_tenancy_is_in_flight() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
+    let tenancy = tenancy_with_placeholder_database(&pool).await;
     let id = user(&pool, tenancy, "first").await;
     sequence_all(&pool, 1000).await;
     let lease = Duration::from_secs(300);
@@ -571,7 +578,7 @@ async fn a_pending_request_waits_while_its_tenancy_is_in_flight() {
 async fn the_poller_claims_only_as_many_requests_as_it_has_free_sync_slots() {
     let pool = migrated_pool().await;
     for name in ["one", "two", "three"] {
-        let tenancy = tenancy(&pool).await;
+        let (tenancy, _) = tenancy_with_database(&pool).await;
         user(&pool, tenancy, name).await;
     }
     sequence_all(&pool, 1000).await;

@@ -31,7 +31,7 @@ async fn sequences_every_flagged_row_once_and_queues_one_request_per_tenancy() {
     let pool = migrated_pool().await;
     let mut tenancies = Vec::new();
     for _ in 0..3 {
-        let tenancy = fixtures::tenancy(&pool).await;
+        let tenancy = fixtures::tenancy_with_placeholder_database(&pool).await;
         for n in 0..10 {
             let user = fixtures::user(&pool, tenancy, &format!("user {n}")).await;
             fixtures::email(&pool, tenancy, user, &format!("u{n}@example.com"), true).await;
@@ -104,7 +104,7 @@ async fn concurrent_runs_number_each_row_once_and_never_queue_two_requests() {
     let pool = migrated_pool().await;
     let mut tenancies = Vec::new();
     for _ in 0..5 {
-        let tenancy = fixtures::tenancy(&pool).await;
+        let tenancy = fixtures::tenancy_with_placeholder_database(&pool).await;
         for n in 0..40 {
             let user = fixtures::user(&pool, tenancy, &format!("user {n}")).await;
             fixtures::email(&pool, tenancy, user, &format!("u{n}@example.com"), true).await;
@@ -271,7 +271,7 @@ async fn a_row_locked_by_an_open_transaction_is_skipped_until_it_commits() {
 #[tokio::test]
 async fn a_change_while_a_request_is_in_flight_queues_exactly_one_new_request() {
     let pool = migrated_pool().await;
-    let tenancy = fixtures::tenancy(&pool).await;
+    let tenancy = fixtures::tenancy_with_placeholder_database(&pool).await;
     let user = fixtures::user(&pool, tenancy, "Ada").await;
     sequence_all(&pool, 100).await;
     assert_eq!(
@@ -307,4 +307,53 @@ async fn count_requests(pool: &PgPool) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap()
+}
+
+/// A tenancy without tenant databases costs no sync: its changes are numbered, but no
+/// request is queued for it. Adding a database queues one at once, in the adding
+/// transaction, and the sync fills the database from the beginning.
+#[tokio::test]
+async fn a_tenancy_without_databases_is_numbered_but_queues_nothing_until_one_is_added() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+
+    sequence_all(&pool, 100).await;
+
+    assert_eq!(flagged_rows(&pool).await, 0, "its rows are numbered");
+    assert!(fixtures::user_state(&pool, tenancy, user).await.1.is_some());
+    assert!(
+        pending_request_keys(&pool).await.is_empty(),
+        "no request for a tenancy without databases"
+    );
+
+    // Other configuration changes queue nothing either.
+    sqlx::query(r#"update "Tenancy" set "config" = '{"dbSync": {"externalDatabases": {}}}'"#)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(pending_request_keys(&pool).await.is_empty());
+
+    let (url, tenant) = crate::harness::fixtures::tenant_database().await;
+    crate::harness::sync::attach(&pool, tenancy, &[("main", &url)]).await;
+    assert_eq!(pending_request_keys(&pool).await, [request_key(tenancy)]);
+    let options: Value = sqlx::query_scalar(
+        r#"select "qstashOptions" from "OutgoingRequest" where "deduplicationKey" = $1"#,
+    )
+    .bind(request_key(tenancy))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        options,
+        json!({ "url": SYNC_ENGINE_PATH,
+                "body": { "tenancyId": tenancy } }),
+        "the trigger queues the request the sequencer would"
+    );
+
+    // The request's sync brings everything over, from the beginning.
+    let engine = crate::harness::sync::engine(&pool);
+    crate::harness::sync::sync_only(&engine, tenancy).await;
+    crate::harness::sync::assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }

@@ -400,13 +400,17 @@ async fn many_users(pool: &PgPool, tenancy: Uuid, count: i32) {
 async fn more_rows_than_one_batch_all_arrive() {
     let pool = migrated_pool().await;
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    // A first sync (into empty tables, which goes by COPY), then the batches.
+    many_users(&pool, tenancy, 1).await;
+    let engine = engine(&pool);
+    sync_ok(&pool, &engine, tenancy).await;
     many_users(&pool, tenancy, 1500).await;
 
-    let report = sync_ok(&pool, &engine(&pool), tenancy).await;
+    let report = sync_ok(&pool, &engine, tenancy).await;
 
     let users_mapping = &report.databases[0].result.as_ref().unwrap().mappings[0];
     assert_eq!(users_mapping.batches, 2, "1500 users in batches of 1000");
-    assert_eq!(user_count(&tenant).await, 1500);
+    assert_eq!(user_count(&tenant).await, 1501);
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
 
@@ -450,6 +454,15 @@ async fn a_delete_at_a_batch_boundary_is_not_lost() {
 async fn a_run_stops_after_its_batch_budget_and_requeues_the_tenancy() {
     let pool = migrated_pool().await;
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let settings = SyncSettings {
+        batch_size: 100,
+        max_batches_per_run: 2,
+        ..test_settings()
+    };
+    let engine = engine_with(&pool, settings, PrivateTargets::Allowed);
+    // A first sync (into empty tables, which goes by COPY), then the batches.
+    many_users(&pool, tenancy, 1).await;
+    sync_ok(&pool, &engine, tenancy).await;
     many_users(&pool, tenancy, 250).await;
     sequence_all(&pool, 1000).await;
     // The sequencer queued the tenancy; a worker would claim that request before the
@@ -458,17 +471,11 @@ async fn a_run_stops_after_its_batch_budget_and_requeues_the_tenancy() {
         .execute(&pool)
         .await
         .unwrap();
-    let settings = SyncSettings {
-        batch_size: 100,
-        max_batches_per_run: 2,
-        ..test_settings()
-    };
-    let engine = engine_with(&pool, settings, PrivateTargets::Allowed);
 
     let report = sync_only(&engine, tenancy).await;
 
     assert!(report.requeued);
-    assert_eq!(user_count(&tenant).await, 200);
+    assert_eq!(user_count(&tenant).await, 201);
     let pending: Vec<serde_json::Value> = sqlx::query_scalar(
         r#"select "qstashOptions" from "OutgoingRequest" where "startedFulfillingAt" is null"#,
     )
@@ -480,7 +487,7 @@ async fn a_run_stops_after_its_batch_budget_and_requeues_the_tenancy() {
 
     assert_eq!(
         external_channels(&tenant).await.len(),
-        200,
+        201,
         "each mapping has its own budget"
     );
 
@@ -491,7 +498,7 @@ async fn a_run_stops_after_its_batch_budget_and_requeues_the_tenancy() {
         .unwrap();
     let report = sync_only(&engine, tenancy).await;
     assert!(!report.requeued);
-    assert_eq!(user_count(&tenant).await, 250);
+    assert_eq!(user_count(&tenant).await, 251);
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
     assert!(pending_request_keys(&pool).await.is_empty());
 }

@@ -84,7 +84,7 @@ async fn wait_until_no_lease(pool: &PgPool, what: &str) {
 
 /// A tenancy with one user, already sequenced.
 async fn sequenced_user(pool: &PgPool) -> (Uuid, Uuid) {
-    let tenancy = fixtures::tenancy(pool).await;
+    let tenancy = fixtures::tenancy_with_placeholder_database(pool).await;
     let user = fixtures::user(pool, tenancy, "Ada").await;
     sequence_all(pool, 100).await;
     (tenancy, user)

@@ -19,6 +19,34 @@ pub async fn tenancy(pool: &PgPool) -> Uuid {
     id
 }
 
+/// A tenancy with one tenant database in its configuration (a placeholder nothing
+/// listens on), whose first sync is taken as done: the request that adding the database
+/// queued is removed. Its changes are queued like any tenancy's with databases; those of
+/// a [`tenancy`] without databases are numbered but queue nothing.
+pub async fn tenancy_with_placeholder_database(pool: &PgPool) -> Uuid {
+    let id = tenancy(pool).await;
+    sqlx::query(r#"update "Tenancy" set "config" = $2 where "id" = $1"#)
+        .bind(id)
+        .bind(placeholder_databases())
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(r#"delete from "OutgoingRequest" where "deduplicationKey" = $1"#)
+        .bind(request_key(id))
+        .execute(pool)
+        .await
+        .unwrap();
+    id
+}
+
+/// `"Tenancy"."config"` naming one tenant database that nothing listens on.
+pub fn placeholder_databases() -> serde_json::Value {
+    json!({ "dbSync": { "externalDatabases": { "main": {
+        "type": "postgres",
+        "connectionString": "postgres://nobody@127.0.0.1:1/placeholder"
+    } } } })
+}
+
 pub async fn user(pool: &PgPool, tenancy: Uuid, display_name: &str) -> Uuid {
     let id = Uuid::new_v4();
     sqlx::query(

@@ -1,0 +1,110 @@
+//! A mapping's first sync into an empty table: every row streamed with binary `COPY`,
+//! from the internal database straight into the tenant's table, instead of batches of
+//! upserts. It is what makes adding a database to a large tenancy (or importing many
+//! users at once) run at close to the speed PostgreSQL ingests data.
+//!
+//! The rows are read in one `REPEATABLE READ` snapshot of the internal database, with
+//! the mapping's latest change in that snapshot. Because the sequencer commits sequence
+//! ids in order (DESIGN.md §4), every change up to that id is in the snapshot, and every
+//! later one gets a higher id: that id is the watermark the copy leaves, and the batches
+//! go on from it. Rows not numbered yet are left out; they are numbered after it.
+//!
+//! Memory holds one chunk (about [`CHUNK_BYTES`]): the bytes are passed on as they come,
+//! never parsed, and `COPY` waits for the tenant database as it takes them.
+
+use bytes::BytesMut;
+use futures::{SinkExt, TryStreamExt};
+use tokio_postgres::types::ToSql;
+
+use super::error::SyncError;
+use super::sessions::TenantSession;
+use super::statements;
+use crate::db;
+use crate::mapping::Mapping;
+
+/// How many bytes of `COPY` data are passed to the tenant database at a time.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// What a copy wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Copied {
+    pub(super) rows: u64,
+    /// The mapping's latest change in the copied snapshot: the new watermark.
+    pub(super) through: i64,
+}
+
+/// In the transaction that holds the mapping's lock, with the watermark read under it
+/// as `-1` (never synced): if the table is empty and the source has changes, copies
+/// every row into it and returns what it wrote, leaving the transaction open for the
+/// caller to move the watermark and commit. `None` when it did nothing: the table holds
+/// rows (the batches upsert them), or the source has no change yet.
+pub(super) async fn copy_if_empty(
+    pool: &sqlx::PgPool,
+    session: &mut TenantSession,
+    mapping: Mapping,
+    tenancy_id: uuid::Uuid,
+) -> Result<Option<Copied>, SyncError> {
+    let [has_rows] = session
+        .statements([statements::has_rows(mapping)])
+        .await
+        .map_err(SyncError::target)?;
+    let no_params: [&(dyn ToSql + Sync); 0] = [];
+    let row = session
+        .client()
+        .query_one(&has_rows, &no_params)
+        .await
+        .map_err(SyncError::target)?;
+    if row.try_get::<_, bool>(0).map_err(SyncError::target)? {
+        return Ok(None);
+    }
+
+    let mut internal = pool.acquire().await?;
+    let copied = copy_snapshot(&mut internal, session, mapping, tenancy_id).await;
+    if copied.is_err() {
+        // It may have stopped mid-`COPY`, or mid-transaction: the connection is not
+        // worth cleaning up.
+        internal.close_on_drop();
+    }
+    copied
+}
+
+async fn copy_snapshot(
+    internal: &mut sqlx::PgConnection,
+    session: &TenantSession,
+    mapping: Mapping,
+    tenancy_id: uuid::Uuid,
+) -> Result<Option<Copied>, SyncError> {
+    sqlx::query("begin isolation level repeatable read, read only")
+        .execute(&mut *internal)
+        .await?;
+    let Some(through) = db::changes::latest_change(&mut *internal, mapping, tenancy_id).await?
+    else {
+        sqlx::query("rollback").execute(&mut *internal).await?;
+        return Ok(None);
+    };
+    let source_sql = db::changes::copy_current_rows(mapping, tenancy_id);
+    let sink = session
+        .client()
+        .copy_in::<_, bytes::Bytes>(statements::copy_in(mapping))
+        .await
+        .map_err(SyncError::target)?;
+    futures::pin_mut!(sink);
+    {
+        let mut source = internal.copy_out_raw(&source_sql).await?;
+        let mut chunk = BytesMut::with_capacity(CHUNK_BYTES);
+        while let Some(data) = source.try_next().await? {
+            chunk.extend_from_slice(&data);
+            if chunk.len() >= CHUNK_BYTES {
+                sink.send(chunk.split().freeze())
+                    .await
+                    .map_err(SyncError::target)?;
+            }
+        }
+        if !chunk.is_empty() {
+            sink.send(chunk.freeze()).await.map_err(SyncError::target)?;
+        }
+    }
+    let rows = sink.as_mut().finish().await.map_err(SyncError::target)?;
+    sqlx::query("commit").execute(&mut *internal).await?;
+    Ok(Some(Copied { rows, through }))
+}

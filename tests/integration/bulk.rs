@@ -1,0 +1,221 @@
+//! Bulk work: a first sync into empty tables goes by `COPY`, and a large import while
+//! small tenancies keep writing leaves every tenant database equal to its source.
+
+use std::time::Duration;
+
+use external_db_sync::mapping::Mapping;
+use external_db_sync::sync::report::{MappingReport, TenancyReport};
+use external_db_sync::sync::SyncSettings;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::harness::app::TestApp;
+use crate::harness::fixtures::{self, sequence_all};
+use crate::harness::postgres::migrated_pool;
+use crate::harness::sync::{
+    assert_tenant_matches_source, engine_with, latest_change, sync_only, tenancy_with_database,
+    test_settings, wait_until_equal, watermark, PrivateTargets,
+};
+
+/// `users` users of `tenancy`, each with a primary e-mail, inserted in one statement per
+/// table as an application's import would.
+async fn import(pool: &PgPool, tenancy: Uuid, users: i32) {
+    sqlx::query(
+        r#"with users as (
+               insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName",
+                   "clientMetadata", "signedUpAt")
+               select $1, gen_random_uuid(), 'Imported ' || n,
+                      jsonb_build_object('n', n), now() - make_interval(secs => n)
+               from generate_series(1, $2) n
+               returning "projectUserId", "displayName")
+           insert into "ContactChannel"
+               ("tenancyId", "projectUserId", "id", "type", "isPrimary", "usedForAuth",
+                "isVerified", "value")
+           select $1, "projectUserId", gen_random_uuid(), 'EMAIL', true, true, true,
+                  replace(lower("displayName"), ' ', '.') || '@example.com'
+           from users"#,
+    )
+    .bind(tenancy)
+    .bind(users)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+fn mapping_report(report: &TenancyReport, mapping: Mapping) -> MappingReport {
+    let synced = report.databases[0]
+        .result
+        .as_ref()
+        .expect("the database synced");
+    synced
+        .mappings
+        .iter()
+        .find(|report| report.mapping == mapping)
+        .expect("every mapping is reported")
+        .clone()
+}
+
+fn small_batches() -> SyncSettings {
+    SyncSettings {
+        batch_size: 100,
+        max_batches_per_run: 1000,
+        ..test_settings()
+    }
+}
+
+/// The first sync of a database whose tables are empty copies every numbered row in one
+/// go (one "batch" per mapping, where batches of 100 would take 25), and leaves the
+/// watermark at the latest change it copied; rows not numbered yet are left for the
+/// batches that follow.
+#[tokio::test]
+async fn a_first_sync_into_empty_tables_copies_every_numbered_row_at_once() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    import(&pool, tenancy, 2_500).await;
+    sqlx::query(
+        r#"delete from "ProjectUser" where "tenancyId" = $1
+           and "projectUserId" in (select "projectUserId" from "ProjectUser"
+                                   where "tenancyId" = $1 limit 10)"#,
+    )
+    .bind(tenancy)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sequence_all(&pool, 1000).await;
+    // Changed after numbering: the copy takes the row as it is now.
+    fixtures::rename_user(&pool, first_user(&pool, tenancy).await, "Renamed since").await;
+    // Not numbered yet: left out of the copy.
+    let late = fixtures::user(&pool, tenancy, "Late").await;
+    let engine = engine_with(&pool, small_batches(), PrivateTargets::Allowed);
+
+    let report = sync_only(&engine, tenancy).await;
+
+    let users = mapping_report(&report, Mapping::Users);
+    let channels = mapping_report(&report, Mapping::ContactChannels);
+    assert_eq!((users.batches, users.upserted), (1, 2_490), "{users:?}");
+    assert_eq!(
+        (channels.batches, channels.upserted),
+        (1, 2_490),
+        "{channels:?}"
+    );
+    assert_eq!(
+        watermark(&tenant, "users").await,
+        latest_change(&pool, tenancy, "ProjectUser").await
+    );
+    let names: Vec<String> =
+        sqlx::query_scalar("select display_name from users where display_name like 'Renamed%' or display_name = 'Late'")
+            .fetch_all(&tenant)
+            .await
+            .unwrap();
+    assert_eq!(
+        names,
+        ["Renamed since"],
+        "the copy is of the rows as they are now"
+    );
+
+    // The batches go on from the copy's watermark.
+    sequence_all(&pool, 1000).await;
+    let report = sync_only(&engine, tenancy).await;
+    let users = mapping_report(&report, Mapping::Users);
+    // The renamed user was copied as it is now: only the late one is written.
+    assert_eq!(users.upserted, 1, "{users:?}");
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+    fixtures::delete_user(&pool, late).await;
+    sequence_all(&pool, 1000).await;
+    sync_only(&engine, tenancy).await;
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
+
+async fn first_user(pool: &PgPool, tenancy: Uuid) -> Uuid {
+    sqlx::query_scalar(
+        r#"select "projectUserId" from "ProjectUser" where "tenancyId" = $1
+           order by "sequenceId" limit 1"#,
+    )
+    .bind(tenancy)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A table that already holds rows is never copied into, even with a watermark at the
+/// start (its owner set it back): the batches upsert over what is there.
+#[tokio::test]
+async fn a_table_that_holds_rows_goes_by_batches_even_from_the_start() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    import(&pool, tenancy, 300).await;
+    sequence_all(&pool, 1000).await;
+    let engine = engine_with(&pool, small_batches(), PrivateTargets::Allowed);
+    sync_only(&engine, tenancy).await;
+    sqlx::query("update _stack_sync_metadata set last_synced_sequence_id = -1")
+        .execute(&tenant)
+        .await
+        .unwrap();
+    sqlx::query("update users set display_name = 'edited by hand'")
+        .execute(&tenant)
+        .await
+        .unwrap();
+    // This process must not trust the watermark it remembers.
+    let engine = engine_with(&pool, small_batches(), PrivateTargets::Allowed);
+
+    let report = sync_only(&engine, tenancy).await;
+
+    let users = mapping_report(&report, Mapping::Users);
+    assert_eq!(users.batches, 3, "300 users in batches of 100: {users:?}");
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
+
+/// A large import into one tenancy while small tenancies keep writing, with `serve`
+/// syncing: every tenant database ends equal to its source.
+#[tokio::test]
+async fn a_bulk_import_while_small_tenancies_write_leaves_every_database_equal() {
+    let app =
+        TestApp::spawn_with(&[("RUN_WORKERS", "true"), ("ALLOW_PRIVATE_TARGETS", "true")]).await;
+    let pool = app.pool.clone();
+    let (big, big_tenant) = tenancy_with_database(&pool).await;
+    let mut small = Vec::new();
+    for _ in 0..3 {
+        small.push(tenancy_with_database(&pool).await);
+    }
+
+    let writers = small.iter().map(|(tenancy, _)| {
+        let (pool, tenancy) = (pool.clone(), *tenancy);
+        async move {
+            let mut users = Vec::new();
+            for n in 0..60 {
+                let user = fixtures::user(&pool, tenancy, &format!("small {n}")).await;
+                fixtures::email(&pool, tenancy, user, &format!("s{n}@example.com"), true).await;
+                users.push(user);
+                if n % 3 == 2 {
+                    fixtures::rename_user(&pool, users[n / 2], &format!("renamed {n}")).await;
+                }
+                if n % 5 == 4 {
+                    fixtures::delete_user(&pool, users.remove(0)).await;
+                }
+            }
+        }
+    });
+    let importing = import(&pool, big, 20_000);
+    tokio::join!(importing, futures::future::join_all(writers));
+
+    wait_until_equal_within(&pool, big, &big_tenant, Duration::from_secs(120)).await;
+    for (tenancy, tenant) in &small {
+        wait_until_equal(&pool, *tenancy, tenant).await;
+    }
+    assert_tenant_matches_source(&pool, big, &big_tenant).await;
+    app.stop().await.unwrap();
+}
+
+/// Waits for the import's users to arrive (longer than [`wait_until_equal`] allows on a
+/// loaded machine), then for the tenant database to equal its source.
+async fn wait_until_equal_within(pool: &PgPool, tenancy: Uuid, tenant: &PgPool, limit: Duration) {
+    crate::harness::wait::until("the imported tenancy to arrive", limit, || async move {
+        let count: i64 = sqlx::query_scalar("select count(*) from users")
+            .fetch_one(tenant)
+            .await
+            .unwrap_or(0);
+        (count >= 20_000).then_some(())
+    })
+    .await;
+    wait_until_equal(pool, tenancy, tenant).await;
+}
