@@ -56,8 +56,14 @@ pub(super) async fn apply_batches(
         }
         if watermark == -1 && !copy_considered {
             copy_considered = true;
-            let copied =
-                initial_copy::copy_if_empty(&engine.pool, session, mapping, key.tenancy_id).await?;
+            // No slot free: the batches fill the table instead.
+            let copied = match engine.copy_slots.try_acquire() {
+                Ok(_slot) => {
+                    initial_copy::copy_if_empty(&engine.pool, session, mapping, key.tenancy_id)
+                        .await?
+                }
+                Err(_) => None,
+            };
             if let Some(copied) = copied {
                 advance_and_commit(session, mapping, copied.through).await?;
                 engine.known.set_watermark(key, mapping, copied.through);

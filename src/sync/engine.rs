@@ -79,7 +79,16 @@ pub struct SyncEngine {
     internal_identity: tokio::sync::OnceCell<DatabaseIdentity>,
     pub(super) known: KnownDatabases,
     pub(super) sessions: SessionPool,
+    /// Initial copies running at once (see [`INITIAL_COPIES`]).
+    pub(super) copy_slots: tokio::sync::Semaphore,
 }
+
+/// How many mappings this process copies into empty tables at once. A copy holds an
+/// internal connection for as long as it streams; more of them at once could take the
+/// pool from the sequencer, the poller and every other tenancy's sync. A mapping that
+/// finds no slot free goes by batches, which hold a connection only while each batch
+/// is read.
+const INITIAL_COPIES: usize = 2;
 
 impl SyncEngine {
     pub fn new(pool: PgPool, settings: SyncSettings, policy: TargetPolicy) -> Self {
@@ -91,6 +100,7 @@ impl SyncEngine {
             internal_identity: tokio::sync::OnceCell::new(),
             known: KnownDatabases::default(),
             sessions,
+            copy_slots: tokio::sync::Semaphore::new(INITIAL_COPIES),
         }
     }
 

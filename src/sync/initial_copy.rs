@@ -25,6 +25,11 @@ use crate::mapping::Mapping;
 /// How many bytes of `COPY` data are passed to the tenant database at a time.
 const CHUNK_BYTES: usize = 256 * 1024;
 
+/// The tenant session's statement timeout for the one `COPY` statement that carries a
+/// whole table, in this transaction only: ten minutes, where a batch's statements get
+/// the session's (`SessionSettings::statement_timeout`, a minute by default).
+const COPY_STATEMENT_TIMEOUT: &str = "600s";
+
 /// What a copy wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Copied {
@@ -83,6 +88,15 @@ async fn copy_snapshot(
         return Ok(None);
     };
     let source_sql = db::changes::copy_current_rows(mapping, tenancy_id);
+    let timeout: &(dyn ToSql + Sync) = &COPY_STATEMENT_TIMEOUT;
+    session
+        .client()
+        .execute(
+            "select pg_catalog.set_config('statement_timeout', $1, true)",
+            &[timeout],
+        )
+        .await
+        .map_err(SyncError::target)?;
     let sink = session
         .client()
         .copy_in::<_, bytes::Bytes>(statements::copy_in(mapping))

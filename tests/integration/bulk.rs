@@ -219,3 +219,45 @@ async fn wait_until_equal_within(pool: &PgPool, tenancy: Uuid, tenant: &PgPool, 
     .await;
     wait_until_equal(pool, tenancy, tenant).await;
 }
+
+/// A sequencer loop that numbered a large backlog refreshes the source tables'
+/// statistics once the backlog is gone, so that its next batches use the partial
+/// indexes instead of scanning tables the stale statistics say are all flagged.
+#[tokio::test]
+async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    sqlx::query(
+        r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
+           select $1, gen_random_uuid(), 'backlog ' || n from generate_series(1, 30000) n"#,
+    )
+    .bind(tenancy)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let last_analyze = || async {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+            r#"select last_analyze from pg_stat_user_tables where relname = 'ProjectUser'"#,
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(last_analyze().await, None);
+    let settings = external_db_sync::sequencer::SequencerSettings {
+        batch_size: 1000,
+        idle_interval: Duration::from_millis(50),
+    };
+    let mut sequencer = external_db_sync::wakeup::SequencerLoop::default();
+
+    let mut steps = 0;
+    while fixtures::flagged_rows(&pool).await > 0 {
+        sequencer.step(&pool, &settings).await.unwrap();
+        steps += 1;
+        assert!(steps < 100, "the backlog is numbered in growing batches");
+    }
+    // The batch that finds the backlog gone analyzes.
+    sequencer.step(&pool, &settings).await.unwrap();
+
+    assert!(last_analyze().await.is_some(), "the tables were analyzed");
+}
