@@ -40,7 +40,6 @@ pub(super) async fn apply_batches(
         }
     }
     let mut deletions_checked = false;
-    let mut copy_considered = false;
     loop {
         let watermark = begin_locked(session, mapping).await?;
         report.watermark = watermark;
@@ -50,24 +49,6 @@ pub(super) async fn apply_batches(
                 resync_if_deletions_missed(sessions, session, mapping, watermark).await?
             {
                 report.removed_by_resync = Some(removed);
-                read_ahead = None;
-                continue;
-            }
-        }
-        if watermark == -1 && !copy_considered {
-            copy_considered = true;
-            // No slot free: the batches fill the table instead.
-            let copied = match engine.copy_slots.try_acquire() {
-                Ok(_slot) => {
-                    initial_copy::copy_if_empty(&engine.pool, session, mapping, key.tenancy_id)
-                        .await?
-                }
-                Err(_) => None,
-            };
-            if let Some(copied) = copied {
-                advance_and_commit(session, mapping, copied.through).await?;
-                engine.known.set_watermark(key, mapping, copied.through);
-                report.add_copy(copied.rows, copied.through);
                 read_ahead = None;
                 continue;
             }
@@ -87,6 +68,25 @@ pub(super) async fn apply_batches(
         };
 
         let full = batch.changes >= u64::from(settings.batch_size);
+        // A first sync of more than one batch: an empty table gets every row by `COPY`
+        // (the batch just read is dropped); a small one, or a table that holds rows,
+        // goes by batches, and costs no more than it did.
+        if watermark == -1 && full {
+            // No slot free: the batches fill the table instead.
+            let copied = match engine.copy_slots.try_acquire() {
+                Ok(_slot) => {
+                    initial_copy::copy_if_empty(&engine.pool, session, mapping, key.tenancy_id)
+                        .await?
+                }
+                Err(_) => None,
+            };
+            if let Some(copied) = copied {
+                advance_and_commit(session, mapping, copied.through).await?;
+                engine.known.set_watermark(key, mapping, copied.through);
+                report.add_copy(copied.rows, copied.through);
+                continue;
+            }
+        }
         let another = full && report.batches + 1 < settings.max_batches_per_run;
         let (applied, next) =
             write_reading_next(sessions, session, mapping, &batch, another).await?;

@@ -1,6 +1,6 @@
-//! A mapping's first sync into an empty table: every row streamed with binary `COPY`,
-//! from the internal database straight into the tenant's table, instead of batches of
-//! upserts. It is what makes adding a database to a large tenancy (or importing many
+//! A mapping's first sync into an empty table, when it is more than one batch: every row
+//! streamed with binary `COPY`, from the internal database straight into the tenant's
+//! table, instead of batches of upserts. It is what makes adding a database to a large tenancy (or importing many
 //! users at once) run at close to the speed PostgreSQL ingests data.
 //!
 //! The rows are read in one `REPEATABLE READ` snapshot of the internal database, with

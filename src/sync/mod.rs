@@ -6,7 +6,7 @@
 //!   call: a tenancy's due databases, what to queue next, the statuses;
 //! - `database`: one database: its sessions, its schema, its mappings side by side;
 //! - `apply`: a mapping's batches, each in one transaction under the mapping's lock;
-//! - `initial_copy`: a mapping's first sync into an empty table, streamed with `COPY`;
+//! - `initial_copy`: a large first sync into an empty table, streamed with `COPY`;
 //! - `resync`: a database that missed pruned deletions, brought back to the source;
 //! - `known`: the watermarks and prepared schemas this process remembers;
 //! - [`report`]: what a sync did; [`summary`]: the same as the webhook answers it;
