@@ -13,7 +13,9 @@
 //! the service starts. The benchmark prints how long the service took to number that
 //! backlog (and how many sync requests it queued for it: none is right), then measures
 //! latency and the idle query rate with them in the internal database (after
-//! `BENCH_SETTLE_SECONDS` of rest, default 0). The scale case of 10,000 tenancies:
+//! `BENCH_SETTLE_SECONDS` of rest, default 0). While the writer runs it counts the
+//! service's statements (from `pg_stat_statements`) and times the sequencer's batches
+//! and the poller's claims (from the service's histograms). The scale case of 10,000 tenancies:
 //! `BENCH_TENANCIES=100 BENCH_QUIET_TENANCIES=9900`.
 //!
 //! Run: `cargo bench --bench latency`. Settings: `BENCH_RATE` (changes per second,
@@ -69,12 +71,13 @@ async fn main() {
     setup
         .settings
         .push(("max_connections", (400 + 6 * tenancy_count).to_string()));
-    // BENCH_STATEMENTS=1 prints where the servers' time went, per statement.
+    // pg_stat_statements counts the service's statements while the writer runs;
+    // BENCH_STATEMENTS=1 also prints where the servers' time went, per statement.
+    setup
+        .settings
+        .push(("shared_preload_libraries", "pg_stat_statements".to_owned()));
     let statements = setting("BENCH_STATEMENTS", 0) == 1;
     if statements {
-        setup
-            .settings
-            .push(("shared_preload_libraries", "pg_stat_statements".to_owned()));
         setup
             .settings
             .push(("pg_stat_statements.track_planning", "on".to_owned()));
@@ -233,14 +236,13 @@ async fn main() {
         .await;
         sqlx::raw_sql(ARRIVAL_LOG).execute(tenant).await.unwrap();
     }
-    if statements {
-        sqlx::raw_sql(
-            "create extension if not exists pg_stat_statements; select pg_stat_statements_reset()",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
-    }
+    sqlx::raw_sql(
+        "create extension if not exists pg_stat_statements; select pg_stat_statements_reset()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let metrics_before = Ticks::read();
     println!("initial sync done; writing");
 
     // The writer: one change per tick, each its own transaction.
@@ -284,7 +286,7 @@ async fn main() {
     let writing = started.elapsed();
     let cpu_busy = CpuTimes::read()
         .zip(cpu_before)
-        .map(|(after, before)| after.busy_since(&before));
+        .map(|(after, before)| (after.busy_since(&before), after.process_since(&before)));
     let writes = std::mem::take(&mut *writes.lock().unwrap());
     println!(
         "wrote {} changes in {:.2} s ({:.0}/s), {} failed writes",
@@ -294,13 +296,17 @@ async fn main() {
         errors.load(std::sync::atomic::Ordering::Relaxed)
     );
 
-    if let Some(busy) = cpu_busy {
+    if let Some((busy, process)) = cpu_busy {
         println!(
-            "machine CPU while writing: {:.0} % busy ({} cores)",
+            "machine CPU while writing: {:.0} % busy ({} cores), {:.0} % in this process \
+             (the service and the writer), the rest mostly the PostgreSQL servers",
             busy * 100.0,
-            std::thread::available_parallelism().map_or(0, |n| n.get())
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            process * 100.0
         );
     }
+    print_busy_statements(&pool, writing, writes.len()).await;
+    Ticks::read().print_since(&metrics_before, writing);
     if statements {
         print_statements(&pool).await;
     }
@@ -413,6 +419,88 @@ async fn main() {
 
     shutdown.cancel();
     service.await.unwrap().unwrap();
+}
+
+/// The statements the service sent while the writer ran (every statement but the
+/// writer's, which is the only one the benchmark sends meanwhile), from
+/// `pg_stat_statements`: to the internal database, and to the tenant databases added up.
+async fn print_busy_statements(pool: &PgPool, writing: Duration, changes: usize) {
+    let (internal, tenant): (i64, i64) = sqlx::query_as(
+        r#"select coalesce(sum(s.calls) filter (
+                      where d.datname not like '%bench_tenant%'
+                        and s.query not like '%writtenAt%'
+                        and s.query not like '%pg_stat_statements%'), 0)::bigint,
+                  coalesce(sum(s.calls) filter (where d.datname like '%bench_tenant%'), 0)::bigint
+           from pg_stat_statements s join pg_database d on d.oid = s.dbid"#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let seconds = writing.as_secs_f64().max(0.001);
+    let changes = changes.max(1) as f64;
+    println!(
+        "busy: {:.0} statements/s from the service to the internal database ({:.2} per \
+         change), {:.0}/s to the tenant databases ({:.2} per change)",
+        internal as f64 / seconds,
+        internal as f64 / changes,
+        tenant as f64 / seconds,
+        tenant as f64 / changes
+    );
+}
+
+/// The sequencer's batches and the poller's claims, from the service's own histograms
+/// (the benchmark runs the service in its process, with the process's recorder).
+struct Ticks {
+    text: String,
+}
+
+impl Ticks {
+    const HISTOGRAMS: [(&'static str, &'static str); 2] = [
+        (
+            "sequencer batch",
+            "external_db_sync_sequencer_batch_duration_seconds",
+        ),
+        (
+            "poller claim",
+            "external_db_sync_poller_claim_duration_seconds",
+        ),
+    ];
+
+    fn read() -> Self {
+        Self {
+            text: external_db_sync::instruments::handle().render(),
+        }
+    }
+
+    /// The value of the sample `name` (with its labels, as rendered).
+    fn sample(&self, name: &str) -> f64 {
+        self.text
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn print_since(&self, before: &Self, took: Duration) {
+        for (what, name) in Self::HISTOGRAMS {
+            let moved = |suffix: &str| {
+                let sample = format!("{name}{suffix}");
+                self.sample(&sample) - before.sample(&sample)
+            };
+            let count = moved("_count");
+            let mean_ms = 1000.0 * moved("_sum") / count.max(1.0);
+            // The smallest bucket bound that holds 99 % of the ticks.
+            let p99 = [
+                "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10",
+            ]
+            .into_iter()
+            .find(|bound| moved(&format!("_bucket{{le=\"{bound}\"}}")) >= 0.99 * count)
+            .map_or_else(|| "> 10 s".to_owned(), |bound| format!("≤ {bound} s"));
+            println!(
+                "{what}: {:.0} per second, {mean_ms:.1} ms each on average, p99 {p99}",
+                count / took.as_secs_f64().max(0.001)
+            );
+        }
+    }
 }
 
 /// The statements that took the servers' time while the writer ran, over all databases
@@ -556,6 +644,8 @@ create trigger log_arrival after insert or update on users
 struct CpuTimes {
     busy: u64,
     total: u64,
+    /// This process's own (the service's and the writer's), from `/proc/self/stat`.
+    process: u64,
 }
 
 impl CpuTimes {
@@ -572,10 +662,26 @@ impl CpuTimes {
         // user nice system idle iowait irq softirq steal ...: idle and iowait are idle.
         let total: u64 = fields.iter().take(8).sum();
         let idle = fields.get(3)? + fields.get(4)?;
+        // After the command name (in parentheses), utime and stime are fields 12 and 13.
+        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let own: Vec<u64> = own
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|field| field.parse().ok())
+            .collect();
         Some(Self {
             busy: total - idle,
             total,
+            process: own.iter().sum(),
         })
+    }
+
+    /// The share of the machine's time since `before` that this process used.
+    fn process_since(&self, before: &Self) -> f64 {
+        (self.process - before.process) as f64 / (self.total - before.total).max(1) as f64
     }
 
     /// The share of the time since `before` that the machine was busy.

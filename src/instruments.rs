@@ -26,6 +26,8 @@ const ROWS_UPSERTED: &str = "external_db_sync_rows_upserted_total";
 const ROWS_DELETED: &str = "external_db_sync_rows_deleted_total";
 const SYNC_DURATION: &str = "external_db_sync_database_sync_duration_seconds";
 const REQUEST_LAG: &str = "external_db_sync_request_lag_seconds";
+const SEQUENCER_BATCH_DURATION: &str = "external_db_sync_sequencer_batch_duration_seconds";
+const POLLER_CLAIM_DURATION: &str = "external_db_sync_poller_claim_duration_seconds";
 const QUEUE_DEPTH: &str = "external_db_sync_queue_depth";
 const OLDEST_PENDING: &str = "external_db_sync_oldest_pending_request_age_seconds";
 const WORST_LAG: &str = "external_db_sync_worst_database_lag_seconds";
@@ -89,6 +91,17 @@ fn describe() {
          sequenced, normally milliseconds after its commit) to its publish ending: in \
          direct mode the changes are then applied, with QStash handed over"
     );
+    describe_histogram!(
+        SEQUENCER_BATCH_DURATION,
+        Unit::Seconds,
+        "Time of one sequencer batch (one round trip: number changed rows, queue requests)"
+    );
+    describe_histogram!(
+        POLLER_CLAIM_DURATION,
+        Unit::Seconds,
+        "Time of one poller claim (one round trip: take due requests and what their \
+         syncs need), not counting the wait for a free publish slot"
+    );
     describe_gauge!(QUEUE_DEPTH, "Sync requests waiting to be claimed");
     describe_gauge!(
         OLDEST_PENDING,
@@ -115,12 +128,16 @@ pub fn run_upkeep() {
     handle().run_upkeep();
 }
 
-pub fn rows_sequenced(rows: u64) {
+/// A sequencer batch that numbered `rows`, in `took`.
+pub fn sequencer_batch(rows: u64, took: Duration) {
     counter!(ROWS_SEQUENCED).increment(rows);
+    histogram!(SEQUENCER_BATCH_DURATION).record(took.as_secs_f64());
 }
 
-pub fn requests_claimed(requests: u64) {
+/// A poller claim that took `requests`, in `took`.
+pub fn requests_claimed(requests: u64, took: Duration) {
     counter!(REQUESTS_CLAIMED).increment(requests);
+    histogram!(POLLER_CLAIM_DURATION).record(took.as_secs_f64());
 }
 
 /// A request published, `lag` after it was queued.

@@ -272,9 +272,10 @@ impl Poller {
             .len()
             .saturating_mul(per_slot)
             .min(self.settings.batch_size as usize);
+        let started = std::time::Instant::now();
         let claimed = self.claim(limit as u32).await?;
         let count = claimed.len() as u64;
-        instruments::requests_claimed(count);
+        instruments::requests_claimed(count, started.elapsed());
         let mut tasks = in_flight.tasks();
         let mut claimed = claimed.into_iter();
         for slot in slots {

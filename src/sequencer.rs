@@ -93,13 +93,14 @@ pub(crate) async fn run_batch(
     settings: &SequencerSettings,
     wakefulness: Wakefulness,
 ) -> Result<SequencerRun, SequencerError> {
+    let started = Instant::now();
     let Some(batch) =
         db::sequencing::sequence_batch(pool, settings.batch_size, wakefulness).await?
     else {
         return Ok(SequencerRun::Disabled);
     };
     let sequenced = batch.project_users + batch.contact_channels + batch.deleted_rows;
-    instruments::rows_sequenced(u64::try_from(sequenced).unwrap_or(0));
+    instruments::sequencer_batch(u64::try_from(sequenced).unwrap_or(0), started.elapsed());
     if sequenced == 0 && prune_is_due() {
         prune_tombstones(pool).await;
     }

@@ -140,6 +140,9 @@ async fn metrics_parse_as_prometheus_text_and_move_as_work_is_done() {
         value(&sequenced, rows, None) - value(&before, rows, None),
         3.0
     );
+    // Other tests in this process may run batches too: at least this one is counted.
+    let batches = "external_db_sync_sequencer_batch_duration_seconds";
+    assert!(value(&sequenced, batches, None) - value(&before, batches, None) >= 1.0);
     assert!(
         value(
             &sequenced,
@@ -175,6 +178,7 @@ async fn metrics_parse_as_prometheus_text_and_move_as_work_is_done() {
         1.0
     );
     assert_eq!(moved("external_db_sync_request_lag_seconds", None), 1.0);
+    assert!(moved("external_db_sync_poller_claim_duration_seconds", None) >= 1.0);
     assert_eq!(value(&synced, failing, None), 0.0);
 
     // A database that refuses connections: a failed sync, and a failing database.
