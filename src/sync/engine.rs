@@ -195,7 +195,8 @@ pub async fn sync_tenancy(
 ///
 /// The statuses of the databases that succeeded are left in
 /// [`TenancyReport::unrecorded`], for the caller to record with the completion of the
-/// request (one statement for both). Failures are recorded at once, with their next
+/// request (one statement for both), unless work was left over: then they are recorded
+/// before the next run is queued. Failures are recorded at once, with their next
 /// attempt.
 pub async fn sync_claimed_tenancy(
     engine: &SyncEngine,
@@ -292,18 +293,25 @@ async fn sync_with(
         .await;
     databases.sort_by(|a, b| a.database_id.cmp(&b.database_id));
 
-    let requeued = queue_what_comes_next(engine, tenancy_id, &databases, &not_due).await?;
     let mut report = TenancyReport {
         databases,
         not_due,
-        requeued,
+        requeued: false,
         unrecorded: None,
     };
     let synced = report.successes(tenancy_id);
+    // A sync that left work over queues its next run, which a poller may claim at once:
+    // that run must find these databases recorded as synced, not still reserved by
+    // this one (a database that had failed is reserved while it is attempted), or it
+    // would leave them alone until their reservation ran out.
+    let more_remaining = report
+        .databases
+        .iter()
+        .any(|database| matches!(&database.result, Ok(synced) if synced.more_remaining()));
     match successes {
-        Successes::LeaveToCaller => report.unrecorded = Some(synced),
-        Successes::RecordNow if synced.databases.is_empty() => {}
-        Successes::RecordNow => {
+        _ if synced.databases.is_empty() => {}
+        Successes::LeaveToCaller if !more_remaining => report.unrecorded = Some(synced),
+        Successes::LeaveToCaller | Successes::RecordNow => {
             if let Err(error) = db::sync_status::record_successes(&engine.pool, &synced).await {
                 // The syncs themselves are done; losing a status update is not worth
                 // failing them.
@@ -311,6 +319,14 @@ async fn sync_with(
             }
         }
     }
+    report.requeued = queue_what_comes_next(
+        engine,
+        tenancy_id,
+        &report.databases,
+        &report.not_due,
+        more_remaining,
+    )
+    .await?;
     Ok(TenancySync::Synced(report))
 }
 
@@ -322,10 +338,8 @@ async fn queue_what_comes_next(
     tenancy_id: Uuid,
     databases: &[DatabaseReport],
     not_due: &[String],
+    more_remaining: bool,
 ) -> Result<bool, sqlx::Error> {
-    let more_remaining = databases
-        .iter()
-        .any(|database| matches!(&database.result, Ok(synced) if synced.more_remaining()));
     let requeued = more_remaining && db::queue::enqueue_sync(&engine.pool, tenancy_id).await?;
     if !not_due.is_empty() || databases.iter().any(|database| database.result.is_err()) {
         // Every configured database: the ones attempted and the ones not due.

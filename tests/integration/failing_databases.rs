@@ -1,14 +1,23 @@
 //! A failing tenant database is attempted on its own schedule, not once per change, and
 //! heals by itself once it works again.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use external_db_sync::db::queue::claim;
+use external_db_sync::db::sync_status::schedule_retry;
+use external_db_sync::publish::direct::DirectPublisher;
+use external_db_sync::publish::Publisher;
+use external_db_sync::sync::SyncSettings;
 use sqlx::PgPool;
 
 use crate::harness::binary::serve_logging_to;
-use crate::harness::fixtures::{email, rename_user, tenancy, tenant_database, user};
-use crate::harness::postgres::{pool, server};
-use crate::harness::sync::{attach, recorded_error, wait_until_equal};
+use crate::harness::fixtures::{email, rename_user, sequence_all, tenancy, tenant_database, user};
+use crate::harness::postgres::{migrated_pool, pool, server};
+use crate::harness::sync::{
+    attach, engine_with, recorded_error, sync, sync_ok, test_settings, wait_until_equal,
+    PrivateTargets,
+};
 use crate::harness::wait;
 
 /// Sessions the server has seen open to `database` (`pg_stat_database.sessions`).
@@ -148,4 +157,75 @@ async fn a_read_only_database_is_retried_on_its_schedule_and_heals_without_a_new
     .await;
     child.kill().await.unwrap();
     assert_eq!(recorded_retry_delay_ms(internal, "flaky").await, None);
+}
+
+/// A database that failed is reserved for the sync that attempts it. If that sync
+/// succeeds with work left over, the run it queues (which a poller may claim before the
+/// first run's request is completed) must find the database synced, not reserved:
+/// otherwise it left the database alone, and the rest waited for the reservation to run
+/// out (found by the fault test of a tenant server killed mid-batch).
+#[tokio::test]
+async fn the_next_run_of_a_database_that_healed_with_work_left_over_finds_it_due() {
+    let internal = migrated_pool().await;
+    let tenancy_id = tenancy(&internal).await;
+    let (url, _tenant) = tenant_database().await;
+    attach(&internal, tenancy_id, &[("main", &url)]).await;
+    // Synced once (later runs go by batches, not by an initial copy), then 30 more.
+    user(&internal, tenancy_id, "first").await;
+    sync_ok(
+        &internal,
+        &engine_with(&internal, test_settings(), PrivateTargets::Allowed),
+        tenancy_id,
+    )
+    .await;
+    for n in 0..30 {
+        user(&internal, tenancy_id, &format!("user {n}")).await;
+    }
+    sequence_all(&internal, 1000).await;
+    // It failed a moment ago (it refused connections), and is due again now.
+    let database = url.rsplit('/').next().unwrap();
+    let allow =
+        |allowed: bool| format!(r#"alter database "{database}" allow_connections = {allowed}"#);
+    server().admin_execute(&allow(false)).await;
+    let engine = engine_with(&internal, test_settings(), PrivateTargets::Allowed);
+    let report = sync(&internal, &engine, tenancy_id).await;
+    assert!(report.databases[0].result.is_err(), "{report:?}");
+    server().admin_execute(&allow(true)).await;
+    // Its retry request is what runs first (a change's request has another key, so the
+    // two may run side by side).
+    sqlx::query(r#"delete from "OutgoingRequest""#)
+        .execute(&internal)
+        .await
+        .unwrap();
+    schedule_retry(&internal, tenancy_id, &["main"])
+        .await
+        .unwrap();
+    // One batch of ten per run: the run leaves work over.
+    let settings = SyncSettings {
+        batch_size: 10,
+        max_batches_per_run: 1,
+        ..test_settings()
+    };
+    let publisher = DirectPublisher::new(Arc::new(engine_with(
+        &internal,
+        settings,
+        PrivateTargets::Allowed,
+    )));
+
+    let first = claim(&internal, 10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert!(
+        first[0].databases.not_due_databases.is_empty(),
+        "due, and reserved"
+    );
+    let results = publisher.publish(&first).await;
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    // The run it queued, claimed before the first request is completed.
+    let next = claim(&internal, 10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(next.len(), 1, "work was left over");
+    assert_eq!(
+        next[0].databases.not_due_databases,
+        Vec::<String>::new(),
+        "the database healed: the next run syncs it"
+    );
 }
