@@ -13,13 +13,15 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
 use crate::db;
 use crate::db::queue::ClaimedRequest;
+use crate::error::error_chain;
 use crate::instruments;
 use crate::publish::{FailureReason, PublishError, PublishResult, Publisher};
-use crate::workers::Outcome;
+use crate::workers::{self, Outcome};
 
 /// Tuning of the poller.
 #[derive(Debug, Clone)]
@@ -134,6 +136,8 @@ pub struct Poller {
     /// Free publish slots of this process, shared by every caller (`serve`'s loop and
     /// any cron call), so that together they stay within `sync_concurrency`.
     slots: Arc<Semaphore>,
+    /// Cancelled when the process stops: settling stops retrying then.
+    stopping: CancellationToken,
 }
 
 /// The publishes one caller started and has not yet counted. Each caller has its own,
@@ -211,7 +215,15 @@ impl Poller {
             publisher,
             settings,
             slots,
+            stopping: CancellationToken::new(),
         }
+    }
+
+    /// Settling a request whose internal-database statement failed is retried (see
+    /// [`SETTLE_ATTEMPTS`]) until `stopping` is cancelled.
+    pub fn stopping_on(mut self, stopping: CancellationToken) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     pub fn settings(&self) -> &PollerSettings {
@@ -283,19 +295,39 @@ impl Poller {
             if requests.is_empty() {
                 break;
             }
-            let (pool, publisher, settings) = (
+            let (pool, publisher, settings, stopping) = (
                 self.pool.clone(),
                 self.publisher.clone(),
                 self.settings.clone(),
+                self.stopping.clone(),
             );
             let ended = in_flight.ended.clone();
             tasks.spawn(async move {
                 let started = std::time::Instant::now();
-                let results = publisher.publish(&requests).await;
+                // When the process stops, a publish gets the workers' grace to end; then
+                // it is dropped (a sync's transaction in a tenant database is rolled
+                // back with its session), and its requests given back below, so that
+                // another process takes them at once rather than when their lease ends.
+                let results = tokio::select! {
+                    biased;
+                    results = publisher.publish(&requests) => results,
+                    () = workers::stopped_for(&stopping, workers::STEP_GRACE_ON_SHUTDOWN) => {
+                        let stopped = || Err(PublishError::new(
+                            FailureReason::Stopping,
+                            "the process stopped before the publish ended",
+                        ));
+                        requests.iter().map(|_| stopped()).collect()
+                    }
+                };
                 let took = started.elapsed();
                 // The slot is free as soon as the publish is: settling is quick queries.
                 drop(slot);
-                let settled = settle_all(&pool, &settings, &requests, results, took).await;
+                let settling = Settling {
+                    pool: &pool,
+                    settings: &settings,
+                    stopping: &stopping,
+                };
+                let settled = settle_all(&settling, &requests, results, took).await;
                 ended.notify_one();
                 settled
             });
@@ -328,11 +360,29 @@ impl Poller {
     }
 }
 
+/// How many times settling one request is tried when the internal database fails it
+/// (about 25 s in all, with backoff). Until it is settled, a request stays claimed, and
+/// no newer request of its tenancy can be claimed before its lease runs out
+/// (`POLLER_LEASE_SECS`, five minutes by default): a blip of the internal database right
+/// after a sync must not hold that tenancy's next changes for so long.
+const SETTLE_ATTEMPTS: u32 = 15;
+
+/// How long settling may still take once the process stops (after the publish's own
+/// grace): a statement, done in milliseconds when the internal database answers.
+const SETTLE_GRACE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
+
+/// What settling needs: the internal database, the retry settings, and the signal that
+/// the process is stopping (then a failed settle is left to the lease).
+struct Settling<'a> {
+    pool: &'a PgPool,
+    settings: &'a PollerSettings,
+    stopping: &'a CancellationToken,
+}
+
 /// Settles each request of one publish by its result. A publisher that answered fewer
 /// results than requests (it never should) has the rest given back, as failed.
 async fn settle_all(
-    pool: &PgPool,
-    settings: &PollerSettings,
+    settling: &Settling<'_>,
     requests: &[ClaimedRequest],
     results: Vec<PublishResult>,
     took: std::time::Duration,
@@ -354,13 +404,56 @@ async fn settle_all(
             }
             Err(error) => instruments::request_failed(error.reason.label()),
         }
-        if settle(pool, settings, request, result).await? {
+        if settle_retrying(settling, request, &result).await? {
             settled.published += 1;
         } else {
             settled.released += 1;
         }
     }
     Ok(settled)
+}
+
+/// [`settle`], tried again with backoff while the internal database fails it, up to
+/// [`SETTLE_ATTEMPTS`] times or until the process stops.
+async fn settle_retrying(
+    settling: &Settling<'_>,
+    request: &ClaimedRequest,
+    result: &PublishResult,
+) -> Result<bool, sqlx::Error> {
+    let mut failures = 0;
+    loop {
+        // An attempt under way when the process stops gets a short grace, no more: the
+        // internal database may be down, and the pool would wait for it.
+        let attempt = tokio::select! {
+            biased;
+            attempt = settle(settling.pool, settling.settings, request, result) => attempt,
+            () = workers::stopped_for(settling.stopping, SETTLE_GRACE_ON_SHUTDOWN) => {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "stopping, and the internal database does not answer",
+                )));
+            }
+        };
+        let error = match attempt {
+            Ok(published) => return Ok(published),
+            Err(error) => error,
+        };
+        failures += 1;
+        if failures >= SETTLE_ATTEMPTS || settling.stopping.is_cancelled() {
+            return Err(error);
+        }
+        let wait = backoff::delay(failures, Duration::from_millis(100), Duration::from_secs(2));
+        tracing::warn!(
+            request_id = %request.id,
+            error = %error_chain(&error),
+            retry_in_ms = wait.as_millis() as u64,
+            "cannot settle a sync request; trying again"
+        );
+        tokio::select! {
+            () = settling.stopping.cancelled() => return Err(error),
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
 }
 
 /// Deletes a published request (recording, in the same statement, the statuses of the
@@ -370,7 +463,7 @@ async fn settle(
     pool: &PgPool,
     settings: &PollerSettings,
     request: &ClaimedRequest,
-    result: PublishResult,
+    result: &PublishResult,
 ) -> Result<bool, sqlx::Error> {
     match result {
         Ok(published) => {

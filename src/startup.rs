@@ -66,7 +66,10 @@ impl Application {
             // Configuration parsing refuses qstash without a token.
             _ => Arc::new(DirectPublisher::new(engine.clone())),
         };
-        let poller = Arc::new(Poller::new(pool.clone(), publisher, config.poller.clone()));
+        let poller = Arc::new(
+            Poller::new(pool.clone(), publisher, config.poller.clone())
+                .stopping_on(shutdown.clone()),
+        );
         let sync_engine_url = format!(
             "{}{}",
             config.public_url.as_str().trim_end_matches('/'),
@@ -152,7 +155,7 @@ async fn run_sequencer(state: AppState, wake: Arc<Notify>) -> Ended {
     let settings = &state.sequencer;
     let sequencer = tokio::sync::Mutex::new(SequencerLoop::default());
     let sequencer = &sequencer;
-    workers::run_loop(
+    let dropped = workers::run_loop(
         "sequencer",
         state.shutdown.clone(),
         settings.idle_interval,
@@ -160,11 +163,15 @@ async fn run_sequencer(state: AppState, wake: Arc<Notify>) -> Ended {
         || async { sequencer.lock().await.step(&state.pool, settings).await },
     )
     .await;
-    sequencer
-        .lock()
-        .await
-        .give_up_lease(&state.pool, settings)
-        .await;
+    if dropped.0 {
+        tracing::warn!("the database does not answer; the sequencer's lease runs out on its own");
+    } else {
+        sequencer
+            .lock()
+            .await
+            .give_up_lease(&state.pool, settings)
+            .await;
+    }
     ("sequencer worker", Ok(()))
 }
 
@@ -175,7 +182,7 @@ async fn run_poller(state: AppState, wake: Arc<Notify>) -> Ended {
     // The loop's publishes wake it when they end, as new requests do.
     let in_flight = InFlight::new(wake.clone());
     let in_flight = &in_flight;
-    workers::run_loop(
+    let _ = workers::run_loop(
         "poller",
         state.shutdown.clone(),
         settings.idle_interval,

@@ -61,19 +61,34 @@ impl Wakeups {
     }
 }
 
-/// Listens until `shutdown`, reconnecting with backoff when the connection fails.
+/// The longest wait between two attempts to connect the listener again. Short: while
+/// it is away, notifications are missed and the loops wait for their timers, and an
+/// attempt costs one connection.
+const LISTENER_RETRY_LONGEST: Duration = Duration::from_secs(2);
+
+/// Listens until `shutdown`, reconnecting with backoff when the connection fails. The
+/// backoff starts over once a connection was listening: an outage late in a process's
+/// life is waited out as briefly as the first one.
 pub async fn listen(pool: PgPool, wakeups: Wakeups, shutdown: CancellationToken) {
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
-        match listen_once(&pool, &wakeups, &shutdown).await {
+        let mut listening = false;
+        // Connecting waits for the pool (its acquire timeout) while the database is down:
+        // stopping does not.
+        let listened = tokio::select! {
+            () = shutdown.cancelled() => return,
+            listened = listen_once(&pool, &wakeups, &shutdown, &mut listening) => listened,
+        };
+        match listened {
             Ok(()) => return,
             Err(error) => {
-                failures = failures.saturating_add(1);
-                let wait = backoff::delay(
-                    failures,
-                    Duration::from_millis(200),
-                    Duration::from_secs(30),
-                );
+                failures = if listening {
+                    1
+                } else {
+                    failures.saturating_add(1)
+                };
+                let wait =
+                    backoff::delay(failures, Duration::from_millis(200), LISTENER_RETRY_LONGEST);
                 tracing::warn!(error = %error_chain(&error), retry_in_ms = wait.as_millis() as u64, "change listener failed; loops fall back to their timers");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -84,15 +99,19 @@ pub async fn listen(pool: PgPool, wakeups: Wakeups, shutdown: CancellationToken)
     }
 }
 
+/// Listens on one connection until it fails (sets `listening` once it did listen) or
+/// until `shutdown`.
 async fn listen_once(
     pool: &PgPool,
     wakeups: &Wakeups,
     shutdown: &CancellationToken,
+    listening: &mut bool,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener
         .listen_all([CHANGES_CHANNEL, REQUESTS_CHANNEL])
         .await?;
+    *listening = true;
     tracing::debug!("listening for change notifications");
     // Anything that happened before the listener was up went unheard.
     wakeups.wake_all();
@@ -270,7 +289,17 @@ impl SequencerLoop {
         let deadline = tokio::time::Instant::now() + WAKE_LEASE;
         let sleepy = Wakefulness::Sleepy { lease: WAKE_LEASE };
         while tokio::time::Instant::now() < deadline {
-            match sequencer::run_batch(pool, settings, sleepy).await {
+            // Bounded by the lease itself: a database that does not answer (it is down,
+            // the pool waits for a connection) is not waited for any longer.
+            let batch =
+                tokio::time::timeout_at(deadline, sequencer::run_batch(pool, settings, sleepy));
+            let Ok(batch) = batch.await else {
+                tracing::warn!(
+                    "the database did not answer; the sequencer's lease runs out on its own"
+                );
+                return;
+            };
+            match batch {
                 Ok(SequencerRun::Batch(batch)) if !batch.sleeping => {
                     tokio::time::sleep(Duration::from_millis(AWAKE_PAUSES_MS[0])).await;
                 }

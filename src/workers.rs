@@ -49,25 +49,48 @@ impl Outcome {
     }
 }
 
+/// How long a step that is under way when the process is asked to stop may still take.
+/// A step is a statement or two against the internal database, done in milliseconds
+/// when it answers; when it does not (it is down, and the pool waits for a connection
+/// for its acquire timeout), the step is dropped, so that stopping is not held up. A
+/// dropped step leaves nothing half done: each statement is its own transaction, and a
+/// request it may have claimed is taken over when its lease runs out.
+pub const STEP_GRACE_ON_SHUTDOWN: Duration = Duration::from_secs(2);
+
 /// Runs `step` until `shutdown` is cancelled. Errors are logged and retried with
 /// backoff; they never end the loop, because the next attempt may well succeed (the
 /// database restarted, a lock timed out). When idle or waiting it waits for `wake` (work
 /// was announced, or work it started ended) or `idle_interval`, whichever comes first.
+/// A step under way at shutdown gets [`STEP_GRACE_ON_SHUTDOWN`] to end; returns whether
+/// the last step was dropped for taking longer.
 pub async fn run_loop<F, Fut, E>(
     name: &'static str,
     shutdown: CancellationToken,
     idle_interval: Duration,
     wake: Arc<Notify>,
     mut step: F,
-) where
+) -> StepDropped
+where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Outcome, E>>,
     E: std::error::Error + 'static,
 {
     tracing::info!(worker = name, "worker started");
     let mut consecutive_failures = 0u32;
+    let stopped_a_while_ago = stopped_for(&shutdown, STEP_GRACE_ON_SHUTDOWN);
+    tokio::pin!(stopped_a_while_ago);
+    let mut dropped = StepDropped(false);
     while !shutdown.is_cancelled() {
-        let (pause, wakeable) = match step().await {
+        let stepped = tokio::select! {
+            biased;
+            stepped = step() => stepped,
+            () = &mut stopped_a_while_ago => {
+                tracing::warn!(worker = name, "stopping without the end of a step: the database does not answer");
+                dropped = StepDropped(true);
+                break;
+            }
+        };
+        let (pause, wakeable) = match stepped {
             Ok(outcome) => {
                 consecutive_failures = 0;
                 match outcome {
@@ -103,4 +126,19 @@ pub async fn run_loop<F, Fut, E>(
         }
     }
     tracing::info!(worker = name, "worker stopped");
+    dropped
 }
+
+/// Ends `grace` after `shutdown` is cancelled: what work under way at shutdown may still
+/// take.
+pub async fn stopped_for(shutdown: &CancellationToken, grace: Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
+}
+
+/// Whether a worker's loop ended by dropping a step that outlasted the shutdown grace:
+/// then the database is not answering, and what the worker does as it stops would wait
+/// for it in vain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct StepDropped(pub bool);

@@ -47,6 +47,9 @@ pub enum FailureReason {
     QstashUnexpectedAnswer,
     /// The publisher gave no result for the request.
     NoResult,
+    /// The process was stopping and the publish did not end within the grace period: it
+    /// was dropped, and the request given back.
+    Stopping,
 }
 
 impl FailureReason {
@@ -58,6 +61,7 @@ impl FailureReason {
             FailureReason::QstashRefused => "qstash_refused",
             FailureReason::QstashUnexpectedAnswer => "qstash_unexpected_answer",
             FailureReason::NoResult => "no_result",
+            FailureReason::Stopping => "stopping",
         }
     }
 }

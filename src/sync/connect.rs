@@ -8,11 +8,14 @@
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::error::SyncError;
 use super::policy::CheckedAddresses;
+use super::sessions::TenantSession;
+use super::stall::{self, StallWatch, Watched};
 use super::target::{printable, Target};
 use super::tls;
 use crate::db::identity::{DatabaseIdentity, IDENTITY_COLUMNS};
@@ -29,20 +32,24 @@ pub struct SessionSettings {
     pub idle_in_transaction_timeout: Duration,
 }
 
-/// Opens a session on a checked target, with TLS per `sslmode` and the session
-/// timeouts applied, and refuses it if it turns out to be connected to the database
+/// Opens a session on a checked target, with TLS per `sslmode`, the session timeouts
+/// applied and its connection watched for stalls ([`super::stall`]), and refuses it if it turns out to be connected to the database
 /// whose identity is `internal`, however the target spelled its address.
 pub async fn connect(
     target: &Target,
     addresses: &CheckedAddresses,
     session: &SessionSettings,
     internal: DatabaseIdentity,
-) -> Result<Client, SyncError> {
+) -> Result<TenantSession, SyncError> {
     let connect_timeout = target.connect_timeout.unwrap_or(session.connect_timeout);
-    let config = client_config(target, addresses, connect_timeout);
-    let client = tokio::time::timeout(connect_timeout, open(&config, target))
-        .await
-        .map_err(|_| SyncError::ConnectTimeout(target.describe()))??;
+    let config = client_config(target, connect_timeout);
+    let watch = StallWatch::new(stall::limit(session.statement_timeout));
+    let client = tokio::time::timeout(
+        connect_timeout,
+        open(&config, target, addresses, watch.clone()),
+    )
+    .await
+    .map_err(|_| SyncError::ConnectTimeout(target.describe()))??;
     let identity = set_up_session(&client, target, session).await?;
     if identity == internal {
         return Err(SyncError::TargetRefused(format!(
@@ -50,21 +57,17 @@ pub async fn connect(
             target.describe()
         )));
     }
-    Ok(client)
+    Ok(TenantSession::new(client, watch))
 }
 
-/// The connection parameters of `target`. The host name stays for TLS (server name,
-/// SNI); the TCP connection goes to the addresses that were checked, tried in order (a
-/// Unix socket has none: its directory is the host).
-fn client_config(
-    target: &Target,
-    addresses: &CheckedAddresses,
-    connect_timeout: Duration,
-) -> tokio_postgres::Config {
+/// The connection parameters of `target`, for the handshake on a socket [`open`]
+/// connected: the host name stays for TLS (server name, SNI).
+fn client_config(target: &Target, connect_timeout: Duration) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
         .user(&target.user)
         .dbname(&target.dbname)
+        .host(&target.host)
         .port(target.port)
         .application_name(APPLICATION_NAME)
         .ssl_mode(target.ssl_mode.negotiation())
@@ -72,29 +75,70 @@ fn client_config(
     if let Some(password) = &target.password {
         config.password(password.expose_secret());
     }
-    if addresses.0.is_empty() {
-        config.host(&target.host);
-    }
-    for address in &addresses.0 {
-        config.host(&target.host).hostaddr(*address);
-    }
     config
 }
 
-/// Connects, with or without TLS as `sslmode` says, and spawns the connection's task.
-async fn open(config: &tokio_postgres::Config, target: &Target) -> Result<Client, SyncError> {
+/// Connects a socket to the first of the checked addresses that accepts (a Unix socket
+/// when there are none: its directory is the host), watched for stalls, then runs the
+/// handshake on it and spawns the connection's task.
+async fn open(
+    config: &tokio_postgres::Config,
+    target: &Target,
+    addresses: &CheckedAddresses,
+    watch: StallWatch,
+) -> Result<Client, SyncError> {
+    let failed = |source: std::io::Error| SyncError::Connect {
+        target: target.describe(),
+        source,
+    };
+    if addresses.0.is_empty() {
+        let path = format!("{}/.s.PGSQL.{}", target.host, target.port);
+        let socket = tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(failed)?;
+        return handshake(config, Watched::new(socket, watch), target).await;
+    }
+    let mut last_error = None;
+    for address in &addresses.0 {
+        match tokio::net::TcpStream::connect((*address, target.port)).await {
+            Ok(socket) => {
+                socket.set_nodelay(true).ok();
+                return handshake(config, Watched::new(socket, watch), target).await;
+            }
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(failed(last_error.unwrap_or_else(|| {
+        std::io::Error::other("the host resolved to no address")
+    })))
+}
+
+/// The PostgreSQL handshake on a connected socket, with or without TLS as `sslmode`
+/// says.
+async fn handshake<S>(
+    config: &tokio_postgres::Config,
+    socket: Watched<S>,
+    target: &Target,
+) -> Result<Client, SyncError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match tls::client_config(target.ssl_mode, &target.roots)? {
         None => {
             let (client, connection) = config
-                .connect(tokio_postgres::NoTls)
+                .connect_raw(socket, tokio_postgres::NoTls)
                 .await
                 .map_err(SyncError::target)?;
             tokio::spawn(drive(connection, target.describe()));
             Ok(client)
         }
         Some(tls_config) => {
+            let Ok(tls) = MakeTlsConnect::<Watched<S>>::make_tls_connect(
+                &mut MakeRustlsConnect::new(tls_config),
+                &target.host,
+            );
             let (client, connection) = config
-                .connect(MakeRustlsConnect::new(tls_config))
+                .connect_raw(socket, tls)
                 .await
                 .map_err(SyncError::target)?;
             tokio::spawn(drive(connection, target.describe()));

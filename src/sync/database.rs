@@ -94,9 +94,7 @@ impl<'a> Sessions<'a> {
             .check(&self.database.target, settings.connect_timeout)
             .await?;
         let internal = self.engine.internal_identity().await?;
-        let client =
-            connect::connect(&self.database.target, &addresses, settings, internal).await?;
-        Ok(TenantSession::new(client))
+        connect::connect(&self.database.target, &addresses, settings, internal).await
     }
 
     /// Keeps a session whose last transaction committed for the next sync.

@@ -27,6 +27,10 @@ pub enum SyncError {
     /// The certificate was rejected, or TLS was required and not offered. Permanent.
     #[error("TLS: {0}")]
     Tls(String),
+    /// No address of the target accepted a connection (refused, unreachable).
+    /// Retryable: servers come back.
+    #[error("cannot connect to {target}")]
+    Connect { target: String, source: io::Error },
     /// Connecting took longer than the connect timeout. Retryable.
     #[error("timed out connecting to {0}")]
     ConnectTimeout(String),
@@ -56,6 +60,7 @@ impl SyncError {
             SyncError::TargetRefused(_) => "target_refused",
             SyncError::ForeignOwner(_) => "foreign_owner",
             SyncError::Resolve { .. } => "resolve_failed",
+            SyncError::Connect { .. } => "connect_failed",
             SyncError::Tls(_) => "tls",
             SyncError::ConnectTimeout(_) => "connect_timeout",
             SyncError::Target(_) => "tenant_database",
@@ -74,6 +79,7 @@ impl SyncError {
             | SyncError::Malformed(_)
             | SyncError::Tls(_) => false,
             SyncError::Resolve { .. }
+            | SyncError::Connect { .. }
             | SyncError::ConnectTimeout(_)
             | SyncError::MissingWatermark(_)
             | SyncError::Internal(_) => true,

@@ -15,7 +15,8 @@
 //! - [`external_database`]: the tenancy's `dbSync.externalDatabases` configuration;
 //!   [`target`]: a connection string; [`policy`]: which addresses may be reached;
 //!   [`connect`]: opening a session; [`tls`]: `sslmode` with rustls; [`sessions`]:
-//!   sessions kept open between syncs;
+//!   sessions kept open between syncs; [`stall`]: a tenant database that stops
+//!   answering;
 //! - [`error`]: what went wrong, and whether a retry can help.
 
 mod apply;
@@ -31,6 +32,7 @@ pub mod report;
 pub mod resync;
 pub mod schema;
 pub mod sessions;
+pub mod stall;
 pub mod statements;
 pub mod summary;
 pub mod target;

@@ -22,17 +22,23 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
+use super::stall::StallWatch;
+
 /// An open session to a tenant database and the statements prepared on it.
 pub struct TenantSession {
     client: Client,
     prepared: HashMap<&'static str, Statement>,
+    /// Watches the connection for a server that stopped answering while in use.
+    watch: StallWatch,
 }
 
 impl TenantSession {
-    pub fn new(client: Client) -> Self {
+    /// A new session, in use.
+    pub fn new(client: Client, watch: StallWatch) -> Self {
         Self {
             client,
             prepared: HashMap::new(),
+            watch,
         }
     }
 
@@ -147,6 +153,7 @@ impl SessionPool {
         while let Some(session) = sessions.pop() {
             removed += 1;
             if session.is_usable(timeout) {
+                session.session.watch.set_in_use(true);
                 found = Some(session.session);
                 break;
             }
@@ -175,6 +182,8 @@ impl SessionPool {
         if sessions.len() >= settings.per_database || count >= settings.total {
             return;
         }
+        // Kept, it is silent by right until the next sync takes it.
+        session.watch.set_in_use(false);
         sessions.push(IdleSession {
             session,
             since: Instant::now(),

@@ -700,3 +700,48 @@ async fn a_request_is_not_consumed_while_a_sequencer_batch_that_relies_on_it_is_
     assert!(users.iter().any(|synced| synced.id == second), "{users:?}");
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
+
+/// A request is settled (deleted, with its statuses) in one statement after its sync.
+/// When the internal database fails that statement (a restart, a failover), it is tried
+/// again at once, rather than left claimed until its lease runs out: meanwhile no newer
+/// request of the tenancy could be claimed (found by the fault test of an internal
+/// database restart).
+#[tokio::test]
+async fn a_settle_that_the_internal_database_fails_is_tried_again() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let id = user(&pool, tenancy, "ada").await;
+    sequence_all(&pool, 100).await;
+    // The first deletion of a request fails, as a statement cut by a restart would.
+    sqlx::raw_sql(
+        r#"create sequence settle_attempts;
+           create function fail_first_settle() returns trigger language plpgsql as $$
+           begin
+               if nextval('settle_attempts') = 1 then
+                   raise exception 'injected: the internal database went away';
+               end if;
+               return old;
+           end $$;
+           create trigger fail_first_settle before delete on "OutgoingRequest"
+               for each row execute function fail_first_settle();"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let batch = poll_once(&direct_poller(&pool, 1)).await;
+
+    assert_eq!((batch.published, batch.failed), (1, 0), "{batch:?}");
+    assert_eq!(pending_request_keys(&pool).await, Vec::<String>::new());
+    let left: i64 = sqlx::query_scalar(r#"select count(*) from "OutgoingRequest""#)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "settled, not left claimed");
+    let attempts: i64 = sqlx::query_scalar("select last_value from settle_attempts")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 2);
+    wait_for_user(&tenant, id).await;
+}

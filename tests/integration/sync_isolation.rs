@@ -138,7 +138,7 @@ async fn a_broken_database_does_not_stop_a_good_one() {
         .collect();
     assert_eq!(results, [("bad", false), ("good", true)]);
     let error = report.databases[0].result.as_ref().unwrap_err();
-    assert!(matches!(error, SyncError::Target(_)), "{error:?}");
+    assert!(matches!(error, SyncError::Connect { .. }), "{error:?}");
     assert!(
         error.is_retryable(),
         "a refused connection may be accepted later: {error}"

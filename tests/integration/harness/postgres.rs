@@ -212,66 +212,107 @@ impl ClusterSetup {
 /// database name, and the directory of its Unix socket. It lives as long as the test
 /// process.
 pub fn start_cluster(setup: &ClusterSetup) -> (String, PathBuf) {
-    sweep_stale_directories();
-    let bin = find_server_binaries();
-    let directory = std::env::temp_dir().join(format!(
-        "{DIRECTORY_PREFIX}{}-{}",
-        std::process::id(),
-        short_id()
-    ));
-    let data = directory.join("data");
-    std::fs::create_dir_all(&directory).unwrap();
-    let account = unprivileged_account();
-    if let Some((uid, gid)) = account {
-        chown(&directory, uid, gid);
-    }
-    for (name, contents) in &setup.files {
-        let path = directory.join(name);
-        std::fs::write(&path, contents).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        if let Some((uid, gid)) = account {
-            chown(&path, uid, gid);
-        }
-    }
-    let directory_text = directory.to_string_lossy().into_owned();
-    let settings: Vec<String> = setup
-        .settings
-        .iter()
-        .flat_map(|(name, value)| {
-            [
-                "-c".to_owned(),
-                format!("{name}={}", value.replace("{dir}", &directory_text)),
-            ]
-        })
-        .collect();
-
-    let initdb = run_as(Command::new(bin.join("initdb")), account)
-        .args([
-            "--auth=trust",
-            "--username=postgres",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-sync",
-        ])
-        .arg("-D")
-        .arg(&data)
-        .stdout(Stdio::null())
-        .output()
-        .expect("running initdb");
-    assert!(
-        initdb.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&initdb.stderr)
-    );
-
+    let cluster = Cluster::init(setup);
     for _attempt in 0..5 {
         let port = free_port();
-        let log = File::create(directory.join("postgres.log")).unwrap();
-        let mut command = run_as(Command::new(bin.join("postgres")), account);
-        command
+        if cluster.spawn(port) {
+            return (cluster.base_url(port), cluster.directory);
+        }
+    }
+    let log = std::fs::read_to_string(cluster.directory.join("postgres.log")).unwrap_or_default();
+    panic!("the test PostgreSQL server did not start; its log:\n{log}");
+}
+
+/// An initialized data directory, and how to start a server on it.
+struct Cluster {
+    bin: PathBuf,
+    directory: PathBuf,
+    data: PathBuf,
+    account: Option<(u32, u32)>,
+    /// `-c name=value` arguments from the set-up, after the defaults.
+    settings: Vec<String>,
+}
+
+impl Cluster {
+    fn init(setup: &ClusterSetup) -> Cluster {
+        sweep_stale_directories();
+        let bin = find_server_binaries();
+        let directory = std::env::temp_dir().join(format!(
+            "{DIRECTORY_PREFIX}{}-{}",
+            std::process::id(),
+            short_id()
+        ));
+        let data = directory.join("data");
+        std::fs::create_dir_all(&directory).unwrap();
+        let account = unprivileged_account();
+        if let Some((uid, gid)) = account {
+            chown(&directory, uid, gid);
+        }
+        for (name, contents) in &setup.files {
+            let path = directory.join(name);
+            std::fs::write(&path, contents).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if let Some((uid, gid)) = account {
+                chown(&path, uid, gid);
+            }
+        }
+        let directory_text = directory.to_string_lossy().into_owned();
+        let settings: Vec<String> = setup
+            .settings
+            .iter()
+            .flat_map(|(name, value)| {
+                [
+                    "-c".to_owned(),
+                    format!("{name}={}", value.replace("{dir}", &directory_text)),
+                ]
+            })
+            .collect();
+
+        let initdb = run_as(Command::new(bin.join("initdb")), account)
+            .args([
+                "--auth=trust",
+                "--username=postgres",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .arg("-D")
             .arg(&data)
+            .stdout(Stdio::null())
+            .output()
+            .expect("running initdb");
+        assert!(
+            initdb.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&initdb.stderr)
+        );
+        Cluster {
+            bin,
+            directory,
+            data,
+            account,
+            settings,
+        }
+    }
+
+    fn base_url(&self, port: u16) -> String {
+        format!("postgres://postgres@127.0.0.1:{port}")
+    }
+
+    /// Starts the server on `port` (its log appended to `postgres.log`), and waits up to
+    /// a minute for it to answer; false if it did not.
+    fn spawn(&self, port: u16) -> bool {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.directory.join("postgres.log"))
+            .unwrap();
+        let directory_text = self.directory.to_string_lossy().into_owned();
+        let mut command = run_as(Command::new(self.bin.join("postgres")), self.account);
+        command
+            .arg("-D")
+            .arg(&self.data)
             .args(["-p", &port.to_string()])
             .args([
                 "-c",
@@ -290,7 +331,7 @@ pub fn start_cluster(setup: &ClusterSetup) -> (String, PathBuf) {
                 "full_page_writes=off",
             ])
             // Last, so that a setup can override the defaults above.
-            .args(&settings)
+            .args(&self.settings)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -302,29 +343,150 @@ pub fn start_cluster(setup: &ClusterSetup) -> (String, PathBuf) {
             Ok(mut child) => {
                 sender.send(Ok(child.id())).ok();
                 child.wait().ok();
+                // Tells a start-up that is still waiting that the server gave up.
+                sender.send(Ok(0)).ok();
             }
             Err(error) => {
                 sender.send(Err(error)).ok();
             }
         });
         receiver.recv().unwrap().expect("starting postgres");
-        let base_url = format!("postgres://postgres@127.0.0.1:{port}");
-        if wait_for_server(&base_url, Duration::from_secs(60)) {
-            return (base_url, directory);
-        }
+        let exited = move || receiver.try_recv().is_ok();
+        wait_for_server(&self.base_url(port), Duration::from_secs(60), exited)
     }
-    let log = std::fs::read_to_string(directory.join("postgres.log")).unwrap_or_default();
-    panic!("the test PostgreSQL server did not start; its log:\n{log}");
+
+    /// The postmaster's process id, from its lock file; `None` when it is not running.
+    fn postmaster_pid(&self) -> Option<libc::pid_t> {
+        let lock = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
+        let pid: libc::pid_t = lock.lines().next()?.trim().parse().ok()?;
+        // SAFETY: signal 0 only checks that the process exists.
+        (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    }
 }
 
-fn wait_for_server(base_url: &str, limit: Duration) -> bool {
+/// A cluster of its own that a test may kill, stop and start again, on the same port and
+/// data: for the fault tests. Dropped, it is shut down at once.
+#[allow(dead_code)] // used by the fault tests, which include this file
+pub struct RestartableServer {
+    cluster: Cluster,
+    port: u16,
+}
+
+#[allow(dead_code)] // used by the fault tests, which include this file
+impl RestartableServer {
+    /// A new cluster, running.
+    pub fn start(setup: &ClusterSetup) -> RestartableServer {
+        let cluster = Cluster::init(setup);
+        for _attempt in 0..5 {
+            let port = free_port();
+            if cluster.spawn(port) {
+                return RestartableServer { cluster, port };
+            }
+        }
+        panic!("the restartable PostgreSQL server did not start");
+    }
+
+    /// Superuser URL without a database name.
+    pub fn base_url(&self) -> String {
+        self.cluster.base_url(self.port)
+    }
+
+    /// The harness's view of this server, with a migrated template: for
+    /// [`Server::migrated_database`] and [`Server::empty_database`].
+    pub fn databases(&self) -> Server {
+        let base_url = self.base_url();
+        std::thread::spawn(move || {
+            let template = format!("eds_template_{}", short_id());
+            tokio::runtime::Runtime::new()
+                .expect("a tokio runtime for the template")
+                .block_on(create_template(&base_url, &template));
+            Server {
+                base_url,
+                socket_directory: None,
+                template,
+            }
+        })
+        .join()
+        .expect("the template database was created")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the postmaster with SIGKILL (its backends end when they notice), and waits
+    /// until it is gone.
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Fast shutdown (SIGINT): sessions are ended, the server exits cleanly.
+    pub fn stop(&self) {
+        self.signal(libc::SIGINT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self
+            .cluster
+            .postmaster_pid()
+            .expect("the server is running");
+        // SAFETY: kill with a pid read from the server's own lock file.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "signalling the postmaster"
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.cluster.postmaster_pid() == Some(pid) {
+            assert!(Instant::now() < deadline, "the postmaster did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same port and data; retried while the old
+    /// server's shared memory is still held by backends that are ending.
+    pub fn restart(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.cluster.spawn(self.port) {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not start again; its log:\n{}",
+                std::fs::read_to_string(self.cluster.directory.join("postgres.log"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Drop for RestartableServer {
+    fn drop(&mut self) {
+        if let Some(pid) = self.cluster.postmaster_pid() {
+            // SAFETY: as in `signal`; immediate shutdown.
+            unsafe { libc::kill(pid, libc::SIGQUIT) };
+        }
+    }
+}
+
+/// Waits until the server answers; false after `limit`, or as soon as `exited` says it
+/// is gone.
+/// On a thread of its own, so that a test's runtime may call it.
+fn wait_for_server(base_url: &str, limit: Duration, exited: impl Fn() -> bool + Send) -> bool {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| wait_for_server_here(base_url, limit, exited))
+            .join()
+            .expect("waiting for the server")
+    })
+}
+
+fn wait_for_server_here(base_url: &str, limit: Duration, exited: impl Fn() -> bool) -> bool {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let deadline = Instant::now() + limit;
     runtime.block_on(async {
-        while Instant::now() < deadline {
+        while Instant::now() < deadline && !exited() {
             if let Ok(connection) = PgConnection::connect(&format!("{base_url}/postgres")).await {
                 connection.close().await.ok();
                 return true;

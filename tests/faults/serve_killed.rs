@@ -1,0 +1,101 @@
+//! A `serve` process killed with SIGKILL in the middle of a sync, and another one
+//! started: the request is taken over once its lease runs out, nothing is lost, and the
+//! dead process's last transaction, delivered to the tenant database after the new
+//! process wrote a newer version, changes nothing.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::binary::serve_logging_to;
+use crate::harness::fixtures::{rename_user, tenancy, user};
+use crate::harness::postgres::{pool, server};
+use crate::harness::sync::{attach, wait_until_equal};
+use crate::harness::wait;
+use crate::proxy::Direction;
+use crate::tenant_link::{log_writes, proxied_tenant};
+
+#[tokio::test]
+async fn a_killed_serve_is_taken_over_after_its_lease_and_its_last_transaction_is_stale() {
+    let internal_url = server().migrated_database().await;
+    let internal = pool(&internal_url).await;
+    let (proxy, proxied_url, tenant) = proxied_tenant().await;
+    let tenancy = tenancy(&internal).await;
+    attach(&internal, tenancy, &[("main", &proxied_url)]).await;
+    let id = user(&internal, tenancy, "original").await;
+    let directory = tempfile::tempdir().unwrap();
+    let env = [("RUN_WORKERS", "true"), ("POLLER_LEASE_SECS", "3")];
+    let (mut first, _) =
+        serve_logging_to(&internal_url, &env, &directory.path().join("first.log")).await;
+    wait_until_equal(&internal, tenancy, &tenant).await;
+    // A change synced on the kept session prepares the statements of a small batch
+    // there: the next one is written in a single round trip, the one held below.
+    rename_user(&internal, id, "warmed up").await;
+    wait_until_equal(&internal, tenancy, &tenant).await;
+    log_writes(&tenant).await;
+
+    // The first process's sync is on its way to the tenant database when it dies.
+    proxy.hold(Direction::ToServer);
+    rename_user(&internal, id, "first").await;
+    wait::until(
+        "the first process's sync to be in flight",
+        Duration::from_secs(30),
+        || async { (proxy.held(Direction::ToServer) > 0).then_some(()) },
+    )
+    .await;
+    // The tenant-side sessions of the first process, all opened before any of the
+    // second's.
+    let first_sessions: Vec<i32> = sqlx::query_scalar(
+        "select pid from pg_stat_activity
+         where datname = current_database() and application_name = 'external-db-sync'",
+    )
+    .fetch_all(&tenant)
+    .await
+    .unwrap();
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let killed_at = Instant::now();
+    // What it sent stays held; new connections go through.
+    proxy.freeze_open_connections();
+    proxy.resume();
+
+    rename_user(&internal, id, "second").await;
+    let (mut second, _) =
+        serve_logging_to(&internal_url, &env, &directory.path().join("second.log")).await;
+    wait_until_equal(&internal, tenancy, &tenant).await;
+    let taken_over = killed_at.elapsed();
+
+    // The dead process's transaction reaches the server now, after the newer version.
+    proxy.thaw();
+    wait::until(
+        "the dead process's connections to end",
+        Duration::from_secs(30),
+        || async {
+            let stale: i64 =
+                sqlx::query_scalar("select count(*) from pg_stat_activity where pid = any($1)")
+                    .bind(&first_sessions)
+                    .fetch_one(&tenant)
+                    .await
+                    .unwrap();
+            (stale == 0).then_some(())
+        },
+    )
+    .await;
+    let order: Vec<String> =
+        sqlx::query_scalar("select display_name from written where id = $1 order by n")
+            .bind(id)
+            .fetch_all(&tenant)
+            .await
+            .unwrap();
+    // Nothing older was written after the newest version.
+    let newest = order.iter().position(|name| name == "second");
+    let after_newest = &order[newest.expect("the newest version was written")..];
+    assert!(
+        after_newest.iter().all(|name| name == "second"),
+        "{order:?}"
+    );
+    wait_until_equal(&internal, tenancy, &tenant).await;
+    println!(
+        "taken over and equal {:.1} s after the kill (lease 3 s)",
+        taken_over.as_secs_f64()
+    );
+    second.start_kill().unwrap();
+}
