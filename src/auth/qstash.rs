@@ -337,3 +337,74 @@ mod tests {
         assert!(Verifier::new(None, Some(&only_next), URL, Duration::ZERO).is_some());
     }
 }
+
+/// Properties over arbitrary deliveries (`proptest`, a bounded number of cases).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use proptest::prelude::*;
+
+    const URL: &str = "https://sync.example.com/api/latest/internal/external-db-sync/sync-engine";
+    const KEY: &str = "sig_current_key_1234";
+
+    fn verifier() -> Verifier {
+        Verifier::new(
+            Some(&SecretString::from(KEY)),
+            None,
+            URL,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
+
+    fn signed(body: &[u8]) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let claims = serde_json::json!({
+            "iss": "Upstash", "sub": URL, "exp": now + 300, "nbf": now,
+            "body": URL_SAFE_NO_PAD.encode(Sha256::digest(body)),
+        });
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(KEY.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any header value and body: refused with one of the documented reasons,
+        /// never a panic, never accepted.
+        #[test]
+        fn an_arbitrary_signature_is_refused(
+            token in prop_oneof![
+                "\\PC{0,300}",
+                "[A-Za-z0-9_-]{1,40}\\.[A-Za-z0-9_-]{1,80}\\.[A-Za-z0-9_-]{0,60}",
+            ],
+            body in prop::collection::vec(any::<u8>(), 0..256),
+        ) {
+            prop_assert!(verifier().verify(Some(&token), Bytes::from(body)).is_err());
+        }
+
+        /// A genuine signature accepts exactly its own body: one changed byte is a
+        /// body mismatch.
+        #[test]
+        fn a_signature_covers_every_byte_of_its_body(
+            body in prop::collection::vec(any::<u8>(), 1..256),
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let token = signed(&body);
+            prop_assert!(verifier().verify(Some(&token), Bytes::from(body.clone())).is_ok());
+            let mut changed = body;
+            let at = at.index(changed.len());
+            changed[at] ^= flip;
+            prop_assert!(matches!(
+                verifier().verify(Some(&token), Bytes::from(changed)),
+                Err(SignatureError::BodyMismatch)
+            ));
+        }
+    }
+}

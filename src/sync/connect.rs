@@ -33,8 +33,9 @@ pub struct SessionSettings {
 }
 
 /// Opens a session on a checked target, with TLS per `sslmode`, the session timeouts
-/// applied and its connection watched for stalls ([`super::stall`]), and refuses it if it turns out to be connected to the database
-/// whose identity is `internal`, however the target spelled its address.
+/// applied and its connection watched for stalls ([`super::stall`]), and refuses it if
+/// it turns out to be connected to the database whose identity is `internal`, however
+/// the target spelled its address.
 pub async fn connect(
     target: &Target,
     addresses: &CheckedAddresses,

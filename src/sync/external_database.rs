@@ -226,3 +226,59 @@ mod tests {
             .map_or_else(|error| !error.is_retryable(), |_| true)));
     }
 }
+
+/// Properties over arbitrary configurations (`proptest`, a bounded number of cases).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any JSON value, a few levels deep, with keys and strings that sometimes are the
+    /// ones the parser looks for.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let key = prop_oneof![
+            Just("type".to_owned()),
+            Just("connectionString".to_owned()),
+            Just("readRoles".to_owned()),
+            Just("caCertificate".to_owned()),
+            "\\PC{0,12}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            Just(Value::from("postgres")),
+            Just(Value::from("postgres://sync:pw@db.example.com/app")),
+            "\\PC{0,40}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..6)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any value where the configuration goes: entries or configuration errors,
+        /// never a panic, never more entries than allowed.
+        #[test]
+        fn any_configuration_is_entries_or_a_configuration_error(value in json_value()) {
+            match parse_all(&value, 4) {
+                Ok(entries) => {
+                    prop_assert!(entries.len() <= 4);
+                    for (_, entry) in entries {
+                        if let Err(error) = entry {
+                            prop_assert!(matches!(error, SyncError::InvalidConfig(_)), "{error:?}");
+                        }
+                    }
+                }
+                Err(error) => prop_assert!(matches!(error, SyncError::InvalidConfig(_)), "{error:?}"),
+            }
+        }
+    }
+}

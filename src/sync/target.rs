@@ -339,3 +339,42 @@ mod tests {
         assert!(!format!("{target:?}").contains("hunter2"));
     }
 }
+
+/// Properties over arbitrary input (`proptest`, a bounded number of cases per run).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any text is a target or a configuration error naming the field; never a
+        /// panic, never another kind of error.
+        #[test]
+        fn any_text_is_a_target_or_a_connection_string_error(raw in "\\PC{0,200}") {
+            if let Err(error) = Target::parse(&raw) {
+                prop_assert!(
+                    matches!(&error, SyncError::InvalidConfig(message)
+                        if message.starts_with("connectionString: ")),
+                    "{error:?}"
+                );
+            }
+        }
+
+        /// URL-shaped text, often almost right, with a password in it: whatever is wrong
+        /// with it, the error does not show the password.
+        #[test]
+        fn a_refused_connection_string_never_shows_its_password(
+            scheme in prop::sample::select(vec!["postgres", "postgresql", "mysql", "postgres:"]),
+            user in "[a-z%]{0,8}",
+            password in "[A-Za-z0-9]{12,20}",
+            rest in "[ -~]{0,60}",
+        ) {
+            let raw = format!("{scheme}://{user}:{password}@{rest}");
+            if let Err(error) = Target::parse(&raw) {
+                prop_assert!(!error.to_string().contains(&password), "{error}");
+            }
+        }
+    }
+}
