@@ -136,7 +136,8 @@ pub struct Poller {
     /// Free publish slots of this process, shared by every caller (`serve`'s loop and
     /// any cron call), so that together they stay within `sync_concurrency`.
     slots: Arc<Semaphore>,
-    /// Cancelled when the process stops: settling stops retrying then.
+    /// Cancelled when the process stops: publishes still running a grace period later
+    /// are dropped and their requests given back, and settling stops retrying.
     stopping: CancellationToken,
 }
 
@@ -219,8 +220,9 @@ impl Poller {
         }
     }
 
-    /// Settling a request whose internal-database statement failed is retried (see
-    /// [`SETTLE_ATTEMPTS`]) until `stopping` is cancelled.
+    /// The process's shutdown signal: once it is cancelled, publishes get
+    /// [`workers::STEP_GRACE_ON_SHUTDOWN`] to end, and a failed settle (retried up to
+    /// [`SETTLE_ATTEMPTS`] times otherwise) is left to the request's lease.
     pub fn stopping_on(mut self, stopping: CancellationToken) -> Self {
         self.stopping = stopping;
         self

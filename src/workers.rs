@@ -51,10 +51,11 @@ impl Outcome {
 
 /// How long a step that is under way when the process is asked to stop may still take.
 /// A step is a statement or two against the internal database, done in milliseconds
-/// when it answers; when it does not (it is down, and the pool waits for a connection
-/// for its acquire timeout), the step is dropped, so that stopping is not held up. A
-/// dropped step leaves nothing half done: each statement is its own transaction, and a
-/// request it may have claimed is taken over when its lease runs out.
+/// when it answers (the poller's may first wait for a publish slot); when it does not
+/// (it is down, and the pool waits for a connection for its acquire timeout), the step
+/// is dropped, so that stopping is not held up. A dropped step leaves nothing half
+/// done: each statement is its own transaction, and a request it may have claimed is
+/// taken over when its lease runs out.
 pub const STEP_GRACE_ON_SHUTDOWN: Duration = Duration::from_secs(2);
 
 /// Runs `step` until `shutdown` is cancelled. Errors are logged and retried with
@@ -85,7 +86,7 @@ where
             biased;
             stepped = step() => stepped,
             () = &mut stopped_a_while_ago => {
-                tracing::warn!(worker = name, "stopping without the end of a step: the database does not answer");
+                tracing::warn!(worker = name, "stopping without the end of a step that outlasted the grace (the database does not answer, or no publish slot came free)");
                 dropped = StepDropped(true);
                 break;
             }

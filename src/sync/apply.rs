@@ -45,10 +45,11 @@ pub(super) async fn apply_batches(
         report.watermark = watermark;
         if !deletions_checked {
             deletions_checked = true;
-            if let Some(removed) =
+            if let Some((removed, complete_through)) =
                 resync_if_deletions_missed(sessions, session, mapping, watermark).await?
             {
                 report.removed_by_resync = Some(removed);
+                report.resync_complete_through = Some(complete_through);
                 read_ahead = None;
                 continue;
             }
@@ -170,14 +171,14 @@ async fn apply_small_batch(
 
 /// In the transaction [`begin_locked`] opened: if the database missed deletions whose
 /// tombstones are pruned (it was away, or its watermark went back), brings it back to
-/// the source and returns how many rows that removed; the transaction is then
-/// committed.
+/// the source and returns how many rows that removed, and through which sequence id its
+/// deletions are then complete; the transaction is then committed.
 async fn resync_if_deletions_missed(
     sessions: &Sessions<'_>,
     session: &mut TenantSession,
     mapping: Mapping,
     watermark: i64,
-) -> Result<Option<u64>, SyncError> {
+) -> Result<Option<(u64, i64)>, SyncError> {
     let missed = db::tombstones::missed_pruned_deletions(
         &sessions.engine.pool,
         sessions.key.tenancy_id,

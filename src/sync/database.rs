@@ -10,6 +10,7 @@ use super::external_database::ExternalDatabase;
 use super::report::{DatabaseSynced, MappingReport};
 use super::schema;
 use super::sessions::{SessionKey, TenantSession};
+use crate::db;
 use crate::error::error_chain;
 use crate::mapping::Mapping;
 use uuid::Uuid;
@@ -140,6 +141,22 @@ async fn sync_on(
             },
         ))
         .await?;
+        // Repairs after pruned tombstones are recorded once every mapping has decided
+        // whether it needed one: the record says that the database has every deletion
+        // through a point, and a mapping that read it before its own check would skip
+        // its repair.
+        for complete_through in mappings
+            .iter()
+            .filter_map(|mapping| mapping.resync_complete_through)
+        {
+            db::tombstones::record_resync(
+                &engine.pool,
+                key.tenancy_id,
+                sessions.database_id,
+                complete_through,
+            )
+            .await?;
+        }
         Ok(DatabaseSynced { mappings })
     }
     .await;

@@ -117,6 +117,9 @@ pub struct MappingReport {
     /// its watermark went back), and was brought back to the source: this many rows
     /// that the source no longer has were removed.
     pub removed_by_resync: Option<u64>,
+    /// With `removed_by_resync`: the sequence id through which the mapping then had
+    /// every deletion, for the caller to record.
+    pub resync_complete_through: Option<i64>,
 }
 
 impl MappingReport {
@@ -149,6 +152,7 @@ impl MappingReport {
             watermark,
             more_remaining: false,
             removed_by_resync: None,
+            resync_complete_through: None,
         }
     }
 }

@@ -28,13 +28,16 @@ const RESYNC_PAGE: i64 = 10_000;
 /// source: in the transaction [`super::apply::begin_locked`] opened, removes every row of `mapping`
 /// whose id the source no longer has, and commits. The ids go to a temporary table a
 /// page at a time; memory stays bounded however large the tenancy. The watermark stays:
-/// every live row changed after it is still after it in the source. Then the database
-/// is recorded as having every deletion up to the latest sequence id applied.
+/// every live row changed after it is still after it in the source. Returns how many
+/// rows it removed, and the sequence id through which the mapping now has every
+/// deletion; the caller records that once every mapping of the database has decided
+/// whether it needed this (see [`super::database`]): recorded at once, it would tell
+/// the other mapping, still to decide, that its deletions are complete too.
 pub(super) async fn remove_rows_not_in_source(
     sessions: &Sessions<'_>,
     session: &mut TenantSession,
     mapping: Mapping,
-) -> Result<u64, SyncError> {
+) -> Result<(u64, i64), SyncError> {
     let (engine, tenancy_id) = (sessions.engine, sessions.key.tenancy_id);
     // Read first: a deletion numbered later comes with a tombstone after this.
     let complete_through = db::tombstones::latest_sequence_id(&engine.pool).await?;
@@ -44,13 +47,6 @@ pub(super) async fn remove_rows_not_in_source(
         .batch_execute("commit")
         .await
         .map_err(SyncError::target)?;
-    db::tombstones::record_resync(
-        &engine.pool,
-        tenancy_id,
-        sessions.database_id,
-        complete_through,
-    )
-    .await?;
     tracing::warn!(
         %tenancy_id,
         database_id = sessions.database_id,
@@ -59,7 +55,7 @@ pub(super) async fn remove_rows_not_in_source(
         "the tenant database had missed deletions whose tombstones were pruned; \
          brought it back to the source"
     );
-    Ok(removed)
+    Ok((removed, complete_through))
 }
 
 /// In an open transaction of the tenant session: deletes every row of `mapping` whose
