@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::harness::app::TestApp;
 use crate::harness::fixtures::{email, rename_user, tenancy, tenant_database, user};
 use crate::harness::postgres::{pool, server};
-use crate::harness::sync::{attach, recorded_error, wait_until_equal, watermark};
+use crate::harness::sync::{attach, latest_change, recorded_error, wait_until_equal, watermark};
 use crate::harness::wait;
 use crate::proxy::{Direction, Proxy};
 
@@ -138,12 +138,7 @@ async fn a_connection_cut_in_the_middle_of_a_transaction_heals_and_applies_nothi
     wait_until_equal(&internal, tenancy, &tenant).await;
     let healed = cut_at.elapsed();
     assert_eq!(versions_written_twice(&tenant).await, []);
-    let latest: i64 =
-        sqlx::query_scalar(r#"select max("sequenceId") from "ProjectUser" where "tenancyId" = $1"#)
-            .bind(tenancy)
-            .fetch_one(&internal)
-            .await
-            .unwrap();
+    let latest = latest_change(&internal, tenancy, "ProjectUser").await;
     assert_eq!(watermark(&tenant, "users").await, latest);
     assert!(proxy.accepted() >= 2, "the service connected again");
     println!("healed {:.1} s after the cut", healed.as_secs_f64());

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::fixtures::{tenancy, user};
 use crate::harness::postgres::{pool, server, ClusterSetup, RestartableServer, Server};
-use crate::harness::sync::{attach, wait_until_equal, watermark};
+use crate::harness::sync::{attach, latest_change, wait_until_equal, watermark};
 use crate::harness::wait;
 use crate::tenant_link::serve;
 
@@ -42,15 +42,6 @@ async fn a_tenant_server_killed_mid_batch_is_caught_up_after_its_restart() {
     .execute(&internal)
     .await
     .unwrap();
-    let latest = || async {
-        sqlx::query_scalar::<_, Option<i64>>(
-            r#"select max("sequenceId") from "ProjectUser" where "tenancyId" = $1"#,
-        )
-        .bind(tenancy)
-        .fetch_one(&internal)
-        .await
-        .unwrap()
-    };
     let reached = wait::until(
         "the batches to be under way",
         Duration::from_secs(30),
@@ -63,7 +54,7 @@ async fn a_tenant_server_killed_mid_batch_is_caught_up_after_its_restart() {
     tenant.close().await;
     tenant_server.kill();
     let killed_at = Instant::now();
-    let numbered_through = latest().await.unwrap();
+    let numbered_through = latest_change(&internal, tenancy, "ProjectUser").await;
     assert!(
         reached < numbered_through,
         "killed before the last batch: {reached} < {numbered_through}"
@@ -91,7 +82,7 @@ async fn a_tenant_server_killed_mid_batch_is_caught_up_after_its_restart() {
     wait_until_equal(&internal, tenancy, &tenant).await;
     assert_eq!(
         watermark(&tenant, "users").await,
-        latest().await.unwrap(),
+        latest_change(&internal, tenancy, "ProjectUser").await,
         "caught up through the latest change"
     );
     println!(
