@@ -21,6 +21,11 @@ pub enum Mapping {
 impl Mapping {
     pub const ALL: [Mapping; 2] = [Mapping::Users, Mapping::ContactChannels];
 
+    /// The names of [`Mapping::ALL`], in its order.
+    pub fn names() -> Vec<&'static str> {
+        Mapping::ALL.iter().map(|mapping| mapping.name()).collect()
+    }
+
     /// The mapping's position in [`Mapping::ALL`].
     pub fn index(self) -> usize {
         match self {

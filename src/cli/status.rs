@@ -30,6 +30,7 @@ pub fn print(report: &StatusReport, as_json: bool) -> anyhow::Result<()> {
                 "LAST SUCCESS",
                 "FAILURES",
                 "LAST ERROR",
+                "REPAIRS",
             ],
             &rows,
         )
@@ -70,5 +71,17 @@ fn row(status: &DatabaseStatus) -> Vec<String> {
         last_success,
         status.consecutive_failures.to_string(),
         error,
+        repairs(status),
     ]
+}
+
+/// How many times the database was brought back to the source, and when last
+/// (`--json` says why).
+fn repairs(status: &DatabaseStatus) -> String {
+    match status.seconds_since_repair {
+        Some(seconds) if status.repairs > 0 => {
+            format!("{} (last {seconds:.0} s ago)", status.repairs)
+        }
+        _ => status.repairs.to_string(),
+    }
 }

@@ -34,6 +34,14 @@ pub struct DatabaseStatus {
     pub consecutive_failures: i32,
     /// When a failing database is attempted again.
     pub next_attempt_at: Option<NaiveDateTime>,
+    /// Times the database was brought back to the source (missed deletions, its
+    /// watermark gone back after changes from outside the sync, operators' resyncs).
+    pub repairs: i32,
+    pub last_repair_at: Option<NaiveDateTime>,
+    /// Seconds since the last repair, on the internal database's clock.
+    pub seconds_since_repair: Option<f64>,
+    /// Why the last repair was needed.
+    pub last_repair: Option<String>,
 }
 
 impl DatabaseStatus {
@@ -106,7 +114,9 @@ with configured as (
                as channels_watermark,
            recorded."lastSuccessAt", recorded."lastError", recorded."lastErrorAt",
            coalesce(recorded."consecutiveFailures", 0) as consecutive_failures,
-           recorded."nextAttemptAt"
+           recorded."nextAttemptAt",
+           coalesce(recorded."resyncCount", 0) as repairs,
+           recorded."lastResyncAt", recorded."lastRepair"
     from configured
     full join recorded on recorded."tenancyId" = configured.tenancy_id
                       and recorded."databaseId" = configured.database_id
@@ -162,7 +172,12 @@ select lag.tenancy_id,
        lag."lastError" as last_error,
        lag."lastErrorAt" as last_error_at,
        lag.consecutive_failures,
-       lag."nextAttemptAt" as next_attempt_at
+       lag."nextAttemptAt" as next_attempt_at,
+       lag.repairs,
+       lag."lastResyncAt" as last_repair_at,
+       extract(epoch from (current_timestamp::timestamp - lag."lastResyncAt"))::float8
+           as seconds_since_repair,
+       lag."lastRepair" as last_repair
 from lag
 order by lag.tenancy_id, lag.database_id
 "#;

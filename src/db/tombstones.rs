@@ -23,32 +23,87 @@ pub async fn prune(
         .await
 }
 
-/// Whether the database `database_id` of `tenancy_id`, whose watermark for `table`
-/// (`"ProjectUser"` or `"ContactChannel"`) is `watermark`, missed tombstones that were
-/// pruned since: some were pruned past its watermark, and no resync has applied every
-/// deletion up to them.
-pub async fn missed_pruned_deletions(
+/// What the internal database says of a tenant database's watermark for one source
+/// table: see [`check_watermark`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatermarkCheck {
+    /// Tombstones were pruned past the watermark, and no resync has applied every
+    /// deletion up to them: the database missed deletions.
+    pub missed_pruned_deletions: bool,
+    /// How far the service recorded the database as synced for that table, if ever.
+    pub recorded_through: Option<i64>,
+}
+
+impl WatermarkCheck {
+    /// Whether the watermark is behind what was recorded: it went back (the table was
+    /// changed outside the sync, created again, or the database restored or replaced).
+    pub fn went_back(&self, watermark: i64) -> bool {
+        self.recorded_through
+            .is_some_and(|recorded| watermark < recorded)
+    }
+}
+
+/// Checks the watermark of the database `database_id` of `tenancy_id` for `table`
+/// (`"ProjectUser"` or `"ContactChannel"`) against what the internal database knows.
+pub async fn check_watermark(
     executor: impl PgExecutor<'_>,
     tenancy_id: Uuid,
     database_id: &str,
     table: &str,
     watermark: i64,
-) -> Result<bool, sqlx::Error> {
-    let missed: Option<bool> = sqlx::query_scalar(
-        r#"select pruned."prunedThrough" > $4
-                  and coalesce(status."deletionsCompleteThrough", -1) < pruned."prunedThrough"
-           from "ExternalDbSyncPrunedTombstones" as pruned
+) -> Result<WatermarkCheck, sqlx::Error> {
+    let (missed, recorded): (Option<bool>, Option<i64>) = sqlx::query_as(
+        r#"select (select pruned."prunedThrough" > $4
+                          and coalesce(status."deletionsCompleteThrough", -1)
+                              < pruned."prunedThrough"
+                   from "ExternalDbSyncPrunedTombstones" as pruned
+                   where pruned."tenancyId" = $1 and pruned."tableName" = $3),
+                  case $3 when 'ProjectUser' then status."usersSyncedThrough"
+                          else status."contactChannelsSyncedThrough" end
+           from (select) as one
            left join "ExternalDbSyncStatus" as status
-               on status."tenancyId" = pruned."tenancyId" and status."databaseId" = $2
-           where pruned."tenancyId" = $1 and pruned."tableName" = $3"#,
+               on status."tenancyId" = $1 and status."databaseId" = $2"#,
     )
     .bind(tenancy_id)
     .bind(database_id)
     .bind(table)
     .bind(watermark)
-    .fetch_optional(executor)
+    .fetch_one(executor)
     .await?;
-    Ok(missed.unwrap_or(false))
+    Ok(WatermarkCheck {
+        missed_pruned_deletions: missed.unwrap_or(false),
+        recorded_through: recorded,
+    })
+}
+
+/// Takes what is recorded of how far `database_id` is synced for `table` back to
+/// `watermark` if it is further: its watermark went back, or a resync set it.
+/// Tombstones after it are kept again, and status counts the changes it lacks.
+pub async fn record_watermark_back(
+    executor: impl PgExecutor<'_>,
+    tenancy_id: Uuid,
+    database_id: &str,
+    table: &str,
+    watermark: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"update "ExternalDbSyncStatus" set
+               "usersSyncedThrough" = case when $3 = 'ProjectUser'
+                   then least("usersSyncedThrough", $4) else "usersSyncedThrough" end,
+               "contactChannelsSyncedThrough" = case when $3 = 'ContactChannel'
+                   then least("contactChannelsSyncedThrough", $4)
+                   else "contactChannelsSyncedThrough" end,
+               "lastSyncedSequenceId" = least("lastSyncedSequenceId", $4),
+               "updatedAt" = current_timestamp
+           where "tenancyId" = $1 and "databaseId" = $2"#,
+    )
+    .bind(tenancy_id)
+    .bind(database_id)
+    .bind(table)
+    .bind(watermark)
+    .execute(executor)
+    .await?;
+    Ok(())
 }
 
 /// The highest sequence id handed out so far: every deletion numbered until now has at
@@ -60,28 +115,31 @@ pub async fn latest_sequence_id(executor: impl PgExecutor<'_>) -> Result<i64, sq
 }
 
 /// Records that `database_id` was brought back to the source exactly, with every
-/// deletion through `complete_through` applied.
+/// deletion through `complete_through` applied, and why (`reason`, shown by status).
 pub async fn record_resync(
     executor: impl PgExecutor<'_>,
     tenancy_id: Uuid,
     database_id: &str,
     complete_through: i64,
+    reason: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         r#"insert into "ExternalDbSyncStatus" as status
                ("tenancyId", "databaseId", "deletionsCompleteThrough", "lastResyncAt",
-                "resyncCount", "updatedAt")
-           values ($1, $2, $3, current_timestamp, 1, current_timestamp)
+                "resyncCount", "lastRepair", "updatedAt")
+           values ($1, $2, $3, current_timestamp, 1, $4, current_timestamp)
            on conflict ("tenancyId", "databaseId") do update set
                "deletionsCompleteThrough" =
                    greatest(status."deletionsCompleteThrough", excluded."deletionsCompleteThrough"),
                "lastResyncAt" = current_timestamp,
                "resyncCount" = status."resyncCount" + 1,
+               "lastRepair" = excluded."lastRepair",
                "updatedAt" = current_timestamp"#,
     )
     .bind(tenancy_id)
     .bind(database_id)
     .bind(complete_through)
+    .bind(reason)
     .execute(executor)
     .await?;
     Ok(())

@@ -9,7 +9,7 @@ use super::database::Sessions;
 use super::engine::SyncEngine;
 use super::error::SyncError;
 use super::initial_copy;
-use super::report::MappingReport;
+use super::report::{MappingReport, Repair};
 use super::resync;
 use super::sessions::TenantSession;
 use super::statements::{self, Applied, Columns};
@@ -39,17 +39,17 @@ pub(super) async fn apply_batches(
             SmallBatch::NotSmall => {}
         }
     }
-    let mut deletions_checked = false;
+    let mut watermark_checked = false;
     loop {
-        let watermark = begin_locked(session, mapping).await?;
+        let known_before = engine.known.watermarks(key);
+        let watermarks = begin_locked(session, mapping).await?;
+        let watermark = watermarks.of(mapping)?;
+        look_again_if_another_went_back(sessions, mapping, &known_before, &watermarks, &mut report);
         report.watermark = watermark;
-        if !deletions_checked {
-            deletions_checked = true;
-            if let Some((removed, complete_through)) =
-                resync_if_deletions_missed(sessions, session, mapping, watermark).await?
-            {
-                report.removed_by_resync = Some(removed);
-                report.resync_complete_through = Some(complete_through);
+        if !watermark_checked {
+            watermark_checked = true;
+            if let Some(repair) = repair_if_needed(sessions, session, mapping, watermark).await? {
+                report.repair = Some(repair);
                 read_ahead = None;
                 continue;
             }
@@ -126,7 +126,7 @@ async fn write_reading_next(
         }
     };
     let (applied, next) = tokio::join!(write, read);
-    let applied = applied?.expect("an unguarded write always applies");
+    let applied = applied?.applied.expect("an unguarded write always applies");
     engine.known.set_watermark(key, mapping, after);
     let next = next?.map(|batch| ReadAhead { after, batch });
     Ok((applied, next))
@@ -157,7 +157,9 @@ async fn apply_small_batch(
     if batch.changes >= u64::from(sessions.engine.settings.batch_size) {
         return Ok(SmallBatch::NotSmall);
     }
-    let Some(applied) = write_batch(session, mapping, batch, Some(ahead.after)).await? else {
+    let known_before = sessions.engine.known.watermarks(&sessions.key);
+    let written = write_batch(session, mapping, batch, Some(ahead.after)).await?;
+    let Some(applied) = written.applied else {
         return Ok(SmallBatch::Stale);
     };
     sessions
@@ -166,32 +168,66 @@ async fn apply_small_batch(
         .set_watermark(&sessions.key, mapping, batch.last_sequence_id);
     let mut report = MappingReport::nothing_after(mapping, ahead.after);
     report.add_batch(batch, applied);
+    if let Some(watermarks) = &written.watermarks {
+        look_again_if_another_went_back(sessions, mapping, &known_before, watermarks, &mut report);
+    }
     Ok(SmallBatch::Applied(report))
 }
 
-/// In the transaction [`begin_locked`] opened: if the database missed deletions whose
-/// tombstones are pruned (it was away, or its watermark went back), brings it back to
-/// the source and returns how many rows that removed, and through which sequence id its
-/// deletions are then complete; the transaction is then committed.
-async fn resync_if_deletions_missed(
+/// In the transaction [`begin_locked`] opened, with the `watermark` read under the lock:
+/// if the database missed deletions whose tombstones are pruned (it was away), or its
+/// watermark is behind what was recorded (the guard of [`super::schema`] took it back
+/// after a write from outside, the table was created again, the database was restored
+/// from a backup or replaced), removes every row the source does not have and commits.
+/// Then the caller replays the changes after the watermark, which brings back every row
+/// the table lacks or holds differently. Recorded by the caller, once every mapping of
+/// the database has decided (see [`super::database`]).
+async fn repair_if_needed(
     sessions: &Sessions<'_>,
     session: &mut TenantSession,
     mapping: Mapping,
     watermark: i64,
-) -> Result<Option<(u64, i64)>, SyncError> {
-    let missed = db::tombstones::missed_pruned_deletions(
+) -> Result<Option<Repair>, SyncError> {
+    let (pool, tenancy_id, database_id) = (
         &sessions.engine.pool,
         sessions.key.tenancy_id,
         sessions.database_id,
-        mapping.source_table(),
-        watermark,
-    )
-    .await?;
-    if !missed {
+    );
+    let table = mapping.source_table();
+    let check =
+        db::tombstones::check_watermark(pool, tenancy_id, database_id, table, watermark).await?;
+    let reason = if check.went_back(watermark) {
+        let recorded = check.recorded_through.unwrap_or(-1);
+        db::tombstones::record_watermark_back(pool, tenancy_id, database_id, table, watermark)
+            .await?;
+        format!(
+            "the {} watermark went back from {recorded} to {watermark}: the table was \
+             changed outside the sync or created again, or the database was restored or \
+             replaced",
+            mapping.name()
+        )
+    } else if check.missed_pruned_deletions {
+        format!(
+            "{} missed deletions whose tombstones were pruned",
+            mapping.name()
+        )
+    } else {
         return Ok(None);
-    }
-    let removed = resync::remove_rows_not_in_source(sessions, session, mapping).await?;
-    Ok(Some(removed))
+    };
+    tracing::warn!(
+        %tenancy_id,
+        database_id,
+        mapping = mapping.name(),
+        %reason,
+        "bringing a tenant database back to the source"
+    );
+    let (removed, complete_through) =
+        resync::remove_rows_not_in_source(sessions, session, mapping).await?;
+    Ok(Some(Repair {
+        removed,
+        complete_through,
+        reason,
+    }))
 }
 
 /// In the transaction that holds the mapping's lock: moves the watermark forward to
@@ -224,21 +260,22 @@ pub(super) struct ReadAhead {
 }
 
 /// Opens a transaction, takes the mapping's advisory lock in it, so that runs for the
-/// same tenant database take turns, and reads the watermark under the lock: one round
+/// same tenant database take turns, and reads the watermarks under the lock: one round
 /// trip, on statements prepared once per session. The answer is bounded whatever the
-/// tenant did to its table: at most two rows of one `int8`.
+/// tenant did to its table (see [`READ_WATERMARKS`]).
 pub(super) async fn begin_locked(
     session: &mut TenantSession,
     mapping: Mapping,
-) -> Result<i64, SyncError> {
+) -> Result<Watermarks, SyncError> {
     let [lock, read] = session
-        .statements([LOCK_MAPPING, READ_WATERMARK])
+        .statements([LOCK_MAPPING, READ_WATERMARKS])
         .await
         .map_err(SyncError::target)?;
-    let (name, lock_key) = (mapping.name(), statements::lock_key(mapping));
+    let lock_key = statements::lock_key(mapping);
+    let names = Mapping::names();
     let client = session.client();
     let lock_params: [&(dyn ToSql + Sync); 1] = [&lock_key];
-    let read_params: [&(dyn ToSql + Sync); 1] = [&name];
+    let read_params: [&(dyn ToSql + Sync); 1] = [&names];
     let (begun, locked, rows) = tokio::join!(
         biased;
         client.batch_execute("begin"),
@@ -247,16 +284,77 @@ pub(super) async fn begin_locked(
     );
     begun.map_err(SyncError::target)?;
     locked.map_err(SyncError::target)?;
-    match rows.map_err(SyncError::target)?.as_slice() {
-        [] => Err(SyncError::MissingWatermark(name)),
-        [row] => row.try_get(0).map_err(|_| {
-            SyncError::Malformed(format!(
+    Watermarks::read(&rows.map_err(SyncError::target)?)
+}
+
+/// Every mapping's watermark, as `_stack_sync_metadata` holds them.
+pub(super) struct Watermarks(Vec<(String, Option<i64>)>);
+
+impl Watermarks {
+    fn read(rows: &[tokio_postgres::Row]) -> Result<Self, SyncError> {
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map(Watermarks)
+            .map_err(|_| SyncError::Malformed("unreadable _stack_sync_metadata".to_owned()))
+    }
+
+    /// The watermark of `mapping`.
+    pub(super) fn of(&self, mapping: Mapping) -> Result<i64, SyncError> {
+        let name = mapping.name();
+        let mut rows = self.0.iter().filter(|(row, _)| row == name);
+        match (rows.next(), rows.next()) {
+            (None, _) => Err(SyncError::MissingWatermark(name)),
+            (Some((_, Some(watermark))), None) => Ok(*watermark),
+            (Some((_, None)), None) => Err(SyncError::Malformed(format!(
                 "the watermark of {name} in _stack_sync_metadata is null"
-            ))
-        }),
-        _ => Err(SyncError::Malformed(format!(
-            "_stack_sync_metadata holds more than one row for {name}; its primary key is gone"
-        ))),
+            ))),
+            (Some(_), Some(_)) => Err(SyncError::Malformed(format!(
+                "_stack_sync_metadata holds more than one row for {name}; its primary key is gone"
+            ))),
+        }
+    }
+
+    /// Whether a mapping other than `mapping` has a watermark behind the one this
+    /// process knew before these were read (`known_before`), or none: it went back
+    /// (the guard of [`super::schema`] took it back after a write from outside), and
+    /// that mapping may be skipped as caught up without a look at the tenant database.
+    /// The caller forgets what it knows and has the tenancy synced again, which looks.
+    ///
+    /// Compared with what was known before the read, not after: the other mapping's
+    /// run goes on meanwhile, and what it commits after this read was taken must not
+    /// look like a watermark gone back.
+    fn another_went_back(&self, known_before: &KnownWatermarks, mapping: Mapping) -> bool {
+        Mapping::ALL
+            .into_iter()
+            .filter(|other| *other != mapping)
+            .any(|other| {
+                known_before[other.index()]
+                    .is_some_and(|known| self.of(other).map_or(true, |now| now < known))
+            })
+    }
+}
+
+/// What this process knew of every mapping's watermark at one moment.
+type KnownWatermarks = [Option<i64>; Mapping::ALL.len()];
+
+/// If another mapping's watermark went back (see [`Watermarks::another_went_back`]):
+/// forgets what this process knows of the database and asks for another run.
+fn look_again_if_another_went_back(
+    sessions: &Sessions<'_>,
+    mapping: Mapping,
+    known_before: &KnownWatermarks,
+    watermarks: &Watermarks,
+    report: &mut MappingReport,
+) {
+    if watermarks.another_went_back(known_before, mapping) {
+        tracing::warn!(
+            tenancy_id = %sessions.key.tenancy_id,
+            database_id = sessions.database_id,
+            "a watermark of a tenant database went back; syncing it again"
+        );
+        sessions.engine.known.forget(&sessions.key);
+        report.more_remaining = true;
     }
 }
 
@@ -283,10 +381,15 @@ const ADVANCE_WATERMARK_FROM: &str = "update _stack_sync_metadata \
 /// change it on a kept session.
 const LOCK_MAPPING: &str = "select pg_catalog.pg_advisory_xact_lock($1)";
 
-/// At most two rows, each one `int8` converted by the server: whatever the tenant did
-/// to the table (dropped its key, changed the column's type), the answer stays small.
-const READ_WATERMARK: &str = "select last_synced_sequence_id::pg_catalog.int8 \
-     from _stack_sync_metadata where mapping_name = $1 limit 2";
+/// The rows of the mappings named in `$1`: at most two per mapping (more than one is
+/// reported), each a name and an `int8` converted by the server. Whatever the tenant
+/// did to the table (dropped its key, changed the column's type, filled it), the answer
+/// stays small.
+const READ_WATERMARKS: &str = "select mapping_name::pg_catalog.text, \
+            last_synced_sequence_id::pg_catalog.int8 \
+     from _stack_sync_metadata \
+     where mapping_name::pg_catalog.text = any($1::pg_catalog.text[]) \
+     limit 4";
 
 /// Writes `batch` (one delete and one upsert statement, whatever the batch size), moves
 /// the watermark forward, and commits: sent together, in one round trip, on statements
@@ -308,7 +411,7 @@ async fn write_batch(
     mapping: Mapping,
     batch: &Batch,
     guard: Option<i64>,
-) -> Result<Option<Applied>, SyncError> {
+) -> Result<Written, SyncError> {
     let (delete_sql, upsert_sql, advance_sql) = match guard {
         None => (
             statements::delete(mapping),
@@ -321,10 +424,17 @@ async fn write_batch(
             ADVANCE_WATERMARK_FROM,
         ),
     };
-    let [lock, delete, upsert, advance] = session
-        .statements([LOCK_MAPPING, delete_sql, upsert_sql, advance_sql])
+    let [lock, delete, upsert, advance, read] = session
+        .statements([
+            LOCK_MAPPING,
+            delete_sql,
+            upsert_sql,
+            advance_sql,
+            READ_WATERMARKS,
+        ])
         .await
         .map_err(SyncError::target)?;
+    let names = Mapping::names();
     let columns = Columns::of(&batch.upserts);
     let name = mapping.name();
     let lock_key = statements::lock_key(mapping);
@@ -374,16 +484,44 @@ async fn write_batch(
     };
     let advancing = client.execute(&advance, &advance_params);
     let committing = client.batch_execute("commit");
-    let (begun, locked, deleted, upserted, advanced, committed) =
-        tokio::join!(biased; beginning, locking, deleting, upserting, advancing, committing);
+    // Guarded, the other mappings' watermarks are read after the commit, in the same
+    // round trip (see `Watermarks::another_went_back`).
+    let reading = async {
+        if guarded {
+            client.query(&read, &[&names]).await.map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let (begun, locked, deleted, upserted, advanced, committed, read) = tokio::join!(
+        biased;
+        beginning, locking, deleting, upserting, advancing, committing, reading
+    );
     begun.map_err(SyncError::target)?;
     locked.map_err(SyncError::target)?;
     let deleted = deleted.map_err(SyncError::target)?;
     let upserted = upserted.map_err(SyncError::target)?;
     let advanced = advanced.map_err(SyncError::target)?;
     committed.map_err(SyncError::target)?;
+    let watermarks = match read.map_err(SyncError::target)? {
+        Some(rows) => Some(Watermarks::read(&rows)?),
+        None => None,
+    };
     if guarded && advanced == 0 {
-        return Ok(None);
+        return Ok(Written {
+            applied: None,
+            watermarks,
+        });
     }
-    Ok(Some(Applied { upserted, deleted }))
+    Ok(Written {
+        applied: Some(Applied { upserted, deleted }),
+        watermarks,
+    })
+}
+
+/// What [`write_batch`] did: the batch applied (`None`: its guard did not hold, nothing
+/// was written), and, when guarded, every mapping's watermark after it.
+struct Written {
+    applied: Option<Applied>,
+    watermarks: Option<Watermarks>,
 }

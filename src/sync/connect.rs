@@ -14,6 +14,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::error::SyncError;
 use super::policy::CheckedAddresses;
+use super::schema::WRITER_SETTING;
 use super::sessions::TenantSession;
 use super::stall::{self, StallWatch, Watched};
 use super::target::{printable, Target};
@@ -148,7 +149,8 @@ where
     }
 }
 
-/// Sets the session's timeouts and `search_path`, and reads the server's identity, in
+/// Sets the session's timeouts, `search_path` and [`WRITER_SETTING`] (its writes are
+/// the service's own: the tables' guard lets them through), and reads the server's identity, in
 /// one statement.
 ///
 /// The `search_path` becomes the schema the tables live in, alone: then `pg_catalog`
@@ -166,6 +168,7 @@ async fn set_up_session(
                 "select pg_catalog.set_config('statement_timeout', $1, false), \
                         pg_catalog.set_config('lock_timeout', $2, false), \
                         pg_catalog.set_config('idle_in_transaction_session_timeout', $3, false), \
+                        pg_catalog.set_config('{WRITER_SETTING}', 'on', false), \
                         pg_catalog.set_config('search_path', pg_catalog.concat_ws(', ', \
                             pg_catalog.quote_ident(pg_catalog.current_schema()), 'pg_temp'), \
                             false), \

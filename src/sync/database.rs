@@ -38,6 +38,14 @@ pub(super) async fn sync_target(
             let new = Sessions::new(engine, key, database_id, database, SessionSource::New);
             sync_on(&new, facts).await
         }
+        // A synced table (or the watermark's row) dropped since this process last
+        // prepared the schema: the failure made it forget, so the next try prepares it
+        // again, which creates what is missing and takes the watermark back.
+        Err(error) if error.is_missing_table() => {
+            tracing::warn!(%tenancy_id, error = %error_chain(&error), "a synced table of a tenant database is gone; preparing its schema again");
+            let new = Sessions::new(engine, key, database_id, database, SessionSource::New);
+            sync_on(&new, facts).await
+        }
         synced => synced,
     }
 }
@@ -145,15 +153,16 @@ async fn sync_on(
         // whether it needed one: the record says that the database has every deletion
         // through a point, and a mapping that read it before its own check would skip
         // its repair.
-        for complete_through in mappings
+        for repair in mappings
             .iter()
-            .filter_map(|mapping| mapping.resync_complete_through)
+            .filter_map(|mapping| mapping.repair.as_ref())
         {
             db::tombstones::record_resync(
                 &engine.pool,
                 key.tenancy_id,
                 sessions.database_id,
-                complete_through,
+                repair.complete_through,
+                &repair.reason,
             )
             .await?;
         }

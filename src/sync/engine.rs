@@ -419,7 +419,9 @@ fn measure(result: &Result<DatabaseSynced, SyncError>, took: Duration) {
             let upserted = mappings.iter().map(|mapping| mapping.upserted).sum();
             let deleted = mappings
                 .iter()
-                .map(|mapping| mapping.deleted + mapping.removed_by_resync.unwrap_or(0))
+                .map(|mapping| {
+                    mapping.deleted + mapping.repair.as_ref().map_or(0, |repair| repair.removed)
+                })
                 .sum();
             (SyncOutcome::Ok, upserted, deleted)
         }

@@ -102,6 +102,18 @@ impl SyncError {
         }
     }
 
+    /// Whether a table this service owns in the tenant database, or the watermark's row,
+    /// was not there (dropped by someone since the schema was prepared).
+    pub fn is_missing_table(&self) -> bool {
+        match self {
+            SyncError::MissingWatermark(_) => true,
+            SyncError::Target(error) => error
+                .code()
+                .is_some_and(|code| *code == tokio_postgres::error::SqlState::UNDEFINED_TABLE),
+            _ => false,
+        }
+    }
+
     pub(crate) fn target(error: tokio_postgres::Error) -> Self {
         // A certificate that fails verification surfaces as an I/O error wrapping a rustls
         // error; it is permanent and deserves a plain explanation.

@@ -66,6 +66,15 @@ impl KnownDatabases {
             .and_then(|known| known.watermarks[mapping.index()])
     }
 
+    /// Every mapping's known watermark, by [`Mapping::index`]: a snapshot, to compare
+    /// with what is read from the tenant database afterwards.
+    pub(super) fn watermarks(&self, key: &SessionKey) -> [Option<i64>; Mapping::ALL.len()] {
+        self.lock()
+            .get(key)
+            .filter(|known| known.prepared_at.elapsed() < RECHECK_AFTER)
+            .map_or([None; Mapping::ALL.len()], |known| known.watermarks)
+    }
+
     /// Records a watermark this process committed or read under the lock. The latest
     /// one wins, even if lower: it was real when it was seen.
     pub(super) fn set_watermark(&self, key: &SessionKey, mapping: Mapping, watermark: i64) {

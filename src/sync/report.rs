@@ -113,13 +113,9 @@ pub struct MappingReport {
     pub watermark: i64,
     /// The batch budget ran out before the mapping was caught up.
     pub more_remaining: bool,
-    /// The database had missed deletions whose tombstones were pruned (it was away, or
-    /// its watermark went back), and was brought back to the source: this many rows
-    /// that the source no longer has were removed.
-    pub removed_by_resync: Option<u64>,
-    /// With `removed_by_resync`: the sequence id through which the mapping then had
-    /// every deletion, for the caller to record.
-    pub resync_complete_through: Option<i64>,
+    /// The table was brought back to the source before its changes were applied: it
+    /// had missed deletions whose tombstones were pruned, or its watermark went back.
+    pub repair: Option<Repair>,
 }
 
 impl MappingReport {
@@ -151,8 +147,20 @@ impl MappingReport {
             deleted: 0,
             watermark,
             more_remaining: false,
-            removed_by_resync: None,
-            resync_complete_through: None,
+            repair: None,
         }
     }
+}
+
+/// A table brought back to the source before its changes were applied: rows the source
+/// does not have were removed, and the changes after its watermark are then replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    /// Rows the source does not have, removed.
+    pub removed: u64,
+    /// The sequence id through which the mapping then had every deletion, for the
+    /// caller to record.
+    pub complete_through: i64,
+    /// Why it was needed, for status.
+    pub reason: String,
 }

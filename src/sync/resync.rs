@@ -42,29 +42,39 @@ pub(super) async fn remove_rows_not_in_source(
     // Read first: a deletion numbered later comes with a tombstone after this.
     let complete_through = db::tombstones::latest_sequence_id(&engine.pool).await?;
     let removed = delete_rows_not_in_source(sessions, session.client(), mapping).await?;
-    let client = session.client();
-    client
+    session
+        .client()
         .batch_execute("commit")
         .await
         .map_err(SyncError::target)?;
-    tracing::warn!(
+    tracing::info!(
         %tenancy_id,
         database_id = sessions.database_id,
         mapping = mapping.name(),
         removed,
-        "the tenant database had missed deletions whose tombstones were pruned; \
-         brought it back to the source"
+        "removed the rows of a tenant database that the source does not have"
     );
     Ok((removed, complete_through))
 }
 
 /// In an open transaction of the tenant session: deletes every row of `mapping` whose
-/// id the source no longer has, and returns how many.
+/// id the source no longer has, and returns how many. An empty table costs one query.
 async fn delete_rows_not_in_source(
     sessions: &Sessions<'_>,
     client: &tokio_postgres::Client,
     mapping: Mapping,
 ) -> Result<u64, SyncError> {
+    let holds_rows: bool = client
+        .query_one(
+            &format!("select exists (select from {})", mapping.name()),
+            &[],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(SyncError::target)?;
+    if !holds_rows {
+        return Ok(0);
+    }
     send_live_ids(sessions, client, mapping).await?;
     client
         .execute(
@@ -240,8 +250,27 @@ async fn resync_database(
         for mapping in Mapping::ALL {
             mappings.push(resync_mapping(&sessions, &mut session, mapping).await?);
         }
-        db::tombstones::record_resync(&engine.pool, tenancy_id, database_id, complete_through)
+        db::tombstones::record_resync(
+            &engine.pool,
+            tenancy_id,
+            database_id,
+            complete_through,
+            "resync requested by an operator",
+        )
+        .await?;
+        // A resync may take a watermark back (to the last change the source still has):
+        // what is recorded follows, or the next sync would take it for a watermark
+        // gone back and repair the database again.
+        for (mapping, resynced) in Mapping::ALL.into_iter().zip(&mappings) {
+            db::tombstones::record_watermark_back(
+                &engine.pool,
+                tenancy_id,
+                database_id,
+                mapping.source_table(),
+                resynced.watermark,
+            )
             .await?;
+        }
         Ok(mappings)
     }
     .await;
@@ -255,7 +284,7 @@ async fn resync_mapping(
     session: &mut TenantSession,
     mapping: Mapping,
 ) -> Result<MappingResync, SyncError> {
-    let watermark_before = begin_locked(session, mapping).await?;
+    let watermark_before = begin_locked(session, mapping).await?.of(mapping)?;
     let removed = delete_rows_not_in_source(sessions, session.client(), mapping).await?;
     let replayed = replay_source(sessions, session, mapping).await?;
     let watermark = replayed.last_change;

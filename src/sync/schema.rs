@@ -4,6 +4,13 @@
 //! [`prepare`] runs at the start of every sync, in one transaction under an advisory
 //! lock: two runs racing to create the tables would otherwise fail on PostgreSQL's
 //! catalog uniqueness (`create table if not exists` is not safe under concurrency).
+//!
+//! The synced tables carry a guard: a statement trigger that takes the mapping's
+//! watermark back to -1 when anyone but this service writes to the table (a `truncate`,
+//! a `delete`, an edit by hand). The next sync sees the watermark gone back and brings
+//! the table back to the source ([`super::apply`]). Sessions of this service set
+//! [`WRITER_SETTING`], which the guard lets through. A table dropped and created again,
+//! or whose guard was dropped or disabled, gets its watermark taken back here.
 
 use std::collections::BTreeSet;
 
@@ -52,6 +59,32 @@ create table if not exists _stack_sync_metadata (
 )
 "#;
 
+/// The session setting that tells the guard a write is this service's own: set by
+/// [`super::connect`] on every session it opens.
+pub const WRITER_SETTING: &str = "external_db_sync.writer";
+
+/// The name of the guard's trigger on each synced table, and of its function.
+const GUARD: &str = "_stack_sync_outside_change";
+
+/// The guard's function: takes the watermark of the mapping named by the trigger's
+/// argument back to -1, unless the session is this service's. `security definer`, so
+/// that it works for any role allowed to write to the table, with the `search_path` of
+/// the session that creates it (the tables' schema, then `pg_temp`).
+const CREATE_GUARD_FUNCTION: &str = r#"
+create function _stack_sync_outside_change() returns trigger
+language plpgsql security definer set search_path from current as $guard$
+begin
+    if pg_catalog.current_setting('external_db_sync.writer', true) is distinct from 'on' then
+        update _stack_sync_metadata
+        set last_synced_sequence_id = -1, updated_at = pg_catalog.now()
+        where mapping_name = tg_argv[0] and last_synced_sequence_id <> -1;
+    end if;
+    return null;
+end
+$guard$;
+revoke all on function _stack_sync_outside_change() from public;
+"#;
+
 /// The most grants to other roles the synced tables may carry: three tables, at most
 /// 32 read roles each, and room for what an owner granted by hand and we revoke.
 const MAX_GRANTS: i64 = 1024;
@@ -97,11 +130,20 @@ pub async fn prepare(
                 .to_owned(),
         ));
     }
+    let mapping_names = Mapping::names();
+    let missing: Vec<String> = transaction
+        .query_one(
+            "select array(select t from pg_catalog.unnest($1::pg_catalog.text[]) t \
+                          where pg_catalog.to_regclass(t) is null)",
+            &[&mapping_names],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(SyncError::target)?;
     transaction
         .batch_execute(CREATE_DATA_TABLES)
         .await
         .map_err(SyncError::target)?;
-    let mapping_names: Vec<&str> = Mapping::ALL.iter().map(|mapping| mapping.name()).collect();
     transaction
         .execute(
             "insert into _stack_sync_metadata (mapping_name, tenancy_id) \
@@ -112,8 +154,88 @@ pub async fn prepare(
         )
         .await
         .map_err(SyncError::target)?;
+    let unguarded = guard_tables(&transaction, &mapping_names).await?;
+    let went_back: BTreeSet<&String> = missing.iter().chain(&unguarded).collect();
+    if !went_back.is_empty() {
+        tracing::warn!(
+            %tenancy_id,
+            tables = ?went_back,
+            "a synced table of a tenant database was created again, or had lost its guard: \
+             its watermark goes back, and the next sync brings it back to the source"
+        );
+        transaction
+            .execute(
+                "update _stack_sync_metadata set last_synced_sequence_id = -1, \
+                        updated_at = pg_catalog.now() \
+                 where mapping_name = any($1::pg_catalog.text[]) \
+                   and last_synced_sequence_id <> -1",
+                &[&went_back.into_iter().collect::<Vec<_>>()],
+            )
+            .await
+            .map_err(SyncError::target)?;
+    }
     reconcile_privileges(&transaction, read_roles).await?;
     transaction.commit().await.map_err(SyncError::target)
+}
+
+/// Puts the guard on every synced table that lacks it (or has it disabled), and returns
+/// those tables whose guard was gone while its function was there: what was written to
+/// them meanwhile is unknown. A database that never had the guard (first sync, or synced
+/// before the guard existed) gets it without that.
+async fn guard_tables(
+    transaction: &tokio_postgres::Transaction<'_>,
+    tables: &[&str],
+) -> Result<Vec<String>, SyncError> {
+    // At most one trigger of that name per table: the answers are bounded.
+    let row = transaction
+        .query_one(
+            "select pg_catalog.to_regprocedure($1 || '()') is not null, \
+                    pg_catalog.array_agg(c.relname::pg_catalog.text) \
+                        filter (where t.tgname is not null), \
+                    pg_catalog.array_agg(c.relname::pg_catalog.text) \
+                        filter (where t.tgenabled in ('O', 'A')) \
+             from pg_catalog.unnest($2::pg_catalog.text[]) x \
+             join pg_catalog.pg_class c on c.oid = pg_catalog.to_regclass(x) \
+             left join pg_catalog.pg_trigger t on t.tgrelid = c.oid and t.tgname = $1",
+            &[&GUARD, &tables],
+        )
+        .await
+        .map_err(SyncError::target)?;
+    let installed: bool = row.try_get(0).map_err(SyncError::target)?;
+    let present: Option<Vec<String>> = row.try_get(1).map_err(SyncError::target)?;
+    let enabled: Option<Vec<String>> = row.try_get(2).map_err(SyncError::target)?;
+    let (present, enabled) = (present.unwrap_or_default(), enabled.unwrap_or_default());
+    if !installed {
+        transaction
+            .batch_execute(CREATE_GUARD_FUNCTION)
+            .await
+            .map_err(SyncError::target)?;
+    }
+    let mut unguarded = Vec::new();
+    for table in tables
+        .iter()
+        .filter(|table| !enabled.iter().any(|t| t == *table))
+    {
+        // The table names are this service's constants, never tenant input. A guard
+        // there but disabled is dropped first.
+        let drop_disabled = if present.iter().any(|t| t == *table) {
+            format!("drop trigger {GUARD} on {table};")
+        } else {
+            String::new()
+        };
+        transaction
+            .batch_execute(&format!(
+                "{drop_disabled} \
+                 create trigger {GUARD} after insert or update or delete or truncate \
+                 on {table} for each statement execute procedure {GUARD}('{table}')"
+            ))
+            .await
+            .map_err(SyncError::target)?;
+        if installed {
+            unguarded.push((*table).to_owned());
+        }
+    }
+    Ok(unguarded)
 }
 
 /// Grants and revokes only what differs, so that a steady state issues no DDL.
@@ -246,6 +368,13 @@ mod tests {
         assert!(validate_role_name(&"x".repeat(64)).is_err());
         assert!(validate_role_name("a\0b").is_err());
         assert!(validate_role_name("PUBLIC").is_err());
+    }
+
+    #[test]
+    fn the_guard_lets_through_the_setting_the_sessions_set() {
+        assert!(CREATE_GUARD_FUNCTION.contains(&format!(
+            "current_setting('{WRITER_SETTING}', true) is distinct from 'on'"
+        )));
     }
 
     #[test]

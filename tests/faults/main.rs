@@ -17,5 +17,6 @@ mod proxy;
 
 mod internal_restart;
 mod serve_killed;
+mod tampering;
 mod tenant_link;
 mod tenant_server;

@@ -60,7 +60,7 @@ pub async fn log_writes(tenant: &PgPool) {
 }
 
 /// `count` users of `tenancy`, each with a primary e-mail.
-async fn users_with_emails(internal: &PgPool, tenancy: Uuid, count: usize) -> Vec<Uuid> {
+pub async fn users_with_emails(internal: &PgPool, tenancy: Uuid, count: usize) -> Vec<Uuid> {
     let mut users = Vec::with_capacity(count);
     for n in 0..count {
         let id = user(internal, tenancy, &format!("user {n}")).await;

@@ -22,6 +22,14 @@ async fn connect(url: &str) -> Client {
         .await
         .unwrap();
     tokio::spawn(connection);
+    // Writes as the service's sessions do: the tables' guard lets them through.
+    client
+        .batch_execute(&format!(
+            "set {} = 'on'",
+            external_db_sync::sync::schema::WRITER_SETTING
+        ))
+        .await
+        .unwrap();
     client
 }
 

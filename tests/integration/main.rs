@@ -30,6 +30,7 @@ mod sync_isolation;
 mod sync_sessions;
 mod sync_targets;
 mod sync_webhook;
+mod table_guard;
 mod tenancy_routes;
 mod tombstones;
 mod triggers;

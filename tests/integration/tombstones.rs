@@ -103,7 +103,7 @@ async fn tombstones_go_once_every_database_passed_them_and_a_database_that_misse
         .unwrap()
         .mappings
         .iter()
-        .map(|mapping| mapping.removed_by_resync)
+        .map(|mapping| mapping.repair.as_ref().map(|repair| repair.removed))
         .collect();
     assert_eq!(removed, [Some(1), Some(1)]);
     assert_tenant_matches_source(&pool, tenancy, &second).await;

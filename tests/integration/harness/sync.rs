@@ -366,7 +366,10 @@ pub async fn wait_until_equal(internal: &PgPool, tenancy: Uuid, tenant: &PgPool)
         "the tenant database to equal its source",
         std::time::Duration::from_secs(60),
         || async move {
-            if !table_exists(tenant, "contact_channels").await {
+            // Both tables, whoever dropped them (not created yet, or by the tenant).
+            if !table_exists(tenant, "users").await
+                || !table_exists(tenant, "contact_channels").await
+            {
                 return None;
             }
             let users_equal =
