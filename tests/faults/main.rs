@@ -14,6 +14,7 @@
 mod harness;
 
 mod proxy;
+mod qstash;
 
 mod internal_restart;
 mod serve_killed;

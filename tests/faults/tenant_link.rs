@@ -70,7 +70,7 @@ pub async fn users_with_emails(internal: &PgPool, tenancy: Uuid, count: usize) -
     users
 }
 
-async fn versions_written_twice(tenant: &PgPool) -> Vec<(Uuid, Option<String>)> {
+pub async fn versions_written_twice(tenant: &PgPool) -> Vec<(Uuid, Option<String>)> {
     sqlx::query_as(
         "select id, display_name from written group by id, display_name having count(*) > 1",
     )

@@ -29,18 +29,21 @@ async fn sessions_opened(any: &PgPool, database: &str) -> i64 {
         .unwrap()
 }
 
-/// Waits until no session is open to `database` (the last one may be ending).
+/// Waits until the service has no session open to `database` (the last one may be
+/// ending).
 async fn wait_until_no_session(any: &PgPool, database: &str) {
     wait::until(
-        "no session open to the tenant database",
+        "no session of the service open to the tenant database",
         Duration::from_secs(30),
         || async move {
-            let open: i64 =
-                sqlx::query_scalar("select count(*) from pg_stat_activity where datname = $1")
-                    .bind(database)
-                    .fetch_one(any)
-                    .await
-                    .unwrap();
+            let open: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity \
+                 where datname = $1 and application_name = 'external-db-sync'",
+            )
+            .bind(database)
+            .fetch_one(any)
+            .await
+            .unwrap();
             (open == 0).then_some(())
         },
     )
@@ -59,13 +62,105 @@ async fn recorded_retry_delay_ms(internal: &PgPool, database_id: &str) -> Option
     .unwrap()
 }
 
+/// A way a tenant database stops accepting the service's writes, until someone fixes
+/// it: the SQLSTATE it fails with needs a person.
+#[derive(Clone, Copy, Debug)]
+enum Breakage {
+    /// `default_transaction_read_only` (25006); the service's kept sessions are ended.
+    ReadOnly,
+    /// The service's role loses `INSERT`, `UPDATE` and `DELETE` on the synced tables
+    /// (42501).
+    PrivilegesLost,
+}
+
+impl Breakage {
+    fn sqlstate(self) -> &'static str {
+        match self {
+            Breakage::ReadOnly => "25006",
+            Breakage::PrivilegesLost => "42501",
+        }
+    }
+
+    /// Breaks the database `name`, through a superuser session on it (`admin`);
+    /// `role` is the service's.
+    async fn apply(self, admin: &PgPool, name: &str, role: &str) {
+        match self {
+            Breakage::ReadOnly => {
+                server()
+                    .admin_execute(&format!(
+                        "alter database \"{name}\" set default_transaction_read_only = on"
+                    ))
+                    .await;
+                server()
+                    .admin_execute(&format!(
+                        "select pg_terminate_backend(pid) from pg_stat_activity \
+                         where datname = '{name}' and application_name = 'external-db-sync'"
+                    ))
+                    .await;
+            }
+            Breakage::PrivilegesLost => {
+                sqlx::raw_sql(&format!(
+                    "revoke insert, update, delete on users, contact_channels from \"{role}\""
+                ))
+                .execute(admin)
+                .await
+                .unwrap();
+            }
+        }
+    }
+
+    async fn repair(self, admin: &PgPool, name: &str, role: &str) {
+        match self {
+            Breakage::ReadOnly => {
+                server()
+                    .admin_execute(&format!(
+                        "alter database \"{name}\" reset default_transaction_read_only"
+                    ))
+                    .await;
+            }
+            Breakage::PrivilegesLost => {
+                sqlx::raw_sql(&format!(
+                    "grant insert, update, delete on users, contact_channels to \"{role}\""
+                ))
+                .execute(admin)
+                .await
+                .unwrap();
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_read_only_database_is_retried_on_its_schedule_and_heals_without_a_new_change() {
+    a_database_that_needs_someone_is_retried_on_its_schedule(Breakage::ReadOnly).await;
+}
+
+#[tokio::test]
+async fn a_database_whose_privileges_are_revoked_is_retried_on_its_schedule_and_heals() {
+    a_database_that_needs_someone_is_retried_on_its_schedule(Breakage::PrivilegesLost).await;
+}
+
+/// The service writes to the flaky database as a role of its own (not a superuser, so
+/// that privileges apply), which owns that database.
+async fn a_database_that_needs_someone_is_retried_on_its_schedule(breakage: Breakage) {
     let database_url = server().migrated_database().await;
     let internal = pool(&database_url).await;
     let tenancy_id = tenancy(&internal).await;
     let (healthy_url, healthy) = tenant_database().await;
-    let (flaky_url, flaky) = tenant_database().await;
+    let (flaky_admin_url, flaky) = tenant_database().await;
+    let flaky_name: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&flaky)
+        .await
+        .unwrap();
+    let role = format!("eds_syncer_{}", &flaky_name[flaky_name.len() - 8..]);
+    server()
+        .admin_execute(&format!(
+            "create role \"{role}\" login; alter database \"{flaky_name}\" owner to \"{role}\""
+        ))
+        .await;
+    let mut flaky_url = url::Url::parse(&flaky_admin_url).unwrap();
+    flaky_url.set_username(&role).unwrap();
+    let flaky_url = flaky_url.to_string();
     attach(
         &internal,
         tenancy_id,
@@ -76,7 +171,7 @@ async fn a_read_only_database_is_retried_on_its_schedule_and_heals_without_a_new
     email(&internal, tenancy_id, ada, "ada@example.com", true).await;
 
     let log = tempfile::NamedTempFile::new().unwrap().into_temp_path();
-    let (mut child, _address) = serve_logging_to(
+    let (mut child, address) = serve_logging_to(
         &database_url,
         &[
             ("SYNC_PERMANENT_RETRY_FIRST_MS", "2000"),
@@ -88,25 +183,13 @@ async fn a_read_only_database_is_retried_on_its_schedule_and_heals_without_a_new
     wait_until_equal(&internal, tenancy_id, &flaky).await;
     wait_until_equal(&internal, tenancy_id, &healthy).await;
 
-    // The flaky database turns read-only: new sessions cannot write (SQLSTATE 25006,
-    // which needs a person), and the service's kept sessions are ended.
-    let flaky_name: String = sqlx::query_scalar("select current_database()")
-        .fetch_one(&flaky)
-        .await
-        .unwrap();
-    flaky.close().await;
-    server()
-        .admin_execute(&format!(
-            "alter database \"{flaky_name}\" set default_transaction_read_only = on"
-        ))
-        .await;
-    server()
-        .admin_execute(&format!(
-            "select pg_terminate_backend(pid) from pg_stat_activity \
-             where datname = '{flaky_name}' and application_name = 'external-db-sync'"
-        ))
-        .await;
-    wait_until_no_session(&internal, &flaky_name).await;
+    // The flaky database stops accepting the service's writes.
+    breakage.apply(&flaky, &flaky_name, &role).await;
+    if let Breakage::ReadOnly = breakage {
+        // Its kept sessions were ended. Revoked privileges leave them open: the first
+        // attempt fails on one of them and closes it.
+        wait_until_no_session(&internal, &flaky_name).await;
+    }
     let sessions_before = sessions_opened(&internal, &flaky_name).await;
 
     // Its tenancy changes continuously for 20 s.
@@ -119,11 +202,12 @@ async fn a_read_only_database_is_retried_on_its_schedule_and_heals_without_a_new
     }
     // The healthy database kept up meanwhile.
     wait_until_equal(&internal, tenancy_id, &healthy).await;
-    // Counted by the tenant's server: each failed attempt opened one session.
+    // Counted by the tenant's server: each failed attempt opened one session (a failed
+    // attempt closes its session; the kept ones were ended or fail alike).
     wait_until_no_session(&internal, &flaky_name).await;
     let attempts = sessions_opened(&internal, &flaky_name).await - sessions_before;
     let (error, retryable, failures) = recorded_error(&internal, tenancy_id, "flaky").await;
-    assert!(error.unwrap().contains("25006"));
+    assert!(error.unwrap().contains(breakage.sqlstate()), "{breakage:?}");
     assert_eq!(retryable, Some(false));
     // 20 s at 1 to 2 s, then 2 to 4 s apart: a handful of attempts, not one per change.
     assert!(
@@ -135,14 +219,33 @@ async fn a_read_only_database_is_retried_on_its_schedule_and_heals_without_a_new
         (1000.0..=4001.0).contains(&delay),
         "next attempt {delay} ms after the error"
     );
-
-    // Writable again: it catches up with no further change to its tenancy.
-    server()
-        .admin_execute(&format!(
-            "alter database \"{flaky_name}\" reset default_transaction_read_only"
+    // Status shows it: the error, the failures, and when the next attempt is.
+    let status: serde_json::Value = reqwest::Client::new()
+        .get(format!(
+            "http://{address}/api/latest/internal/external-db-sync/status?tenancyId={tenancy_id}"
         ))
-        .await;
-    let flaky = pool(&flaky_url).await;
+        .bearer_auth(crate::harness::app::CRON_SECRET)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let flaky_status = status["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|database| database["databaseId"] == "flaky")
+        .unwrap();
+    assert!(
+        flaky_status["consecutiveFailures"].as_i64().unwrap() >= 2,
+        "{status}"
+    );
+    assert!(flaky_status["nextAttemptAt"].is_string(), "{status}");
+    assert_eq!(status["ok"], false, "{status}");
+
+    // Fixed: it catches up with no further change to its tenancy.
+    breakage.repair(&flaky, &flaky_name, &role).await;
     wait_until_equal(&internal, tenancy_id, &flaky).await;
     // The success is recorded as the request completes, just after the data commits.
     let internal = &internal;

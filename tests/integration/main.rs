@@ -15,6 +15,7 @@ mod failing_databases;
 mod guarded_writes;
 mod hostile_tenants;
 mod http;
+mod interleavings;
 mod log_hygiene;
 mod lost_changes;
 mod metrics;

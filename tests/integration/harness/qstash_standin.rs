@@ -47,6 +47,9 @@ struct Inner {
     deliver_to: Mutex<String>,
     /// Publishes still to refuse with 500.
     failing_publishes: AtomicU32,
+    /// Every accepted message is delivered twice, at the same time: QStash delivers at
+    /// least once.
+    deliver_twice: std::sync::atomic::AtomicBool,
     /// Connections still to hang up on once their request arrived.
     dropping_connections: Arc<AtomicU32>,
     /// Messages answered otherwise than accepted: the first rule whose fragment the
@@ -93,6 +96,7 @@ impl QstashStandIn {
             signing_key: signing_key.to_owned(),
             deliver_to: Mutex::new(String::new()),
             failing_publishes: AtomicU32::new(0),
+            deliver_twice: std::sync::atomic::AtomicBool::new(false),
             dropping_connections: Arc::new(AtomicU32::new(0)),
             answers: Mutex::new(Vec::new()),
             published: Mutex::new(Vec::new()),
@@ -121,6 +125,19 @@ impl QstashStandIn {
     /// The next `count` publish calls are answered 500 and publish nothing.
     pub fn fail_publishes(&self, count: u32) {
         self.inner.failing_publishes.store(count, Ordering::SeqCst);
+    }
+
+    /// Publishes still to be refused of those [`QstashStandIn::fail_publishes`] asked for.
+    #[allow(dead_code)] // used by the fault tests, which include this file
+    pub fn publishes_still_failing(&self) -> u32 {
+        self.inner.failing_publishes.load(Ordering::SeqCst)
+    }
+
+    /// From now on, every accepted message is delivered twice, both deliveries at once
+    /// (each with its own retries), as QStash's at-least-once delivery may do.
+    #[allow(dead_code)] // used by the fault tests, which include this file
+    pub fn deliver_each_twice(&self) {
+        self.inner.deliver_twice.store(true, Ordering::SeqCst);
     }
 
     /// The next `count` connections are closed without an answer once a request
@@ -317,14 +334,21 @@ fn enqueue(inner: &Arc<Inner>, message: &BatchMessage) -> String {
         "body": message.body,
     }));
     let content_type = header("Content-Type").unwrap_or_else(|| "text/plain".to_owned());
-    tokio::spawn(deliver(
-        inner.clone(),
-        message_id.clone(),
-        message.destination.clone(),
-        message.body.clone(),
-        content_type,
-        retries,
-    ));
+    let copies = if inner.deliver_twice.load(Ordering::SeqCst) {
+        2
+    } else {
+        1
+    };
+    for _ in 0..copies {
+        tokio::spawn(deliver(
+            inner.clone(),
+            message_id.clone(),
+            message.destination.clone(),
+            message.body.clone(),
+            content_type.clone(),
+            retries,
+        ));
+    }
     message_id
 }
 

@@ -1,0 +1,99 @@
+//! QStash mode under faults: publishes refused, the webhook answering 5xx while the
+//! tenant database's server is down, and every message delivered twice at once. The
+//! tenant database ends equal to its source, and no version of a row is written twice.
+
+use std::time::Duration;
+
+use crate::harness::app::TestApp;
+use crate::harness::fixtures::{rename_user, tenancy};
+use crate::harness::postgres::{pool, server, ClusterSetup, RestartableServer, Server};
+use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
+use crate::harness::qstash_standin::{QstashStandIn, TOKEN};
+use crate::harness::sync::{attach, wait_until_equal};
+use crate::harness::wait;
+use crate::tenant_link::{log_writes, users_with_emails, versions_written_twice};
+
+#[tokio::test]
+async fn refused_publishes_5xx_answers_and_duplicate_deliveries_lose_and_repeat_nothing() {
+    let internal_url = server().migrated_database().await;
+    let internal = pool(&internal_url).await;
+    let tenant_server = RestartableServer::start(&ClusterSetup::default());
+    let tenant_url = Server::without_template(tenant_server.base_url())
+        .empty_database("tenant")
+        .await;
+    let tenancy = tenancy(&internal).await;
+    attach(&internal, tenancy, &[("main", &tenant_url)]).await;
+    let users = users_with_emails(&internal, tenancy, 20).await;
+
+    let standin = QstashStandIn::start(CURRENT_SIGNING_KEY).await;
+    standin.deliver_each_twice();
+    standin.fail_publishes(3);
+    let app = TestApp::spawn_on(
+        &internal_url,
+        &[
+            ("SYNC_QUEUE", "qstash"),
+            ("QSTASH_URL", standin.url.as_str()),
+            ("QSTASH_TOKEN", TOKEN),
+            ("QSTASH_CURRENT_SIGNING_KEY", CURRENT_SIGNING_KEY),
+            ("QSTASH_NEXT_SIGNING_KEY", NEXT_SIGNING_KEY),
+            ("PUBLIC_URL", "https://sync.example.test"),
+            ("RUN_WORKERS", "true"),
+            ("ALLOW_PRIVATE_TARGETS", "true"),
+            ("SYNC_RETRY_FIRST_MS", "100"),
+            ("SYNC_RETRY_MAX_MS", "1000"),
+        ],
+    )
+    .await;
+    standin.deliver_to(&app.address);
+    let tenant = pool(&tenant_url).await;
+    wait_until_equal(&internal, tenancy, &tenant).await;
+    assert_eq!(
+        standin.publishes_still_failing(),
+        0,
+        "publishes were refused"
+    );
+    log_writes(&tenant).await;
+
+    // The tenant's server goes down while its users change: deliveries fail with 5xx
+    // and are retried, by QStash and by the database's own retry schedule.
+    tenant.close().await;
+    tenant_server.stop();
+    for (n, user) in users.iter().enumerate() {
+        rename_user(&internal, *user, &format!("renamed while down {n}")).await;
+    }
+    wait::until(
+        "a delivery answered 5xx",
+        Duration::from_secs(30),
+        || async {
+            standin
+                .deliveries()
+                .iter()
+                .any(|d| d.status >= 500)
+                .then_some(())
+        },
+    )
+    .await;
+    tenant_server.restart();
+    let tenant = pool(&tenant_url).await;
+    for (n, user) in users.iter().enumerate().take(5) {
+        rename_user(&internal, *user, &format!("renamed after {n}")).await;
+    }
+    wait_until_equal(&internal, tenancy, &tenant).await;
+
+    // Every message went twice, and twice nothing was applied twice.
+    let deliveries = standin.deliveries();
+    let first_attempts = |id: &str| {
+        deliveries
+            .iter()
+            .filter(|d| d.message_id == id && d.retried == 0)
+            .count()
+    };
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| first_attempts(&d.message_id) == 2),
+        "{deliveries:?}"
+    );
+    assert_eq!(versions_written_twice(&tenant).await, []);
+    app.stop().await.unwrap();
+}
