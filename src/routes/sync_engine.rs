@@ -55,12 +55,9 @@ pub async fn run(
     let verified = verifier
         .verify(token, body)
         .map_err(AppError::InvalidSignature)?;
-    let request: SyncRequest = serde_json::from_slice(verified.bytes()).map_err(|error| {
-        tracing::debug!(%error, "malformed sync-engine request body");
-        AppError::BadRequest("expected {\"tenancyId\": \"<uuid>\"}".to_owned())
-    })?;
-    let outcome = sync_tenancy(&state.engine, request.tenancy_id).await?;
-    let summary = SyncSummary::new(request.tenancy_id, outcome);
+    let tenancy_id = tenancy_of(verified.bytes())?;
+    let outcome = sync_tenancy(&state.engine, tenancy_id).await?;
+    let summary = SyncSummary::new(tenancy_id, outcome);
     // 5xx only when a retry may help, so that QStash delivers the request again.
     let status = if summary.retry_may_help {
         StatusCode::INTERNAL_SERVER_ERROR
@@ -68,4 +65,57 @@ pub async fn run(
         StatusCode::OK
     };
     Ok((status, Json(summary)).into_response())
+}
+
+/// The tenancy a verified body names: `{"tenancyId": "<uuid>"}` (other fields are
+/// ignored); anything else is a bad request with one documented message.
+fn tenancy_of(body: &[u8]) -> Result<Uuid, AppError> {
+    let request: SyncRequest = serde_json::from_slice(body).map_err(|error| {
+        tracing::debug!(%error, "malformed sync-engine request body");
+        AppError::BadRequest(EXPECTED_BODY.to_owned())
+    })?;
+    Ok(request.tenancy_id)
+}
+
+const EXPECTED_BODY: &str = "expected {\"tenancyId\": \"<uuid>\"}";
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any bytes: the tenancy they name, or the one documented bad request.
+        #[test]
+        fn any_body_is_a_tenancy_or_the_documented_bad_request(
+            body in prop::collection::vec(any::<u8>(), 0..256)
+        ) {
+            match tenancy_of(&body) {
+                Ok(tenancy) => {
+                    let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let named = parsed["tenancyId"].as_str().map(Uuid::parse_str);
+                    prop_assert!(matches!(named, Some(Ok(id)) if id == tenancy));
+                }
+                Err(AppError::BadRequest(message)) => prop_assert_eq!(message, EXPECTED_BODY),
+                Err(other) => prop_assert!(false, "unexpected error {other:?}"),
+            }
+        }
+
+        /// Bodies shaped like requests, with arbitrary ids and an extra field: the id
+        /// as `Uuid` parses it, or the bad request.
+        #[test]
+        fn request_shaped_bodies_name_their_tenancy_or_are_refused(
+            id in "[0-9a-fA-F-]{0,40}",
+            extra in "[a-z]{1,8}",
+            value in any::<i64>(),
+        ) {
+            let body = serde_json::json!({ "tenancyId": id, extra: value }).to_string();
+            match (tenancy_of(body.as_bytes()), Uuid::parse_str(&id)) {
+                (Ok(tenancy), Ok(expected)) => prop_assert_eq!(tenancy, expected),
+                (Err(AppError::BadRequest(_)), Err(_)) => {}
+                (result, expected) => prop_assert!(false, "{result:?} for {expected:?}"),
+            }
+        }
+    }
 }

@@ -14,9 +14,10 @@
 mod harness;
 
 mod proxy;
-mod qstash;
 
+mod failing_databases;
 mod internal_restart;
+mod qstash;
 mod serve_killed;
 mod tampering;
 mod tenant_link;

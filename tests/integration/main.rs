@@ -11,7 +11,6 @@ mod cli_tenancy;
 mod command_line;
 mod demo;
 mod embedded;
-mod failing_databases;
 mod guarded_writes;
 mod hostile_tenants;
 mod http;

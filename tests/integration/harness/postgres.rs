@@ -352,7 +352,8 @@ impl Cluster {
         });
         receiver.recv().unwrap().expect("starting postgres");
         let exited = move || receiver.try_recv().is_ok();
-        wait_for_server(&self.base_url(port), Duration::from_secs(60), exited)
+        // Long enough for crash recovery after a kill under load (minutes of WAL).
+        wait_for_server(&self.base_url(port), Duration::from_secs(300), exited)
     }
 
     /// The postmaster's process id, from its lock file; `None` when it is not running.
@@ -446,7 +447,7 @@ impl RestartableServer {
     /// Starts the server again on the same port and data; retried while the old
     /// server's shared memory is still held by backends that are ending.
     pub fn restart(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(300);
         while !self.cluster.spawn(self.port) {
             assert!(
                 Instant::now() < deadline,

@@ -202,17 +202,18 @@ async fn a_database_that_needs_someone_is_retried_on_its_schedule(breakage: Brea
     }
     // The healthy database kept up meanwhile.
     wait_until_equal(&internal, tenancy_id, &healthy).await;
-    // Counted by the tenant's server: each failed attempt opened one session (a failed
-    // attempt closes its session; the kept ones were ended or fail alike).
+    // Counted by the tenant's server: a failed attempt closes its sessions. It opened
+    // one if it failed preparing the schema (read-only), two if it got as far as the
+    // mappings, which run side by side on a session each (revoked privileges).
     wait_until_no_session(&internal, &flaky_name).await;
-    let attempts = sessions_opened(&internal, &flaky_name).await - sessions_before;
+    let sessions = sessions_opened(&internal, &flaky_name).await - sessions_before;
     let (error, retryable, failures) = recorded_error(&internal, tenancy_id, "flaky").await;
     assert!(error.unwrap().contains(breakage.sqlstate()), "{breakage:?}");
     assert_eq!(retryable, Some(false));
     // 20 s at 1 to 2 s, then 2 to 4 s apart: a handful of attempts, not one per change.
     assert!(
-        (2..=12).contains(&attempts) && (2..=12).contains(&failures),
-        "{attempts} sessions and {failures} failed attempts for {changes} changes"
+        (2..=12).contains(&failures) && sessions <= 2 * i64::from(failures),
+        "{sessions} sessions and {failures} failed attempts for {changes} changes"
     );
     let delay = recorded_retry_delay_ms(&internal, "flaky").await.unwrap();
     assert!(
