@@ -373,7 +373,7 @@ fn known_databases<T>(
 /// `sync`: the engine as `serve` builds it, on this one tenancy.
 async fn sync_now(env: &Env<Lookup>, tenancy: Uuid, json: bool) -> anyhow::Result<Finished> {
     let (engine, pool) = engine(env).await?;
-    let outcome = sync::sync_tenancy(&engine, tenancy)
+    let outcome = sync::sync_tenancy_now(&engine, tenancy)
         .await
         .context("cannot read the tenancy from the internal database")?;
     pool.close().await;

@@ -18,7 +18,7 @@ use crate::routes::AppState;
 use crate::sync::resync::{self, TenancyResync};
 use crate::sync::summary::SyncSummary;
 use crate::sync::verify::{self, TenancyComparison};
-use crate::sync::{sync_tenancy, TenancySync};
+use crate::sync::{sync_tenancy_now, TenancySync};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -32,7 +32,7 @@ pub async fn sync(
     tenancy: Result<Path<Uuid>, PathRejection>,
 ) -> Result<Json<SyncSummary>, AppError> {
     let tenancy = tenancy_id(tenancy)?;
-    let outcome = sync_tenancy(&state.engine, tenancy).await?;
+    let outcome = sync_tenancy_now(&state.engine, tenancy).await?;
     if matches!(outcome, TenancySync::UnknownTenancy) {
         return Err(AppError::UnknownTenancy(tenancy));
     }

@@ -161,6 +161,18 @@ pub struct ClaimedTenancy {
     pub databases: DatabaseStates,
 }
 
+/// What an operator's `sync` does: [`sync_tenancy`], after forgetting what this process
+/// knows of the tenancy's databases, so that each is prepared and each mapping's
+/// watermark read under its lock: a table changed behind the service's back since the
+/// last sync is noticed and repaired now, not at the tenancy's next change.
+pub async fn sync_tenancy_now(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+) -> Result<TenancySync, sqlx::Error> {
+    engine.known.forget_tenancy(tenancy_id);
+    sync_tenancy(engine, tenancy_id).await
+}
+
 /// Syncs every external database of `tenancy_id`. Failures of single databases are in
 /// the report; only a failure to read the tenancy itself is an error.
 pub async fn sync_tenancy(

@@ -86,4 +86,9 @@ impl KnownDatabases {
     pub(super) fn forget(&self, key: &SessionKey) {
         self.lock().remove(key);
     }
+
+    /// Forgets every database of `tenancy_id`.
+    pub(super) fn forget_tenancy(&self, tenancy_id: uuid::Uuid) {
+        self.lock().retain(|key, _| key.tenancy_id != tenancy_id);
+    }
 }

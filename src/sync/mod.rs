@@ -39,6 +39,8 @@ pub mod target;
 pub mod tls;
 pub mod verify;
 
-pub use engine::{sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, SyncSettings};
+pub use engine::{
+    sync_claimed_tenancy, sync_tenancy, sync_tenancy_now, ClaimedTenancy, SyncEngine, SyncSettings,
+};
 pub use error::SyncError;
 pub use report::{TenancyReport, TenancySync};

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::harness::app::{TestApp, CRON_SECRET};
 use crate::harness::fixtures::{tenancy, tenant_database, user};
 use crate::harness::postgres::{pool, server};
-use crate::harness::sync::{attach, wait_until_equal, watermark};
+use crate::harness::sync::{assert_tenant_matches_source, attach, wait_until_equal, watermark};
 use crate::harness::wait;
 use crate::tenant_link::{serve, users_with_emails};
 
@@ -153,5 +153,28 @@ async fn a_watermark_taken_back_by_hand_is_noticed_and_the_rows_after_it_replaye
     let took = change_and_wait(&internal, tenancy, &tenant).await;
     eprintln!("a watermark taken back by hand caught up {took:?} after the next change");
     assert_repairs_recorded(&app, tenancy, &["users"]).await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_operators_sync_repairs_a_truncated_table_without_waiting_for_a_change() {
+    let (internal, tenancy, tenant, app) = synced(50).await;
+    sqlx::raw_sql("truncate contact_channels")
+        .execute(&tenant)
+        .await
+        .unwrap();
+
+    // No change in the source: `sync` looks at every table under its lock at once,
+    // whatever the service remembers of the database.
+    let response = app
+        .request(
+            Method::POST,
+            &format!("/api/latest/internal/external-db-sync/tenancies/{tenancy}/sync"),
+            Some(CRON_SECRET),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_tenant_matches_source(&internal, tenancy, &tenant).await;
+    assert_repairs_recorded(&app, tenancy, &["contact_channels"]).await;
     app.stop().await.unwrap();
 }
