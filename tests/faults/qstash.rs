@@ -5,24 +5,24 @@
 use std::time::Duration;
 
 use crate::harness::app::TestApp;
-use crate::harness::fixtures::{rename_user, tenancy};
-use crate::harness::postgres::{pool, server, ClusterSetup, RestartableServer, Server};
+use crate::harness::fixtures::rename_user;
+use crate::harness::postgres::pool;
 use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
 use crate::harness::qstash_standin::{QstashStandIn, TOKEN};
-use crate::harness::sync::{attach, wait_until_equal};
+use crate::harness::sync::wait_until_equal;
 use crate::harness::wait;
 use crate::tenant_link::{log_writes, users_with_emails, versions_written_twice};
+use crate::tenant_server::{tenancy_on_its_own_tenant_server, OwnTenantServer};
 
 #[tokio::test]
 async fn refused_publishes_5xx_answers_and_duplicate_deliveries_lose_and_repeat_nothing() {
-    let internal_url = server().migrated_database().await;
-    let internal = pool(&internal_url).await;
-    let tenant_server = RestartableServer::start(&ClusterSetup::default());
-    let tenant_url = Server::without_template(tenant_server.base_url())
-        .empty_database("tenant")
-        .await;
-    let tenancy = tenancy(&internal).await;
-    attach(&internal, tenancy, &[("main", &tenant_url)]).await;
+    let OwnTenantServer {
+        internal_url,
+        internal,
+        tenant_server,
+        tenant_url,
+        tenancy,
+    } = tenancy_on_its_own_tenant_server().await;
     let users = users_with_emails(&internal, tenancy, 20).await;
 
     let standin = QstashStandIn::start(CURRENT_SIGNING_KEY).await;

@@ -9,8 +9,18 @@ use crate::harness::sync::{attach, latest_change, wait_until_equal, watermark};
 use crate::harness::wait;
 use crate::tenant_link::serve;
 
-#[tokio::test]
-async fn a_tenant_server_killed_mid_batch_is_caught_up_after_its_restart() {
+/// A tenancy whose only database (`main`) is on a tenant server of its own, which a test
+/// may kill: the internal database's URL and pool, the server, the tenant database's
+/// URL, and the tenancy.
+pub struct OwnTenantServer {
+    pub internal_url: String,
+    pub internal: sqlx::PgPool,
+    pub tenant_server: RestartableServer,
+    pub tenant_url: String,
+    pub tenancy: uuid::Uuid,
+}
+
+pub async fn tenancy_on_its_own_tenant_server() -> OwnTenantServer {
     let internal_url = server().migrated_database().await;
     let internal = pool(&internal_url).await;
     let tenant_server = RestartableServer::start(&ClusterSetup::default());
@@ -19,6 +29,24 @@ async fn a_tenant_server_killed_mid_batch_is_caught_up_after_its_restart() {
         .await;
     let tenancy = tenancy(&internal).await;
     attach(&internal, tenancy, &[("main", &tenant_url)]).await;
+    OwnTenantServer {
+        internal_url,
+        internal,
+        tenant_server,
+        tenant_url,
+        tenancy,
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_server_killed_mid_batch_is_caught_up_after_its_restart() {
+    let OwnTenantServer {
+        internal_url,
+        internal,
+        tenant_server,
+        tenant_url,
+        tenancy,
+    } = tenancy_on_its_own_tenant_server().await;
     user(&internal, tenancy, "first").await;
     // Small batches, each slowed down by the tenant: the run of batches takes seconds.
     let app = serve(&internal_url, &[("SYNC_BATCH_SIZE", "20")]).await;
