@@ -80,20 +80,27 @@ async fn refused_publishes_5xx_answers_and_duplicate_deliveries_lose_and_repeat_
     }
     wait_until_equal(&internal, tenancy, &tenant).await;
 
-    // Every message went twice, and twice nothing was applied twice.
-    let deliveries = standin.deliveries();
-    let first_attempts = |id: &str| {
-        deliveries
-            .iter()
-            .filter(|d| d.message_id == id && d.retried == 0)
-            .count()
-    };
-    assert!(
-        deliveries
-            .iter()
-            .all(|d| first_attempts(&d.message_id) == 2),
-        "{deliveries:?}"
-    );
+    // Every message went twice (the second copy of the last one may still be on its
+    // way), and twice nothing was applied twice.
+    let standin = &standin;
+    wait::until(
+        "both copies of every message to be delivered",
+        Duration::from_secs(30),
+        || async move {
+            let deliveries = standin.deliveries();
+            let first_attempts = |id: &str| {
+                deliveries
+                    .iter()
+                    .filter(|d| d.message_id == id && d.retried == 0)
+                    .count()
+            };
+            deliveries
+                .iter()
+                .all(|d| first_attempts(&d.message_id) == 2)
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(versions_written_twice(&tenant).await, []);
     app.stop().await.unwrap();
 }
