@@ -2,16 +2,16 @@
 //! service take the mapping's watermark back; the service's own do not; a guard that was
 //! disabled or dropped is put back, and what happened while it was gone is repaired.
 
-use crate::harness::fixtures::{email, tenancy, tenant_database, user};
+use crate::harness::fixtures::{email, user};
 use crate::harness::postgres::migrated_pool;
-use crate::harness::sync::{assert_tenant_matches_source, attach, engine, sync_ok, watermark};
+use crate::harness::sync::{
+    assert_tenant_matches_source, engine, sync_ok, tenancy_with_database, watermark,
+};
 
 #[tokio::test]
 async fn writes_from_outside_take_the_watermark_back_and_the_services_own_do_not() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     let owner = user(&pool, tenancy, "owner").await;
     email(&pool, tenancy, owner, "owner@example.com", true).await;
     sync_ok(&pool, &engine(&pool), tenancy).await;
@@ -56,9 +56,7 @@ async fn writes_from_outside_take_the_watermark_back_and_the_services_own_do_not
 #[tokio::test]
 async fn a_disabled_guard_is_put_back_and_what_it_missed_repaired() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    let (url, tenant) = tenant_database().await;
-    attach(&pool, tenancy, &[("main", &url)]).await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
     for n in 0..5 {
         let id = user(&pool, tenancy, &format!("user {n}")).await;
         email(&pool, tenancy, id, &format!("user{n}@example.com"), true).await;
