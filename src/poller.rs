@@ -28,8 +28,9 @@ use crate::workers::{self, Outcome};
 pub struct PollerSettings {
     /// Requests claimed per run (`POLLER_BATCH_SIZE`).
     pub batch_size: u32,
-    /// How long a claim holds before another poller may take the request over
-    /// (`POLLER_LEASE_SECS`). Longer than any publish, a direct sync included.
+    /// How long a claim holds, unrenewed, before another poller may take the request
+    /// over (`POLLER_LEASE_SECS`). A publish renews its claims every third of it, so a
+    /// sync may take longer; a process that died leaves them for this long.
     pub lease: Duration,
     /// How long the in-process loop waits when idle and no request notification arrives
     /// (`POLLER_IDLE_INTERVAL_MS`): the safety net behind `LISTEN`.
@@ -46,7 +47,7 @@ impl Default for PollerSettings {
     fn default() -> Self {
         Self {
             batch_size: 100,
-            lease: Duration::from_secs(300),
+            lease: Duration::from_secs(30),
             idle_interval: Duration::from_secs(5),
             sync_concurrency: 32,
             retry_base: Duration::from_secs(1),
@@ -293,7 +294,7 @@ impl Poller {
         let mut tasks = in_flight.tasks();
         let mut claimed = claimed.into_iter();
         for slot in slots {
-            let requests: Vec<ClaimedRequest> = claimed.by_ref().take(per_slot).collect();
+            let mut requests: Vec<ClaimedRequest> = claimed.by_ref().take(per_slot).collect();
             if requests.is_empty() {
                 break;
             }
@@ -306,6 +307,7 @@ impl Poller {
             let ended = in_flight.ended.clone();
             tasks.spawn(async move {
                 let started = std::time::Instant::now();
+                let leases = LeaseKeeper::start(&pool, &requests, settings.lease);
                 // When the process stops, a publish gets the workers' grace to end; then
                 // it is dropped (a sync's transaction in a tenant database is rolled
                 // back with its session), and its requests given back below, so that
@@ -324,6 +326,7 @@ impl Poller {
                 let took = started.elapsed();
                 // The slot is free as soon as the publish is: settling is quick queries.
                 drop(slot);
+                leases.stop(&mut requests).await;
                 let settling = Settling {
                     pool: &pool,
                     settings: &settings,
@@ -362,11 +365,69 @@ impl Poller {
     }
 }
 
+/// Keeps the leases of one publish's requests while it runs: every third of the lease it
+/// renews them ([`db::queue::renew`]), so a sync may run longer than the lease and still
+/// not be taken over, while the requests of a process that died are taken over one lease
+/// after its last renewal.
+struct LeaseKeeper {
+    done: CancellationToken,
+    task: tokio::task::JoinHandle<Vec<(uuid::Uuid, chrono::NaiveDateTime)>>,
+}
+
+impl LeaseKeeper {
+    fn start(pool: &PgPool, requests: &[ClaimedRequest], lease: Duration) -> Self {
+        let done = CancellationToken::new();
+        let mut held: Vec<_> = requests.iter().map(|r| (r.id, r.claimed_at)).collect();
+        let (pool, stop) = (pool.clone(), done.clone());
+        let every = lease / 3;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return held,
+                    () = tokio::time::sleep(every) => {}
+                }
+                // Bounded, so that stopping never waits long on an internal database
+                // that does not answer. A renewal cut short may have moved a token
+                // without our knowing: that request's release then finds it no longer
+                // ours, and it is taken over when the lease runs out.
+                match tokio::time::timeout(every, db::queue::renew(&pool, &held)).await {
+                    Ok(Ok(renewed)) => {
+                        for (id, token) in renewed {
+                            if let Some(entry) = held.iter_mut().find(|(held, _)| *held == id) {
+                                entry.1 = token;
+                            }
+                        }
+                    }
+                    Ok(Err(error)) => tracing::warn!(
+                        error = %error_chain(&error),
+                        "cannot renew the leases of a publish; trying again"
+                    ),
+                    Err(_) => tracing::warn!(
+                        "renewing the leases of a publish took too long; trying again"
+                    ),
+                }
+            }
+        });
+        Self { done, task }
+    }
+
+    /// Stops renewing, and gives each request its latest token for settling.
+    async fn stop(self, requests: &mut [ClaimedRequest]) {
+        self.done.cancel();
+        let Ok(held) = self.task.await else {
+            return;
+        };
+        for (request, (_, token)) in requests.iter_mut().zip(held) {
+            request.claimed_at = token;
+        }
+    }
+}
+
 /// How many times settling one request is tried when the internal database fails it
 /// (about 25 s in all, with backoff). Until it is settled, a request stays claimed, and
 /// no newer request of its tenancy can be claimed before its lease runs out
-/// (`POLLER_LEASE_SECS`, five minutes by default): a blip of the internal database right
-/// after a sync must not hold that tenancy's next changes for so long.
+/// (`POLLER_LEASE_SECS`): a blip of the internal database right after a sync should not
+/// hold that tenancy's next changes for so long.
 const SETTLE_ATTEMPTS: u32 = 15;
 
 /// How long settling may still take once the process stops (after the publish's own

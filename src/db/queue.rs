@@ -61,7 +61,8 @@ pub struct ClaimedRequest {
     pub qstash_options: serde_json::Value,
     /// Publish attempts so far, this one included.
     pub attempts: i32,
-    /// The claim's timestamp: the lease, and the token that proves it is still ours.
+    /// The claim's timestamp, moved on each time the lease is renewed ([`renew`]): the
+    /// lease, and the token that proves it is still ours.
     #[sqlx(rename = "startedFulfillingAt")]
     pub claimed_at: chrono::NaiveDateTime,
     /// Seconds from the request being queued to this claim, on the internal database's
@@ -123,7 +124,8 @@ impl ClaimedRequest {
 const UUID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
 
 /// Claims up to `limit` requests that are due: pending ones whose `"nextAttemptAt"` has
-/// come, and in-flight ones whose lease is older than `lease` (their poller died).
+/// come, and in-flight ones whose lease was neither taken nor renewed ([`renew`]) for
+/// `lease` (their poller died).
 /// Claims nothing while the fusebox has the poller switched off.
 /// Rows another poller is claiming right now are skipped, not waited for. Expired
 /// claims come first (they have waited longest), then pending requests by
@@ -221,6 +223,31 @@ pub async fn claim(
         .bind(UUID_PATTERN)
         .fetch_all(executor)
         .await
+}
+
+/// Renews the leases of requests a poller still holds, each named by its id and its
+/// claim's token (`"startedFulfillingAt"`, [`ClaimedRequest::claimed_at`]). A request
+/// whose token is unchanged gets a fresh `"startedFulfillingAt"`, answered as its new
+/// token; one missing from the answer was taken over or settled meanwhile, and is no
+/// longer the caller's.
+pub async fn renew(
+    executor: impl PgExecutor<'_>,
+    held: &[(Uuid, chrono::NaiveDateTime)],
+) -> Result<Vec<(Uuid, chrono::NaiveDateTime)>, sqlx::Error> {
+    let (ids, tokens): (Vec<Uuid>, Vec<chrono::NaiveDateTime>) = held.iter().copied().unzip();
+    sqlx::query_as(
+        r#"
+        update "OutgoingRequest" as request
+        set "startedFulfillingAt" = clock_timestamp()
+        from unnest($1::uuid[], $2::timestamp[]) as held("id", "token")
+        where request."id" = held."id" and request."startedFulfillingAt" = held."token"
+        returning request."id", request."startedFulfillingAt"
+        "#,
+    )
+    .bind(ids)
+    .bind(tokens)
+    .fetch_all(executor)
+    .await
 }
 
 /// Deletes a request whose publish succeeded. The statuses of the databases a direct

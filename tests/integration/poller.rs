@@ -19,7 +19,9 @@ use crate::harness::fixtures::{
     delete_channel, delete_user, email, pending_request_keys, rename_user, request_key,
     sequence_all, tenancy, tenancy_with_placeholder_database, tenant_database, user,
 };
-use crate::harness::polling::{direct_poller, direct_poller_with, poll_once, step};
+use crate::harness::polling::{
+    direct_poller, direct_poller_leasing, direct_poller_with, poll_once, step,
+};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, external_channels, external_users, hold_mapping_lock,
@@ -640,6 +642,98 @@ async fn a_slow_tenancy_does_not_hold_up_the_others() {
     assert_eq!((total.claimed, total.published, total.failed), (3, 3, 0));
     assert_tenant_matches_source(&pool, slow, &slow_tenant).await;
     assert_tenant_matches_source(&pool, busy, &busy_tenant).await;
+}
+
+/// A sync that runs longer than the lease keeps its claim: its poller renews the lease
+/// while the sync runs, so no other poller takes the request over meanwhile and syncs
+/// the tenancy a second time.
+#[tokio::test]
+async fn a_sync_longer_than_its_lease_keeps_its_claim() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let lease = Duration::from_secs(3);
+    let poller = direct_poller_leasing(&pool, 2, lease);
+    // Another writer holds the users lock: the sync waits on it.
+    let blocker = hold_mapping_lock(&tenant, Mapping::Users).await;
+    user(&pool, tenancy, "slow").await;
+    sequence_all(&pool, 1000).await;
+    let in_flight = InFlight::default();
+    assert_eq!(step(&poller, &in_flight).await.claimed, 1);
+    let claimed_at = claim_time(&pool, tenancy).await;
+
+    // Two leases after the claim, the sync still waits, and the claim still holds.
+    wait::until(
+        "two leases since the claim",
+        Duration::from_secs(20),
+        || async {
+            let since: f64 =
+                sqlx::query_scalar("select extract(epoch from (current_timestamp - $1))::float8")
+                    .bind(claimed_at)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            (since > 2.0 * lease.as_secs_f64()).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        claim_time(&pool, tenancy).await > claimed_at,
+        "the lease was renewed"
+    );
+    let taken_over = queue::claim(&pool, 10, lease).await.unwrap();
+    assert!(taken_over.is_empty(), "taken over: {taken_over:?}");
+
+    blocker.rollback().await.unwrap();
+    let batch = poller.finish(&in_flight).await.unwrap();
+    assert_eq!((batch.published, batch.failed), (1, 0));
+    assert!(request_states(&pool, tenancy).await.is_empty());
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
+
+/// A publish whose lease was renewed still settles its request: stopped while its sync
+/// waits, it gives the request back at once under the renewed claim, rather than
+/// leaving it claimed until the lease runs out.
+#[tokio::test]
+async fn a_renewed_claim_is_given_back_when_the_process_stops() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let poller =
+        direct_poller_leasing(&pool, 2, Duration::from_secs(3)).stopping_on(stopping.clone());
+    let blocker = hold_mapping_lock(&tenant, Mapping::Users).await;
+    user(&pool, tenancy, "slow").await;
+    sequence_all(&pool, 1000).await;
+    let in_flight = InFlight::default();
+    assert_eq!(step(&poller, &in_flight).await.claimed, 1);
+    let claimed_at = claim_time(&pool, tenancy).await;
+    wait::until("the lease renewed", Duration::from_secs(20), || async {
+        (claim_time(&pool, tenancy).await > claimed_at).then_some(())
+    })
+    .await;
+
+    stopping.cancel();
+    let batch = poller.finish(&in_flight).await.unwrap();
+
+    assert_eq!((batch.published, batch.failed), (0, 1));
+    let states = request_states(&pool, tenancy).await;
+    assert_eq!(states.len(), 1);
+    assert!(
+        !states[0].2,
+        "the request is no longer in flight: {states:?}"
+    );
+    blocker.rollback().await.unwrap();
+}
+
+/// When the tenancy's request in flight was claimed, or its lease last renewed.
+async fn claim_time(pool: &PgPool, tenancy: Uuid) -> chrono::NaiveDateTime {
+    sqlx::query_scalar(
+        r#"select "startedFulfillingAt" from "OutgoingRequest"
+           where "deduplicationKey" = $1 and "startedFulfillingAt" is not null"#,
+    )
+    .bind(request_key(tenancy))
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// Waits until `tenant` has `users` users and the tenancy has no request left.

@@ -1,6 +1,7 @@
 //! Driving the poller in `direct` mode from tests, one step at a time.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use external_db_sync::poller::{InFlight, PolledBatch, Poller, PollerRun, PollerSettings};
 use external_db_sync::publish::direct::DirectPublisher;
@@ -21,13 +22,33 @@ pub fn direct_poller_with(
     sync_concurrency: usize,
     settings: SyncSettings,
 ) -> Poller {
-    let engine = engine_with(pool, settings, PrivateTargets::Allowed);
+    direct_poller_of(
+        pool,
+        settings,
+        PollerSettings {
+            sync_concurrency,
+            ..PollerSettings::default()
+        },
+    )
+}
+
+/// [`direct_poller`] whose claims hold for `lease` unless renewed.
+pub fn direct_poller_leasing(pool: &PgPool, sync_concurrency: usize, lease: Duration) -> Poller {
+    direct_poller_of(
+        pool,
+        test_settings(),
+        PollerSettings {
+            sync_concurrency,
+            lease,
+            ..PollerSettings::default()
+        },
+    )
+}
+
+fn direct_poller_of(pool: &PgPool, sync: SyncSettings, poller: PollerSettings) -> Poller {
+    let engine = engine_with(pool, sync, PrivateTargets::Allowed);
     let publisher = DirectPublisher::new(Arc::new(engine));
-    let settings = PollerSettings {
-        sync_concurrency,
-        ..PollerSettings::default()
-    };
-    Poller::new(pool.clone(), Arc::new(publisher), settings)
+    Poller::new(pool.clone(), Arc::new(publisher), poller)
 }
 
 /// One step, as the loop runs it; its syncs are not waited for.
