@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
 use crate::db;
-use crate::db::queue::ClaimedRequest;
+use crate::db::queue::{Claimant, ClaimedRequest};
 use crate::error::error_chain;
 use crate::instruments;
 use crate::publish::{FailureReason, PublishError, PublishResult, Publisher};
@@ -361,7 +361,12 @@ impl Poller {
     }
 
     async fn claim(&self, limit: u32) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
-        db::queue::claim(&self.pool, limit, self.settings.lease).await
+        let claimant = if self.publisher.syncs_in_process() {
+            Claimant::Syncer
+        } else {
+            Claimant::Publisher
+        };
+        db::queue::claim(&self.pool, limit, self.settings.lease, claimant).await
     }
 }
 

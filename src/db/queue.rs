@@ -120,6 +120,15 @@ impl ClaimedRequest {
     }
 }
 
+/// Who claims requests, which decides whether the claim reserves failing databases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimant {
+    /// Syncs each claimed tenancy itself, in this process (`direct` mode).
+    Syncer,
+    /// Hands the requests on (to QStash); their syncs run when they are delivered.
+    Publisher,
+}
+
 /// Text that PostgreSQL always accepts as a `uuid`.
 const UUID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
 
@@ -136,11 +145,18 @@ const UUID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-
 /// one in flight is settled: a second sync of the same tenancy meanwhile would only
 /// queue behind the first one's locks and hold a sync slot doing nothing.
 ///
+/// When the claimer syncs the claimed tenancies itself ([`Claimant::Syncer`]), the claim
+/// reserves their failing databases that are due for those syncs; when it hands the
+/// requests on ([`Claimant::Publisher`]), it reserves nothing: the sync that a delivery
+/// runs later reserves what is due then, and a reservation made here would keep it from
+/// attempting those databases.
+///
 /// Most of its length is the one statement's text, kept whole so that it reads as SQL.
 pub async fn claim(
     executor: impl PgExecutor<'_>,
     limit: u32,
     lease: std::time::Duration,
+    claimant: Claimant,
 ) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
     static CLAIM: LazyLock<String> = LazyLock::new(|| {
         format!(
@@ -214,13 +230,16 @@ pub async fn claim(
                                    order by first."id" limit 1)"#
             ),
             pruned = pruned_through_columns("due.tenancy_id"),
-            reserved = reserve_due_databases("(select tenancy_id as tenancy from due) as claimed"),
+            reserved = reserve_due_databases(
+                "(select tenancy_id as tenancy from due where $4) as claimed"
+            ),
         )
     });
     sqlx::query_as(&CLAIM)
         .bind(i64::from(limit))
         .bind(lease.as_secs_f64())
         .bind(UUID_PATTERN)
+        .bind(claimant == Claimant::Syncer)
         .fetch_all(executor)
         .await
 }

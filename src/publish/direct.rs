@@ -63,6 +63,10 @@ impl Publisher for DirectPublisher {
         1
     }
 
+    fn syncs_in_process(&self) -> bool {
+        true
+    }
+
     fn publish<'a>(&'a self, requests: &'a [ClaimedRequest]) -> BoxFuture<'a, Vec<PublishResult>> {
         async move {
             let mut results = Vec::with_capacity(requests.len());

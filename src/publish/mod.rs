@@ -89,6 +89,10 @@ pub trait Publisher: Send + Sync + 'static {
     /// sync (so that each settles the moment it ends), a batch when it is one call.
     fn batch_limit(&self) -> usize;
 
+    /// Whether a publish is the sync itself, run in this process: then the claim
+    /// reserves the due failing databases of its tenancies for it.
+    fn syncs_in_process(&self) -> bool;
+
     /// Publishes `requests` (at most [`Publisher::batch_limit`]); one result per
     /// request, in their order.
     fn publish<'a>(&'a self, requests: &'a [ClaimedRequest]) -> BoxFuture<'a, Vec<PublishResult>>;

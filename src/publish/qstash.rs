@@ -184,6 +184,11 @@ impl Publisher for QstashPublisher {
         usize::MAX
     }
 
+    /// The sync runs when QStash delivers the message, in whichever process answers.
+    fn syncs_in_process(&self) -> bool {
+        false
+    }
+
     fn publish<'a>(&'a self, requests: &'a [ClaimedRequest]) -> BoxFuture<'a, Vec<PublishResult>> {
         async move {
             let results = self.publish_batch(requests).await;

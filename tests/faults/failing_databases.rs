@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use external_db_sync::db::queue::claim;
+use external_db_sync::db::queue::{claim, Claimant};
 use external_db_sync::db::sync_status::schedule_retry;
 use external_db_sync::publish::direct::DirectPublisher;
 use external_db_sync::publish::Publisher;
@@ -316,7 +316,9 @@ async fn the_next_run_of_a_database_that_healed_with_work_left_over_finds_it_due
         PrivateTargets::Allowed,
     )));
 
-    let first = claim(&internal, 10, Duration::from_secs(60)).await.unwrap();
+    let first = claim(&internal, 10, Duration::from_secs(60), Claimant::Syncer)
+        .await
+        .unwrap();
     assert_eq!(first.len(), 1);
     assert!(
         first[0].databases.not_due_databases.is_empty(),
@@ -325,7 +327,9 @@ async fn the_next_run_of_a_database_that_healed_with_work_left_over_finds_it_due
     let results = publisher.publish(&first).await;
     assert!(results[0].is_ok(), "{:?}", results[0]);
     // The run it queued, claimed before the first request is completed.
-    let next = claim(&internal, 10, Duration::from_secs(60)).await.unwrap();
+    let next = claim(&internal, 10, Duration::from_secs(60), Claimant::Syncer)
+        .await
+        .unwrap();
     assert_eq!(next.len(), 1, "work was left over");
     assert_eq!(
         next[0].databases.not_due_databases,

@@ -14,11 +14,7 @@ use crate::harness::wait;
 use crate::tenant_link::{log_writes, users_with_emails, versions_written_twice};
 use crate::tenant_server::{tenancy_on_its_own_tenant_server, OwnTenantServer};
 
-// Out of the default run until its flake is understood: in 2 of about 9 runs of the
-// fault binary (one of them CI's on a clean clone), the tenant database was not equal
-// 60 s after the tenant server came back. `cargo test --test faults -- --ignored` runs it.
 #[tokio::test]
-#[ignore = "flaky: sometimes not caught up within 60 s after the tenant server's restart"]
 async fn refused_publishes_5xx_answers_and_duplicate_deliveries_lose_and_repeat_nothing() {
     let OwnTenantServer {
         internal_url,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use external_db_sync::db::queue;
+use external_db_sync::db::queue::{self, Claimant};
 use external_db_sync::db::sync_status::{Backoff, RetrySchedule, RETRY_REQUEST_KEY_PREFIX};
 use external_db_sync::mapping::Mapping;
 use external_db_sync::poller::InFlight;
@@ -369,9 +369,14 @@ async fn a_request_due_this_very_moment_is_claimed() {
             .execute(&mut *transaction)
             .await
             .unwrap();
-        let claimed = queue::claim(&mut *transaction, 10, Duration::from_secs(300))
-            .await
-            .unwrap();
+        let claimed = queue::claim(
+            &mut *transaction,
+            10,
+            Duration::from_secs(300),
+            Claimant::Syncer,
+        )
+        .await
+        .unwrap();
         assert_eq!(claimed.len(), 1);
         transaction.rollback().await.unwrap();
     }
@@ -385,7 +390,7 @@ async fn a_claim_whose_poller_died_is_taken_over_after_its_lease() {
     sequence_all(&pool, 1000).await;
     let poller = direct_poller(&pool, 4);
     // A poller claims the request and dies before publishing it.
-    let claimed = queue::claim(&pool, 10, Duration::from_secs(300))
+    let claimed = queue::claim(&pool, 10, Duration::from_secs(300), Claimant::Syncer)
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -421,7 +426,7 @@ async fn a_change_while_a_request_is_in_flight_leaves_exactly_one_pending_reques
         sequence_all(&pool, 1000).await;
     }
     assert_eq!(pending_request_keys(&pool).await, [request_key(tenancy)]);
-    let in_flight = queue::claim(&pool, 10, Duration::from_secs(300))
+    let in_flight = queue::claim(&pool, 10, Duration::from_secs(300), Claimant::Syncer)
         .await
         .unwrap();
     assert!(pending_request_keys(&pool).await.is_empty());
@@ -539,18 +544,25 @@ async fn a_pending_request_waits_while_its_tenancy_is_in_flight() {
     let id = user(&pool, tenancy, "first").await;
     sequence_all(&pool, 1000).await;
     let lease = Duration::from_secs(300);
-    let first = queue::claim(&pool, 10, lease).await.unwrap();
+    let first = queue::claim(&pool, 10, lease, Claimant::Syncer)
+        .await
+        .unwrap();
     assert_eq!(first.len(), 1);
     crate::harness::fixtures::rename_user(&pool, id, "second").await;
     sequence_all(&pool, 1000).await;
     assert_eq!(pending_request_keys(&pool).await, [request_key(tenancy)]);
 
     // Due, but its tenancy is in flight: a second sync would only queue behind the first.
-    assert!(queue::claim(&pool, 10, lease).await.unwrap().is_empty());
+    assert!(queue::claim(&pool, 10, lease, Claimant::Syncer)
+        .await
+        .unwrap()
+        .is_empty());
 
     // Settled: the pending request is claimable at once.
     queue::complete(&pool, first[0].id, None).await.unwrap();
-    let second = queue::claim(&pool, 10, lease).await.unwrap();
+    let second = queue::claim(&pool, 10, lease, Claimant::Syncer)
+        .await
+        .unwrap();
     assert_eq!(second.len(), 1);
     assert_ne!(second[0].id, first[0].id);
 
@@ -565,7 +577,7 @@ async fn a_pending_request_waits_while_its_tenancy_is_in_flight() {
     .execute(&pool)
     .await
     .unwrap();
-    let mut ids: Vec<Uuid> = queue::claim(&pool, 10, lease)
+    let mut ids: Vec<Uuid> = queue::claim(&pool, 10, lease, Claimant::Syncer)
         .await
         .unwrap()
         .into_iter()
@@ -680,7 +692,9 @@ async fn a_sync_longer_than_its_lease_keeps_its_claim() {
         claim_time(&pool, tenancy).await > claimed_at,
         "the lease was renewed"
     );
-    let taken_over = queue::claim(&pool, 10, lease).await.unwrap();
+    let taken_over = queue::claim(&pool, 10, lease, Claimant::Syncer)
+        .await
+        .unwrap();
     assert!(taken_over.is_empty(), "taken over: {taken_over:?}");
 
     blocker.rollback().await.unwrap();

@@ -13,6 +13,7 @@ use crate::harness::app::TestApp;
 use crate::harness::fixtures::{
     email, pending_request_keys, request_key, tenancy, tenant_database, user,
 };
+use crate::harness::postgres::server;
 use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
 use crate::harness::qstash_standin::{MessageAnswer, QstashStandIn, TOKEN};
 use crate::harness::sync::{
@@ -386,6 +387,84 @@ async fn a_database_that_answered_5xx_heals_through_its_retry_request() {
     assert_tenant_matches_source(&app.pool, tenancy, &tenant).await;
     assert_eq!(recorded_error(&app.pool, tenancy, "main").await.2, 0);
     assert!(pending_request_keys(&app.pool).await.is_empty());
+}
+
+/// A failing database that comes back as it was (its entry unchanged) is attempted by
+/// the sync that QStash's delivery runs once the database's next attempt is due:
+/// publishing the request reserves nothing, so the delivery finds the database due.
+/// (A reservation made by the publish kept it from the delivery for five minutes.)
+#[tokio::test]
+async fn a_failing_database_whose_time_comes_is_attempted_by_the_delivery() {
+    let (app, standin) = app_with_qstash_and(
+        TOKEN,
+        &[
+            ("SYNC_RETRY_FIRST_MS", "60000"),
+            ("SYNC_RETRY_MAX_MS", "60000"),
+        ],
+    )
+    .await;
+    let tenancy = tenancy(&app.pool).await;
+    let (url, tenant) = tenant_database().await;
+    let database = url.rsplit('/').next().unwrap();
+    let allow =
+        |allowed: bool| format!(r#"alter database "{database}" allow_connections = {allowed}"#);
+    server().admin_execute(&allow(false)).await;
+    attach(&app.pool, tenancy, &[("main", &url)]).await;
+    user(&app.pool, tenancy, "eventually").await;
+    app.run_sequencer("stopWhenIdle=true").await;
+    assert_eq!(app.run_poller("stopWhenIdle=true").await["published"], 1);
+    // Its delivery failed on the database, and was answered 200 (the failure is
+    // permanent: the database's own schedule retries it): no delivery is under way.
+    let first = standin.published()[0]["messageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait::until(
+        "the message's delivery to be answered",
+        Duration::from_secs(20),
+        || {
+            let attempts = delivery_attempts(&standin, &first);
+            async move { (!attempts.is_empty()).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(delivery_attempts(&standin, &first), [(0, 200)]);
+    let (_, retryable, failures) = recorded_error(&app.pool, tenancy, "main").await;
+    assert_eq!((retryable, failures), (Some(false), 1));
+
+    // The database comes back, and its time comes: every request and the database due.
+    server().admin_execute(&allow(true)).await;
+    sqlx::raw_sql(
+        r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp;
+           update "ExternalDbSyncStatus" set "nextAttemptAt" = current_timestamp
+           where "nextAttemptAt" is not null"#,
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let published = standin.published().len();
+    let answer = app.run_poller("maxDurationMs=0").await;
+    assert!(answer["published"].as_u64() >= Some(1), "{answer}");
+
+    let messages: Vec<String> = standin.published()[published..]
+        .iter()
+        .map(|message| message["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    wait::until(
+        "the deliveries of what was published to be answered 200",
+        Duration::from_secs(20),
+        || {
+            let answered = messages.iter().all(|id| {
+                delivery_attempts(&standin, id)
+                    .iter()
+                    .any(|(_, status)| *status == 200)
+            });
+            async move { answered.then_some(()) }
+        },
+    )
+    .await;
+    assert_tenant_matches_source(&app.pool, tenancy, &tenant).await;
+    assert_eq!(recorded_error(&app.pool, tenancy, "main").await.2, 0);
 }
 
 /// `(Upstash-Retried, status)` of every delivery attempt of `message_id` so far.
