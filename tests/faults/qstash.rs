@@ -1,15 +1,18 @@
 //! QStash mode under faults: publishes refused, the webhook answering 5xx while the
-//! tenant database's server is down, and every message delivered twice at once. The
-//! tenant database ends equal to its source, and no version of a row is written twice.
+//! tenant database's server is down, and every message delivered twice at once, to one
+//! replica or to two. The tenant database ends equal to its source, and no version of a
+//! row is written twice.
 
 use std::time::Duration;
 
+use sqlx::PgPool;
+
 use crate::harness::app::TestApp;
-use crate::harness::fixtures::rename_user;
-use crate::harness::postgres::pool;
+use crate::harness::fixtures::{rename_user, tenancy, tenant_database};
+use crate::harness::postgres::{pool, server};
 use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
 use crate::harness::qstash_standin::{QstashStandIn, TOKEN};
-use crate::harness::sync::wait_until_equal;
+use crate::harness::sync::{attach, wait_until_equal};
 use crate::harness::wait;
 use crate::tenant_link::{log_writes, users_with_emails, versions_written_twice};
 use crate::tenant_server::{tenancy_on_its_own_tenant_server, OwnTenantServer};
@@ -28,22 +31,7 @@ async fn refused_publishes_5xx_answers_and_duplicate_deliveries_lose_and_repeat_
     let standin = QstashStandIn::start(CURRENT_SIGNING_KEY).await;
     standin.deliver_each_twice();
     standin.fail_publishes(3);
-    let app = TestApp::spawn_on(
-        &internal_url,
-        &[
-            ("SYNC_QUEUE", "qstash"),
-            ("QSTASH_URL", standin.url.as_str()),
-            ("QSTASH_TOKEN", TOKEN),
-            ("QSTASH_CURRENT_SIGNING_KEY", CURRENT_SIGNING_KEY),
-            ("QSTASH_NEXT_SIGNING_KEY", NEXT_SIGNING_KEY),
-            ("PUBLIC_URL", "https://sync.example.test"),
-            ("RUN_WORKERS", "true"),
-            ("ALLOW_PRIVATE_TARGETS", "true"),
-            ("SYNC_RETRY_FIRST_MS", "100"),
-            ("SYNC_RETRY_MAX_MS", "1000"),
-        ],
-    )
-    .await;
+    let app = replica(&internal_url, &standin, true).await;
     standin.deliver_to(&app.address);
     let tenant = pool(&tenant_url).await;
     wait_until_equal(&internal, tenancy, &tenant).await;
@@ -103,4 +91,104 @@ async fn refused_publishes_5xx_answers_and_duplicate_deliveries_lose_and_repeat_
     .await;
     assert_eq!(versions_written_twice(&tenant).await, []);
     app.stop().await.unwrap();
+}
+
+/// Both copies of each message reach two replicas at once while the tenant's owner holds
+/// a row the sync must write, so that both syncs are in flight together: one writes the
+/// change, the other finds it applied and writes nothing.
+#[tokio::test]
+async fn two_copies_delivered_to_two_replicas_at_once_apply_the_change_once() {
+    let internal_url = server().migrated_database().await;
+    let internal = pool(&internal_url).await;
+    let (url, tenant) = tenant_database().await;
+    let tenancy = tenancy(&internal).await;
+    attach(&internal, tenancy, &[("main", &url)]).await;
+    let users = users_with_emails(&internal, tenancy, 5).await;
+    let standin = QstashStandIn::start(CURRENT_SIGNING_KEY).await;
+    standin.deliver_each_twice();
+    let publishing = replica(&internal_url, &standin, true).await;
+    let answering = replica(&internal_url, &standin, false).await;
+    standin.deliver_copies_to(&[&publishing.address, &answering.address]);
+    wait_until_equal(&internal, tenancy, &tenant).await;
+    all_delivered(&standin).await;
+    log_writes(&tenant).await;
+
+    let mut blocker = tenant.begin().await.unwrap();
+    sqlx::query("select from users where id = $1 for update")
+        .bind(users[0])
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    rename_user(&internal, users[0], "renamed once").await;
+    wait::until(
+        "both copies' syncs to wait on a lock in the tenant database",
+        Duration::from_secs(30),
+        || async { (sessions_waiting_for_a_lock(&tenant).await >= 2).then_some(()) },
+    )
+    .await;
+    blocker.rollback().await.unwrap();
+
+    wait_until_equal(&internal, tenancy, &tenant).await;
+    all_delivered(&standin).await;
+    assert_eq!(versions_written_twice(&tenant).await, []);
+    answering.stop().await.unwrap();
+    publishing.stop().await.unwrap();
+}
+
+/// A `serve` in QStash mode on `internal_url` whose deliveries come from `standin`,
+/// running the loops (it publishes) or only answering the webhook.
+async fn replica(internal_url: &str, standin: &QstashStandIn, loops: bool) -> TestApp {
+    TestApp::spawn_on(
+        internal_url,
+        &[
+            ("SYNC_QUEUE", "qstash"),
+            ("QSTASH_URL", standin.url.as_str()),
+            ("QSTASH_TOKEN", TOKEN),
+            ("QSTASH_CURRENT_SIGNING_KEY", CURRENT_SIGNING_KEY),
+            ("QSTASH_NEXT_SIGNING_KEY", NEXT_SIGNING_KEY),
+            ("PUBLIC_URL", "https://sync.example.test"),
+            ("RUN_WORKERS", if loops { "true" } else { "false" }),
+            ("ALLOW_PRIVATE_TARGETS", "true"),
+            ("SYNC_RETRY_FIRST_MS", "100"),
+            ("SYNC_RETRY_MAX_MS", "1000"),
+        ],
+    )
+    .await
+}
+
+/// Waits, with a deadline, until both copies of every message published so far were
+/// delivered and answered 2xx.
+async fn all_delivered(standin: &QstashStandIn) {
+    wait::until(
+        "both copies of every message to be answered 2xx",
+        Duration::from_secs(30),
+        || async move {
+            let deliveries = standin.deliveries();
+            let answered = |id: &str| {
+                deliveries
+                    .iter()
+                    .filter(|d| d.message_id == id && (200..300).contains(&d.status))
+                    .count()
+            };
+            let published = standin.published();
+            published
+                .iter()
+                .all(|message| answered(message["messageId"].as_str().unwrap()) == 2)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// How many of the service's sessions in the tenant database wait for a lock.
+async fn sessions_waiting_for_a_lock(tenant: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity
+         where datname = current_database()
+           and application_name = 'external-db-sync'
+           and wait_event_type = 'Lock'",
+    )
+    .fetch_one(tenant)
+    .await
+    .unwrap()
 }

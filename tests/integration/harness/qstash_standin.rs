@@ -43,8 +43,9 @@ pub struct Delivery {
 
 struct Inner {
     signing_key: String,
-    /// Base URL that replaces scheme, host and port of destinations when delivering.
-    deliver_to: Mutex<String>,
+    /// Base URLs that replace scheme, host and port of destinations when delivering: the
+    /// n-th copy of a message goes to the n-th (modulo their number); none: as addressed.
+    deliver_to: Mutex<Vec<String>>,
     /// Publishes still to refuse with 500.
     failing_publishes: AtomicU32,
     /// Every accepted message is delivered twice, at the same time: QStash delivers at
@@ -94,7 +95,7 @@ impl QstashStandIn {
     pub async fn start(signing_key: &str) -> QstashStandIn {
         let inner = Arc::new(Inner {
             signing_key: signing_key.to_owned(),
-            deliver_to: Mutex::new(String::new()),
+            deliver_to: Mutex::new(Vec::new()),
             failing_publishes: AtomicU32::new(0),
             deliver_twice: std::sync::atomic::AtomicBool::new(false),
             dropping_connections: Arc::new(AtomicU32::new(0)),
@@ -119,7 +120,17 @@ impl QstashStandIn {
 
     /// Delivers to `base` (e.g. the app's address) instead of the destination's host.
     pub fn deliver_to(&self, base: &str) {
-        *self.inner.deliver_to.lock().unwrap() = base.trim_end_matches('/').to_owned();
+        self.deliver_copies_to(&[base]);
+    }
+
+    /// Delivers the n-th copy of each message to the n-th of `bases` (e.g. the first
+    /// copy to one replica, the second to another; see
+    /// [`QstashStandIn::deliver_each_twice`]).
+    pub fn deliver_copies_to(&self, bases: &[&str]) {
+        *self.inner.deliver_to.lock().unwrap() = bases
+            .iter()
+            .map(|base| base.trim_end_matches('/').to_owned())
+            .collect();
     }
 
     /// The next `count` publish calls are answered 500 and publish nothing.
@@ -339,9 +350,10 @@ fn enqueue(inner: &Arc<Inner>, message: &BatchMessage) -> String {
     } else {
         1
     };
-    for _ in 0..copies {
+    for copy in 0..copies {
         tokio::spawn(deliver(
             inner.clone(),
+            copy,
             message_id.clone(),
             message.destination.clone(),
             message.body.clone(),
@@ -355,6 +367,7 @@ fn enqueue(inner: &Arc<Inner>, message: &BatchMessage) -> String {
 /// Delivers until a 2xx answer, a non-retryable 489, or the retries are spent.
 async fn deliver(
     inner: Arc<Inner>,
+    copy: usize,
     message_id: String,
     destination: String,
     body: String,
@@ -362,12 +375,13 @@ async fn deliver(
     retries: u32,
 ) {
     let parsed = url::Url::parse(&destination).expect("checked when accepted");
-    let base = inner.deliver_to.lock().unwrap().clone();
-    let target = if base.is_empty() {
+    let bases = inner.deliver_to.lock().unwrap().clone();
+    let target = if bases.is_empty() {
         destination.clone()
     } else {
         format!(
-            "{base}{}",
+            "{}{}",
+            bases[copy % bases.len()],
             &destination[parsed.origin().ascii_serialization().len()..]
         )
     };
