@@ -80,6 +80,9 @@ pub struct PolledBatch {
     pub failed: u64,
     /// Publishes of the caller still running after the step (`direct` mode).
     pub in_flight: u64,
+    /// When the step claimed nothing: how soon the earliest pending request that is not
+    /// due yet comes due, if sooner than the idle interval.
+    pub next_due_in: Option<Duration>,
 }
 
 impl PolledBatch {
@@ -90,6 +93,7 @@ impl PolledBatch {
         self.published += other.published;
         self.failed += other.failed;
         self.in_flight = other.in_flight;
+        self.next_due_in = other.next_due_in;
     }
 
     fn count(&mut self, settled: Settled) {
@@ -108,6 +112,23 @@ impl PollerRun {
             },
             PollerRun::Batch(batch) if batch.in_flight > 0 => Outcome::Waiting,
             PollerRun::Batch(_) => Outcome::Idle,
+        }
+    }
+
+    /// [`PollerRun::outcome`] for the in-process loop: when the step claimed nothing and
+    /// a pending request comes due before the loop's idle timer would end (a retry, a
+    /// request given back with backoff), the loop looks again then. (A cron call keeps
+    /// to [`PollerRun::outcome`]: idle is idle.)
+    pub fn loop_outcome(&self, batch_size: u32) -> Outcome {
+        match (self.outcome(batch_size), self) {
+            (
+                Outcome::Idle | Outcome::Waiting,
+                PollerRun::Batch(PolledBatch {
+                    next_due_in: Some(pause),
+                    ..
+                }),
+            ) => Outcome::Recheck(*pause),
+            (outcome, _) => outcome,
         }
     }
 }
@@ -246,8 +267,13 @@ impl Poller {
             claimed: self.start_publishes(in_flight).await?,
             ..PolledBatch::default()
         };
-        if batch.claimed == 0 && !db::fusebox::read(&self.pool).await?.poller_enabled {
-            return Ok(PollerRun::Disabled);
+        if batch.claimed == 0 {
+            if !db::fusebox::read(&self.pool).await?.poller_enabled {
+                return Ok(PollerRun::Disabled);
+            }
+            batch.next_due_in = db::queue::next_due_in(&self.pool)
+                .await?
+                .filter(|pause| *pause < self.settings.idle_interval);
         }
         in_flight.reap(&mut batch)?;
         tracing::debug!(

@@ -191,7 +191,7 @@ async fn run_poller(state: AppState, wake: Arc<Notify>) -> Ended {
             poller
                 .run_once(in_flight)
                 .await
-                .map(|run| run.outcome(settings.batch_size))
+                .map(|run| run.loop_outcome(settings.batch_size))
         },
     )
     .await;

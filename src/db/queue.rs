@@ -269,6 +269,24 @@ pub async fn renew(
     .await
 }
 
+/// How long until the earliest pending request that is not due yet comes due (a retry,
+/// or a request given back with backoff), if there is one.
+pub async fn next_due_in(
+    executor: impl PgExecutor<'_>,
+) -> Result<Option<std::time::Duration>, sqlx::Error> {
+    let seconds: Option<f64> = sqlx::query_scalar(
+        r#"
+        select extract(epoch from (min("nextAttemptAt") - current_timestamp))::float8
+        from "OutgoingRequest"
+        where "startedFulfillingAt" is null
+          and "nextAttemptAt" > current_timestamp::timestamp(3)
+        "#,
+    )
+    .fetch_one(executor)
+    .await?;
+    Ok(seconds.map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.0))))
+}
+
 /// Deletes a request whose publish succeeded. The statuses of the databases a direct
 /// sync brought up to date, if any, are recorded in the same statement: one round trip
 /// and one commit for both.

@@ -9,6 +9,7 @@ use external_db_sync::db::sync_status::{Backoff, RetrySchedule, RETRY_REQUEST_KE
 use external_db_sync::mapping::Mapping;
 use external_db_sync::poller::InFlight;
 use external_db_sync::sync::SyncSettings;
+use external_db_sync::workers::Outcome;
 use reqwest::Method;
 use serde_json::json;
 use sqlx::PgPool;
@@ -736,6 +737,48 @@ async fn a_renewed_claim_is_given_back_when_the_process_stops() {
         "the request is no longer in flight: {states:?}"
     );
     blocker.rollback().await.unwrap();
+}
+
+/// When nothing is due but a pending request comes due before the idle timer would end
+/// (a retry, a request given back with backoff), the in-process loop is told to look
+/// again then, rather than after the idle interval.
+#[tokio::test]
+async fn the_loop_looks_again_when_the_next_pending_request_comes_due() {
+    let pool = migrated_pool().await;
+    let (tenancy, _tenant) = tenancy_with_database(&pool).await;
+    user(&pool, tenancy, "later").await;
+    sequence_all(&pool, 1000).await;
+    let due_in = |seconds: i32| {
+        sqlx::query(
+            r#"update "OutgoingRequest"
+               set "nextAttemptAt" = current_timestamp + make_interval(secs => $1)"#,
+        )
+        .bind(f64::from(seconds))
+        .execute(&pool)
+    };
+    due_in(2).await.unwrap();
+    // Idle interval: 5 s.
+    let poller = direct_poller(&pool, 2);
+    let in_flight = InFlight::default();
+
+    let run = poller.run_once(&in_flight).await.unwrap();
+
+    match run.loop_outcome(100) {
+        Outcome::Recheck(pause) => assert!(
+            pause > Duration::ZERO && pause <= Duration::from_secs(2),
+            "{pause:?}"
+        ),
+        other => panic!("not told to look again: {other:?}"),
+    }
+    assert_eq!(
+        run.outcome(100),
+        Outcome::Idle,
+        "a cron call stops when idle"
+    );
+    // Due in a minute: the idle timer comes first.
+    due_in(60).await.unwrap();
+    let run = poller.run_once(&in_flight).await.unwrap();
+    assert_eq!(run.loop_outcome(100), Outcome::Idle);
 }
 
 /// When the tenancy's request in flight was claimed, or its lease last renewed.
