@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
-
 use crate::harness::app::TestApp;
 use crate::harness::fixtures::{rename_user, tenancy, tenant_database};
 use crate::harness::postgres::{pool, server};
@@ -14,7 +12,10 @@ use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
 use crate::harness::qstash_standin::{QstashStandIn, TOKEN};
 use crate::harness::sync::{attach, wait_until_equal};
 use crate::harness::wait;
-use crate::tenant_link::{log_writes, users_with_emails, versions_written_twice};
+use crate::tenant_link::{
+    hold_user_row, log_writes, sessions_waiting_for_a_lock, users_with_emails,
+    versions_written_twice,
+};
 use crate::tenant_server::{tenancy_on_its_own_tenant_server, OwnTenantServer};
 
 #[tokio::test]
@@ -100,25 +101,21 @@ async fn refused_publishes_5xx_answers_and_duplicate_deliveries_lose_and_repeat_
 async fn two_copies_delivered_to_two_replicas_at_once_apply_the_change_once() {
     let internal_url = server().migrated_database().await;
     let internal = pool(&internal_url).await;
-    let (url, tenant) = tenant_database().await;
-    let tenancy = tenancy(&internal).await;
-    attach(&internal, tenancy, &[("main", &url)]).await;
-    let users = users_with_emails(&internal, tenancy, 5).await;
     let standin = QstashStandIn::start(CURRENT_SIGNING_KEY).await;
     standin.deliver_each_twice();
     let publishing = replica(&internal_url, &standin, true).await;
     let answering = replica(&internal_url, &standin, false).await;
     standin.deliver_copies_to(&[&publishing.address, &answering.address]);
+    // The tenancy comes after: its first message must find where to go.
+    let (url, tenant) = tenant_database().await;
+    let tenancy = tenancy(&internal).await;
+    attach(&internal, tenancy, &[("main", &url)]).await;
+    let users = users_with_emails(&internal, tenancy, 5).await;
     wait_until_equal(&internal, tenancy, &tenant).await;
     all_delivered(&standin).await;
     log_writes(&tenant).await;
 
-    let mut blocker = tenant.begin().await.unwrap();
-    sqlx::query("select from users where id = $1 for update")
-        .bind(users[0])
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = hold_user_row(&tenant, users[0]).await;
     rename_user(&internal, users[0], "renamed once").await;
     wait::until(
         "both copies' syncs to wait on a lock in the tenant database",
@@ -157,38 +154,33 @@ async fn replica(internal_url: &str, standin: &QstashStandIn, loops: bool) -> Te
 }
 
 /// Waits, with a deadline, until both copies of every message published so far were
-/// delivered and answered 2xx.
+/// delivered and answered 2xx; on timeout, names every delivery.
 async fn all_delivered(standin: &QstashStandIn) {
-    wait::until(
-        "both copies of every message to be answered 2xx",
-        Duration::from_secs(30),
-        || async move {
-            let deliveries = standin.deliveries();
-            let answered = |id: &str| {
-                deliveries
-                    .iter()
-                    .filter(|d| d.message_id == id && (200..300).contains(&d.status))
-                    .count()
-            };
-            let published = standin.published();
-            published
+    let all_answered = || {
+        let deliveries = standin.deliveries();
+        let answered = |id: &str| {
+            deliveries
                 .iter()
-                .all(|message| answered(message["messageId"].as_str().unwrap()) == 2)
-                .then_some(())
-        },
-    )
-    .await;
-}
-
-/// How many of the service's sessions in the tenant database wait for a lock.
-async fn sessions_waiting_for_a_lock(tenant: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "select count(*) from pg_stat_activity
-         where datname = current_database()
-           and application_name = 'external-db-sync'
-           and wait_event_type = 'Lock'",
-    )
-    .fetch_one(tenant)
-    .await
-    .unwrap()
+                .filter(|d| d.message_id == id && (200..300).contains(&d.status))
+                .count()
+        };
+        standin
+            .published()
+            .iter()
+            .all(|message| answered(message["messageId"].as_str().unwrap()) == 2)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !all_answered() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after 30 s waiting for both copies of every message to be answered \
+             2xx; deliveries (message, retried, status): {:?}",
+            standin
+                .deliveries()
+                .iter()
+                .map(|d| (&d.message_id, d.retried, d.status))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

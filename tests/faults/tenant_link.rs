@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::harness::app::TestApp;
@@ -79,17 +79,29 @@ pub async fn versions_written_twice(tenant: &PgPool) -> Vec<(Uuid, Option<String
     .unwrap()
 }
 
-/// Sessions of the service in the tenant database waiting for a lock.
-async fn sync_waits_for_a_lock(tenant: &PgPool) -> bool {
+/// How many of the service's sessions in the tenant database wait for a lock.
+pub async fn sessions_waiting_for_a_lock(tenant: &PgPool) -> i64 {
     sqlx::query_scalar(
-        "select exists (select from pg_stat_activity
-                        where datname = current_database()
-                          and application_name = 'external-db-sync'
-                          and wait_event_type = 'Lock')",
+        "select count(*) from pg_stat_activity
+         where datname = current_database()
+           and application_name = 'external-db-sync'
+           and wait_event_type = 'Lock'",
     )
     .fetch_one(tenant)
     .await
     .unwrap()
+}
+
+/// The tenant's owner holds the row of `user` in `users` (until the transaction ends):
+/// a sync that must write it stops there, in the middle of its transaction.
+pub async fn hold_user_row(tenant: &PgPool, user: Uuid) -> sqlx::Transaction<'static, Postgres> {
+    let mut blocker = tenant.begin().await.unwrap();
+    sqlx::query("select from users where id = $1 for update")
+        .bind(user)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
 }
 
 async fn rename_all(internal: &PgPool, tenancy: Uuid, name: &str) {
@@ -118,17 +130,12 @@ async fn a_connection_cut_in_the_middle_of_a_transaction_heals_and_applies_nothi
 
     // The tenant's owner holds a row of `users`: the sync's transaction, sent whole,
     // stops in its middle, holding the mapping's lock, and there the link is cut.
-    let mut blocker = tenant.begin().await.unwrap();
-    sqlx::query("select from users where id = $1 for update")
-        .bind(users[0])
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = hold_user_row(&tenant, users[0]).await;
     rename_all(&internal, tenancy, "renamed").await;
     wait::until(
         "the sync to wait in the middle of its transaction",
         Duration::from_secs(30),
-        || async { sync_waits_for_a_lock(&tenant).await.then_some(()) },
+        || async { (sessions_waiting_for_a_lock(&tenant).await >= 1).then_some(()) },
     )
     .await;
     let cut_at = Instant::now();

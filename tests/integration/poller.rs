@@ -26,7 +26,7 @@ use crate::harness::polling::{
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, external_channels, external_users, hold_mapping_lock,
-    recorded_error, recorded_status, tenancy_with_database, test_settings,
+    let_time_pass, recorded_error, recorded_status, tenancy_with_database, test_settings,
     two_tenancies_with_users, wait_for_user, watermark,
 };
 use crate::harness::wait;
@@ -91,18 +91,6 @@ async fn retry_state(pool: &PgPool, tenancy: Uuid, database_id: &str) -> (i32, b
     .fetch_one(pool)
     .await
     .unwrap()
-}
-
-/// Makes every request and every failing database due now, as if their time had come.
-async fn let_time_pass(pool: &PgPool) {
-    sqlx::raw_sql(
-        r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp;
-           update "ExternalDbSyncStatus" set "nextAttemptAt" = current_timestamp
-           where "nextAttemptAt" is not null"#,
-    )
-    .execute(pool)
-    .await
-    .unwrap();
 }
 
 /// A database that fails completes its request all the same: it is retried by a retry

@@ -17,7 +17,7 @@ use crate::harness::postgres::server;
 use crate::harness::qstash::{CURRENT_SIGNING_KEY, NEXT_SIGNING_KEY};
 use crate::harness::qstash_standin::{MessageAnswer, QstashStandIn, TOKEN};
 use crate::harness::sync::{
-    assert_tenant_matches_source, attach, recorded_error, tenancy_with_database,
+    assert_tenant_matches_source, attach, let_time_pass, recorded_error, tenancy_with_database,
     two_tenancies_with_users, wait_until_equal,
 };
 use crate::harness::wait;
@@ -284,6 +284,19 @@ async fn queued_state(pool: &PgPool, tenancy: Uuid) -> (i32, String) {
     (attempts, error.unwrap_or_default())
 }
 
+/// [`app_with_qstash`] whose failing databases wait a minute before their next attempt,
+/// so that no stall of this machine can make one due early: a test makes it due.
+async fn app_retrying_after_a_minute() -> (TestApp, QstashStandIn) {
+    app_with_qstash_and(
+        TOKEN,
+        &[
+            ("SYNC_RETRY_FIRST_MS", "60000"),
+            ("SYNC_RETRY_MAX_MS", "60000"),
+        ],
+    )
+    .await
+}
+
 /// Makes every queued request due now, as if its backoff had passed.
 async fn make_requests_due(pool: &PgPool) {
     sqlx::query(r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp"#)
@@ -302,14 +315,7 @@ async fn make_requests_due(pool: &PgPool) {
 /// time rather than waited for, and each step waits on the state it needs.
 #[tokio::test]
 async fn a_database_that_answered_5xx_heals_through_its_retry_request() {
-    let (app, standin) = app_with_qstash_and(
-        TOKEN,
-        &[
-            ("SYNC_RETRY_FIRST_MS", "60000"),
-            ("SYNC_RETRY_MAX_MS", "60000"),
-        ],
-    )
-    .await;
+    let (app, standin) = app_retrying_after_a_minute().await;
     let tenancy = tenancy(&app.pool).await;
     // Nothing listens on port 1: connection refused, a retryable failure.
     attach(
@@ -395,14 +401,7 @@ async fn a_database_that_answered_5xx_heals_through_its_retry_request() {
 /// (A reservation made by the publish kept it from the delivery for five minutes.)
 #[tokio::test]
 async fn a_failing_database_whose_time_comes_is_attempted_by_the_delivery() {
-    let (app, standin) = app_with_qstash_and(
-        TOKEN,
-        &[
-            ("SYNC_RETRY_FIRST_MS", "60000"),
-            ("SYNC_RETRY_MAX_MS", "60000"),
-        ],
-    )
-    .await;
+    let (app, standin) = app_retrying_after_a_minute().await;
     let tenancy = tenancy(&app.pool).await;
     let (url, tenant) = tenant_database().await;
     let database = url.rsplit('/').next().unwrap();
@@ -434,14 +433,7 @@ async fn a_failing_database_whose_time_comes_is_attempted_by_the_delivery() {
 
     // The database comes back, and its time comes: every request and the database due.
     server().admin_execute(&allow(true)).await;
-    sqlx::raw_sql(
-        r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp;
-           update "ExternalDbSyncStatus" set "nextAttemptAt" = current_timestamp
-           where "nextAttemptAt" is not null"#,
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    let_time_pass(&app.pool).await;
     let published = standin.published().len();
     let answer = app.run_poller("maxDurationMs=0").await;
     assert!(answer["published"].as_u64() >= Some(1), "{answer}");

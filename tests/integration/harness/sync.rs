@@ -408,3 +408,15 @@ pub async fn has_changes_after(
     .await
     .unwrap()
 }
+
+/// Makes every request and every failing database due now, as if their time had come.
+pub async fn let_time_pass(pool: &PgPool) {
+    sqlx::raw_sql(
+        r#"update "OutgoingRequest" set "nextAttemptAt" = current_timestamp;
+           update "ExternalDbSyncStatus" set "nextAttemptAt" = current_timestamp
+           where "nextAttemptAt" is not null"#,
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
