@@ -396,6 +396,9 @@ impl Poller {
     }
 }
 
+/// Longest wait for one renewal of a publish's leases: one short statement.
+const RENEWAL_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Keeps the leases of one publish's requests while it runs: every third of the lease it
 /// renews them ([`db::queue::renew`]), so a sync may run longer than the lease and still
 /// not be taken over, while the requests of a process that died are taken over one lease
@@ -418,10 +421,12 @@ impl LeaseKeeper {
                     () = tokio::time::sleep(every) => {}
                 }
                 // Bounded, so that stopping never waits long on an internal database
-                // that does not answer. A renewal cut short may have moved a token
-                // without our knowing: that request's release then finds it no longer
-                // ours, and it is taken over when the lease runs out.
-                match tokio::time::timeout(every, db::queue::renew(&pool, &held)).await {
+                // that does not answer (settling could not reach it either). A renewal
+                // cut short may have moved a token without our knowing: that request's
+                // release then finds it no longer ours, and it is taken over when the
+                // lease runs out. Two more tries come before the lease would.
+                let renewing = db::queue::renew(&pool, &held);
+                match tokio::time::timeout(every.min(RENEWAL_TIMEOUT), renewing).await {
                     Ok(Ok(renewed)) => {
                         for (id, token) in renewed {
                             if let Some(entry) = held.iter_mut().find(|(held, _)| *held == id) {
