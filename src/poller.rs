@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
 use crate::db;
-use crate::db::queue::{Claimant, ClaimedRequest};
+use crate::db::queue::ClaimedRequest;
 use crate::error::error_chain;
 use crate::instruments;
 use crate::publish::{FailureReason, PublishError, PublishResult, Publisher};
@@ -80,9 +80,6 @@ pub struct PolledBatch {
     pub failed: u64,
     /// Publishes of the caller still running after the step (`direct` mode).
     pub in_flight: u64,
-    /// When the step claimed nothing: how soon the earliest pending request that is not
-    /// due yet comes due, if sooner than the idle interval.
-    pub next_due_in: Option<Duration>,
 }
 
 impl PolledBatch {
@@ -93,7 +90,6 @@ impl PolledBatch {
         self.published += other.published;
         self.failed += other.failed;
         self.in_flight = other.in_flight;
-        self.next_due_in = other.next_due_in;
     }
 
     fn count(&mut self, settled: Settled) {
@@ -112,23 +108,6 @@ impl PollerRun {
             },
             PollerRun::Batch(batch) if batch.in_flight > 0 => Outcome::Waiting,
             PollerRun::Batch(_) => Outcome::Idle,
-        }
-    }
-
-    /// [`PollerRun::outcome`] for the in-process loop: when the step claimed nothing and
-    /// a pending request comes due before the loop's idle timer would end (a retry, a
-    /// request given back with backoff), the loop looks again then. (A cron call keeps
-    /// to [`PollerRun::outcome`]: idle is idle.)
-    pub fn loop_outcome(&self, batch_size: u32) -> Outcome {
-        match (self.outcome(batch_size), self) {
-            (
-                Outcome::Idle | Outcome::Waiting,
-                PollerRun::Batch(PolledBatch {
-                    next_due_in: Some(pause),
-                    ..
-                }),
-            ) => Outcome::Recheck(*pause),
-            (outcome, _) => outcome,
         }
     }
 }
@@ -267,13 +246,8 @@ impl Poller {
             claimed: self.start_publishes(in_flight).await?,
             ..PolledBatch::default()
         };
-        if batch.claimed == 0 {
-            if !db::fusebox::read(&self.pool).await?.poller_enabled {
-                return Ok(PollerRun::Disabled);
-            }
-            batch.next_due_in = db::queue::next_due_in(&self.pool)
-                .await?
-                .filter(|pause| *pause < self.settings.idle_interval);
+        if batch.claimed == 0 && !db::fusebox::read(&self.pool).await?.poller_enabled {
+            return Ok(PollerRun::Disabled);
         }
         in_flight.reap(&mut batch)?;
         tracing::debug!(
@@ -284,6 +258,26 @@ impl Poller {
             "poller step"
         );
         Ok(PollerRun::Batch(batch))
+    }
+
+    /// One step of the in-process loop: [`Poller::run_once`], and when it found nothing
+    /// to claim but a pending request comes due before the loop's idle timer would end
+    /// (a retry, a request given back with backoff), the loop is told to look again
+    /// then. (A cron call keeps to [`Poller::run_once`]: idle is idle, and it does not
+    /// read when the next request comes due.)
+    pub async fn loop_step(&self, in_flight: &InFlight) -> Result<Outcome, PollerError> {
+        let outcome = self
+            .run_once(in_flight)
+            .await?
+            .outcome(self.settings.batch_size);
+        if !matches!(outcome, Outcome::Idle | Outcome::Waiting) {
+            return Ok(outcome);
+        }
+        let next_due_in = db::queue::next_due_in(&self.pool).await?;
+        Ok(match next_due_in {
+            Some(pause) if pause < self.settings.idle_interval => Outcome::Recheck(pause),
+            _ => outcome,
+        })
     }
 
     /// Waits for every publish in `in_flight` to end and counts them.
@@ -387,11 +381,7 @@ impl Poller {
     }
 
     async fn claim(&self, limit: u32) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
-        let claimant = if self.publisher.syncs_in_process() {
-            Claimant::Syncer
-        } else {
-            Claimant::Publisher
-        };
+        let claimant = self.publisher.claimant();
         db::queue::claim(&self.pool, limit, self.settings.lease, claimant).await
     }
 }

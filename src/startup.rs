@@ -187,12 +187,7 @@ async fn run_poller(state: AppState, wake: Arc<Notify>) -> Ended {
         state.shutdown.clone(),
         settings.idle_interval,
         wake,
-        || async move {
-            poller
-                .run_once(in_flight)
-                .await
-                .map(|run| run.loop_outcome(settings.batch_size))
-        },
+        || poller.loop_step(in_flight),
     )
     .await;
     // Syncs already started are finished and settled before the process ends, rather

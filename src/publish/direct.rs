@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::{FailureReason, PublishError, PublishResult, Published, Publisher};
-use crate::db::queue::ClaimedRequest;
+use crate::db::queue::{Claimant, ClaimedRequest};
 use crate::error::error_chain;
 use crate::sync::{sync_claimed_tenancy, sync_tenancy, ClaimedTenancy, SyncEngine, TenancySync};
 
@@ -63,8 +63,8 @@ impl Publisher for DirectPublisher {
         1
     }
 
-    fn syncs_in_process(&self) -> bool {
-        true
+    fn claimant(&self) -> Claimant {
+        Claimant::Syncer
     }
 
     fn publish<'a>(&'a self, requests: &'a [ClaimedRequest]) -> BoxFuture<'a, Vec<PublishResult>> {

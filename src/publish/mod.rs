@@ -11,7 +11,7 @@ pub mod qstash;
 
 use futures::future::BoxFuture;
 
-use crate::db::queue::{ClaimedRequest, MalformedRequest};
+use crate::db::queue::{Claimant, ClaimedRequest, MalformedRequest};
 use crate::db::sync_status::SyncedTenancy;
 
 /// Why one request was not published. The message is recorded in
@@ -89,9 +89,9 @@ pub trait Publisher: Send + Sync + 'static {
     /// sync (so that each settles the moment it ends), a batch when it is one call.
     fn batch_limit(&self) -> usize;
 
-    /// Whether a publish is the sync itself, run in this process: then the claim
-    /// reserves the due failing databases of its tenancies for it.
-    fn syncs_in_process(&self) -> bool;
+    /// Who the poller claims for: the syncs themselves, run in this process (the claim
+    /// then reserves the due failing databases of their tenancies), or a hand-over.
+    fn claimant(&self) -> Claimant;
 
     /// Publishes `requests` (at most [`Publisher::batch_limit`]); one result per
     /// request, in their order.

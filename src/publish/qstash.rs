@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use super::{FailureReason, PublishError, PublishResult, Published, Publisher};
-use crate::db::queue::ClaimedRequest;
+use crate::db::queue::{Claimant, ClaimedRequest};
 
 /// How long one batch publish may take.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -185,8 +185,8 @@ impl Publisher for QstashPublisher {
     }
 
     /// The sync runs when QStash delivers the message, in whichever process answers.
-    fn syncs_in_process(&self) -> bool {
-        false
+    fn claimant(&self) -> Claimant {
+        Claimant::Publisher
     }
 
     fn publish<'a>(&'a self, requests: &'a [ClaimedRequest]) -> BoxFuture<'a, Vec<PublishResult>> {

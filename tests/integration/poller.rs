@@ -749,15 +749,16 @@ async fn the_loop_looks_again_when_the_next_pending_request_comes_due() {
     let poller = direct_poller(&pool, 2);
     let in_flight = InFlight::default();
 
-    let run = poller.run_once(&in_flight).await.unwrap();
+    let outcome = poller.loop_step(&in_flight).await.unwrap();
 
-    match run.loop_outcome(100) {
+    match outcome {
         Outcome::Recheck(pause) => assert!(
             pause > Duration::ZERO && pause <= Duration::from_secs(2),
             "{pause:?}"
         ),
         other => panic!("not told to look again: {other:?}"),
     }
+    let run = poller.run_once(&in_flight).await.unwrap();
     assert_eq!(
         run.outcome(100),
         Outcome::Idle,
@@ -765,8 +766,7 @@ async fn the_loop_looks_again_when_the_next_pending_request_comes_due() {
     );
     // Due in a minute: the idle timer comes first.
     due_in(60).await.unwrap();
-    let run = poller.run_once(&in_flight).await.unwrap();
-    assert_eq!(run.loop_outcome(100), Outcome::Idle);
+    assert_eq!(poller.loop_step(&in_flight).await.unwrap(), Outcome::Idle);
 }
 
 /// When the tenancy's request in flight was claimed, or its lease last renewed.
