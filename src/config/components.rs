@@ -172,7 +172,8 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         })
     }
 
-    /// `SYNC_CONNECT_TIMEOUT_MS`, `SYNC_STATEMENT_TIMEOUT_MS`, `SYNC_LOCK_TIMEOUT_MS`.
+    /// `SYNC_CONNECT_TIMEOUT_MS`, `SYNC_STATEMENT_TIMEOUT_MS`, `SYNC_LOCK_TIMEOUT_MS`,
+    /// `SYNC_MAX_TENANT_MESSAGE_BYTES`.
     fn session_settings(&self, defaults: &SessionSettings) -> Result<SessionSettings, ConfigError> {
         Ok(SessionSettings {
             connect_timeout: self.millis(
@@ -187,6 +188,14 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             )?,
             lock_timeout: self.millis("SYNC_LOCK_TIMEOUT_MS", defaults.lock_timeout, HOUR_MS)?,
             idle_in_transaction_timeout: defaults.idle_in_transaction_timeout,
+            // At least 64 KiB (a handshake or an error message takes a few hundred bytes),
+            // at most 1 GiB (PostgreSQL's own largest value).
+            max_message_bytes: self.number(
+                "SYNC_MAX_TENANT_MESSAGE_BYTES",
+                defaults.max_message_bytes,
+                64 * 1024,
+                1024 * 1024 * 1024,
+            )?,
         })
     }
 

@@ -211,6 +211,7 @@ mod tests {
             ("SYNC_CONNECT_TIMEOUT_MS", "0"),
             ("SYNC_STATEMENT_TIMEOUT_MS", "soon"),
             ("SYNC_LOCK_TIMEOUT_MS", "1.5"),
+            ("SYNC_MAX_TENANT_MESSAGE_BYTES", "1024"),
             ("QSTASH_RETRIES", "many"),
             ("POLLER_BATCH_SIZE", "0"),
             ("POLLER_LEASE_SECS", "0"),

@@ -13,6 +13,7 @@ use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::error::SyncError;
+use super::framing::{Bounded, BoundedTls, MessageBound};
 use super::policy::CheckedAddresses;
 use super::schema::WRITER_SETTING;
 use super::sessions::TenantSession;
@@ -24,17 +25,21 @@ use crate::db::identity::{DatabaseIdentity, IDENTITY_COLUMNS};
 /// The `application_name` tenant databases see in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "external-db-sync";
 
-/// Timeouts applied to every tenant-database session.
+/// Timeouts and bounds applied to every tenant-database session.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
     pub idle_in_transaction_timeout: Duration,
+    /// Longest message, and most bytes of rows in one answer, that a tenant server may
+    /// send (`SYNC_MAX_TENANT_MESSAGE_BYTES`, see [`super::framing`]).
+    pub max_message_bytes: u64,
 }
 
 /// Opens a session on a checked target, with TLS per `sslmode`, the session timeouts
-/// applied and its connection watched for stalls ([`super::stall`]), and refuses it if
+/// applied, its connection watched for stalls ([`super::stall`]) and what the server
+/// sends bounded ([`super::framing`]), and refuses it if
 /// it turns out to be connected to the database whose identity is `internal`, however
 /// the target spelled its address.
 pub async fn connect(
@@ -46,20 +51,23 @@ pub async fn connect(
     let connect_timeout = target.connect_timeout.unwrap_or(session.connect_timeout);
     let config = client_config(target, connect_timeout);
     let watch = StallWatch::new(stall::limit(session.statement_timeout));
+    let bound = MessageBound::new(session.max_message_bytes);
     let client = tokio::time::timeout(
         connect_timeout,
-        open(&config, target, addresses, watch.clone()),
+        open(&config, target, addresses, watch.clone(), bound.clone()),
     )
     .await
     .map_err(|_| SyncError::ConnectTimeout(target.describe()))??;
-    let identity = set_up_session(&client, target, session).await?;
+    let identity = set_up_session(&client, target, session)
+        .await
+        .map_err(|error| error.explained_by(&bound))?;
     if identity == internal {
         return Err(SyncError::TargetRefused(format!(
             "{}: this is the service's own internal database",
             target.describe()
         )));
     }
-    Ok(TenantSession::new(client, watch))
+    Ok(TenantSession::new(client, watch, bound))
 }
 
 /// The connection parameters of `target`, for the handshake on a socket [`open`]
@@ -82,12 +90,13 @@ fn client_config(target: &Target, connect_timeout: Duration) -> tokio_postgres::
 
 /// Connects a socket to the first of the checked addresses that accepts (a Unix socket
 /// when there are none: its directory is the host), watched for stalls, then runs the
-/// handshake on it and spawns the connection's task.
+/// handshake on it under `bound` and spawns the connection's task.
 async fn open(
     config: &tokio_postgres::Config,
     target: &Target,
     addresses: &CheckedAddresses,
     watch: StallWatch,
+    bound: MessageBound,
 ) -> Result<Client, SyncError> {
     let failed = |source: std::io::Error| SyncError::Connect {
         target: target.describe(),
@@ -98,14 +107,14 @@ async fn open(
         let socket = tokio::net::UnixStream::connect(&path)
             .await
             .map_err(failed)?;
-        return handshake(config, Watched::new(socket, watch), target).await;
+        return handshake(config, Watched::new(socket, watch), target, bound).await;
     }
     let mut last_error = None;
     for address in &addresses.0 {
         match tokio::net::TcpStream::connect((*address, target.port)).await {
             Ok(socket) => {
                 socket.set_nodelay(true).ok();
-                return handshake(config, Watched::new(socket, watch), target).await;
+                return handshake(config, Watched::new(socket, watch), target, bound).await;
             }
             Err(error) => last_error = Some(error),
         }
@@ -116,11 +125,13 @@ async fn open(
 }
 
 /// The PostgreSQL handshake on a connected socket, with or without TLS as `sslmode`
-/// says.
+/// says, and what the server sends under `bound` from its first byte: on the socket
+/// without TLS, above TLS with it.
 async fn handshake<S>(
     config: &tokio_postgres::Config,
     socket: Watched<S>,
     target: &Target,
+    bound: MessageBound,
 ) -> Result<Client, SyncError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -128,19 +139,20 @@ where
     match tls::client_config(target.ssl_mode, &target.roots)? {
         None => {
             let (client, connection) = config
-                .connect_raw(socket, tokio_postgres::NoTls)
+                .connect_raw(Bounded::messages(socket, bound), tokio_postgres::NoTls)
                 .await
                 .map_err(SyncError::target)?;
             tokio::spawn(drive(connection, target.describe()));
             Ok(client)
         }
         Some(tls_config) => {
-            let Ok(tls) = MakeTlsConnect::<Watched<S>>::make_tls_connect(
+            let Ok(tls) = MakeTlsConnect::<Bounded<Watched<S>>>::make_tls_connect(
                 &mut MakeRustlsConnect::new(tls_config),
                 &target.host,
             );
+            let socket = Bounded::asking_for_tls(socket, bound.clone());
             let (client, connection) = config
-                .connect_raw(socket, tls)
+                .connect_raw(socket, BoundedTls::new(tls, bound))
                 .await
                 .map_err(SyncError::target)?;
             tokio::spawn(drive(connection, target.describe()));

@@ -1,12 +1,14 @@
 //! Syncing one tenant database: its sessions, its schema, and its mappings side by side.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use super::apply::{apply_batches, read_batch, ReadAhead};
 use super::connect;
 use super::engine::{LatestChange, MappingFacts, SyncEngine};
 use super::error::SyncError;
 use super::external_database::ExternalDatabase;
+use super::framing::MessageBound;
 use super::report::{DatabaseSynced, MappingReport};
 use super::schema;
 use super::sessions::{SessionKey, TenantSession};
@@ -69,6 +71,8 @@ pub(super) struct Sessions<'a> {
     database: &'a ExternalDatabase,
     source: SessionSource,
     reused: AtomicBool,
+    /// The bounds of the sessions handed out, asked when a sync fails.
+    bounds: Mutex<Vec<MessageBound>>,
 }
 
 impl<'a> Sessions<'a> {
@@ -86,6 +90,7 @@ impl<'a> Sessions<'a> {
             database,
             source,
             reused: AtomicBool::new(false),
+            bounds: Mutex::default(),
         }
     }
 
@@ -93,6 +98,7 @@ impl<'a> Sessions<'a> {
         if self.source == SessionSource::KeptFirst {
             if let Some(session) = self.engine.sessions.take(&self.key) {
                 self.reused.store(true, Ordering::Relaxed);
+                self.remember(&session);
                 return Ok(session);
             }
         }
@@ -103,7 +109,30 @@ impl<'a> Sessions<'a> {
             .check(&self.database.target, settings.connect_timeout)
             .await?;
         let internal = self.engine.internal_identity().await?;
-        connect::connect(&self.database.target, &addresses, settings, internal).await
+        let session =
+            connect::connect(&self.database.target, &addresses, settings, internal).await?;
+        self.remember(&session);
+        Ok(session)
+    }
+
+    fn remember(&self, session: &TenantSession) {
+        self.bounds
+            .lock()
+            .expect("the lock is never held across a panic")
+            .push(session.bound().clone());
+    }
+
+    /// `error`, or [`SyncError::MessageTooLarge`] if a session handed out failed its
+    /// connection for what its server sent: the requests on it only saw it close.
+    pub(super) fn explain(&self, error: SyncError) -> SyncError {
+        let bounds = self
+            .bounds
+            .lock()
+            .expect("the lock is never held across a panic");
+        match bounds.iter().find(|bound| bound.tripped().is_some()) {
+            Some(bound) => error.explained_by(bound),
+            None => error,
+        }
     }
 
     /// Keeps a session whose last transaction committed for the next sync.
@@ -168,7 +197,8 @@ async fn sync_on(
         }
         Ok(DatabaseSynced { mappings })
     }
-    .await;
+    .await
+    .map_err(|error| sessions.explain(error));
     if synced.is_err() {
         engine.known.forget(key);
     }

@@ -62,6 +62,7 @@ impl Default for SyncSettings {
                 statement_timeout: Duration::from_secs(60),
                 lock_timeout: Duration::from_secs(30),
                 idle_in_transaction_timeout: Duration::from_secs(120),
+                max_message_bytes: super::framing::DEFAULT_MAX_MESSAGE_BYTES,
             },
             pool: SessionPoolSettings::default(),
             retry: RetrySchedule::default(),

@@ -7,6 +7,8 @@
 
 use std::io;
 
+use super::framing::{MessageBound, TooLarge};
+
 /// A failure while syncing one tenant database.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -47,6 +49,12 @@ pub enum SyncError {
     /// has to repair the database.
     #[error("tenant database: {0}")]
     Malformed(String),
+    /// The tenant server sent a message, or the rows of one answer, longer than
+    /// `SYNC_MAX_TENANT_MESSAGE_BYTES`: the connection was failed before it was read.
+    /// Permanent: the same statement draws the same answer until the tenant changes
+    /// its database.
+    #[error("message_too_large: {0}")]
+    MessageTooLarge(TooLarge),
     /// An error reading the internal database. Retryable.
     #[error("internal database")]
     Internal(#[from] sqlx::Error),
@@ -66,6 +74,7 @@ impl SyncError {
             SyncError::Target(_) => "tenant_database",
             SyncError::MissingWatermark(_) => "missing_watermark",
             SyncError::Malformed(_) => "malformed_tenant_database",
+            SyncError::MessageTooLarge(_) => "message_too_large",
             SyncError::Internal(_) => "internal",
         }
     }
@@ -77,6 +86,7 @@ impl SyncError {
             | SyncError::TargetRefused(_)
             | SyncError::ForeignOwner(_)
             | SyncError::Malformed(_)
+            | SyncError::MessageTooLarge(_)
             | SyncError::Tls(_) => false,
             SyncError::Resolve { .. }
             | SyncError::Connect { .. }
@@ -114,7 +124,20 @@ impl SyncError {
         }
     }
 
+    /// This error, or [`SyncError::MessageTooLarge`] if `bound` tripped: a connection
+    /// failed by its bound only tells the requests it served that it closed.
+    pub(crate) fn explained_by(self, bound: &MessageBound) -> Self {
+        match bound.tripped() {
+            Some(too_large) => SyncError::MessageTooLarge(too_large.clone()),
+            None => self,
+        }
+    }
+
     pub(crate) fn target(error: tokio_postgres::Error) -> Self {
+        // The handshake reads the stream itself, so a bound it tripped is in the chain.
+        if let Some(too_large) = find_source::<TooLarge>(&error) {
+            return SyncError::MessageTooLarge(too_large.clone());
+        }
         // A certificate that fails verification surfaces as an I/O error wrapping a rustls
         // error; it is permanent and deserves a plain explanation.
         if let Some(tls) = find_source::<rustls::Error>(&error) {

@@ -16,7 +16,7 @@
 //!   [`target`]: a connection string; [`policy`]: which addresses may be reached;
 //!   [`connect`]: opening a session; [`tls`]: `sslmode` with rustls; [`sessions`]:
 //!   sessions kept open between syncs; [`stall`]: a tenant database that stops
-//!   answering;
+//!   answering; [`framing`]: the bound on what a tenant server may send;
 //! - [`error`]: what went wrong, and whether a retry can help.
 
 mod apply;
@@ -25,6 +25,7 @@ mod database;
 pub mod engine;
 pub mod error;
 pub mod external_database;
+pub mod framing;
 mod initial_copy;
 mod known;
 pub mod policy;

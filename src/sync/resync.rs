@@ -273,7 +273,8 @@ async fn resync_database(
         }
         Ok(mappings)
     }
-    .await;
+    .await
+    .map_err(|error| sessions.explain(error));
     engine.known.forget(&key);
     resynced
 }

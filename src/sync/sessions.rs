@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
+use super::framing::MessageBound;
 use super::stall::StallWatch;
 
 /// An open session to a tenant database and the statements prepared on it.
@@ -30,16 +31,24 @@ pub struct TenantSession {
     prepared: HashMap<&'static str, Statement>,
     /// Watches the connection for a server that stopped answering while in use.
     watch: StallWatch,
+    /// Bounds what the server sends, and says whether it tripped.
+    bound: MessageBound,
 }
 
 impl TenantSession {
     /// A new session, in use.
-    pub fn new(client: Client, watch: StallWatch) -> Self {
+    pub fn new(client: Client, watch: StallWatch, bound: MessageBound) -> Self {
         Self {
             client,
             prepared: HashMap::new(),
             watch,
+            bound,
         }
+    }
+
+    /// The bound on what the session's server sends.
+    pub fn bound(&self) -> &MessageBound {
+        &self.bound
     }
 
     pub fn client(&self) -> &Client {

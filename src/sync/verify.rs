@@ -154,7 +154,8 @@ async fn compare_database(
     let session = sessions.open().await?;
     let mut mappings = Vec::new();
     for mapping in Mapping::ALL {
-        mappings.push(compare_mapping(engine, &session, tenancy_id, mapping).await?);
+        let compared = compare_mapping(engine, &session, tenancy_id, mapping).await;
+        mappings.push(compared.map_err(|error| sessions.explain(error))?);
     }
     Ok(mappings)
 }

@@ -19,6 +19,7 @@ mod log_hygiene;
 mod lost_changes;
 mod metrics;
 mod migrations;
+mod oversized_messages;
 mod poller;
 mod qstash;
 mod sequencer;
