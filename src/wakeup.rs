@@ -145,6 +145,11 @@ pub const WAKE_LEASE: Duration = Duration::from_secs(2);
 /// woken by the very next writer, who pays for the notification. A write that comes
 /// during a pause waits for the pause's end, so they stay short.
 const AWAKE_PAUSES_MS: [u64; 6] = [1, 2, 4, 8, 8, 8];
+/// How long an awake loop waits after a batch that numbered what there was, before the
+/// next: under a steady stream of writes every batch would otherwise number one change,
+/// and each batch costs the internal database a transaction and a commit whatever its
+/// size. A change waits half of it on average.
+const GATHER_PAUSE: Duration = Duration::from_millis(5);
 /// Once the loop tries to sleep, it may not while a writer that saw its lease has not
 /// committed (a transaction left open after its write), or while a flagged row is held
 /// locked by another transaction; it then looks again after pauses that double up to
@@ -234,12 +239,12 @@ impl SequencerLoop {
             ..settings.clone()
         };
         let run = sequencer::run_batch(pool, &grown, wakefulness).await?;
-        let outcome = self.after(run, batch_size);
-        self.grow(&outcome);
-        if self.backlog_drained(&outcome) {
+        let worked = run.outcome(batch_size);
+        self.grow(&worked);
+        if self.backlog_drained(&worked) {
             analyze_source_tables(pool).await;
         }
-        Ok(outcome)
+        Ok(self.after(run, batch_size))
     }
 
     /// Counts the rows of a run of full batches; true once such a run of at least
@@ -317,6 +322,13 @@ impl SequencerLoop {
         let outcome = run.outcome(batch_size);
         let sleeping = matches!(run, SequencerRun::Batch(batch) if batch.sleeping);
         match outcome {
+            // A batch that was not full took everything flagged: the next one waits a
+            // moment, so that it numbers the changes of that moment together (one
+            // statement, one commit) instead of one change each.
+            Outcome::Worked { more: false, .. } => {
+                self.empty_looks = 0;
+                return Outcome::Recheck(GATHER_PAUSE);
+            }
             Outcome::Worked { .. } => self.empty_looks = 0,
             Outcome::Idle if !sleeping => {
                 self.empty_looks = self.empty_looks.saturating_add(1);
@@ -408,7 +420,13 @@ mod tests {
 
         assert_eq!(
             worker.after(batch(2, 0, 0), 10),
-            Outcome::Worked { n: 2, more: false }
+            Outcome::Recheck(GATHER_PAUSE),
+            "a batch that took everything is followed after a pause that gathers more"
+        );
+        assert_eq!(
+            worker.after(batch(10, 0, 0), 10),
+            Outcome::Worked { n: 10, more: true },
+            "a full batch is followed at once"
         );
         // Awake: short pauses, without trying to sleep...
         for ms in AWAKE_PAUSES_MS {
@@ -430,7 +448,7 @@ mod tests {
         );
         assert_eq!(
             worker.after(batch(1, 0, 0), 10),
-            Outcome::Worked { n: 1, more: false }
+            Outcome::Recheck(GATHER_PAUSE)
         );
         assert_eq!(worker.after(idle(false), 10), recheck(1), "short again");
         assert_eq!(worker.after(SequencerRun::Disabled, 10), Outcome::Disabled);

@@ -269,22 +269,25 @@ pub async fn renew(
     .await
 }
 
-/// How long until the earliest pending request that is not due yet comes due (a retry,
-/// or a request given back with backoff), if there is one.
-pub async fn next_due_in(
+/// What a poller that claimed nothing needs to know, in one round trip: whether the
+/// fusebox has the poller switched on, and how long until the earliest pending request
+/// that is not due yet comes due (a retry, or a request given back with backoff).
+pub async fn after_empty_claim(
     executor: impl PgExecutor<'_>,
-) -> Result<Option<std::time::Duration>, sqlx::Error> {
-    let seconds: Option<f64> = sqlx::query_scalar(
+) -> Result<(bool, Option<std::time::Duration>), sqlx::Error> {
+    let (enabled, seconds): (bool, Option<f64>) = sqlx::query_as(
         r#"
-        select extract(epoch from (min("nextAttemptAt") - current_timestamp))::float8
-        from "OutgoingRequest"
-        where "startedFulfillingAt" is null
-          and "nextAttemptAt" > current_timestamp::timestamp(3)
+        select coalesce((select "pollerEnabled" from "ExternalDbSyncMetadata"), true),
+               (select extract(epoch from (min("nextAttemptAt") - current_timestamp))::float8
+                from "OutgoingRequest"
+                where "startedFulfillingAt" is null
+                  and "nextAttemptAt" > current_timestamp::timestamp(3))
         "#,
     )
     .fetch_one(executor)
     .await?;
-    Ok(seconds.map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.0))))
+    let due_in = seconds.map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.0)));
+    Ok((enabled, due_in))
 }
 
 /// Deletes a request whose publish succeeded. The statuses of the databases a direct
