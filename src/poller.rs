@@ -146,9 +146,48 @@ pub struct Poller {
 /// so a cron call waits for its own syncs only.
 pub struct InFlight {
     tasks: Mutex<JoinSet<Result<Settled, sqlx::Error>>>,
-    /// Notified each time one of the publishes ends: the caller may claim again (a
-    /// request it skipped because its tenancy was in flight is now due).
+    /// Notified when one of the publishes ends and the caller should know (see
+    /// [`Ends`]): it may claim again, or count what ended.
     ended: Arc<Notify>,
+    ends: Arc<Mutex<Ends>>,
+}
+
+/// When the end of a publish notifies its caller.
+///
+/// A cron call waits for its own publishes, so each end notifies it. The in-process
+/// loop is woken by an end only when the end may have made work claimable: a claim
+/// that took requests (their tenancies may have had more waiting behind them), or one
+/// that found a due request held back by its tenancy's request in flight (it becomes
+/// claimable when that one is settled), or a publish that gave requests back (the loop
+/// reads when they come due). Otherwise an end would wake the loop into a claim that
+/// finds nothing: two statements on the internal database per sync, for nothing.
+#[derive(Debug, Default)]
+struct Ends {
+    /// Publishes that ended so far.
+    count: u64,
+    /// A claim since the last notification saw work that an end may free.
+    wanted: bool,
+    /// Every end notifies: a cron call's publishes, or the loop's once it is finishing.
+    always: bool,
+}
+
+impl Ends {
+    /// One publish ended (`gave_back`: some of its requests went back to the queue, or
+    /// settling failed); whether to notify the caller.
+    fn ended(&mut self, gave_back: bool) -> bool {
+        self.count += 1;
+        let notify = self.always || self.wanted || gave_back;
+        self.wanted = false;
+        notify
+    }
+
+    /// The next end notifies. False when an end came after `since` (the count when the
+    /// claim began): it may have freed work that the claim's snapshot did not see, and
+    /// it did not notify for it.
+    fn want_next(&mut self, since: u64) -> bool {
+        self.wanted = true;
+        self.count == since
+    }
 }
 
 impl InFlight {
@@ -157,7 +196,23 @@ impl InFlight {
         Self {
             tasks: Mutex::new(JoinSet::new()),
             ended,
+            ends: Arc::new(Mutex::new(Ends {
+                always: true,
+                ..Ends::default()
+            })),
         }
+    }
+
+    /// For the in-process loop: `wake` is notified when one of its publishes ends and a
+    /// claim may now find work it could not take before (see [`Ends`]), not on every end.
+    pub fn for_loop(wake: Arc<Notify>) -> Self {
+        let in_flight = Self::new(wake);
+        in_flight.ends().always = false;
+        in_flight
+    }
+
+    fn ends(&self) -> std::sync::MutexGuard<'_, Ends> {
+        lock(&self.ends)
     }
 
     /// What is notified when one of the caller's publishes ends.
@@ -166,9 +221,7 @@ impl InFlight {
     }
 
     fn tasks(&self) -> std::sync::MutexGuard<'_, JoinSet<Result<Settled, sqlx::Error>>> {
-        self.tasks
-            .lock()
-            .expect("the in-flight lock is never held across a panic")
+        lock(&self.tasks)
     }
 
     /// Counts the publishes that ended. A failure to settle one (the internal database
@@ -192,6 +245,12 @@ impl InFlight {
         batch.in_flight = tasks.len() as u64;
         first_error.map_or(Ok(()), |error| Err(error.into()))
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .expect("the in-flight locks are never held across a panic")
 }
 
 impl Default for InFlight {
@@ -251,17 +310,26 @@ impl Poller {
         &self,
         in_flight: &InFlight,
     ) -> Result<(PollerRun, Option<Duration>), PollerError> {
+        let ends_before = in_flight.ends().count;
         let mut batch = PolledBatch {
             claimed: self.start_publishes(in_flight).await?,
             ..PolledBatch::default()
         };
         let mut next_due_in = None;
-        if batch.claimed == 0 {
-            let (enabled, due_in) = db::queue::after_empty_claim(&self.pool).await?;
-            if !enabled {
+        if batch.claimed > 0 {
+            // The publishes just started end later, and wake the caller then.
+            in_flight.ends().want_next(ends_before);
+        } else {
+            let after = db::queue::after_empty_claim(&self.pool, self.settings.lease).await?;
+            if !after.enabled {
                 return Ok((PollerRun::Disabled, None));
             }
-            next_due_in = due_in;
+            next_due_in = after.next_due_in;
+            if after.held_back && !in_flight.ends().want_next(ends_before) {
+                // A publish ended during the claim, perhaps the one holding the request
+                // back, and did not wake the caller: it looks again at once.
+                next_due_in = Some(Duration::ZERO);
+            }
         }
         in_flight.reap(&mut batch)?;
         tracing::debug!(
@@ -281,10 +349,11 @@ impl Poller {
     /// read when the next request comes due.)
     ///
     /// A step that claimed fewer requests than it could took every due one: the loop
-    /// waits for the next wake-up (a request queued, a publish ended) rather than
-    /// claiming again at once, which would find nothing and cost the internal database
-    /// two statements per request. The publishes it started end, and wake it, so it
-    /// also looks at when the next request comes due then.
+    /// waits for the next wake-up (a request queued, a publish ended that may have freed
+    /// work, see [`InFlight::for_loop`]) rather than claiming again at once, which would
+    /// find nothing and cost the internal database two statements per request. The
+    /// publishes it started wake it when the first of them ends, so it also looks at
+    /// when the next request comes due then.
     pub async fn loop_step(&self, in_flight: &InFlight) -> Result<Outcome, PollerError> {
         let (run, next_due_in) = self.step(in_flight).await?;
         let outcome = run.outcome(self.settings.batch_size);
@@ -303,6 +372,8 @@ impl Poller {
     pub async fn finish(&self, in_flight: &InFlight) -> Result<PolledBatch, PollerError> {
         let mut batch = PolledBatch::default();
         let mut first_error = None;
+        // From here on every end notifies, so that this waits for each.
+        in_flight.ends().always = true;
         loop {
             // Counted as they end: a task that ends while we wait is found on the next
             // round, because `ended` keeps a notification for a waiter that comes late.
@@ -343,7 +414,7 @@ impl Poller {
                 self.settings.clone(),
                 self.stopping.clone(),
             );
-            let ended = in_flight.ended.clone();
+            let (ended, ends) = (in_flight.ended.clone(), in_flight.ends.clone());
             tasks.spawn(async move {
                 let started = std::time::Instant::now();
                 let leases = LeaseKeeper::start(&pool, &requests, settings.lease);
@@ -372,7 +443,12 @@ impl Poller {
                     stopping: &stopping,
                 };
                 let settled = settle_all(&settling, &requests, results, took).await;
-                ended.notify_one();
+                let gave_back = settled
+                    .as_ref()
+                    .map_or(true, |settled| settled.released > 0);
+                if lock(&ends).ended(gave_back) {
+                    ended.notify_one();
+                }
                 settled
             });
         }
@@ -592,5 +668,47 @@ async fn settle(
             db::queue::release(pool, request, &error.to_string(), retry_in).await?;
             Ok(false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ends;
+
+    #[test]
+    fn a_loops_publish_notifies_its_end_only_when_a_claim_wanted_it_or_it_gave_back() {
+        let mut ends = Ends::default();
+        assert!(!ends.ended(false), "nobody wanted this end");
+        assert!(
+            ends.ended(true),
+            "requests given back: the loop reads when they come due"
+        );
+
+        let since = ends.count;
+        assert!(ends.want_next(since), "no end since the claim began");
+        assert!(ends.ended(false), "the wanted end notifies");
+        assert!(
+            !ends.ended(false),
+            "only the first end after the claim does"
+        );
+
+        let since = ends.count;
+        ends.ended(false);
+        assert!(
+            !ends.want_next(since),
+            "an end during the claim is reported: the claim may not have seen what it freed"
+        );
+        assert!(ends.ended(false), "and the next end notifies all the same");
+    }
+
+    #[test]
+    fn a_cron_calls_publishes_notify_every_end() {
+        let mut ends = Ends {
+            always: true,
+            ..Ends::default()
+        };
+        assert!(ends.ended(false));
+        assert!(ends.ended(false));
+        assert_eq!(ends.count, 2);
     }
 }

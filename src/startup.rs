@@ -179,8 +179,9 @@ async fn run_sequencer(state: AppState, wake: Arc<Notify>) -> Ended {
 async fn run_poller(state: AppState, wake: Arc<Notify>) -> Ended {
     let poller = &state.poller;
     let settings = poller.settings();
-    // The loop's publishes wake it when they end, as new requests do.
-    let in_flight = InFlight::new(wake.clone());
+    // The loop's publishes wake it when they end and it may find more work, as new
+    // requests do.
+    let in_flight = InFlight::for_loop(wake.clone());
     let in_flight = &in_flight;
     let _ = workers::run_loop(
         "poller",

@@ -269,25 +269,53 @@ pub async fn renew(
     .await
 }
 
-/// What a poller that claimed nothing needs to know, in one round trip: whether the
-/// fusebox has the poller switched on, and how long until the earliest pending request
-/// that is not due yet comes due (a retry, or a request given back with backoff).
+/// What a poller that claimed nothing learns in one round trip after its claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AfterEmptyClaim {
+    /// The fusebox has the poller switched on.
+    pub enabled: bool,
+    /// How long until the earliest pending request that is not due yet comes due (a
+    /// retry, or a request given back with backoff).
+    pub next_due_in: Option<std::time::Duration>,
+    /// A due request waits because its tenancy has a request in flight (claimed, its
+    /// lease not run out): whoever holds that one should look again when it ends.
+    pub held_back: bool,
+}
+
+/// What a poller that claimed nothing needs to know, read in one statement: see
+/// [`AfterEmptyClaim`]. `lease` is the claim's (a claim older than it holds nothing
+/// back).
 pub async fn after_empty_claim(
     executor: impl PgExecutor<'_>,
-) -> Result<(bool, Option<std::time::Duration>), sqlx::Error> {
-    let (enabled, seconds): (bool, Option<f64>) = sqlx::query_as(
+    lease: std::time::Duration,
+) -> Result<AfterEmptyClaim, sqlx::Error> {
+    let (enabled, seconds, held_back): (bool, Option<f64>, bool) = sqlx::query_as(
         r#"
         select coalesce((select "pollerEnabled" from "ExternalDbSyncMetadata"), true),
                (select extract(epoch from (min("nextAttemptAt") - current_timestamp))::float8
                 from "OutgoingRequest"
                 where "startedFulfillingAt" is null
-                  and "nextAttemptAt" > current_timestamp::timestamp(3))
+                  and "nextAttemptAt" > current_timestamp::timestamp(3)),
+               exists (
+                   select from "OutgoingRequest" as request
+                   where "startedFulfillingAt" is null
+                     and "nextAttemptAt" <= current_timestamp::timestamp(3)
+                     and exists (
+                         select from "OutgoingRequest" as flight
+                         where flight."deduplicationKey" = request."deduplicationKey"
+                           and flight."startedFulfillingAt"
+                               >= current_timestamp - make_interval(secs => $1)))
         "#,
     )
+    .bind(lease.as_secs_f64())
     .fetch_one(executor)
     .await?;
-    let due_in = seconds.map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.0)));
-    Ok((enabled, due_in))
+    let next_due_in = seconds.map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.0)));
+    Ok(AfterEmptyClaim {
+        enabled,
+        next_due_in,
+        held_back,
+    })
 }
 
 /// Deletes a request whose publish succeeded. The statuses of the databases a direct

@@ -2,7 +2,10 @@
 //! leases that expire, wake-ups that are never lost, the fusebox, and `serve` doing it all
 //! on its own.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use external_db_sync::db::queue::{self, Claimant};
 use external_db_sync::db::sync_status::{Backoff, RetrySchedule, RETRY_REQUEST_KEY_PREFIX};
@@ -13,6 +16,7 @@ use external_db_sync::workers::Outcome;
 use reqwest::Method;
 use serde_json::json;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::harness::app::{TestApp, CRON_SECRET, PREFIX};
@@ -767,6 +771,60 @@ async fn the_loop_looks_again_when_the_next_pending_request_comes_due() {
     // Due in a minute: the idle timer comes first.
     due_in(60).await.unwrap();
     assert_eq!(poller.loop_step(&in_flight).await.unwrap(), Outcome::Idle);
+}
+
+/// The loop's publishes wake it only when their end may free work (nothing else wakes
+/// this loop: no timer, no queue notification). A request held back because its
+/// tenancy's sync is in flight is claimed when that sync ends: the claim that found it
+/// held back asked for the next end.
+#[tokio::test]
+async fn a_request_held_back_by_its_tenancys_sync_in_flight_is_claimed_when_that_sync_ends() {
+    let pool = migrated_pool().await;
+    let (slow, slow_tenant) = tenancy_with_database(&pool).await;
+    let (quick, quick_tenant) = tenancy_with_database(&pool).await;
+    let poller = direct_poller(&pool, 4);
+    let wake = Arc::new(Notify::new());
+    let in_flight = InFlight::for_loop(wake.clone());
+    let woken = || tokio::time::timeout(Duration::from_secs(20), wake.notified());
+    sequence_all(&pool, 1000).await;
+    poll_once(&poller).await;
+    assert!(pending_request_keys(&pool).await.is_empty());
+
+    // The slow tenancy's sync waits on a lock another writer holds.
+    let blocker = hold_mapping_lock(&slow_tenant, Mapping::Users).await;
+    let id = user(&pool, slow, "first").await;
+    sequence_all(&pool, 1000).await;
+    assert_eq!(step(&poller, &in_flight).await.claimed, 1);
+    // The quick tenancy's sync ends at once: the first end after a claim wakes the loop.
+    user(&pool, quick, "quick").await;
+    sequence_all(&pool, 1000).await;
+    assert_eq!(step(&poller, &in_flight).await.claimed, 1);
+    woken()
+        .await
+        .expect("the end of the quick sync wakes the loop");
+    wait_until_synced(&pool, quick, &quick_tenant, 1).await;
+
+    // A change of the slow tenancy is due, but held back behind its sync in flight.
+    rename_user(&pool, id, "second").await;
+    sequence_all(&pool, 1000).await;
+    assert_eq!(
+        poller.loop_step(&in_flight).await.unwrap(),
+        Outcome::Waiting,
+        "nothing claimed; the slow sync is still in flight"
+    );
+    assert!(wake.notified().now_or_never().is_none(), "nothing ended");
+
+    // The slow sync ends, and its end wakes the loop, which claims the held-back request.
+    blocker.rollback().await.unwrap();
+    woken()
+        .await
+        .expect("the end of the sync that held a request back wakes the loop");
+    assert_eq!(step(&poller, &in_flight).await.claimed, 1);
+    let finished = poller.finish(&in_flight).await.unwrap();
+    assert_eq!(finished.failed, 0);
+    assert!(pending_request_keys(&pool).await.is_empty());
+    assert_tenant_matches_source(&pool, slow, &slow_tenant).await;
+    assert_tenant_matches_source(&pool, quick, &quick_tenant).await;
 }
 
 /// When the tenancy's request in flight was claimed, or its lease last renewed.
