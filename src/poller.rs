@@ -152,6 +152,16 @@ pub struct InFlight {
     ends: Arc<Mutex<Ends>>,
 }
 
+/// When the in-process loop should look again, besides its wake-ups.
+enum LookAgain {
+    /// Only when woken (a request queued, a publish ended that may have freed work).
+    OnWake,
+    /// At once.
+    Now,
+    /// When the next pending request comes due.
+    After(Duration),
+}
+
 /// When the end of a publish notifies its caller.
 ///
 /// A cron call waits for its own publishes, so each end notifies it. The in-process
@@ -304,31 +314,38 @@ impl Poller {
         self.step(in_flight).await.map(|(run, _)| run)
     }
 
-    /// [`Poller::run_once`], and when it claimed nothing, how long until the next pending
-    /// request comes due (read with the fusebox, in the same statement).
-    async fn step(
-        &self,
-        in_flight: &InFlight,
-    ) -> Result<(PollerRun, Option<Duration>), PollerError> {
+    /// [`Poller::run_once`], and when the in-process loop should look again besides its
+    /// wake-ups.
+    async fn step(&self, in_flight: &InFlight) -> Result<(PollerRun, LookAgain), PollerError> {
         let ends_before = in_flight.ends().count;
+        let (claimed, filled) = self.start_publishes(in_flight).await?;
         let mut batch = PolledBatch {
-            claimed: self.start_publishes(in_flight).await?,
+            claimed,
             ..PolledBatch::default()
         };
-        let mut next_due_in = None;
-        if batch.claimed > 0 {
-            // The publishes just started end later, and wake the caller then.
-            in_flight.ends().want_next(ends_before);
+        let mut look_again = LookAgain::OnWake;
+        if claimed > 0 {
+            // The publishes just started wake the caller when the first of them ends.
+            // A claim that took all its free slots could take more once one frees (the
+            // next step waits for it); a publish that ended during the claim may have
+            // freed a slot or a request that the claim's snapshot did not see, and it
+            // woke nobody: either way the caller looks again at once.
+            let quiet = in_flight.ends().want_next(ends_before);
+            if filled || !quiet {
+                look_again = LookAgain::Now;
+            }
         } else {
             let after = db::queue::after_empty_claim(&self.pool, self.settings.lease).await?;
             if !after.enabled {
-                return Ok((PollerRun::Disabled, None));
+                return Ok((PollerRun::Disabled, LookAgain::OnWake));
             }
-            next_due_in = after.next_due_in;
+            if let Some(due_in) = after.next_due_in {
+                look_again = LookAgain::After(due_in);
+            }
             if after.held_back && !in_flight.ends().want_next(ends_before) {
                 // A publish ended during the claim, perhaps the one holding the request
-                // back, and did not wake the caller: it looks again at once.
-                next_due_in = Some(Duration::ZERO);
+                // back, and did not wake the caller.
+                look_again = LookAgain::Now;
             }
         }
         in_flight.reap(&mut batch)?;
@@ -339,7 +356,7 @@ impl Poller {
             in_flight = batch.in_flight,
             "poller step"
         );
-        Ok((PollerRun::Batch(batch), next_due_in))
+        Ok((PollerRun::Batch(batch), look_again))
     }
 
     /// One step of the in-process loop: [`Poller::run_once`], and when it found nothing
@@ -348,18 +365,22 @@ impl Poller {
     /// then. (A cron call keeps to [`Poller::run_once`]: idle is idle, and it does not
     /// read when the next request comes due.)
     ///
-    /// A step that claimed fewer requests than it could took every due one: the loop
-    /// waits for the next wake-up (a request queued, a publish ended that may have freed
-    /// work, see [`InFlight::for_loop`]) rather than claiming again at once, which would
-    /// find nothing and cost the internal database two statements per request. The
-    /// publishes it started wake it when the first of them ends, so it also looks at
-    /// when the next request comes due then.
+    /// A step that claimed fewer requests than its free slots take, with no publish
+    /// ending meanwhile, took every due one: the loop waits for the next wake-up (a
+    /// request queued, a publish ended that may have freed work, see
+    /// [`InFlight::for_loop`]) rather than claiming again at once, which would find
+    /// nothing and cost the internal database two statements per request. The publishes
+    /// it started wake it when the first of them ends, so it also looks at when the next
+    /// request comes due then. A step that filled its free slots goes on at once (the
+    /// next waits for a slot to free).
     pub async fn loop_step(&self, in_flight: &InFlight) -> Result<Outcome, PollerError> {
-        let (run, next_due_in) = self.step(in_flight).await?;
+        let (run, look_again) = self.step(in_flight).await?;
         let outcome = run.outcome(self.settings.batch_size);
-        Ok(match (outcome, next_due_in) {
-            (Outcome::Worked { more: false, .. }, _) => Outcome::Waiting,
-            (Outcome::Idle | Outcome::Waiting, Some(pause))
+        Ok(match (outcome, look_again) {
+            (Outcome::Worked { n, .. }, LookAgain::Now) => Outcome::Worked { n, more: true },
+            (Outcome::Worked { .. }, _) => Outcome::Waiting,
+            (Outcome::Idle | Outcome::Waiting, LookAgain::Now) => Outcome::Recheck(Duration::ZERO),
+            (Outcome::Idle | Outcome::Waiting, LookAgain::After(pause))
                 if pause < self.settings.idle_interval =>
             {
                 Outcome::Recheck(pause)
@@ -389,8 +410,9 @@ impl Poller {
     }
 
     /// Claims what the free slots take and starts one publish per slot used; returns
-    /// how many requests were claimed.
-    async fn start_publishes(&self, in_flight: &InFlight) -> Result<u64, PollerError> {
+    /// how many requests were claimed, and whether they filled the claim's limit (more
+    /// may be due).
+    async fn start_publishes(&self, in_flight: &InFlight) -> Result<(u64, bool), PollerError> {
         let per_slot = self.publisher.batch_limit().max(1);
         let slots = self.free_slots(per_slot).await;
         let limit = slots
@@ -400,6 +422,7 @@ impl Poller {
         let started = std::time::Instant::now();
         let claimed = self.claim(limit as u32).await?;
         let count = claimed.len() as u64;
+        let filled = claimed.len() >= limit;
         instruments::requests_claimed(count, started.elapsed());
         let mut tasks = in_flight.tasks();
         let mut claimed = claimed.into_iter();
@@ -452,7 +475,7 @@ impl Poller {
                 settled
             });
         }
-        Ok(count)
+        Ok((count, filled))
     }
 
     /// Waits for one free slot, then takes the others that are free, as many as the
