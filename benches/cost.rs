@@ -4,7 +4,7 @@
 //! application; this benchmark puts a number on it.
 //!
 //! Two durable PostgreSQL servers (fsync on): a source, standing in for the internal
-//! database, and a target for the tenants' databases. The same writer runs in four modes,
+//! database, and a target for the tenants' databases. The same writer runs in five modes,
 //! each on fresh databases:
 //! 1. **writer alone**: the same tables and indexes, change capture off (the writer's
 //!    sessions set `session_replication_role = replica`), nothing replicating;
@@ -12,7 +12,12 @@
 //! 3. **native logical replication, one subscription per tenancy**, each from a
 //!    publication with a row filter on `"tenancyId"`, into a database of its own;
 //! 4. **this service**: `serve` as a process of its own, one tenant database per tenancy,
-//!    the writer with the change-capture triggers on.
+//!    the writer with the change-capture triggers on;
+//! 5. **the contract's floor**: the same, with the poller switched off (the fusebox) once
+//!    the tenant databases are filled: the change-capture triggers and the sequencer's
+//!    numbering and queuing, which DESIGN.md's data model requires whatever the sync
+//!    does, and nothing else (the switched-off poller still answers each queue
+//!    notification with a claim that takes nothing: a little above the floor).
 //!
 //! The writer: 4 connections renaming random users at `BENCH_RATE` changes/s together,
 //! plus a probe that renames a dedicated user every 50 ms (round-robin over tenancies) and
@@ -47,6 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use external_db_sync::db::fusebox;
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -83,6 +89,8 @@ enum Mode {
     WriterAlone,
     NativeOne,
     NativePerTenancy,
+    /// `serve` with its poller switched off: capture and sequencing only.
+    ContractFloor,
     /// `serve` of this build, or of the `BENCH_BASELINE` build.
     Service {
         baseline: bool,
@@ -90,11 +98,17 @@ enum Mode {
 }
 
 impl Mode {
+    /// Whether `serve` runs, and with it the change-capture triggers in the writer.
+    fn runs_serve(self) -> bool {
+        matches!(self, Mode::Service { .. } | Mode::ContractFloor)
+    }
+
     fn label(self) -> &'static str {
         match self {
             Mode::WriterAlone => "writer alone",
             Mode::NativeOne => "native LR, one subscription",
             Mode::NativePerTenancy => "native LR, subscription per tenancy",
+            Mode::ContractFloor => "capture + sequencer only (the contract's floor)",
             Mode::Service { baseline: false } => "this service (serve)",
             Mode::Service { baseline: true } => "baseline build (serve)",
         }
@@ -121,7 +135,12 @@ async fn main() {
     let started = Instant::now();
     let source = Cluster::start(tenancy_count).await;
     let target = Cluster::start(tenancy_count).await;
-    let mut modes = vec![Mode::WriterAlone, Mode::NativeOne, Mode::NativePerTenancy];
+    let mut modes = vec![
+        Mode::WriterAlone,
+        Mode::NativeOne,
+        Mode::NativePerTenancy,
+        Mode::ContractFloor,
+    ];
     match baseline_binary() {
         Some(baseline) => {
             println!("baseline build: {}", baseline.display());
@@ -330,7 +349,7 @@ async fn arrange(mode: Mode, tenancy_count: usize, source: &Cluster, target: &Cl
     let mut tenant_urls = Vec::new();
     for _ in 0..tenancy_count {
         let mut config = serde_json::json!({});
-        if matches!(mode, Mode::Service { .. }) {
+        if mode.runs_serve() {
             let url = target.server.empty_database("bench_tenant").await;
             config = serde_json::json!({ "dbSync": { "externalDatabases": {
                 "main": { "type": "postgres", "connectionString": url } } } });
@@ -369,17 +388,26 @@ async fn arrange(mode: Mode, tenancy_count: usize, source: &Cluster, target: &Cl
             let targets = subscriptions.iter().map(|(url, _)| url.clone()).collect();
             (targets, Teardown::Subscriptions(subscriptions))
         }
-        Mode::Service { baseline } => {
+        Mode::Service { .. } | Mode::ContractFloor => {
+            let baseline = matches!(mode, Mode::Service { baseline: true });
             let child = start_serve(&source_url, baseline).await;
             // Every user of the tenancy in its database, with its primary e-mail.
             let synced = format!(
                 "select count(*) = {USERS_PER_TENANCY} from users where primary_email is not null"
             );
             wait_in_each(&tenant_urls, "the initial sync", &synced).await;
-            for url in &tenant_urls {
-                add_probe_trigger(url, "users", "display_name", false).await;
+            if mode == Mode::ContractFloor {
+                let pool = bench_pool(&source_url).await;
+                let switched = fusebox::write(&pool, None, Some(false)).await;
+                assert!(!switched.expect("switching the poller off").poller_enabled);
+                pool.close().await;
+                (Vec::new(), Teardown::Serve(child))
+            } else {
+                for url in &tenant_urls {
+                    add_probe_trigger(url, "users", "display_name", false).await;
+                }
+                (tenant_urls, Teardown::Serve(child))
             }
-            (tenant_urls, Teardown::Serve(child))
         }
     };
     Setup {
@@ -628,8 +656,7 @@ async fn measure(
     // only the service's mode keeps the change-capture triggers on.
     let mut connections = Vec::new();
     for _ in 0..=WRITER_CONNECTIONS {
-        connections
-            .push(writer_connection(&setup.source_url, matches!(mode, Mode::Service { .. })).await);
+        connections.push(writer_connection(&setup.source_url, mode.runs_serve()).await);
     }
     let (arrivals, mut arrived) = mpsc::unbounded_channel();
     let mut listeners = Vec::new();
@@ -851,7 +878,7 @@ fn print_report(outcomes: &[Outcome]) {
     } in outcomes
     {
         let changes = (*changes).max(1) as f64;
-        if matches!(mode, Mode::Service { .. }) {
+        if mode.runs_serve() {
             let [(source, source_control), (target, target_control)] = used
                 .statements
                 .map(|(all, control)| (all / changes, control / changes));
