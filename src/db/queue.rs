@@ -129,6 +129,22 @@ pub enum Claimant {
     Publisher,
 }
 
+/// Whether the fusebox has the poller switched on (it is until first written).
+const POLLER_ENABLED: &str =
+    r#"coalesce((select "pollerEnabled" from "ExternalDbSyncMetadata"), true)"#;
+
+/// The request in flight for the key of the row aliased `request`, if any: claimed, and
+/// its lease (`lease`, a parameter in seconds) not run out. A pending request waits while
+/// there is one ([`claim`]).
+fn flight_of_request(lease: &str) -> String {
+    format!(
+        r#"select from "OutgoingRequest" as flight
+           where flight."deduplicationKey" = request."deduplicationKey"
+             and flight."startedFulfillingAt"
+                 >= current_timestamp - make_interval(secs => {lease})"#
+    )
+}
+
 /// Text that PostgreSQL always accepts as a `uuid`.
 const UUID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
 
@@ -162,8 +178,7 @@ pub async fn claim(
         format!(
             r#"
         with switched_on as (
-            select coalesce(
-                (select "pollerEnabled" from "ExternalDbSyncMetadata"), true) as "on"
+            select {POLLER_ENABLED} as "on"
         ), expired as (
             select "id" from "OutgoingRequest"
             where "startedFulfillingAt" < current_timestamp - make_interval(secs => $2)
@@ -178,11 +193,7 @@ pub async fn claim(
             where "startedFulfillingAt" is null
               and "nextAttemptAt" <= current_timestamp::timestamp(3)
               and (select "on" from switched_on)
-              and not exists (
-                  select from "OutgoingRequest" as flight
-                  where flight."deduplicationKey" = request."deduplicationKey"
-                    and flight."startedFulfillingAt"
-                        >= current_timestamp - make_interval(secs => $2))
+              and not exists ({in_flight})
             order by "nextAttemptAt"
             limit $1
             for update skip locked
@@ -230,6 +241,7 @@ pub async fn claim(
                                    order by first."id" limit 1)"#
             ),
             pruned = pruned_through_columns("due.tenancy_id"),
+            in_flight = flight_of_request("$2"),
             reserved = reserve_due_databases(
                 "(select tenancy_id as tenancy from due where $4) as claimed"
             ),
@@ -289,9 +301,10 @@ pub async fn after_empty_claim(
     executor: impl PgExecutor<'_>,
     lease: std::time::Duration,
 ) -> Result<AfterEmptyClaim, sqlx::Error> {
-    let (enabled, seconds, held_back): (bool, Option<f64>, bool) = sqlx::query_as(
-        r#"
-        select coalesce((select "pollerEnabled" from "ExternalDbSyncMetadata"), true),
+    static AFTER_EMPTY_CLAIM: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            r#"
+        select {POLLER_ENABLED},
                (select extract(epoch from (min("nextAttemptAt") - current_timestamp))::float8
                 from "OutgoingRequest"
                 where "startedFulfillingAt" is null
@@ -300,16 +313,16 @@ pub async fn after_empty_claim(
                    select from "OutgoingRequest" as request
                    where "startedFulfillingAt" is null
                      and "nextAttemptAt" <= current_timestamp::timestamp(3)
-                     and exists (
-                         select from "OutgoingRequest" as flight
-                         where flight."deduplicationKey" = request."deduplicationKey"
-                           and flight."startedFulfillingAt"
-                               >= current_timestamp - make_interval(secs => $1)))
+                     and exists ({in_flight}))
         "#,
-    )
-    .bind(lease.as_secs_f64())
-    .fetch_one(executor)
-    .await?;
+            in_flight = flight_of_request("$1"),
+        )
+    });
+    let (enabled, seconds, held_back): (bool, Option<f64>, bool) =
+        sqlx::query_as(&AFTER_EMPTY_CLAIM)
+            .bind(lease.as_secs_f64())
+            .fetch_one(executor)
+            .await?;
     let next_due_in = seconds.map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.0)));
     Ok(AfterEmptyClaim {
         enabled,
