@@ -40,10 +40,8 @@
 //! `EXTERNAL_DB_SYNC_TEST_DATABASE_URL` must not be set.
 
 #[allow(dead_code)]
-#[path = "../tests/integration/harness/postgres.rs"]
-mod postgres;
-#[path = "../tests/integration/harness/wait.rs"]
-mod wait;
+#[path = "../tests/integration/harness/mod.rs"]
+mod harness;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -53,6 +51,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use external_db_sync::db::fusebox;
+use harness::app::CRON_SECRET;
+use harness::{binary, postgres, wait};
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -524,10 +524,7 @@ fn baseline_binary() -> Option<PathBuf> {
 }
 
 async fn start_serve(source_url: &str, baseline: bool) -> Child {
-    let address = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .to_string();
+    let address = binary::free_address();
     let log = std::env::temp_dir().join(format!("cost-serve-{}.log", std::process::id()));
     let tuning = std::env::vars().filter(|(name, _)| {
         ["POLLER_", "SEQUENCER_", "SYNC_"]
@@ -544,7 +541,7 @@ async fn start_serve(source_url: &str, baseline: bool) -> Child {
         .env_clear()
         .envs(tuning)
         .env("DATABASE_URL", source_url)
-        .env("CRON_SECRET", "benchmark-cron-secret-0123")
+        .env("CRON_SECRET", CRON_SECRET)
         .env("BIND_ADDR", &address)
         .env("ALLOW_PRIVATE_TARGETS", "true")
         .env("RUST_LOG", "warn")
@@ -554,14 +551,8 @@ async fn start_serve(source_url: &str, baseline: bool) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("starting serve");
-    let client = reqwest::Client::new();
-    wait::until("serve to answer /healthz", SET_UP_LIMIT, || {
-        let exited = child.try_wait().expect("asking whether serve is running");
-        assert!(exited.is_none(), "serve exited ({exited:?}); see {log:?}");
-        let answer = client.get(format!("http://{address}/healthz")).send();
-        async move { (answer.await.ok()?.status() == 200).then_some(()) }
-    })
-    .await;
+    println!("serve's log: {}", log.display());
+    binary::wait_until_healthy(&address, &mut child).await;
     child
 }
 
