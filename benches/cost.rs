@@ -36,7 +36,9 @@
 //! runs the service's mode twice with each build, alternately (baseline first), so that
 //! a change is measured before and after in one run on the same servers. The service's own
 //! variables (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) pass
-//! through to `serve`. The benchmark starts its own clusters, so
+//! through to `serve`. `BENCH_STATEMENTS=1` also prints, for each of the service's modes,
+//! its most frequent statements on each server in the window (calls and execution time
+//! per change), to see where a lever should aim. The benchmark starts its own clusters, so
 //! `EXTERNAL_DB_SYNC_TEST_DATABASE_URL` must not be set.
 
 #[allow(dead_code)]
@@ -247,6 +249,32 @@ impl Cluster {
         .await
         .expect("reading pg_stat_statements");
         (all as f64, control as f64)
+    }
+
+    /// Each statement of the service's role so far, by its first words (one statement
+    /// has a query id per database): calls and execution milliseconds. Read only with
+    /// `BENCH_STATEMENTS`.
+    async fn service_statements(&self) -> HashMap<String, (f64, f64)> {
+        if std::env::var_os("BENCH_STATEMENTS").is_none() {
+            return HashMap::new();
+        }
+        let rows: Vec<(i64, f64, String)> = sqlx::query_as(
+            r#"select s.calls, s.total_exec_time,
+                      left(regexp_replace(s.query, '\s+', ' ', 'g'), 90)
+               from pg_stat_statements s join pg_roles r on r.oid = s.userid
+               where r.rolname = $1"#,
+        )
+        .bind(SERVICE_ROLE)
+        .fetch_all(&self.stats)
+        .await
+        .expect("reading pg_stat_statements");
+        let mut statements: HashMap<String, (f64, f64)> = HashMap::new();
+        for (calls, milliseconds, query) in rows {
+            let entry = statements.entry(query).or_default();
+            entry.0 += calls as f64;
+            entry.1 += milliseconds;
+        }
+        statements
     }
 }
 
@@ -583,7 +611,7 @@ async fn tear_down(teardown: Teardown) {
 
 /// CPU seconds of each process and the service's statement counts at one instant, or
 /// (from [`Reading::since`]) over a window, whose length is then `wall`.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Reading {
     wall: f64,
     source: f64,
@@ -593,12 +621,19 @@ struct Reading {
     /// The service's statements on the source and the target, each as (all, of which
     /// transaction control).
     statements: [(f64, f64); 2],
+    /// With `BENCH_STATEMENTS`: each statement of the service on the source and the
+    /// target (see [`Cluster::service_statements`]).
+    detail: [HashMap<String, (f64, f64)>; 2],
 }
 
 impl Reading {
     async fn take(source: &Cluster, target: &Cluster, serve: Option<u32>) -> Reading {
         static EPOCH: OnceLock<Instant> = OnceLock::new();
         let statements = [source.service_calls().await, target.service_calls().await];
+        let detail = [
+            source.service_statements().await,
+            target.service_statements().await,
+        ];
         Reading {
             wall: EPOCH.get_or_init(Instant::now).elapsed().as_secs_f64(),
             source: source.cpu_seconds(),
@@ -606,6 +641,7 @@ impl Reading {
             serve: serve.and_then(own_cpu_seconds),
             writer: own_cpu_seconds("self").expect("reading /proc/self/stat"),
             statements,
+            detail,
         }
     }
 
@@ -620,6 +656,17 @@ impl Reading {
             serve: self.serve.zip(before.serve).map(|(after, b)| after - b),
             writer: self.writer - before.writer,
             statements: [0, 1].map(|n| minus(self.statements[n], before.statements[n])),
+            detail: [0, 1].map(|n| {
+                (self.detail[n].iter())
+                    .map(|(query, (calls, milliseconds))| {
+                        let (calls_before, ms_before) =
+                            before.detail[n].get(query).copied().unwrap_or_default();
+                        let used = (calls - calls_before, milliseconds - ms_before);
+                        (query.clone(), used)
+                    })
+                    .filter(|(_, (calls, _))| *calls > 0.0)
+                    .collect()
+            }),
         }
     }
 }
@@ -880,9 +927,23 @@ fn print_report(outcomes: &[Outcome]) {
                 mode.label(),
                 changes / used.wall
             );
+            for (server, detail) in ["source", "target"].iter().zip(&used.detail) {
+                let mut top: Vec<_> = detail.iter().collect();
+                top.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+                for (query, (calls, milliseconds)) in top.into_iter().take(STATEMENTS_SHOWN) {
+                    println!(
+                        "  {server}: {:.3} calls, {:.4} ms per change: {query}",
+                        calls / changes,
+                        milliseconds / changes
+                    );
+                }
+            }
         }
     }
 }
+
+/// With `BENCH_STATEMENTS`, the statements shown per server and mode.
+const STATEMENTS_SHOWN: usize = 12;
 
 /// A markdown table with its columns aligned: the first to the left, the rest right.
 fn print_table(rows: &[Vec<String>]) {

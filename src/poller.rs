@@ -119,6 +119,21 @@ struct Settled {
     published: u64,
     /// Given back to the queue.
     released: u64,
+    /// A sync of the publish queued a retry request for when a failing database comes
+    /// due (see [`Published::queued_retry`]).
+    retries_queued: bool,
+}
+
+/// What one claim started.
+#[derive(Debug, Clone, Copy)]
+struct Started {
+    /// Requests claimed (and publishes started for them).
+    claimed: u64,
+    /// They filled the claim's limit: more may be due.
+    filled: bool,
+    /// The claim found a due request held back by its tenancy's request in flight
+    /// ([`ClaimedRequest::held_back`]).
+    held_back: bool,
 }
 
 /// The poller of one process. It claims requests, publishes them, and settles each one:
@@ -166,11 +181,14 @@ enum LookAgain {
 ///
 /// A cron call waits for its own publishes, so each end notifies it. The in-process
 /// loop is woken by an end only when the end may have made work claimable: a claim
-/// that took requests (their tenancies may have had more waiting behind them), or one
-/// that found a due request held back by its tenancy's request in flight (it becomes
-/// claimable when that one is settled), or a publish that gave requests back (the loop
-/// reads when they come due). Otherwise an end would wake the loop into a claim that
-/// finds nothing: two statements on the internal database per sync, for nothing.
+/// (one that took requests or one that found nothing) saw a due request held back by
+/// its tenancy's request in flight, which becomes claimable when that one is settled;
+/// or the publish gave requests back, or its sync queued a retry request (the loop
+/// reads when they come due: a retry moved earlier is an update, which notifies
+/// nobody). Every other way work appears wakes the loop itself: a request inserted
+/// notifies, and so does a sequencer batch that relied on a pending request. An end
+/// that woke the loop for nothing would cost a claim that finds nothing and the read
+/// after it: two statements on the internal database per sync.
 #[derive(Debug, Default)]
 struct Ends {
     /// Publishes that ended so far.
@@ -182,11 +200,11 @@ struct Ends {
 }
 
 impl Ends {
-    /// One publish ended (`gave_back`: some of its requests went back to the queue, or
-    /// settling failed); whether to notify the caller.
-    fn ended(&mut self, gave_back: bool) -> bool {
+    /// One publish ended (`made_work`: some of its requests went back to the queue,
+    /// its sync queued a retry, or settling failed); whether to notify the caller.
+    fn ended(&mut self, made_work: bool) -> bool {
         self.count += 1;
-        let notify = self.always || self.wanted || gave_back;
+        let notify = self.always || self.wanted || made_work;
         self.wanted = false;
         notify
     }
@@ -318,20 +336,26 @@ impl Poller {
     /// wake-ups.
     async fn step(&self, in_flight: &InFlight) -> Result<(PollerRun, LookAgain), PollerError> {
         let ends_before = in_flight.ends().count;
-        let (claimed, filled) = self.start_publishes(in_flight).await?;
+        let started = self.start_publishes(in_flight).await?;
         let mut batch = PolledBatch {
-            claimed,
+            claimed: started.claimed,
             ..PolledBatch::default()
         };
         let mut look_again = LookAgain::OnWake;
-        if claimed > 0 {
-            // The publishes just started wake the caller when the first of them ends.
-            // A claim that took all its free slots could take more once one frees (the
-            // next step waits for it); a publish that ended during the claim may have
-            // freed a slot or a request that the claim's snapshot did not see, and it
-            // woke nobody: either way the caller looks again at once.
-            let quiet = in_flight.ends().want_next(ends_before);
-            if filled || !quiet {
+        if started.claimed > 0 {
+            // A claim that found a request held back by its tenancy's request in flight
+            // wants the next end (perhaps that one's). A claim that took all its free
+            // slots could take more once one frees (the next step waits for it); a
+            // publish that ended during the claim may have freed a slot or a request
+            // that the claim's snapshot did not see, and it woke nobody: either way the
+            // caller looks again at once.
+            let mut ends = in_flight.ends();
+            let quiet = match started.held_back {
+                true => ends.want_next(ends_before),
+                false => ends.count == ends_before,
+            };
+            drop(ends);
+            if started.filled || !quiet {
                 look_again = LookAgain::Now;
             }
         } else {
@@ -369,10 +393,8 @@ impl Poller {
     /// ending meanwhile, took every due one: the loop waits for the next wake-up (a
     /// request queued, a publish ended that may have freed work, see
     /// [`InFlight::for_loop`]) rather than claiming again at once, which would find
-    /// nothing and cost the internal database two statements per request. The publishes
-    /// it started wake it when the first of them ends, so it also looks at when the next
-    /// request comes due then. A step that filled its free slots goes on at once (the
-    /// next waits for a slot to free).
+    /// nothing and cost the internal database two statements per request. A step that
+    /// filled its free slots goes on at once (the next waits for a slot to free).
     pub async fn loop_step(&self, in_flight: &InFlight) -> Result<Outcome, PollerError> {
         let (run, look_again) = self.step(in_flight).await?;
         let outcome = run.outcome(self.settings.batch_size);
@@ -409,21 +431,22 @@ impl Poller {
         first_error.map_or(Ok(batch), Err)
     }
 
-    /// Claims what the free slots take and starts one publish per slot used; returns
-    /// how many requests were claimed, and whether they filled the claim's limit (more
-    /// may be due).
-    async fn start_publishes(&self, in_flight: &InFlight) -> Result<(u64, bool), PollerError> {
+    /// Claims what the free slots take and starts one publish per slot used.
+    async fn start_publishes(&self, in_flight: &InFlight) -> Result<Started, PollerError> {
         let per_slot = self.publisher.batch_limit().max(1);
         let slots = self.free_slots(per_slot).await;
         let limit = slots
             .len()
             .saturating_mul(per_slot)
             .min(self.settings.batch_size as usize);
-        let started = std::time::Instant::now();
+        let claiming = std::time::Instant::now();
         let claimed = self.claim(limit as u32).await?;
-        let count = claimed.len() as u64;
-        let filled = claimed.len() >= limit;
-        instruments::requests_claimed(count, started.elapsed());
+        let started = Started {
+            claimed: claimed.len() as u64,
+            filled: claimed.len() >= limit,
+            held_back: claimed.first().is_some_and(|request| request.held_back),
+        };
+        instruments::requests_claimed(started.claimed, claiming.elapsed());
         let mut tasks = in_flight.tasks();
         let mut claimed = claimed.into_iter();
         for slot in slots {
@@ -466,16 +489,16 @@ impl Poller {
                     stopping: &stopping,
                 };
                 let settled = settle_all(&settling, &requests, results, took).await;
-                let gave_back = settled
-                    .as_ref()
-                    .map_or(true, |settled| settled.released > 0);
-                if lock(&ends).ended(gave_back) {
+                let made_work = settled.as_ref().map_or(true, |settled| {
+                    settled.released > 0 || settled.retries_queued
+                });
+                if lock(&ends).ended(made_work) {
                     ended.notify_one();
                 }
                 settled
             });
         }
-        Ok((count, filled))
+        Ok(started)
     }
 
     /// Waits for one free slot, then takes the others that are free, as many as the
@@ -611,6 +634,7 @@ async fn settle_all(
             }
             Err(error) => instruments::request_failed(error.reason.label()),
         }
+        settled.retries_queued |= matches!(&result, Ok(published) if published.queued_retry);
         if settle_retrying(settling, request, &result).await? {
             settled.published += 1;
         } else {
@@ -699,12 +723,12 @@ mod tests {
     use super::Ends;
 
     #[test]
-    fn a_loops_publish_notifies_its_end_only_when_a_claim_wanted_it_or_it_gave_back() {
+    fn a_loops_publish_notifies_its_end_only_when_a_claim_wanted_it_or_it_made_work() {
         let mut ends = Ends::default();
         assert!(!ends.ended(false), "nobody wanted this end");
         assert!(
             ends.ended(true),
-            "requests given back: the loop reads when they come due"
+            "requests given back or a retry queued: the loop reads when they come due"
         );
 
         let since = ends.count;

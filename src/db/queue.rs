@@ -87,6 +87,11 @@ pub struct ClaimedRequest {
     /// claim (which reserved the due failing databases for this request).
     #[sqlx(flatten)]
     pub databases: DatabaseStates,
+    /// Whether, as the claim found the queue, a due request waited behind its
+    /// tenancy's request in flight (the same in every request of one claim): whoever
+    /// holds that one should look again when it ends.
+    #[sqlx(rename = "heldBack")]
+    pub held_back: bool,
 }
 
 /// A request whose message is not one this service queues (edited by hand, or written
@@ -142,6 +147,20 @@ fn flight_of_request(lease: &str) -> String {
            where flight."deduplicationKey" = request."deduplicationKey"
              and flight."startedFulfillingAt"
                  >= current_timestamp - make_interval(secs => {lease})"#
+    )
+}
+
+/// Whether a due request waits because its tenancy has a request in flight (see
+/// [`flight_of_request`]; `lease` as there). As of the statement's snapshot: in a claim,
+/// the requests it claims are not yet in flight.
+fn held_back(lease: &str) -> String {
+    format!(
+        r#"exists (
+               select from "OutgoingRequest" as request
+               where "startedFulfillingAt" is null
+                 and "nextAttemptAt" <= current_timestamp::timestamp(3)
+                 and exists ({in_flight}))"#,
+        in_flight = flight_of_request(lease),
     )
 }
 
@@ -232,7 +251,8 @@ pub async fn claim(
                   external_db_sync_latest_change(due.tenancy_id, 'ContactChannel')
                       as "latestChannelChange",
                   {} as "notDueDatabases",
-                  {pruned}
+                  {pruned},
+                  {held_back} as "heldBack"
         "#,
             not_due_databases(
                 "due.tenancy_id",
@@ -242,6 +262,7 @@ pub async fn claim(
             ),
             pruned = pruned_through_columns("due.tenancy_id"),
             in_flight = flight_of_request("$2"),
+            held_back = held_back("$2"),
             reserved = reserve_due_databases(
                 "(select tenancy_id as tenancy from due where $4) as claimed"
             ),
@@ -309,13 +330,9 @@ pub async fn after_empty_claim(
                 from "OutgoingRequest"
                 where "startedFulfillingAt" is null
                   and "nextAttemptAt" > current_timestamp::timestamp(3)),
-               exists (
-                   select from "OutgoingRequest" as request
-                   where "startedFulfillingAt" is null
-                     and "nextAttemptAt" <= current_timestamp::timestamp(3)
-                     and exists ({in_flight}))
+               {held_back}
         "#,
-            in_flight = flight_of_request("$1"),
+            held_back = held_back("$1"),
         )
     });
     let (enabled, seconds, held_back): (bool, Option<f64>, bool) =

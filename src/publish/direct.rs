@@ -47,6 +47,7 @@ impl DirectPublisher {
         };
         match synced {
             Ok(TenancySync::Synced(report)) => Ok(Published {
+                queued_retry: report.queues_retry(),
                 synced: report.unrecorded,
             }),
             Ok(_) => Ok(Published::default()),

@@ -78,6 +78,9 @@ impl From<MalformedRequest> for PublishError {
 #[derive(Debug, Default)]
 pub struct Published {
     pub synced: Option<SyncedTenancy>,
+    /// The sync queued a retry request for when a failing database comes due (or moved
+    /// one earlier): the poller's loop should read when that is.
+    pub queued_retry: bool,
 }
 
 /// The result of publishing one request.

@@ -332,14 +332,7 @@ async fn sync_with(
             }
         }
     }
-    report.requeued = queue_what_comes_next(
-        engine,
-        tenancy_id,
-        &report.databases,
-        &report.not_due,
-        more_remaining,
-    )
-    .await?;
+    report.requeued = queue_what_comes_next(engine, tenancy_id, &report, more_remaining).await?;
     Ok(TenancySync::Synced(report))
 }
 
@@ -349,17 +342,15 @@ async fn sync_with(
 async fn queue_what_comes_next(
     engine: &SyncEngine,
     tenancy_id: Uuid,
-    databases: &[DatabaseReport],
-    not_due: &[String],
+    report: &TenancyReport,
     more_remaining: bool,
 ) -> Result<bool, sqlx::Error> {
     let requeued = more_remaining && db::queue::enqueue_sync(&engine.pool, tenancy_id).await?;
-    if !not_due.is_empty() || databases.iter().any(|database| database.result.is_err()) {
+    if report.queues_retry() {
         // Every configured database: the ones attempted and the ones not due.
-        let ids: Vec<&str> = databases
-            .iter()
+        let ids: Vec<&str> = (report.databases.iter())
             .map(|database| database.database_id.as_str())
-            .chain(not_due.iter().map(String::as_str))
+            .chain(report.not_due.iter().map(String::as_str))
             .collect();
         db::sync_status::schedule_retry(&engine.pool, tenancy_id, &ids).await?;
     }

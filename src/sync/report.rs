@@ -54,6 +54,16 @@ impl TenancyReport {
         }
     }
 
+    /// Whether the sync queues a retry request: some database failed, or was left
+    /// alone because its next attempt is not due (see [`super::sync_tenancy`]).
+    pub fn queues_retry(&self) -> bool {
+        !self.not_due.is_empty()
+            || self
+                .databases
+                .iter()
+                .any(|database| database.result.is_err())
+    }
+
     /// Whether some database failed in a way that a later attempt may fix.
     pub fn has_retryable_failure(&self) -> bool {
         self.databases

@@ -10,7 +10,7 @@ use futures::FutureExt;
 use external_db_sync::db::queue::{self, Claimant};
 use external_db_sync::db::sync_status::{Backoff, RetrySchedule, RETRY_REQUEST_KEY_PREFIX};
 use external_db_sync::mapping::Mapping;
-use external_db_sync::poller::InFlight;
+use external_db_sync::poller::{InFlight, Poller};
 use external_db_sync::sync::SyncSettings;
 use external_db_sync::workers::Outcome;
 use reqwest::Method;
@@ -774,9 +774,10 @@ async fn the_loop_looks_again_when_the_next_pending_request_comes_due() {
 }
 
 /// The loop's publishes wake it only when their end may free work (nothing else wakes
-/// this loop: no timer, no queue notification). A request held back because its
-/// tenancy's sync is in flight is claimed when that sync ends: the claim that found it
-/// held back asked for the next end.
+/// this loop: no timer, no queue notification). An end that frees nothing does not; a
+/// request held back because its tenancy's sync is in flight is claimed when that sync
+/// ends: the claim that found it held back (here one that claimed nothing) asked for
+/// the next end.
 #[tokio::test]
 async fn a_request_held_back_by_its_tenancys_sync_in_flight_is_claimed_when_that_sync_ends() {
     let pool = migrated_pool().await;
@@ -795,13 +796,16 @@ async fn a_request_held_back_by_its_tenancys_sync_in_flight_is_claimed_when_that
     let id = user(&pool, slow, "first").await;
     sequence_all(&pool, 1000).await;
     assert_eq!(step(&poller, &in_flight).await.claimed, 1);
-    // The quick tenancy's sync ends at once: the first end after a claim wakes the loop.
+    // The quick tenancy's sync ends at once, and nothing waited for it: its end is
+    // counted, and wakes nobody.
     user(&pool, quick, "quick").await;
     sequence_all(&pool, 1000).await;
     assert_eq!(step(&poller, &in_flight).await.claimed, 1);
-    woken()
-        .await
-        .expect("the end of the quick sync wakes the loop");
+    wait_until_counted(&poller, &in_flight, 1).await;
+    assert!(
+        wake.notified().now_or_never().is_none(),
+        "an end that freed nothing woke the loop"
+    );
     wait_until_synced(&pool, quick, &quick_tenant, 1).await;
 
     // A change of the slow tenancy is due, but held back behind its sync in flight.
@@ -825,6 +829,113 @@ async fn a_request_held_back_by_its_tenancys_sync_in_flight_is_claimed_when_that
     assert!(pending_request_keys(&pool).await.is_empty());
     assert_tenant_matches_source(&pool, slow, &slow_tenant).await;
     assert_tenant_matches_source(&pool, quick, &quick_tenant).await;
+}
+
+/// The same, when the claim that finds a request held back takes others: it reads in
+/// the same statement that one waits, and asks for the next end. Driven by wake-ups
+/// alone, the held-back request is claimed once the sync holding it ends.
+#[tokio::test]
+async fn a_claim_that_takes_requests_and_finds_one_held_back_asks_for_the_next_end() {
+    let pool = migrated_pool().await;
+    let (slow, slow_tenant) = tenancy_with_database(&pool).await;
+    let (quick, quick_tenant) = tenancy_with_database(&pool).await;
+    let poller = direct_poller(&pool, 4);
+    let wake = Arc::new(Notify::new());
+    let in_flight = InFlight::for_loop(wake.clone());
+    sequence_all(&pool, 1000).await;
+    poll_once(&poller).await;
+
+    let blocker = hold_mapping_lock(&slow_tenant, Mapping::Users).await;
+    let id = user(&pool, slow, "first").await;
+    sequence_all(&pool, 1000).await;
+    assert_eq!(step(&poller, &in_flight).await.claimed, 1);
+    // Held back behind the slow sync, and a change of the quick tenancy beside it: one
+    // claim takes the quick one and sees the other wait.
+    rename_user(&pool, id, "second").await;
+    user(&pool, quick, "quick").await;
+    sequence_all(&pool, 1000).await;
+    let (poller, in_flight, wake) = (&poller, &in_flight, &wake);
+    let step_claims = |claimed: u64| async move {
+        assert_eq!(step(poller, in_flight).await.claimed, claimed);
+    };
+    step_claims(1).await;
+
+    // From here only wake-ups drive the loop. The quick sync's end wakes it (the claim
+    // wanted it); that step claims nothing and asks again; the slow sync's end then
+    // wakes it into the claim of the held-back request.
+    let woken = |why: &'static str| async move {
+        tokio::time::timeout(Duration::from_secs(20), wake.notified())
+            .await
+            .unwrap_or_else(|_| panic!("not woken: {why}"));
+    };
+    woken("the quick sync ended after a claim that saw a request held back").await;
+    step_claims(0).await;
+    blocker.rollback().await.unwrap();
+    woken("the slow sync, which held the request back, ended").await;
+    step_claims(1).await;
+    let finished = poller.finish(in_flight).await.unwrap();
+    assert_eq!(finished.failed, 0);
+    assert!(pending_request_keys(&pool).await.is_empty());
+    assert_tenant_matches_source(&pool, slow, &slow_tenant).await;
+    assert_tenant_matches_source(&pool, quick, &quick_tenant).await;
+}
+
+/// A sync that queues a retry (its database is down) wakes the loop when it ends, so
+/// that the loop reads when the retry comes due: moving a retry earlier notifies nobody.
+#[tokio::test]
+async fn a_sync_that_queues_a_retry_wakes_the_loop_when_it_ends() {
+    let pool = migrated_pool().await;
+    let tenancy = tenancy(&pool).await;
+    // Nothing listens on port 1: connection refused, a retryable failure.
+    attach(
+        &pool,
+        tenancy,
+        &[("main", "postgres://sync@127.0.0.1:1/tenant")],
+    )
+    .await;
+    user(&pool, tenancy, "waits").await;
+    sequence_all(&pool, 1000).await;
+    // Retried 2 s after a failure: before the loop's idle timer (5 s) would end.
+    let two_seconds = Backoff {
+        first: Duration::from_secs(2),
+        max: Duration::from_secs(2),
+    };
+    let settings = SyncSettings {
+        retry: RetrySchedule {
+            retryable: two_seconds,
+            permanent: two_seconds,
+        },
+        ..test_settings()
+    };
+    let poller = direct_poller_with(&pool, 4, settings);
+    let wake = Arc::new(Notify::new());
+    let in_flight = InFlight::for_loop(wake.clone());
+
+    assert_eq!(step(&poller, &in_flight).await.claimed, 1);
+    tokio::time::timeout(Duration::from_secs(20), wake.notified())
+        .await
+        .expect("the end of a sync that queued a retry wakes the loop");
+
+    assert_eq!(pending_request_keys(&pool).await, [retry_key(tenancy)]);
+    match poller.loop_step(&in_flight).await.unwrap() {
+        Outcome::Recheck(pause) => assert!(pause <= Duration::from_secs(2), "{pause:?}"),
+        other => panic!("not told when the retry comes due: {other:?}"),
+    }
+}
+
+/// Steps until the caller's publishes that ended number `published`.
+async fn wait_until_counted(poller: &Poller, in_flight: &InFlight, published: u64) {
+    let counted = &std::sync::atomic::AtomicU64::new(0);
+    wait::until(
+        "the publishes counted",
+        Duration::from_secs(20),
+        || async move {
+            let now = step(poller, in_flight).await.published;
+            let so_far = counted.fetch_add(now, std::sync::atomic::Ordering::Relaxed) + now;
+            (so_far >= published).then_some(())
+        },
+    )
+    .await;
 }
 
 /// When the tenancy's request in flight was claimed, or its lease last renewed.
