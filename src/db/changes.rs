@@ -44,6 +44,69 @@ pub async fn next_batch(
     }
 }
 
+/// The next batch of `mapping` for each `(tenancy, watermark)` of `after`, in that
+/// order, read in one statement and so from one snapshot: the same batches as
+/// [`next_batch`] of each, at one round trip for all of them. `None` where nothing is
+/// left. Each batch has at most `limit` changes; what the answer holds in all is their
+/// sum, so the caller keeps `after` short and the batches small.
+pub async fn next_batches(
+    executor: impl PgExecutor<'_>,
+    mapping: Mapping,
+    after: &[(Uuid, i64)],
+    limit: u32,
+) -> Result<Vec<Option<Batch>>, sqlx::Error> {
+    let sql: &'static str = match mapping {
+        Mapping::Users => &USERS_BATCHES,
+        Mapping::ContactChannels => &CONTACT_CHANNELS_BATCHES,
+    };
+    let (tenancies, watermarks): (Vec<Uuid>, Vec<i64>) = after.iter().copied().unzip();
+    let rows = sqlx::query(sql)
+        .bind(tenancies)
+        .bind(watermarks)
+        .bind(i64::from(limit))
+        .fetch_all(executor)
+        .await?;
+    let mut batches = Vec::with_capacity(after.len());
+    let mut rest = rows.as_slice();
+    for position in 1..=after.len() as i64 {
+        let mut ends = 0;
+        while let Some(row) = rest.get(ends) {
+            if row.try_get::<i64, _>("batch_position")? != position {
+                break;
+            }
+            ends += 1;
+        }
+        let (these, others) = rest.split_at(ends);
+        rest = others;
+        batches.push(match mapping {
+            Mapping::Users => collect(these, Upserts::Users)?,
+            Mapping::ContactChannels => collect(these, Upserts::ContactChannels)?,
+        });
+    }
+    Ok(batches)
+}
+
+/// [`BatchQuery::sql`] for many tenancies at once: `$1` their ids, `$2` their watermarks
+/// (in the same order), `$3` the limit of each batch. Each row also has
+/// `batch_position`, the 1-based position of its tenancy in `$1`; rows come in that
+/// order.
+fn batches_sql(one: &str) -> String {
+    let each = one
+        .replace("$1", "asked.tenancy_id")
+        .replace("$2", "asked.watermark");
+    format!(
+        r#"
+select asked.position as batch_position, batch.*
+from unnest($1::uuid[], $2::int8[]) with ordinality as asked(tenancy_id, watermark, position)
+cross join lateral ({each}) as batch
+order by asked.position"#
+    )
+}
+
+static USERS_BATCHES: LazyLock<String> = LazyLock::new(|| batches_sql(&USERS_BATCH));
+static CONTACT_CHANNELS_BATCHES: LazyLock<String> =
+    LazyLock::new(|| batches_sql(&CONTACT_CHANNELS_BATCH));
+
 /// Turns the rows of a batch query into a [`Batch`]: each row has the bookkeeping
 /// columns (`id`, `present`, and the batch's `batch_changes` and
 /// `batch_last_sequence_id`) and, when `present`, the mapped columns that `R` is read

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use super::apply::{apply_batches, read_batch, ReadAhead};
+use super::apply::{apply_batches, ReadAhead};
 use super::connect;
 use super::engine::{LatestChange, MappingFacts, SyncEngine};
 use super::error::SyncError;
@@ -233,10 +233,17 @@ async fn sync_mapping(
             LatestChange::None => true,
             LatestChange::Unknown => false,
         };
+        let latest = match latest {
+            LatestChange::At(latest) => Some(latest),
+            LatestChange::None | LatestChange::Unknown => None,
+        };
         let batch = if caught_up {
             None
         } else {
-            read_batch(engine, key.tenancy_id, mapping, watermark).await?
+            (engine.reads)
+                .next_batch(mapping, key.tenancy_id, watermark, latest)
+                .await
+                .map_err(SyncError::from)?
         };
         if batch.is_none() {
             if let Some(session) = session {

@@ -19,6 +19,7 @@ use super::connect::SessionSettings;
 use super::database::sync_target;
 use super::error::SyncError;
 use super::external_database::{self, ExternalDatabase};
+use super::gather::{GatheredCount, GatheredReads};
 use super::known::KnownDatabases;
 use super::policy::TargetPolicy;
 use super::report::{DatabaseReport, DatabaseSynced, TenancyReport, TenancySync};
@@ -79,6 +80,8 @@ pub struct SyncEngine {
     /// first use (a failed read is tried again next time).
     internal_identity: tokio::sync::OnceCell<DatabaseIdentity>,
     pub(super) known: KnownDatabases,
+    /// Small reads of changes, gathered across the syncs that ask at the same moment.
+    pub(super) reads: GatheredReads,
     pub(super) sessions: SessionPool,
     /// Initial copies running at once (see [`INITIAL_COPIES`]).
     pub(super) copy_slots: tokio::sync::Semaphore,
@@ -94,7 +97,9 @@ const INITIAL_COPIES: usize = 2;
 impl SyncEngine {
     pub fn new(pool: PgPool, settings: SyncSettings, policy: TargetPolicy) -> Self {
         let sessions = SessionPool::new(settings.pool);
+        let reads = GatheredReads::new(pool.clone(), settings.batch_size);
         Self {
+            reads,
             pool,
             settings,
             policy,
@@ -111,6 +116,12 @@ impl SyncEngine {
             .get_or_try_init(|| db::identity::read(&self.pool))
             .await?;
         Ok(*identity)
+    }
+
+    /// Reads of changes that syncs asked at the same moment and one statement answered,
+    /// and how many statements that took, since this engine started.
+    pub fn gathered_reads(&self) -> GatheredCount {
+        self.reads.count()
     }
 
     /// Tenant sessions waiting for their next sync.

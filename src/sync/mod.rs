@@ -8,7 +8,8 @@
 //! - `apply`: a mapping's batches, each in one transaction under the mapping's lock;
 //! - `initial_copy`: a large first sync into an empty table, streamed with `COPY`;
 //! - `resync`: a database that missed pruned deletions, brought back to the source;
-//! - `known`: the watermarks and prepared schemas this process remembers;
+//! - `known`: the watermarks and prepared schemas this process remembers; `gather`:
+//!   small reads of changes that syncs ask at the same moment, made in one statement;
 //! - [`report`]: what a sync did; [`summary`]: the same as the webhook answers it;
 //! - [`statements`]: the tenant SQL of each mapping; [`schema`]: tables, ownership and
 //!   privileges;
@@ -26,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub mod external_database;
 pub mod framing;
+mod gather;
 mod initial_copy;
 mod known;
 pub mod policy;
@@ -44,4 +46,5 @@ pub use engine::{
     sync_claimed_tenancy, sync_tenancy, sync_tenancy_now, ClaimedTenancy, SyncEngine, SyncSettings,
 };
 pub use error::SyncError;
+pub use gather::GatheredCount;
 pub use report::{TenancyReport, TenancySync};

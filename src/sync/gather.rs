@@ -1,0 +1,185 @@
+//! Reads of the changes after a known watermark, gathered across the syncs that ask at
+//! the same moment into one statement on the internal database.
+//!
+//! The syncs a claim starts together each read their tenancy's changes first, within
+//! microseconds of one another; one statement answers them all
+//! ([`db::changes::next_batches`]), so the internal database runs one read per claim
+//! rather than one per sync. Nothing waits for company: the reader takes what was asked
+//! by the time it gets to run (it lets the other ready tasks run first, once), reads it,
+//! and each group runs on its own, so a read is never queued behind another's.
+//!
+//! Only reads known to be small are gathered: at most [`GATHERED_CHANGES`] sequence
+//! ids lie between the watermark and the tenancy's latest change, so one tenancy's
+//! backlog never makes another's read longer. A read that cannot be gathered (the
+//! reader is gone, the gathered statement failed) is made alone, so a failure of the
+//! group costs each sync its own read, never its result.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::db;
+use crate::error::error_chain;
+use crate::mapping::{Batch, Mapping};
+
+/// The most sequence ids between a watermark and the tenancy's latest change for a read
+/// to be gathered: its batch then has at most this many changes.
+pub(super) const GATHERED_CHANGES: i64 = 256;
+
+/// The most reads one gathered statement answers.
+const MOST_GATHERED: usize = 64;
+
+/// One read asked of the reader, and where its answer goes (`None`: read it alone).
+struct Asked {
+    tenancy_id: Uuid,
+    after: i64,
+    answer: oneshot::Sender<Option<Option<Batch>>>,
+}
+
+/// The gathering reader of each mapping, started on first use.
+pub(super) struct GatheredReads {
+    pool: PgPool,
+    /// Changes per batch (`SYNC_BATCH_SIZE`), gathered or not.
+    limit: u32,
+    readers: [OnceLock<mpsc::UnboundedSender<Asked>>; Mapping::ALL.len()],
+    counts: Arc<Counts>,
+}
+
+/// How many reads were answered by gathered statements, and by how many statements.
+#[derive(Debug, Default)]
+struct Counts {
+    reads: AtomicU64,
+    statements: AtomicU64,
+}
+
+/// Reads of changes answered together so far, and the statements that answered them
+/// (see [`crate::sync::SyncEngine::gathered_reads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatheredCount {
+    pub reads: u64,
+    pub statements: u64,
+}
+
+impl GatheredReads {
+    pub(super) fn new(pool: PgPool, limit: u32) -> Self {
+        Self {
+            pool,
+            limit,
+            readers: Default::default(),
+            counts: Arc::default(),
+        }
+    }
+
+    pub(super) fn count(&self) -> GatheredCount {
+        GatheredCount {
+            reads: self.counts.reads.load(Ordering::Relaxed),
+            statements: self.counts.statements.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The next batch of `mapping` after `after` for `tenancy_id`, the same as
+    /// [`db::changes::next_batch`] reads, read with whatever other syncs ask at the same
+    /// moment when it is known to be small (`latest`, the tenancy's latest change of the
+    /// mapping as its claim read it, is at most [`GATHERED_CHANGES`] ids ahead), alone
+    /// otherwise.
+    pub(super) async fn next_batch(
+        &self,
+        mapping: Mapping,
+        tenancy_id: Uuid,
+        after: i64,
+        latest: Option<i64>,
+    ) -> Result<Option<Batch>, sqlx::Error> {
+        let small = latest.is_some_and(|latest| latest.saturating_sub(after) <= GATHERED_CHANGES);
+        if small {
+            let (answer, answered) = oneshot::channel();
+            let asked = Asked {
+                tenancy_id,
+                after,
+                answer,
+            };
+            if self.reader(mapping).send(asked).is_ok() {
+                if let Ok(Some(batch)) = answered.await {
+                    return Ok(batch);
+                }
+            }
+        }
+        db::changes::next_batch(&self.pool, mapping, tenancy_id, after, self.limit).await
+    }
+
+    /// The reader of `mapping`, started in the current runtime on first use. A reader
+    /// lives as long as this [`GatheredReads`]; one whose runtime ended answers nothing,
+    /// and its askers read alone.
+    fn reader(&self, mapping: Mapping) -> &mpsc::UnboundedSender<Asked> {
+        self.readers[mapping.index()].get_or_init(|| {
+            let (asks, asked) = mpsc::unbounded_channel();
+            let reader = Reader {
+                pool: self.pool.clone(),
+                mapping,
+                limit: self.limit,
+                counts: self.counts.clone(),
+            };
+            tokio::spawn(reader.run(asked));
+            asks
+        })
+    }
+}
+
+/// The reader of one mapping.
+#[derive(Clone)]
+struct Reader {
+    pool: PgPool,
+    mapping: Mapping,
+    limit: u32,
+    counts: Arc<Counts>,
+}
+
+impl Reader {
+    /// Takes the first read asked, lets the other ready tasks run (the rest of a
+    /// claim's syncs reach their reads), takes everything asked by then, and reads it in
+    /// one statement, in a task of its own so that the next group need not wait.
+    async fn run(self, mut asked: mpsc::UnboundedReceiver<Asked>) {
+        while let Some(first) = asked.recv().await {
+            tokio::task::yield_now().await;
+            let mut group = vec![first];
+            while group.len() < MOST_GATHERED {
+                match asked.try_recv() {
+                    Ok(more) => group.push(more),
+                    Err(_) => break,
+                }
+            }
+            tokio::spawn(self.clone().answer(group));
+        }
+    }
+
+    /// Reads the batches of `group` in one statement and answers each asker; if the
+    /// statement fails, each is told to read alone.
+    async fn answer(self, group: Vec<Asked>) {
+        let after: Vec<(Uuid, i64)> = (group.iter())
+            .map(|asked| (asked.tenancy_id, asked.after))
+            .collect();
+        match db::changes::next_batches(&self.pool, self.mapping, &after, self.limit).await {
+            Ok(batches) => {
+                self.counts.statements.fetch_add(1, Ordering::Relaxed);
+                (self.counts.reads).fetch_add(batches.len() as u64, Ordering::Relaxed);
+                for (asked, batch) in group.into_iter().zip(batches) {
+                    // An asker that went away (its sync was dropped) needs no answer.
+                    let _ = asked.answer.send(Some(batch));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(
+                    mapping = self.mapping.name(),
+                    reads = group.len(),
+                    error = %error_chain(&error),
+                    "a gathered read of changes failed; each sync reads alone"
+                );
+                for asked in group {
+                    let _ = asked.answer.send(None);
+                }
+            }
+        }
+    }
+}
