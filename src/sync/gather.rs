@@ -10,9 +10,10 @@
 //!
 //! Only reads known to be small are gathered: at most [`GATHERED_CHANGES`] sequence
 //! ids lie between the watermark and the tenancy's latest change, so one tenancy's
-//! backlog never makes another's read longer. A read that cannot be gathered (the
-//! reader is gone, the gathered statement failed) is made alone, so a failure of the
-//! group costs each sync its own read, never its result.
+//! backlog never makes another's read longer. When the gathered statement cannot reach
+//! the internal database, each sync gets that failure, as its own read would have; when
+//! the statement itself fails (or the reader is gone), each sync reads alone, so a
+//! failure of the group costs a sync its own read, never its result.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -32,11 +33,21 @@ pub(super) const GATHERED_CHANGES: i64 = 256;
 /// The most reads one gathered statement answers.
 const MOST_GATHERED: usize = 64;
 
-/// One read asked of the reader, and where its answer goes (`None`: read it alone).
+/// One read asked of the reader, and where its answer goes.
 struct Asked {
     tenancy_id: Uuid,
     after: i64,
-    answer: oneshot::Sender<Option<Option<Batch>>>,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// What the reader answers one read.
+enum Answer {
+    /// The batch (`None`: nothing after the watermark), read with the others.
+    Read(Option<Batch>),
+    /// The internal database could not be reached: the error a read alone would get.
+    Unreachable(sqlx::Error),
+    /// The gathered statement failed: read alone.
+    ReadAlone,
 }
 
 /// The gathering reader of each mapping, started on first use.
@@ -101,8 +112,11 @@ impl GatheredReads {
                 answer,
             };
             if self.reader(mapping).send(asked).is_ok() {
-                if let Ok(Some(batch)) = answered.await {
-                    return Ok(batch);
+                match answered.await {
+                    Ok(Answer::Read(batch)) => return Ok(batch),
+                    Ok(Answer::Unreachable(error)) => return Err(error),
+                    // The reader went away with the runtime that ran it.
+                    Ok(Answer::ReadAlone) | Err(_) => {}
                 }
             }
         }
@@ -154,8 +168,8 @@ impl Reader {
         }
     }
 
-    /// Reads the batches of `group` in one statement and answers each asker; if the
-    /// statement fails, each is told to read alone.
+    /// Reads the batches of `group` in one statement and answers each asker: its batch,
+    /// or the failure to reach the internal database, or to read alone.
     async fn answer(self, group: Vec<Asked>) {
         let after: Vec<(Uuid, i64)> = (group.iter())
             .map(|asked| (asked.tenancy_id, asked.after))
@@ -166,7 +180,7 @@ impl Reader {
                 (self.counts.reads).fetch_add(batches.len() as u64, Ordering::Relaxed);
                 for (asked, batch) in group.into_iter().zip(batches) {
                     // An asker that went away (its sync was dropped) needs no answer.
-                    let _ = asked.answer.send(Some(batch));
+                    let _ = asked.answer.send(Answer::Read(batch));
                 }
             }
             Err(error) => {
@@ -174,12 +188,56 @@ impl Reader {
                     mapping = self.mapping.name(),
                     reads = group.len(),
                     error = %error_chain(&error),
-                    "a gathered read of changes failed; each sync reads alone"
+                    unreachable = unreachable(&error).is_some(),
+                    "a gathered read of changes failed"
                 );
                 for asked in group {
-                    let _ = asked.answer.send(None);
+                    let answer = unreachable(&error).map_or(Answer::ReadAlone, Answer::Unreachable);
+                    let _ = asked.answer.send(answer);
                 }
             }
         }
+    }
+}
+
+/// The same failure again, when `error` says that the internal database could not be
+/// reached (no connection in time, the pool closed, the connection failed): a read
+/// alone would only wait for it once more. `None` for any other failure.
+fn unreachable(error: &sqlx::Error) -> Option<sqlx::Error> {
+    match error {
+        sqlx::Error::PoolTimedOut => Some(sqlx::Error::PoolTimedOut),
+        sqlx::Error::PoolClosed => Some(sqlx::Error::PoolClosed),
+        sqlx::Error::Io(io) => Some(sqlx::Error::Io(std::io::Error::new(
+            io.kind(),
+            io.to_string(),
+        ))),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unreachable;
+
+    #[test]
+    fn only_a_failure_to_reach_the_internal_database_is_passed_on_to_every_reader() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        match unreachable(&sqlx::Error::Io(refused)) {
+            Some(sqlx::Error::Io(again)) => {
+                assert_eq!(again.kind(), std::io::ErrorKind::ConnectionRefused);
+                assert_eq!(again.to_string(), "refused");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            unreachable(&sqlx::Error::PoolTimedOut),
+            Some(sqlx::Error::PoolTimedOut)
+        ));
+        assert!(matches!(
+            unreachable(&sqlx::Error::PoolClosed),
+            Some(sqlx::Error::PoolClosed)
+        ));
+        let refused_by_the_statement = sqlx::Error::Protocol("unexpected message".to_owned());
+        assert!(unreachable(&refused_by_the_statement).is_none());
     }
 }
