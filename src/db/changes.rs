@@ -38,10 +38,7 @@ pub async fn next_batch(
         .bind(i64::from(limit))
         .fetch_all(executor)
         .await?;
-    match mapping {
-        Mapping::Users => collect(&rows, Upserts::Users),
-        Mapping::ContactChannels => collect(&rows, Upserts::ContactChannels),
-    }
+    collect_batch(mapping, &rows)
 }
 
 /// The next batch of `mapping` for each `(tenancy, watermark)` of `after`, in that
@@ -78,10 +75,7 @@ pub async fn next_batches(
         }
         let (these, others) = rest.split_at(ends);
         rest = others;
-        batches.push(match mapping {
-            Mapping::Users => collect(these, Upserts::Users)?,
-            Mapping::ContactChannels => collect(these, Upserts::ContactChannels)?,
-        });
+        batches.push(collect_batch(mapping, these)?);
     }
     Ok(batches)
 }
@@ -106,6 +100,14 @@ order by asked.position"#
 static USERS_BATCHES: LazyLock<String> = LazyLock::new(|| batches_sql(&USERS_BATCH));
 static CONTACT_CHANNELS_BATCHES: LazyLock<String> =
     LazyLock::new(|| batches_sql(&CONTACT_CHANNELS_BATCH));
+
+/// [`collect`] with the row type of `mapping`.
+fn collect_batch(mapping: Mapping, rows: &[PgRow]) -> Result<Option<Batch>, sqlx::Error> {
+    match mapping {
+        Mapping::Users => collect(rows, Upserts::Users),
+        Mapping::ContactChannels => collect(rows, Upserts::ContactChannels),
+    }
+}
 
 /// Turns the rows of a batch query into a [`Batch`]: each row has the bookkeeping
 /// columns (`id`, `present`, and the batch's `batch_changes` and

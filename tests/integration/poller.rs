@@ -97,34 +97,46 @@ async fn retry_state(pool: &PgPool, tenancy: Uuid, database_id: &str) -> (i32, b
     .unwrap()
 }
 
+/// A tenancy with one change queued and one database, `main`, where nothing listens
+/// (port 1: connection refused, a retryable failure).
+async fn tenancy_whose_database_refuses(pool: &PgPool) -> Uuid {
+    let tenancy = tenancy(pool).await;
+    attach(
+        pool,
+        tenancy,
+        &[("main", "postgres://sync@127.0.0.1:1/tenant")],
+    )
+    .await;
+    user(pool, tenancy, "waits").await;
+    sequence_all(pool, 1000).await;
+    tenancy
+}
+
+/// A direct poller (4 slots) whose failed databases are attempted again `after` their
+/// failure, retryable or not.
+fn poller_retrying_after(pool: &PgPool, after: Duration) -> Poller {
+    let backoff = Backoff {
+        first: after,
+        max: after,
+    };
+    let settings = SyncSettings {
+        retry: RetrySchedule {
+            retryable: backoff,
+            permanent: backoff,
+        },
+        ..test_settings()
+    };
+    direct_poller_with(pool, 4, settings)
+}
+
 /// A database that fails completes its request all the same: it is retried by a retry
 /// request of its own when its next attempt is due, not by the tenancy's next change,
 /// and a change meanwhile syncs without attempting it.
 #[tokio::test]
 async fn a_failing_database_is_retried_by_its_own_request_when_due() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    // Nothing listens on port 1: connection refused, a retryable failure.
-    attach(
-        &pool,
-        tenancy,
-        &[("main", "postgres://sync@127.0.0.1:1/tenant")],
-    )
-    .await;
-    user(&pool, tenancy, "waits").await;
-    sequence_all(&pool, 1000).await;
-    let minute = Backoff {
-        first: Duration::from_secs(60),
-        max: Duration::from_secs(60),
-    };
-    let settings = SyncSettings {
-        retry: RetrySchedule {
-            retryable: minute,
-            permanent: minute,
-        },
-        ..test_settings()
-    };
-    let poller = direct_poller_with(&pool, 4, settings);
+    let tenancy = tenancy_whose_database_refuses(&pool).await;
+    let poller = poller_retrying_after(&pool, Duration::from_secs(60));
 
     let batch = poll_once(&poller).await;
 
@@ -885,29 +897,9 @@ async fn a_claim_that_takes_requests_and_finds_one_held_back_asks_for_the_next_e
 #[tokio::test]
 async fn a_sync_that_queues_a_retry_wakes_the_loop_when_it_ends() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy(&pool).await;
-    // Nothing listens on port 1: connection refused, a retryable failure.
-    attach(
-        &pool,
-        tenancy,
-        &[("main", "postgres://sync@127.0.0.1:1/tenant")],
-    )
-    .await;
-    user(&pool, tenancy, "waits").await;
-    sequence_all(&pool, 1000).await;
+    let tenancy = tenancy_whose_database_refuses(&pool).await;
     // Retried 2 s after a failure: before the loop's idle timer (5 s) would end.
-    let two_seconds = Backoff {
-        first: Duration::from_secs(2),
-        max: Duration::from_secs(2),
-    };
-    let settings = SyncSettings {
-        retry: RetrySchedule {
-            retryable: two_seconds,
-            permanent: two_seconds,
-        },
-        ..test_settings()
-    };
-    let poller = direct_poller_with(&pool, 4, settings);
+    let poller = poller_retrying_after(&pool, Duration::from_secs(2));
     let wake = Arc::new(Notify::new());
     let in_flight = InFlight::for_loop(wake.clone());
 
