@@ -261,28 +261,24 @@ pub(super) struct ReadAhead {
 
 /// Opens a transaction, takes the mapping's advisory lock in it, so that runs for the
 /// same tenant database take turns, and reads the watermarks under the lock: one round
-/// trip, on statements prepared once per session. The answer is bounded whatever the
-/// tenant did to its table (see [`READ_WATERMARKS`]).
+/// trip of two messages, the read on a statement prepared once per session. The answer
+/// is bounded whatever the tenant did to its table (see [`READ_WATERMARKS`]).
 pub(super) async fn begin_locked(
     session: &mut TenantSession,
     mapping: Mapping,
 ) -> Result<Watermarks, SyncError> {
-    let [lock, read] = session
-        .statements([LOCK_MAPPING, READ_WATERMARKS])
+    let [read] = session
+        .statements([READ_WATERMARKS])
         .await
         .map_err(SyncError::target)?;
-    let lock_key = statements::lock_key(mapping);
     let names = Mapping::names();
     let client = session.client();
-    let lock_params: [&(dyn ToSql + Sync); 1] = [&lock_key];
     let read_params: [&(dyn ToSql + Sync); 1] = [&names];
-    let (begun, locked, rows) = tokio::join!(
+    let (locked, rows) = tokio::join!(
         biased;
-        client.batch_execute("begin"),
-        client.execute(&lock, &lock_params),
+        client.batch_execute(statements::begin_and_lock(mapping)),
         client.query(&read, &read_params),
     );
-    begun.map_err(SyncError::target)?;
     locked.map_err(SyncError::target)?;
     Watermarks::read(&rows.map_err(SyncError::target)?)
 }
@@ -296,7 +292,23 @@ impl Watermarks {
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect::<Result<_, tokio_postgres::Error>>()
             .map(Watermarks)
-            .map_err(|_| SyncError::Malformed("unreadable _stack_sync_metadata".to_owned()))
+            .map_err(|_| unreadable())
+    }
+
+    /// The answer of [`ADVANCE_WATERMARK_FROM_READING`]: whether the advance moved the
+    /// watermark, and the watermark rows read with it.
+    fn read_advanced(rows: &[tokio_postgres::Row]) -> Result<(bool, Self), SyncError> {
+        let mut moved = false;
+        let mut watermarks = Vec::with_capacity(rows.len());
+        for row in rows {
+            let name: Option<String> = row.try_get(0).map_err(|_| unreadable())?;
+            let rows_moved: i64 = row.try_get(2).map_err(|_| unreadable())?;
+            moved |= rows_moved > 0;
+            if let Some(name) = name {
+                watermarks.push((name, row.try_get(1).map_err(|_| unreadable())?));
+            }
+        }
+        Ok((moved, Watermarks(watermarks)))
     }
 
     /// The watermark of `mapping`.
@@ -372,15 +384,6 @@ const ADVANCE_WATERMARK: &str = "update _stack_sync_metadata \
      set last_synced_sequence_id = $2, updated_at = pg_catalog.now() \
      where mapping_name = $1 and last_synced_sequence_id < $2";
 
-const ADVANCE_WATERMARK_FROM: &str = "update _stack_sync_metadata \
-     set last_synced_sequence_id = $2, updated_at = pg_catalog.now() \
-     where mapping_name = $1 and last_synced_sequence_id = $3";
-
-/// Every catalog function sent to a tenant database is schema-qualified: the session's
-/// `search_path` is set by [`super::connect::connect`], but a tenant's trigger could
-/// change it on a kept session.
-const LOCK_MAPPING: &str = "select pg_catalog.pg_advisory_xact_lock($1)";
-
 /// The rows of the mappings named in `$1`: at most two per mapping (more than one is
 /// reported), each a name and an `int8` converted by the server. Whatever the tenant
 /// did to the table (dropped its key, changed the column's type, filled it), the answer
@@ -391,6 +394,27 @@ const READ_WATERMARKS: &str = "select mapping_name::pg_catalog.text, \
      where mapping_name::pg_catalog.text = any($1::pg_catalog.text[]) \
      limit 4";
 
+/// Moves the mapping's (`$1`) watermark to `$2` if it is `$3`, and reads in the same
+/// statement what [`READ_WATERMARKS`] reads (the names in `$4`): one row per watermark
+/// row, at least one row whatever the table holds (then with a null name), each with how
+/// many rows the advance moved (0 or 1). The read sees the table as it was when the
+/// statement began: the advanced mapping's own row shows its watermark before the
+/// advance; the other mappings' rows are what [`Watermarks::another_went_back`]
+/// compares.
+const ADVANCE_WATERMARK_FROM_READING: &str = "with advanced as ( \
+         update _stack_sync_metadata \
+         set last_synced_sequence_id = $2, updated_at = pg_catalog.now() \
+         where mapping_name = $1 and last_synced_sequence_id = $3 \
+         returning 1), \
+     moved as (select pg_catalog.count(*) as rows from advanced) \
+     select watermarks.name, watermarks.watermark, moved.rows \
+     from moved left join ( \
+         select mapping_name::pg_catalog.text as name, \
+                last_synced_sequence_id::pg_catalog.int8 as watermark \
+         from _stack_sync_metadata \
+         where mapping_name::pg_catalog.text = any($4::pg_catalog.text[]) \
+         limit 4) as watermarks on true";
+
 /// Writes `batch` (one delete and one upsert statement, whatever the batch size), moves
 /// the watermark forward, and commits: sent together, in one round trip, on statements
 /// prepared once per session. The server runs them in order; if one fails, the
@@ -400,12 +424,13 @@ const READ_WATERMARKS: &str = "select mapping_name::pg_catalog.text, \
 /// Without a `guard`, the transaction is already open, holds the mapping's lock, and
 /// the watermark was checked under it; the watermark never moves back. With
 /// `guard: Some(expected)`, the transaction is opened and the lock taken in the same
-/// round trip, and every statement does its part only if the watermark is `expected`;
-/// `None` is returned when it was not (another run moved it), and then nothing was
-/// written.
+/// round trip (one message, [`statements::begin_and_lock`]), every statement does its
+/// part only if the watermark is `expected`, and the advance reads every mapping's
+/// watermark in the same statement; `None` is returned when the watermark was not
+/// `expected` (another run moved it), and then nothing was written.
 ///
-/// Longer than most functions here on purpose: the six requests of the round trip are
-/// built side by side and polled in one `join!`, which is what pipelines them.
+/// Longer than most functions here on purpose: the requests of the round trip are built
+/// side by side and polled in one `join!`, which is what pipelines them.
 async fn write_batch(
     session: &mut TenantSession,
     mapping: Mapping,
@@ -421,23 +446,16 @@ async fn write_batch(
         Some(_) => (
             statements::guarded_delete(mapping),
             statements::guarded_upsert(mapping),
-            ADVANCE_WATERMARK_FROM,
+            ADVANCE_WATERMARK_FROM_READING,
         ),
     };
-    let [lock, delete, upsert, advance, read] = session
-        .statements([
-            LOCK_MAPPING,
-            delete_sql,
-            upsert_sql,
-            advance_sql,
-            READ_WATERMARKS,
-        ])
+    let [delete, upsert, advance] = session
+        .statements([delete_sql, upsert_sql, advance_sql])
         .await
         .map_err(SyncError::target)?;
     let names = Mapping::names();
     let columns = Columns::of(&batch.upserts);
     let name = mapping.name();
-    let lock_key = statements::lock_key(mapping);
     let expected = guard.unwrap_or_default();
     let guard_params: [&(dyn ToSql + Sync); 2] = [&name, &expected];
     let guarded = guard.is_some();
@@ -447,23 +465,18 @@ async fn write_batch(
     if guarded {
         upsert_params.extend(guard_params);
         delete_params.extend(guard_params);
-        advance_params.push(&expected);
+        advance_params.extend([&expected as &(dyn ToSql + Sync), &names]);
     }
     let client = session.client();
     // A request is sent when its future is first polled; `biased` makes `join!` poll
     // them in this order, so the server receives them in this order. All are awaited,
     // and the first failure in statement order is the one reported (the later ones
     // only say that the transaction was aborted).
-    let beginning = async {
-        if guarded {
-            client.batch_execute("begin").await
-        } else {
-            Ok(())
-        }
-    };
     let locking = async {
         if guarded {
-            client.execute(&lock, &[&lock_key]).await.map(drop)
+            client
+                .batch_execute(statements::begin_and_lock(mapping))
+                .await
         } else {
             Ok(())
         }
@@ -482,41 +495,55 @@ async fn write_batch(
             client.execute(&upsert, &upsert_params).await
         }
     };
-    let advancing = client.execute(&advance, &advance_params);
-    let committing = client.batch_execute("commit");
-    // Guarded, the other mappings' watermarks are read after the commit, in the same
-    // round trip (see `Watermarks::another_went_back`).
-    let reading = async {
+    let advancing = async {
         if guarded {
-            client.query(&read, &[&names]).await.map(Some)
+            client
+                .query(&advance, &advance_params)
+                .await
+                .map(Advanced::Read)
         } else {
-            Ok(None)
+            client
+                .execute(&advance, &advance_params)
+                .await
+                .map(|_| Advanced::Moved)
         }
     };
-    let (begun, locked, deleted, upserted, advanced, committed, read) = tokio::join!(
+    let committing = client.batch_execute("commit");
+    let (locked, deleted, upserted, advanced, committed) = tokio::join!(
         biased;
-        beginning, locking, deleting, upserting, advancing, committing, reading
+        locking, deleting, upserting, advancing, committing
     );
-    begun.map_err(SyncError::target)?;
     locked.map_err(SyncError::target)?;
     let deleted = deleted.map_err(SyncError::target)?;
     let upserted = upserted.map_err(SyncError::target)?;
     let advanced = advanced.map_err(SyncError::target)?;
     committed.map_err(SyncError::target)?;
-    let watermarks = match read.map_err(SyncError::target)? {
-        Some(rows) => Some(Watermarks::read(&rows)?),
-        None => None,
-    };
-    if guarded && advanced == 0 {
-        return Ok(Written {
-            applied: None,
-            watermarks,
-        });
+    let applied = Some(Applied { upserted, deleted });
+    match advanced {
+        Advanced::Moved => Ok(Written {
+            applied,
+            watermarks: None,
+        }),
+        Advanced::Read(rows) => {
+            let (moved, watermarks) = Watermarks::read_advanced(&rows)?;
+            Ok(Written {
+                applied: applied.filter(|_| moved),
+                watermarks: Some(watermarks),
+            })
+        }
     }
-    Ok(Written {
-        applied: Some(Applied { upserted, deleted }),
-        watermarks,
-    })
+}
+
+/// What the advance of [`write_batch`] answered: unguarded, nothing to look at (under
+/// the lock it moves the watermark forward or finds it there already); guarded, the rows
+/// of [`ADVANCE_WATERMARK_FROM_READING`].
+enum Advanced {
+    Moved,
+    Read(Vec<tokio_postgres::Row>),
+}
+
+fn unreadable() -> SyncError {
+    SyncError::Malformed("unreadable _stack_sync_metadata".to_owned())
 }
 
 /// What [`write_batch`] did: the batch applied (`None`: its guard did not hold, nothing

@@ -19,6 +19,28 @@ pub fn lock_key(mapping: Mapping) -> i64 {
     }
 }
 
+/// Opens a transaction and takes the mapping's advisory lock ([`lock_key`]) in it: one
+/// simple query of two statements, so one message and one answer. The key is a constant
+/// of this program, written into the text; the lock function is schema-qualified, as
+/// every catalog function sent to a tenant database is (a tenant's trigger could change
+/// the `search_path` of a kept session).
+pub fn begin_and_lock(mapping: Mapping) -> &'static str {
+    static USERS: LazyLock<String> = LazyLock::new(|| begin_and_lock_text(Mapping::Users));
+    static CHANNELS: LazyLock<String> =
+        LazyLock::new(|| begin_and_lock_text(Mapping::ContactChannels));
+    match mapping {
+        Mapping::Users => &USERS,
+        Mapping::ContactChannels => &CHANNELS,
+    }
+}
+
+fn begin_and_lock_text(mapping: Mapping) -> String {
+    format!(
+        "begin; select pg_catalog.pg_advisory_xact_lock({})",
+        lock_key(mapping)
+    )
+}
+
 /// Deletes the rows whose ids are in `$1`, in one statement.
 pub fn delete(mapping: Mapping) -> &'static str {
     match mapping {
