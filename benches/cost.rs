@@ -38,7 +38,8 @@
 //! variables (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) pass
 //! through to `serve`. `BENCH_STATEMENTS=1` also prints, for each of the service's modes,
 //! its most frequent statements on each server in the window (calls and execution time
-//! per change), to see where a lever should aim. The benchmark starts its own clusters, so
+//! per change), to see where a lever should aim. `BENCH_NATIVE=0` leaves out the two
+//! native modes (quicker, when only builds of the service are compared). The benchmark starts its own clusters, so
 //! `EXTERNAL_DB_SYNC_TEST_DATABASE_URL` must not be set.
 
 #[allow(dead_code)]
@@ -137,12 +138,15 @@ async fn main() {
     let started = Instant::now();
     let source = Cluster::start(tenancy_count).await;
     let target = Cluster::start(tenancy_count).await;
-    let mut modes = vec![
-        Mode::WriterAlone,
-        Mode::NativeOne,
-        Mode::NativePerTenancy,
-        Mode::ContractFloor,
-    ];
+    let mut modes = match setting("BENCH_NATIVE", 1) {
+        0 => vec![Mode::WriterAlone, Mode::ContractFloor],
+        _ => vec![
+            Mode::WriterAlone,
+            Mode::NativeOne,
+            Mode::NativePerTenancy,
+            Mode::ContractFloor,
+        ],
+    };
     match baseline_binary() {
         Some(baseline) => {
             println!("baseline build: {}", baseline.display());
