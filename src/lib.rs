@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod backoff;
 pub mod cli;
+pub mod completions;
 pub mod config;
 pub mod db;
 pub mod demo;

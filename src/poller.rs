@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
+use crate::completions::{Completions, GatheredCompletions};
 use crate::db;
 use crate::db::queue::ClaimedRequest;
 use crate::error::error_chain;
@@ -155,6 +156,8 @@ pub struct Poller {
     /// Cancelled when the process stops: publishes still running a grace period later
     /// are dropped and their requests given back, and settling stops retrying.
     stopping: CancellationToken,
+    /// Completions of published requests, gathered across publishes that end together.
+    completions: Arc<Completions>,
 }
 
 /// The publishes one caller started and has not yet counted. Each caller has its own,
@@ -299,13 +302,20 @@ impl Drop for InFlight {
 impl Poller {
     pub fn new(pool: PgPool, publisher: Arc<dyn Publisher>, settings: PollerSettings) -> Self {
         let slots = Arc::new(Semaphore::new(settings.sync_concurrency.max(1)));
+        let completions = Arc::new(Completions::new(pool.clone()));
         Self {
             pool,
             publisher,
             settings,
             slots,
             stopping: CancellationToken::new(),
+            completions,
         }
+    }
+
+    /// Requests completed by gathered statements so far (see [`crate::completions`]).
+    pub fn gathered_completions(&self) -> GatheredCompletions {
+        self.completions.count()
     }
 
     /// The process's shutdown signal: once it is cancelled, publishes get
@@ -454,11 +464,12 @@ impl Poller {
             if requests.is_empty() {
                 break;
             }
-            let (pool, publisher, settings, stopping) = (
+            let (pool, publisher, settings, stopping, completions) = (
                 self.pool.clone(),
                 self.publisher.clone(),
                 self.settings.clone(),
                 self.stopping.clone(),
+                self.completions.clone(),
             );
             let (ended, ends) = (in_flight.ended.clone(), in_flight.ends.clone());
             tasks.spawn(async move {
@@ -485,6 +496,7 @@ impl Poller {
                 leases.stop(&mut requests).await;
                 let settling = Settling {
                     pool: &pool,
+                    completions: &completions,
                     settings: &settings,
                     stopping: &stopping,
                 };
@@ -605,11 +617,13 @@ const SETTLE_GRACE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
 /// the process is stopping (then a failed settle is left to the lease).
 struct Settling<'a> {
     pool: &'a PgPool,
+    completions: &'a Completions,
     settings: &'a PollerSettings,
     stopping: &'a CancellationToken,
 }
 
-/// Settles each request of one publish by its result. A publisher that answered fewer
+/// Settles each request of one publish by its result, all at once (the completions of
+/// a batch go together, see [`crate::completions`]). A publisher that answered fewer
 /// results than requests (it never should) has the rest given back, as failed.
 async fn settle_all(
     settling: &Settling<'_>,
@@ -617,16 +631,20 @@ async fn settle_all(
     results: Vec<PublishResult>,
     took: std::time::Duration,
 ) -> Result<Settled, sqlx::Error> {
-    let mut settled = Settled::default();
     let mut results = results.into_iter();
-    for request in requests {
-        let result = results.next().unwrap_or_else(|| {
-            Err(PublishError::new(
-                FailureReason::NoResult,
-                "the publisher gave no result for this request",
-            ))
-        });
-        match &result {
+    let results: Vec<PublishResult> = (requests.iter())
+        .map(|_| {
+            results.next().unwrap_or_else(|| {
+                Err(PublishError::new(
+                    FailureReason::NoResult,
+                    "the publisher gave no result for this request",
+                ))
+            })
+        })
+        .collect();
+    let mut settled = Settled::default();
+    for (request, result) in requests.iter().zip(&results) {
+        match result {
             Ok(_) => {
                 let queued = std::time::Duration::try_from_secs_f64(request.queued_seconds)
                     .unwrap_or_default();
@@ -634,8 +652,12 @@ async fn settle_all(
             }
             Err(error) => instruments::request_failed(error.reason.label()),
         }
-        settled.retries_queued |= matches!(&result, Ok(published) if published.queued_retry);
-        if settle_retrying(settling, request, &result).await? {
+        settled.retries_queued |= matches!(result, Ok(published) if published.queued_retry);
+    }
+    let settling_each = (requests.iter().zip(&results))
+        .map(|(request, result)| settle_retrying(settling, request, result));
+    for published in futures::future::join_all(settling_each).await {
+        if published? {
             settled.published += 1;
         } else {
             settled.released += 1;
@@ -657,7 +679,7 @@ async fn settle_retrying(
         // internal database may be down, and the pool would wait for it.
         let attempt = tokio::select! {
             biased;
-            attempt = settle(settling.pool, settling.settings, request, result) => attempt,
+            attempt = settle(settling, request, result) => attempt,
             () = workers::stopped_for(settling.stopping, SETTLE_GRACE_ON_SHUTDOWN) => {
                 return Err(sqlx::Error::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -691,14 +713,16 @@ async fn settle_retrying(
 /// databases a direct sync brought up to date), or gives a failed one back with
 /// backoff and its error. Returns whether the request was published.
 async fn settle(
-    pool: &PgPool,
-    settings: &PollerSettings,
+    settling: &Settling<'_>,
     request: &ClaimedRequest,
     result: &PublishResult,
 ) -> Result<bool, sqlx::Error> {
+    let (pool, settings) = (settling.pool, settling.settings);
     match result {
         Ok(published) => {
-            db::queue::complete(pool, request.id, published.synced.as_ref()).await?;
+            (settling.completions)
+                .complete(request.id, published.synced.as_ref())
+                .await?;
             Ok(true)
         }
         Err(error) => {

@@ -12,8 +12,8 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::sync_status::{
-    bind_successes, not_due_databases, pruned_through_columns, reserve_due_databases,
-    DatabaseStates, SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
+    not_due_databases, pruned_through_columns, reserve_due_databases, DatabaseStates,
+    SuccessColumns, SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
 };
 
 /// Where a sync request is delivered: QStash calls `PUBLIC_URL` followed by this path
@@ -356,25 +356,44 @@ pub async fn complete(
     id: Uuid,
     synced: Option<&SyncedTenancy>,
 ) -> Result<(), sqlx::Error> {
+    complete_many(executor, &[Completed { id, synced }]).await
+}
+
+/// A request whose publish succeeded, with the statuses its direct sync is to record.
+#[derive(Debug, Clone, Copy)]
+pub struct Completed<'a> {
+    pub id: Uuid,
+    pub synced: Option<&'a SyncedTenancy>,
+}
+
+/// [`complete`] for several requests in one statement: each deleted, and the statuses of
+/// every database their syncs brought up to date recorded.
+pub async fn complete_many(
+    executor: impl PgExecutor<'_>,
+    completed: &[Completed<'_>],
+) -> Result<(), sqlx::Error> {
     static RECORD_AND_DELETE: LazyLock<String> = LazyLock::new(|| {
         format!(
             r#"with cleared as ({CLEAR_CONFIGURATION_PROBLEM}), recorded as ({RECORD_SUCCESSES})
-            delete from "OutgoingRequest" where "id" = $6"#
+            delete from "OutgoingRequest" where "id" = any($6::uuid[])"#
         )
     });
-    match synced.filter(|synced| !synced.databases.is_empty()) {
-        None => {
-            sqlx::query(r#"delete from "OutgoingRequest" where "id" = $1"#)
-                .bind(id)
-                .execute(executor)
-                .await?;
-        }
-        Some(synced) => {
-            bind_successes(sqlx::query(&RECORD_AND_DELETE), synced)
-                .bind(id)
-                .execute(executor)
-                .await?;
-        }
+    let ids: Vec<Uuid> = completed.iter().map(|completed| completed.id).collect();
+    let mut successes = SuccessColumns::default();
+    for synced in completed.iter().filter_map(|completed| completed.synced) {
+        successes.add(synced);
+    }
+    if successes.is_empty() {
+        sqlx::query(r#"delete from "OutgoingRequest" where "id" = any($1::uuid[])"#)
+            .bind(ids)
+            .execute(executor)
+            .await?;
+    } else {
+        successes
+            .bind(sqlx::query(&RECORD_AND_DELETE))
+            .bind(ids)
+            .execute(executor)
+            .await?;
     }
     Ok(())
 }

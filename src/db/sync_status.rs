@@ -27,19 +27,22 @@ pub struct SyncedTenancy {
     pub databases: Vec<SyncSuccess>,
 }
 
-/// Records successful syncs: `$1` the tenancy, `$2` the database ids, `$3` the sequence
-/// ids they are synced through, `$4` and `$5` their `users` and `contact_channels`
-/// watermarks (see [`bind_successes`]). No recorded value ever moves back, even if an
-/// older run finishes last.
+/// Records successful syncs, one row of the arrays per database synced: `$1` its
+/// tenancy, `$2` its id, `$3` the sequence id it is synced through, `$4` and `$5` its
+/// `users` and `contact_channels` watermarks (see [`bind_successes`]). A database named
+/// more than once (two syncs recorded together) is recorded once, with the furthest of
+/// each. No recorded value ever moves back, even if an older run finishes last.
 pub(crate) const RECORD_SUCCESSES: &str = r#"
         insert into "ExternalDbSyncStatus" as status
             ("tenancyId", "databaseId", "lastSyncedSequenceId", "usersSyncedThrough",
              "contactChannelsSyncedThrough", "lastSuccessAt", "consecutiveFailures",
              "updatedAt")
-        select $1, synced.database_id, synced.synced_through, synced.users,
-               synced.contact_channels, current_timestamp, 0, current_timestamp
-        from unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
-            as synced(database_id, synced_through, users, contact_channels)
+        select synced.tenancy_id, synced.database_id, max(synced.synced_through),
+               max(synced.users), max(synced.contact_channels), current_timestamp, 0,
+               current_timestamp
+        from unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+            as synced(tenancy_id, database_id, synced_through, users, contact_channels)
+        group by synced.tenancy_id, synced.database_id
         on conflict ("tenancyId", "databaseId") do update set
             "lastSyncedSequenceId" =
                 greatest(status."lastSyncedSequenceId", excluded."lastSyncedSequenceId"),
@@ -54,31 +57,51 @@ pub(crate) const RECORD_SUCCESSES: &str = r#"
         "#;
 
 /// Next to [`RECORD_SUCCESSES`], as a CTE of the same statement: a problem recorded for
-/// the tenancy's configuration as a whole (database id `*`) is gone once a database of
-/// it synced. `$1` the tenancy.
+/// a tenancy's configuration as a whole (database id `*`) is gone once a database of it
+/// synced. `$1` the tenancies (as [`RECORD_SUCCESSES`]).
 pub(crate) const CLEAR_CONFIGURATION_PROBLEM: &str = r#"
-        delete from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = '*'
+        delete from "ExternalDbSyncStatus"
+        where "tenancyId" = any($1::uuid[]) and "databaseId" = '*'
         "#;
 
-/// Binds the parameters `$1` to `$5` of [`RECORD_SUCCESSES`].
-pub(crate) fn bind_successes<'q>(
-    query: Query<'q, Postgres, PgArguments>,
-    synced: &'q SyncedTenancy,
-) -> Query<'q, Postgres, PgArguments> {
-    let column = |value: fn(&SyncSuccess) -> i64| -> Vec<i64> {
-        synced.databases.iter().map(value).collect()
-    };
-    let ids: Vec<&str> = synced
-        .databases
-        .iter()
-        .map(|success| success.database_id.as_str())
-        .collect();
-    query
-        .bind(synced.tenancy_id)
-        .bind(ids)
-        .bind(column(|success| success.last_synced_sequence_id))
-        .bind(column(|success| success.watermarks[0]))
-        .bind(column(|success| success.watermarks[1]))
+/// The successes of several syncs as the parameters `$1` to `$5` of
+/// [`RECORD_SUCCESSES`]: one row per database synced.
+#[derive(Debug, Default)]
+pub(crate) struct SuccessColumns {
+    tenancies: Vec<Uuid>,
+    databases: Vec<String>,
+    synced_through: Vec<i64>,
+    users: Vec<i64>,
+    contact_channels: Vec<i64>,
+}
+
+impl SuccessColumns {
+    pub(crate) fn add(&mut self, synced: &SyncedTenancy) {
+        for success in &synced.databases {
+            self.tenancies.push(synced.tenancy_id);
+            self.databases.push(success.database_id.clone());
+            self.synced_through.push(success.last_synced_sequence_id);
+            self.users.push(success.watermarks[0]);
+            self.contact_channels.push(success.watermarks[1]);
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.tenancies.is_empty()
+    }
+
+    /// Binds the parameters `$1` to `$5` of [`RECORD_SUCCESSES`].
+    pub(crate) fn bind<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.tenancies)
+            .bind(&self.databases)
+            .bind(&self.synced_through)
+            .bind(&self.users)
+            .bind(&self.contact_channels)
+    }
 }
 
 /// Records successful syncs of `synced`'s databases.
@@ -89,7 +112,10 @@ pub async fn record_successes(
     static STATEMENT: LazyLock<String> = LazyLock::new(|| {
         format!("with cleared as ({CLEAR_CONFIGURATION_PROBLEM}) {RECORD_SUCCESSES}")
     });
-    bind_successes(sqlx::query(&STATEMENT), synced)
+    let mut columns = SuccessColumns::default();
+    columns.add(synced);
+    columns
+        .bind(sqlx::query(&STATEMENT))
         .execute(executor)
         .await?;
     Ok(())

@@ -188,56 +188,15 @@ impl Reader {
                     mapping = self.mapping.name(),
                     reads = group.len(),
                     error = %error_chain(&error),
-                    unreachable = unreachable(&error).is_some(),
+                    unreachable = db::unreachable(&error).is_some(),
                     "a gathered read of changes failed"
                 );
                 for asked in group {
-                    let answer = unreachable(&error).map_or(Answer::ReadAlone, Answer::Unreachable);
+                    let answer =
+                        db::unreachable(&error).map_or(Answer::ReadAlone, Answer::Unreachable);
                     let _ = asked.answer.send(answer);
                 }
             }
         }
-    }
-}
-
-/// The same failure again, when `error` says that the internal database could not be
-/// reached (no connection in time, the pool closed, the connection failed): a read
-/// alone would only wait for it once more. `None` for any other failure.
-fn unreachable(error: &sqlx::Error) -> Option<sqlx::Error> {
-    match error {
-        sqlx::Error::PoolTimedOut => Some(sqlx::Error::PoolTimedOut),
-        sqlx::Error::PoolClosed => Some(sqlx::Error::PoolClosed),
-        sqlx::Error::Io(io) => Some(sqlx::Error::Io(std::io::Error::new(
-            io.kind(),
-            io.to_string(),
-        ))),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unreachable;
-
-    #[test]
-    fn only_a_failure_to_reach_the_internal_database_is_passed_on_to_every_reader() {
-        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        match unreachable(&sqlx::Error::Io(refused)) {
-            Some(sqlx::Error::Io(again)) => {
-                assert_eq!(again.kind(), std::io::ErrorKind::ConnectionRefused);
-                assert_eq!(again.to_string(), "refused");
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            unreachable(&sqlx::Error::PoolTimedOut),
-            Some(sqlx::Error::PoolTimedOut)
-        ));
-        assert!(matches!(
-            unreachable(&sqlx::Error::PoolClosed),
-            Some(sqlx::Error::PoolClosed)
-        ));
-        let refused_by_the_statement = sqlx::Error::Protocol("unexpected message".to_owned());
-        assert!(unreachable(&refused_by_the_statement).is_none());
     }
 }

@@ -11,6 +11,7 @@ mod cli_tenancy;
 mod command_line;
 mod demo;
 mod embedded;
+mod gathered_completions;
 mod gathered_reads;
 mod guarded_writes;
 mod hostile_tenants;

@@ -308,7 +308,6 @@ pub async fn recorded_error(
     )
 }
 
-/// A new tenancy with one new tenant database, `main`, attached.
 /// Waits (30 s at most) until the user `id` is in the tenant database.
 pub async fn wait_for_user(tenant: &PgPool, id: Uuid) {
     super::wait::until(
@@ -325,6 +324,7 @@ pub async fn wait_for_user(tenant: &PgPool, id: Uuid) {
     .await;
 }
 
+/// A new tenancy with one new tenant database, `main`, attached.
 pub async fn tenancy_with_database(pool: &PgPool) -> (Uuid, PgPool) {
     let tenancy = super::fixtures::tenancy(pool).await;
     let (url, tenant) = super::fixtures::tenant_database().await;

@@ -1,0 +1,191 @@
+//! Completions of published requests, gathered across the publishes that end at the
+//! same moment into one statement on the internal database.
+//!
+//! Each published request is deleted and its sync's statuses recorded
+//! ([`db::queue::complete`]): one statement and one commit per sync, the most frequent
+//! of the service's statements once the reads were gathered. A completer takes what was
+//! asked, completes it in one statement ([`db::queue::complete_many`]), and while that
+//! statement runs, gathers what is asked next: one statement in flight at a time, so at
+//! a low rate each completion goes alone at once, and under load they go together, as
+//! many as ended while the last statement ran. Nothing waits for company.
+//!
+//! When the gathered statement cannot reach the internal database, each asker gets that
+//! failure (and retries as it would have); when the statement itself fails, each
+//! completes alone, so one request can never keep another from being completed.
+//!
+//! No durable state is added: a request is deleted when its completion commits, gathered
+//! or not, and one whose process stops before is taken over when its lease runs out.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::db;
+use crate::db::queue::Completed;
+use crate::db::sync_status::SyncedTenancy;
+use crate::error::error_chain;
+
+/// The most requests one gathered statement completes.
+const MOST_GATHERED: usize = 128;
+
+/// One completion asked of the completer, and where its answer goes.
+struct Asked {
+    id: Uuid,
+    synced: Option<SyncedTenancy>,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// What the completer answers one completion.
+enum Answer {
+    /// Completed, with the others.
+    Done,
+    /// The internal database could not be reached: the error a completion alone would
+    /// get.
+    Unreachable(sqlx::Error),
+    /// The gathered statement failed: complete alone.
+    Alone,
+}
+
+/// The completer of one poller, started on first use.
+pub struct Completions {
+    pool: PgPool,
+    completer: OnceLock<mpsc::UnboundedSender<Asked>>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    asked: AtomicU64,
+    completed: AtomicU64,
+    statements: AtomicU64,
+}
+
+impl Counts {
+    /// One statement completed `requests` requests.
+    fn completed(&self, requests: usize) {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        (self.completed).fetch_add(requests as u64, Ordering::Relaxed);
+    }
+}
+
+/// Completions asked so far, the requests completed, and the statements that completed
+/// them, gathered or alone (see [`crate::poller::Poller::gathered_completions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatheredCompletions {
+    pub asked: u64,
+    pub completed: u64,
+    pub statements: u64,
+}
+
+impl Completions {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            completer: OnceLock::new(),
+            counts: Arc::default(),
+        }
+    }
+
+    pub fn count(&self) -> GatheredCompletions {
+        GatheredCompletions {
+            asked: self.counts.asked.load(Ordering::Relaxed),
+            completed: self.counts.completed.load(Ordering::Relaxed),
+            statements: self.counts.statements.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Deletes the published request `id` and records the statuses of `synced`, as
+    /// [`db::queue::complete`] does, with whatever other completions are asked at the
+    /// same moment.
+    pub async fn complete(
+        &self,
+        id: Uuid,
+        synced: Option<&SyncedTenancy>,
+    ) -> Result<(), sqlx::Error> {
+        let (answer, answered) = oneshot::channel();
+        let asked = Asked {
+            id,
+            synced: synced.cloned(),
+            answer,
+        };
+        self.counts.asked.fetch_add(1, Ordering::Relaxed);
+        if self.completer().send(asked).is_ok() {
+            match answered.await {
+                Ok(Answer::Done) => return Ok(()),
+                Ok(Answer::Unreachable(error)) => return Err(error),
+                // The completer went away with the runtime that ran it.
+                Ok(Answer::Alone) | Err(_) => {}
+            }
+        }
+        db::queue::complete(&self.pool, id, synced).await?;
+        self.counts.completed(1);
+        Ok(())
+    }
+
+    /// The completer, started in the current runtime on first use. One whose runtime
+    /// ended answers nothing, and its askers complete alone.
+    fn completer(&self) -> &mpsc::UnboundedSender<Asked> {
+        self.completer.get_or_init(|| {
+            let (asks, asked) = mpsc::unbounded_channel();
+            tokio::spawn(complete_gathered(
+                self.pool.clone(),
+                self.counts.clone(),
+                asked,
+            ));
+            asks
+        })
+    }
+}
+
+/// Takes the first completion asked, lets the other ready tasks run (publishes that
+/// ended together reach their completions), takes everything asked by then, and
+/// completes it in one statement; then the next group, gathered meanwhile.
+async fn complete_gathered(
+    pool: PgPool,
+    counts: Arc<Counts>,
+    mut asked: mpsc::UnboundedReceiver<Asked>,
+) {
+    while let Some(first) = asked.recv().await {
+        tokio::task::yield_now().await;
+        let mut group = vec![first];
+        while group.len() < MOST_GATHERED {
+            match asked.try_recv() {
+                Ok(more) => group.push(more),
+                Err(_) => break,
+            }
+        }
+        let completed: Vec<Completed<'_>> = (group.iter())
+            .map(|asked| Completed {
+                id: asked.id,
+                synced: asked.synced.as_ref(),
+            })
+            .collect();
+        let outcome = db::queue::complete_many(&pool, &completed).await;
+        drop(completed);
+        match outcome {
+            Ok(()) => {
+                counts.completed(group.len());
+                for asked in group {
+                    // An asker that went away (its publish was dropped) needs no answer.
+                    let _ = asked.answer.send(Answer::Done);
+                }
+            }
+            Err(error) => {
+                let unreachable = db::unreachable(&error);
+                tracing::warn!(
+                    requests = group.len(),
+                    error = %error_chain(&error),
+                    unreachable = unreachable.is_some(),
+                    "a gathered completion of requests failed"
+                );
+                for asked in group {
+                    let answer = db::unreachable(&error).map_or(Answer::Alone, Answer::Unreachable);
+                    let _ = asked.answer.send(answer);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Completions of published requests gathered across publishes: the requests whose
+//! syncs end while one completion statement runs are completed together by the next,
+//! each deleted and each database's status recorded as a completion alone would.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use external_db_sync::db::queue::{self, Completed};
+use external_db_sync::db::sync_status::{SyncSuccess, SyncedTenancy};
+use external_db_sync::poller::{Poller, PollerSettings};
+use external_db_sync::publish::direct::DirectPublisher;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::harness::fixtures::{rename_user, sequence_all, tenancy, user};
+use crate::harness::polling::poll_once;
+use crate::harness::postgres::migrated_pool;
+use crate::harness::sync::{
+    assert_tenant_matches_source, engine, latest_change, tenancy_with_database,
+};
+use crate::harness::wait;
+
+async fn pending_requests(pool: &PgPool, tenancies: &[Uuid]) -> i64 {
+    sqlx::query_scalar(
+        r#"select count(*) from "OutgoingRequest"
+           where ("qstashOptions" #>> '{body,tenancyId}')::uuid = any($1)"#,
+    )
+    .bind(tenancies)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// What `"ExternalDbSyncStatus"` records of the tenancy's database `main`: how far its
+/// users are synced, and its failures in a row.
+async fn users_synced_through(pool: &PgPool, tenancy: Uuid) -> (i64, i32) {
+    sqlx::query_as(
+        r#"select "usersSyncedThrough", "consecutiveFailures" from "ExternalDbSyncStatus"
+           where "tenancyId" = $1 and "databaseId" = 'main'"#,
+    )
+    .bind(tenancy)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// While the first completion statement waits (a lock on the statuses it records), the
+/// other syncs end and ask; the next statement completes all of them. Every request is
+/// deleted, every database's status records the sync, every tenant database is equal to
+/// the source.
+#[tokio::test]
+async fn requests_whose_syncs_end_while_a_completion_runs_are_completed_together() {
+    let pool = migrated_pool().await;
+    let mut tenancies = Vec::new();
+    for n in 0..6 {
+        let (tenancy, tenant) = tenancy_with_database(&pool).await;
+        let id = user(&pool, tenancy, &format!("user {n}")).await;
+        tenancies.push((tenancy, tenant, id));
+    }
+    sequence_all(&pool, 1000).await;
+    let engine = Arc::new(engine(&pool));
+    let publisher = Arc::new(DirectPublisher::new(engine.clone()));
+    let settings = PollerSettings {
+        sync_concurrency: 8,
+        ..PollerSettings::default()
+    };
+    let poller = Arc::new(Poller::new(pool.clone(), publisher, settings));
+    assert_eq!(poll_once(&poller).await.published, 6);
+    let ids: Vec<Uuid> = tenancies.iter().map(|(tenancy, ..)| *tenancy).collect();
+
+    for (n, (_, _, id)) in tenancies.iter().enumerate() {
+        rename_user(&pool, *id, &format!("renamed {n}")).await;
+    }
+    sequence_all(&pool, 1000).await;
+    // Every status row of these tenancies locked: a completion that records one waits.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(r#"select 1 from "ExternalDbSyncStatus" where "tenancyId" = any($1) for update"#)
+        .bind(&ids)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let before = poller.gathered_completions();
+    let polling = tokio::spawn({
+        let poller = poller.clone();
+        async move { poll_once(&poller).await }
+    });
+    wait::until(
+        "every sync to ask for its completion",
+        Duration::from_secs(30),
+        || {
+            let asked = poller.gathered_completions().asked - before.asked;
+            async move { (asked == 6).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        pending_requests(&pool, &ids).await,
+        6,
+        "nothing is completed while the first statement waits"
+    );
+    holder.commit().await.unwrap();
+    let batch = polling.await.unwrap();
+
+    assert_eq!((batch.claimed, batch.published, batch.failed), (6, 6, 0));
+    let after = poller.gathered_completions();
+    let (completed, statements) = (
+        after.completed - before.completed,
+        after.statements - before.statements,
+    );
+    assert_eq!(completed, 6);
+    assert!(
+        statements <= 2,
+        "{completed} completions took {statements} statements"
+    );
+    assert_eq!(pending_requests(&pool, &ids).await, 0);
+    for (tenancy, tenant, _) in &tenancies {
+        let latest = latest_change(&pool, *tenancy, "ProjectUser").await;
+        assert_eq!(users_synced_through(&pool, *tenancy).await, (latest, 0));
+        assert_tenant_matches_source(&pool, *tenancy, tenant).await;
+    }
+}
+
+/// Two completions recorded together that name the same database (a request taken over
+/// after its lease, and the one that took it over) record it once, with the furthest
+/// watermarks of the two, and delete both requests.
+#[tokio::test]
+async fn completions_of_the_same_database_together_record_the_furthest() {
+    let pool = migrated_pool().await;
+    let tenancy = tenancy(&pool).await;
+    let mut requests = Vec::new();
+    for n in 0..2 {
+        let id: Uuid = sqlx::query_scalar(
+            r#"insert into "OutgoingRequest" ("deduplicationKey", "qstashOptions")
+               values ($1, '{}'::jsonb) returning "id""#,
+        )
+        .bind(format!("test-{tenancy}-{n}"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        requests.push(id);
+    }
+    let synced = |through: i64, users: i64, channels: i64| SyncedTenancy {
+        tenancy_id: tenancy,
+        databases: vec![SyncSuccess {
+            database_id: "main".to_owned(),
+            last_synced_sequence_id: through,
+            watermarks: [users, channels],
+        }],
+    };
+    let (older, newer) = (synced(10, 10, 7), synced(12, 9, 12));
+    queue::complete_many(
+        &pool,
+        &[
+            Completed {
+                id: requests[0],
+                synced: Some(&older),
+            },
+            Completed {
+                id: requests[1],
+                synced: Some(&newer),
+            },
+        ],
+    )
+    .await
+    .unwrap();
+
+    let (through, users, channels): (i64, i64, i64) = sqlx::query_as(
+        r#"select "lastSyncedSequenceId", "usersSyncedThrough", "contactChannelsSyncedThrough"
+           from "ExternalDbSyncStatus" where "tenancyId" = $1 and "databaseId" = 'main'"#,
+    )
+    .bind(tenancy)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((through, users, channels), (12, 10, 12));
+    let left: i64 =
+        sqlx::query_scalar(r#"select count(*) from "OutgoingRequest" where "id" = any($1)"#)
+            .bind(&requests)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+}
