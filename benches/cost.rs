@@ -33,8 +33,9 @@
 //! Run: `cargo bench --bench cost`. Settings: `BENCH_TENANCIES` (default 50, 20 users
 //! each), `BENCH_RATE` (default 400), `BENCH_SECONDS` (default 20). `BENCH_BASELINE`, the
 //! path of another build's binary (an earlier commit's `target/release/external-db-sync`),
-//! runs the service's mode twice with each build, alternately (baseline first), so that
-//! a change is measured before and after in one run on the same servers. The service's own
+//! runs the service's mode `BENCH_PAIRS` (default 2) times with each build, alternately
+//! (baseline first), so that a change is measured before and after in one run on the
+//! same servers. The service's own
 //! variables (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) pass
 //! through to `serve`. `BENCH_STATEMENTS=1` also prints, for each of the service's modes,
 //! its most frequent statements on each server in the window (calls and execution time
@@ -150,7 +151,7 @@ async fn main() {
     match baseline_binary() {
         Some(baseline) => {
             println!("baseline build: {}", baseline.display());
-            for _ in 0..2 {
+            for _ in 0..setting("BENCH_PAIRS", 2) {
                 modes.push(Mode::Service { baseline: true });
                 modes.push(Mode::Service { baseline: false });
             }
