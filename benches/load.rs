@@ -308,6 +308,9 @@ async fn wait_until_caught_up(internal: &PgPool, limit: Duration) {
     .await;
 }
 
+/// How many failed writes of the application are shown, each with its error.
+const SHOWN_WRITE_ERRORS: u64 = 5;
+
 /// One writer: random inserts, updates and deletes of users and contact channels in
 /// random tenancies, one committed statement each, until `stop`.
 async fn write(
@@ -323,9 +326,20 @@ async fn write(
             Ok(()) => {
                 writes.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => {
-                // The internal database is down (a fault) or a row went meanwhile.
-                errors.fetch_add(1, Ordering::Relaxed);
+            Err(error) => {
+                // The internal database is down (a fault) or a row went meanwhile. The
+                // first few are shown: a failure the service caused (a deadlock with
+                // its own statements) must not pass for the workload's own.
+                if errors.fetch_add(1, Ordering::Relaxed) < SHOWN_WRITE_ERRORS {
+                    let code = match &error {
+                        sqlx::Error::Database(database) => database.code().map(|c| c.into_owned()),
+                        _ => None,
+                    };
+                    println!(
+                        "a write of the application failed (SQLSTATE {}): {error}",
+                        code.as_deref().unwrap_or("none")
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
