@@ -174,11 +174,10 @@ async fn complete_gathered(
                 }
             }
             Err(error) => {
-                let unreachable = db::unreachable(&error);
                 tracing::warn!(
                     requests = group.len(),
                     error = %error_chain(&error),
-                    unreachable = unreachable.is_some(),
+                    unreachable = db::unreachable(&error).is_some(),
                     "a gathered completion of requests failed"
                 );
                 for asked in group {

@@ -121,7 +121,7 @@ struct Settled {
     /// Given back to the queue.
     released: u64,
     /// A sync of the publish queued a retry request for when a failing database comes
-    /// due (see [`Published::queued_retry`]).
+    /// due (see [`crate::publish::Published::queued_retry`]).
     retries_queued: bool,
 }
 
@@ -313,7 +313,8 @@ impl Poller {
         }
     }
 
-    /// Requests completed by gathered statements so far (see [`crate::completions`]).
+    /// Completions asked so far, and the statements that made them, gathered or alone
+    /// (see [`crate::completions`]).
     pub fn gathered_completions(&self) -> GatheredCompletions {
         self.completions.count()
     }

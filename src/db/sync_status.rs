@@ -29,7 +29,7 @@ pub struct SyncedTenancy {
 
 /// Records successful syncs, one row of the arrays per database synced: `$1` its
 /// tenancy, `$2` its id, `$3` the sequence id it is synced through, `$4` and `$5` its
-/// `users` and `contact_channels` watermarks (see [`bind_successes`]). A database named
+/// `users` and `contact_channels` watermarks (see [`SuccessColumns`]). A database named
 /// more than once (two syncs recorded together) is recorded once, with the furthest of
 /// each. No recorded value ever moves back, even if an older run finishes last.
 pub(crate) const RECORD_SUCCESSES: &str = r#"
