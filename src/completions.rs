@@ -27,6 +27,7 @@ use crate::db;
 use crate::db::queue::Completed;
 use crate::db::sync_status::SyncedTenancy;
 use crate::error::error_chain;
+use crate::gathering;
 
 /// The most requests one gathered statement completes.
 const MOST_GATHERED: usize = 128;
@@ -148,24 +149,14 @@ async fn complete_gathered(
     counts: Arc<Counts>,
     mut asked: mpsc::UnboundedReceiver<Asked>,
 ) {
-    while let Some(first) = asked.recv().await {
-        tokio::task::yield_now().await;
-        let mut group = vec![first];
-        while group.len() < MOST_GATHERED {
-            match asked.try_recv() {
-                Ok(more) => group.push(more),
-                Err(_) => break,
-            }
-        }
+    while let Some(group) = gathering::next_group(&mut asked, MOST_GATHERED).await {
         let completed: Vec<Completed<'_>> = (group.iter())
             .map(|asked| Completed {
                 id: asked.id,
                 synced: asked.synced.as_ref(),
             })
             .collect();
-        let outcome = db::queue::complete_many(&pool, &completed).await;
-        drop(completed);
-        match outcome {
+        match db::queue::complete_many(&pool, &completed).await {
             Ok(()) => {
                 counts.completed(group.len());
                 for asked in group {
@@ -177,11 +168,12 @@ async fn complete_gathered(
                 tracing::warn!(
                     requests = group.len(),
                     error = %error_chain(&error),
-                    unreachable = db::unreachable(&error).is_some(),
+                    unreachable = gathering::unreachable(&error).is_some(),
                     "a gathered completion of requests failed"
                 );
                 for asked in group {
-                    let answer = db::unreachable(&error).map_or(Answer::Alone, Answer::Unreachable);
+                    let answer =
+                        gathering::unreachable(&error).map_or(Answer::Alone, Answer::Unreachable);
                     let _ = asked.answer.send(answer);
                 }
             }

@@ -22,6 +22,7 @@ pub mod db;
 pub mod demo;
 pub mod embedded;
 pub mod error;
+pub mod gathering;
 pub mod instruments;
 pub mod mapping;
 pub mod poller;

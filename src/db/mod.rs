@@ -26,22 +26,6 @@ pub const CHANGES_CHANNEL: &str = "external_db_sync_changes";
 /// The `NOTIFY` channel of `"OutgoingRequest"` inserts: a sync request was queued.
 pub const REQUESTS_CHANNEL: &str = "external_db_sync_requests";
 
-/// The same failure again, when `error` says that the internal database could not be
-/// reached (no connection in time, the pool closed, the connection failed): a statement
-/// gathered for several askers passes it to each, since a statement of their own would
-/// only wait for it once more. `None` for any other failure.
-pub fn unreachable(error: &sqlx::Error) -> Option<sqlx::Error> {
-    match error {
-        sqlx::Error::PoolTimedOut => Some(sqlx::Error::PoolTimedOut),
-        sqlx::Error::PoolClosed => Some(sqlx::Error::PoolClosed),
-        sqlx::Error::Io(io) => Some(sqlx::Error::Io(std::io::Error::new(
-            io.kind(),
-            io.to_string(),
-        ))),
-        _ => None,
-    }
-}
-
 /// The internal database (`DATABASE_URL`).
 #[derive(Clone)]
 pub struct DatabaseSettings {
@@ -107,31 +91,4 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
 pub async fn is_reachable(pool: &PgPool, timeout: Duration) -> bool {
     let ping = sqlx::query_scalar::<_, i32>("select 1").fetch_one(pool);
     matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(1)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unreachable;
-
-    #[test]
-    fn only_a_failure_to_reach_the_internal_database_is_passed_on_to_every_asker() {
-        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        match unreachable(&sqlx::Error::Io(refused)) {
-            Some(sqlx::Error::Io(again)) => {
-                assert_eq!(again.kind(), std::io::ErrorKind::ConnectionRefused);
-                assert_eq!(again.to_string(), "refused");
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            unreachable(&sqlx::Error::PoolTimedOut),
-            Some(sqlx::Error::PoolTimedOut)
-        ));
-        assert!(matches!(
-            unreachable(&sqlx::Error::PoolClosed),
-            Some(sqlx::Error::PoolClosed)
-        ));
-        let refused_by_the_statement = sqlx::Error::Protocol("unexpected message".to_owned());
-        assert!(unreachable(&refused_by_the_statement).is_none());
-    }
 }

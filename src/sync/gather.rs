@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::db;
 use crate::error::error_chain;
+use crate::gathering;
 use crate::mapping::{Batch, Mapping};
 
 /// The most sequence ids between a watermark and the tenancy's latest change for a read
@@ -155,15 +156,7 @@ impl Reader {
     /// claim's syncs reach their reads), takes everything asked by then, and reads it in
     /// one statement, in a task of its own so that the next group need not wait.
     async fn run(self, mut asked: mpsc::UnboundedReceiver<Asked>) {
-        while let Some(first) = asked.recv().await {
-            tokio::task::yield_now().await;
-            let mut group = vec![first];
-            while group.len() < MOST_GATHERED {
-                match asked.try_recv() {
-                    Ok(more) => group.push(more),
-                    Err(_) => break,
-                }
-            }
+        while let Some(group) = gathering::next_group(&mut asked, MOST_GATHERED).await {
             tokio::spawn(self.clone().answer(group));
         }
     }
@@ -188,12 +181,12 @@ impl Reader {
                     mapping = self.mapping.name(),
                     reads = group.len(),
                     error = %error_chain(&error),
-                    unreachable = db::unreachable(&error).is_some(),
+                    unreachable = gathering::unreachable(&error).is_some(),
                     "a gathered read of changes failed"
                 );
                 for asked in group {
-                    let answer =
-                        db::unreachable(&error).map_or(Answer::ReadAlone, Answer::Unreachable);
+                    let answer = gathering::unreachable(&error)
+                        .map_or(Answer::ReadAlone, Answer::Unreachable);
                     let _ = asked.answer.send(answer);
                 }
             }

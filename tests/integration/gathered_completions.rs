@@ -7,17 +7,13 @@ use std::time::Duration;
 
 use external_db_sync::db::queue::{self, Completed};
 use external_db_sync::db::sync_status::{SyncSuccess, SyncedTenancy};
-use external_db_sync::poller::{Poller, PollerSettings};
-use external_db_sync::publish::direct::DirectPublisher;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::harness::fixtures::{rename_user, sequence_all, tenancy, user};
-use crate::harness::polling::poll_once;
+use crate::harness::polling::{direct_poller, poll_once};
 use crate::harness::postgres::migrated_pool;
-use crate::harness::sync::{
-    assert_tenant_matches_source, engine, latest_change, tenancy_with_database,
-};
+use crate::harness::sync::{assert_tenant_matches_source, latest_change, tenancy_with_database};
 use crate::harness::wait;
 
 async fn pending_requests(pool: &PgPool, tenancies: &[Uuid]) -> i64 {
@@ -58,13 +54,7 @@ async fn requests_whose_syncs_end_while_a_completion_runs_are_completed_together
         tenancies.push((tenancy, tenant, id));
     }
     sequence_all(&pool, 1000).await;
-    let engine = Arc::new(engine(&pool));
-    let publisher = Arc::new(DirectPublisher::new(engine.clone()));
-    let settings = PollerSettings {
-        sync_concurrency: 8,
-        ..PollerSettings::default()
-    };
-    let poller = Arc::new(Poller::new(pool.clone(), publisher, settings));
+    let poller = Arc::new(direct_poller(&pool, 8));
     assert_eq!(poll_once(&poller).await.published, 6);
     let ids: Vec<Uuid> = tenancies.iter().map(|(tenancy, ..)| *tenancy).collect();
 

@@ -6,15 +6,13 @@ use std::sync::Arc;
 
 use external_db_sync::db::changes;
 use external_db_sync::mapping::Mapping;
-use external_db_sync::poller::{Poller, PollerSettings};
-use external_db_sync::publish::direct::DirectPublisher;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::harness::fixtures::{
     delete_channel, delete_user, email, rename_user, sequence_all, tenancy, user,
 };
-use crate::harness::polling::poll_once;
+use crate::harness::polling::{direct_poller_on, poll_once};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{assert_tenant_matches_source, engine, tenancy_with_database};
 
@@ -129,12 +127,7 @@ async fn syncs_started_together_end_equal_to_the_source() {
     }
     sequence_all(&pool, 1000).await;
     let engine = Arc::new(engine(&pool));
-    let publisher = Arc::new(DirectPublisher::new(engine.clone()));
-    let settings = PollerSettings {
-        sync_concurrency: 8,
-        ..PollerSettings::default()
-    };
-    let poller = Poller::new(pool.clone(), publisher, settings);
+    let poller = direct_poller_on(&pool, engine.clone(), 8);
     assert_eq!(poll_once(&poller).await.published, 6);
     let before = engine.gathered_reads();
 

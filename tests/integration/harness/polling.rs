@@ -7,7 +7,7 @@ use external_db_sync::poller::{InFlight, PolledBatch, Poller, PollerRun, PollerS
 use external_db_sync::publish::direct::DirectPublisher;
 use sqlx::PgPool;
 
-use external_db_sync::sync::SyncSettings;
+use external_db_sync::sync::{SyncEngine, SyncSettings};
 
 use super::sync::{engine_with, test_settings, PrivateTargets};
 
@@ -47,7 +47,25 @@ pub fn direct_poller_leasing(pool: &PgPool, sync_concurrency: usize, lease: Dura
 
 fn direct_poller_of(pool: &PgPool, sync: SyncSettings, poller: PollerSettings) -> Poller {
     let engine = engine_with(pool, sync, PrivateTargets::Allowed);
-    let publisher = DirectPublisher::new(Arc::new(engine));
+    direct_poller_on_engine(pool, Arc::new(engine), poller)
+}
+
+/// [`direct_poller`] on `engine`, which the caller keeps (to read what it counts),
+/// `sync_concurrency` at once.
+pub fn direct_poller_on(pool: &PgPool, engine: Arc<SyncEngine>, sync_concurrency: usize) -> Poller {
+    let poller = PollerSettings {
+        sync_concurrency,
+        ..PollerSettings::default()
+    };
+    direct_poller_on_engine(pool, engine, poller)
+}
+
+fn direct_poller_on_engine(
+    pool: &PgPool,
+    engine: Arc<SyncEngine>,
+    poller: PollerSettings,
+) -> Poller {
+    let publisher = DirectPublisher::new(engine);
     Poller::new(pool.clone(), Arc::new(publisher), poller)
 }
 
