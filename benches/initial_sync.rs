@@ -1,33 +1,43 @@
 //! Bulk throughput: N users (and one primary e-mail each) imported, numbered and synced
 //! into a tenant database, beside the limits on the same server in the same run.
 //!
-//! Timed, in order:
-//! - import: the application's own `insert`, with the change-capture triggers;
+//! Timed, in order, for each N (each in a process of its own, so that its peak RSS is
+//! its own):
+//! - import without triggers: the application's own `insert` into a second internal
+//!   database, with the change-capture triggers off (`session_replication_role =
+//!   replica`): what the import costs without this service;
+//! - import: the same `insert`, with the change-capture triggers;
 //! - sequencer: numbering every imported row (batches of `BENCH_SEQUENCER_BATCH`);
 //! - initial sync: `sync_tenancy` into an empty tenant database (reading the internal
 //!   database, creating the tables, writing both tables side by side);
-//! - updated users: every user renamed, numbered, then synced into the populated
-//!   database (the batches' upsert path);
+//! - renames: every user renamed, numbered, then synced into the populated database,
+//!   first by batches of upserts only (`staged_batch_size` 0), then by the staging path
+//!   (the default; see `sync::staged`), the staged one last so that it meets the larger
+//!   table;
+//! - pipelined end to end: a second tenancy of N users imported, then numbered by the
+//!   sequencer while a sync loop syncs it into a database of its own, until every row is
+//!   there: against the sequencer alone, what syncing while numbering adds;
 //! - parallel binary `COPY` of the same rows (already in memory) into identical empty
 //!   tables, both tables at once on two connections: the fastest way PostgreSQL can
 //!   ingest them, and the limit the sync is compared with;
 //! - one upsert per row, each committing on its own (a sample of `PER_ROW_SAMPLE`), the
 //!   way a naive apply writes.
 //!
-//! End to end is the sequencer and the initial sync one after the other. Peak RSS is this
-//! process's, read after the syncs and before the baselines load the rows into memory:
-//! the sync engine runs in this process.
+//! Peak RSS is the process's, read after the syncs and before the baselines load the
+//! rows into memory: the sync engine runs in this process.
 //!
-//! Run: `cargo bench --bench initial_sync` (N = 100,000; `BENCH_USERS=1000000` for a
-//! million; `BENCH_BATCH_SIZE` sets the sync's batch size). It starts its own PostgreSQL
-//! cluster, with durability on as in production (`fsync`, `synchronous_commit`), or uses
-//! the server of `EXTERNAL_DB_SYNC_TEST_DATABASE_URL`. Internal and tenant databases
-//! share that server, and its machine, with the benchmark itself.
+//! Run: `cargo bench --bench initial_sync` (N = 100,000 then 1,000,000;
+//! `BENCH_USERS=100000` for one N, or a comma-separated list; `BENCH_BATCH_SIZE` and
+//! `BENCH_STAGED_BATCH_SIZE` set the sync's). Each N starts its own PostgreSQL cluster,
+//! with durability on as in production (`fsync`, `synchronous_commit`), or uses the
+//! server of `EXTERNAL_DB_SYNC_TEST_DATABASE_URL`. Internal and tenant databases share
+//! that server, and its machine, with the benchmark itself.
 
 #[allow(dead_code)]
 #[path = "../tests/integration/harness/postgres.rs"]
 mod postgres;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
@@ -49,6 +59,9 @@ use uuid::Uuid;
 /// rows one by one would only make the benchmark slow.
 const PER_ROW_SAMPLE: usize = 10_000;
 
+/// Set in the process that runs one N.
+const CHILD: &str = "BENCH_INITIAL_SYNC_CHILD";
+
 fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -56,34 +69,83 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-#[tokio::main]
-async fn main() {
-    let users: i32 = setting("BENCH_USERS", 100_000);
-    let batch_size: u32 = setting("BENCH_BATCH_SIZE", SyncSettings::default().batch_size);
+fn main() {
+    if std::env::var_os(CHILD).is_some() {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(run(setting("BENCH_USERS", 100_000)));
+        return;
+    }
+    let sizes = std::env::var("BENCH_USERS").unwrap_or_else(|_| "100000,1000000".to_owned());
+    for users in sizes.split(',') {
+        let users: i32 = users
+            .trim()
+            .parse()
+            .expect("BENCH_USERS: numbers, comma-separated");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(std::env::args_os().skip(1))
+            .env(CHILD, "1")
+            .env("BENCH_USERS", users.to_string())
+            .status()
+            .expect("running the benchmark for one N");
+        assert!(status.success(), "the benchmark for {users} users failed");
+    }
+}
+
+/// Pairs of a row count and how long it took, printed as a table against the limit.
+struct Lines {
+    copy_rate: f64,
+}
+
+impl Lines {
+    fn line(&self, what: &str, rows: i64, time: Duration) {
+        let rows_per_second = rows as f64 / time.as_secs_f64();
+        println!(
+            "| {what} | {rows} | {:.3} s | {rows_per_second:.0} | {:.2}× |",
+            time.as_secs_f64(),
+            rows_per_second / self.copy_rate
+        );
+    }
+}
+
+async fn run(users: i32) {
+    let defaults = SyncSettings::default();
+    let batch_size: u32 = setting("BENCH_BATCH_SIZE", defaults.batch_size);
+    let staged_batch_size: u32 = setting("BENCH_STAGED_BATCH_SIZE", defaults.staged_batch_size);
     let sequencer_batch: u32 = setting("BENCH_SEQUENCER_BATCH", 10_000);
     println!(
         "bulk benchmark: {users} users (and as many contact channels), sync batch size \
-         {batch_size}, sequencer batch size {sequencer_batch}"
+         {batch_size}, staged batch size {staged_batch_size}, sequencer batch size \
+         {sequencer_batch}"
     );
     let rows = 2 * i64::from(users);
 
     let server = postgres::start_server(postgres::ClusterSetup::durable());
+
+    // The import without this service's triggers, each into a database of its own:
+    // once before the import with them and once after, so that neither meets only a
+    // colder or a warmer server.
+    let bare_before = import_without_capture(&server, users).await;
+
     let internal_url = server.migrated_database().await;
     let pool = postgres::pool(&internal_url).await;
     let tenancy = Uuid::new_v4();
     let tenant_url = server.empty_database("bench_sync").await;
     create_tenancy(&pool, tenancy, &tenant_url).await;
 
-    let import_time = import(&pool, tenancy, users).await;
+    checkpoint(&pool).await;
+    let import_time = import(&pool, tenancy, users, Capture::On).await;
+    let bare_after = import_without_capture(&server, users).await;
+    let bare_import_time = (bare_before + bare_after) / 2;
     checkpoint(&pool).await;
     let sequencer_time = sequence_everything(&pool, sequencer_batch).await;
     checkpoint(&pool).await;
 
     // The initial sync, into the empty database.
-    let engine = engine(&pool, batch_size);
+    let staged = engine(&pool, batch_size, staged_batch_size);
     let cpu_before = process_cpu_time();
     let started = Instant::now();
-    sync_once(&engine, tenancy).await;
+    sync_once(&staged, tenancy).await;
     let sync_time = started.elapsed();
     let sync_cpu = process_cpu_time() - cpu_before;
     let tenant = connect(&tenant_url).await;
@@ -93,25 +155,29 @@ async fn main() {
         "every user and channel arrived"
     );
 
-    // Every user renamed: a batch of N updates into the populated database.
-    sqlx::query(r#"update "ProjectUser" set "displayName" = "displayName" || ' (renamed)'"#)
-        .execute(&pool)
-        .await
-        .unwrap();
-    sequence_everything(&pool, sequencer_batch).await;
+    // Every user renamed, twice: synced by upserts only, then by the staging path.
+    let upserts_only = engine(&pool, batch_size, 0);
+    let (renames_sequencer_time, upsert_time) =
+        rename_and_sync(&pool, &upserts_only, tenancy, &tenant, sequencer_batch, 1).await;
+    let (_, staged_time) =
+        rename_and_sync(&pool, &staged, tenancy, &tenant, sequencer_batch, 2).await;
+
+    // A second import, numbered while it is synced.
+    let second = Uuid::new_v4();
+    let second_url = server.empty_database("bench_pipelined").await;
+    create_tenancy(&pool, second, &second_url).await;
+    import(&pool, second, users, Capture::On).await;
     checkpoint(&pool).await;
-    let started = Instant::now();
-    sync_once(&engine, tenancy).await;
-    let update_time = started.elapsed();
-    let renamed: i64 = tenant
-        .query_one(
-            "select count(*) from users where display_name like '% (renamed)'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(renamed, i64::from(users), "every rename arrived");
+    let second_tenant = connect(&second_url).await;
+    let pipelined_time = sequence_while_syncing(
+        &pool,
+        &staged,
+        second,
+        &second_tenant,
+        rows,
+        sequencer_batch,
+    )
+    .await;
     let peak_rss_mb = peak_rss_bytes() as f64 / 1_048_576.0;
 
     // The baselines, on the same rows.
@@ -123,49 +189,155 @@ async fn main() {
     let autocommit_url = server.empty_database("bench_autocommit").await;
     let autocommit_time = per_row_baseline(&autocommit_url, users_sample, channels_sample).await;
 
-    let rate = |rows: f64, time: Duration| rows / time.as_secs_f64();
-    let copy_rate = rate(rows as f64, copy_time);
-    let line = |what: &str, rows: i64, time: Duration| {
-        let rows_per_second = rate(rows as f64, time);
-        println!(
-            "| {what} | {rows} | {:.3} s | {rows_per_second:.0} | {:.2}× |",
-            time.as_secs_f64(),
-            rows_per_second / copy_rate
-        );
+    let lines = Lines {
+        copy_rate: rows as f64 / copy_time.as_secs_f64(),
     };
+    let renamed = i64::from(users);
     println!();
     println!("| what | rows | time | rows/s | vs. parallel COPY |");
     println!("|---|---:|---:|---:|---:|");
-    line("parallel binary COPY (the limit)", rows, copy_time);
-    line(
-        "import (application insert, change capture)",
+    lines.line("parallel binary COPY (the limit)", rows, copy_time);
+    lines.line(
+        "import, change-capture triggers off",
         rows,
-        import_time,
+        bare_import_time,
     );
-    line("sequencer", rows, sequencer_time);
-    line("initial sync (empty tenant database)", rows, sync_time);
-    line(
-        "sequencer + initial sync, end to end",
+    lines.line("import, change-capture triggers on", rows, import_time);
+    lines.line("sequencer", rows, sequencer_time);
+    lines.line("initial sync (empty tenant database)", rows, sync_time);
+    lines.line(
+        "sequencer, then initial sync",
         rows,
         sequencer_time + sync_time,
     );
-    line(
-        "sync of updated users (populated database)",
-        i64::from(users),
-        update_time,
+    lines.line(
+        "sequencer while syncing (pipelined end to end)",
+        rows,
+        pipelined_time,
     );
-    line(
+    lines.line("sequencer of the renames", renamed, renames_sequencer_time);
+    lines.line(
+        "renames into the populated database, upserts only",
+        renamed,
+        upsert_time,
+    );
+    lines.line(
+        "renames into the populated database, staged",
+        renamed,
+        staged_time,
+    );
+    lines.line(
         "upsert per row, autocommit",
         (2 * sample) as i64,
         autocommit_time,
     );
     println!();
     println!(
+        "import without triggers: {:.3} s before the import with them, {:.3} s after",
+        bare_before.as_secs_f64(),
+        bare_after.as_secs_f64()
+    );
+    println!(
+        "import with triggers / without: {:.2}×; pipelined end to end / sequencer: {:.2}× \
+         the sequencer's rate",
+        import_time.as_secs_f64() / bare_import_time.as_secs_f64(),
+        sequencer_time.as_secs_f64() / pipelined_time.as_secs_f64(),
+    );
+    println!(
         "initial sync used {:.2} s of this process's CPU in {:.2} s; peak RSS of this \
          process through the syncs: {peak_rss_mb:.0} MB",
         sync_cpu.as_secs_f64(),
         sync_time.as_secs_f64()
     );
+}
+
+/// Renames every user of `tenancy` (the `round`th time), numbers the renames, then syncs
+/// them with `engine`; returns how long the numbering and the sync took.
+async fn rename_and_sync(
+    pool: &sqlx::PgPool,
+    engine: &SyncEngine,
+    tenancy: Uuid,
+    tenant: &Client,
+    sequencer_batch: u32,
+    round: u32,
+) -> (Duration, Duration) {
+    let suffix = format!(" (renamed {round})");
+    sqlx::query(
+        r#"update "ProjectUser" set "displayName" = "displayName" || $2 where "tenancyId" = $1"#,
+    )
+    .bind(tenancy)
+    .bind(&suffix)
+    .execute(pool)
+    .await
+    .unwrap();
+    checkpoint(pool).await;
+    let sequencer_time = sequence_everything(pool, sequencer_batch).await;
+    checkpoint(pool).await;
+    let started = Instant::now();
+    sync_once(engine, tenancy).await;
+    let sync_time = started.elapsed();
+    let (renamed, users): (i64, i64) = {
+        let row = tenant
+            .query_one(
+                "select count(*) filter (where display_name like '%' || $1), count(*) from users",
+                &[&suffix],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(renamed, users, "every rename arrived");
+    (sequencer_time, sync_time)
+}
+
+/// Numbers everything while a loop syncs `tenancy` with `engine`, until the sequencer is
+/// done and the tenant database holds all `rows`; returns how long that took.
+async fn sequence_while_syncing(
+    pool: &sqlx::PgPool,
+    engine: &SyncEngine,
+    tenancy: Uuid,
+    tenant: &Client,
+    rows: i64,
+    sequencer_batch: u32,
+) -> Duration {
+    let numbered = AtomicBool::new(false);
+    let started = Instant::now();
+    let numbering = async {
+        sequence_everything(pool, sequencer_batch).await;
+        numbered.store(true, Ordering::SeqCst);
+    };
+    let syncing = async {
+        loop {
+            let last = numbered.load(Ordering::SeqCst);
+            let outcome = sync_tenancy(engine, tenancy).await.unwrap();
+            let changed = match &outcome {
+                TenancySync::Synced(report) => {
+                    report.databases[0]
+                        .result
+                        .as_ref()
+                        .expect("the sync succeeded")
+                        .changes()
+                        > 0
+                }
+                _ => false,
+            };
+            if last {
+                break;
+            }
+            if !changed {
+                // Nothing numbered since the last look: look again shortly.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    tokio::join!(numbering, syncing);
+    let elapsed = started.elapsed();
+    assert_eq!(
+        tenant_rows(tenant).await,
+        rows,
+        "every user and channel arrived"
+    );
+    elapsed
 }
 
 async fn sync_once(engine: &SyncEngine, tenancy: Uuid) {
@@ -236,9 +408,35 @@ async fn create_tenancy(pool: &sqlx::PgPool, tenancy: Uuid, tenant_url: &str) {
         .unwrap();
 }
 
+/// [`import`] with the triggers off, into a migrated database of its own.
+async fn import_without_capture(server: &postgres::Server, users: i32) -> Duration {
+    let url = server.migrated_database().await;
+    let pool = postgres::pool(&url).await;
+    checkpoint(&pool).await;
+    let time = import(&pool, Uuid::new_v4(), users, Capture::Off).await;
+    pool.close().await;
+    time
+}
+
+/// Whether the import runs through this service's change-capture triggers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    On,
+    /// Every trigger off for the import's session (`session_replication_role = replica`),
+    /// as an application without this service would write.
+    Off,
+}
+
 /// `users` users with one primary e-mail each, inserted as the application would: one
-/// statement per table, through the change-capture triggers.
-async fn import(pool: &sqlx::PgPool, tenancy: Uuid, users: i32) -> Duration {
+/// statement per table, through the change-capture triggers unless `capture` is off.
+async fn import(pool: &sqlx::PgPool, tenancy: Uuid, users: i32, capture: Capture) -> Duration {
+    let mut connection = pool.acquire().await.unwrap();
+    if capture == Capture::Off {
+        sqlx::query("set session_replication_role = replica")
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+    }
     let started = Instant::now();
     sqlx::query(
         r#"with users as (
@@ -260,10 +458,15 @@ async fn import(pool: &sqlx::PgPool, tenancy: Uuid, users: i32) -> Duration {
     )
     .bind(tenancy)
     .bind(users)
-    .execute(pool)
+    .execute(&mut *connection)
     .await
     .unwrap();
-    started.elapsed()
+    let elapsed = started.elapsed();
+    if capture == Capture::Off {
+        // Not handed back to the pool with the triggers off.
+        connection.close().await.unwrap();
+    }
+    elapsed
 }
 
 /// Runs sequencer batches until nothing is left to number; returns how long it took.
@@ -282,7 +485,7 @@ async fn sequence_everything(pool: &sqlx::PgPool, batch_size: u32) -> Duration {
     started.elapsed()
 }
 
-fn engine(pool: &sqlx::PgPool, batch_size: u32) -> SyncEngine {
+fn engine(pool: &sqlx::PgPool, batch_size: u32, staged_batch_size: u32) -> SyncEngine {
     let options = pool.connect_options();
     let internal = InternalDatabase {
         host: options.get_host().to_owned(),
@@ -291,6 +494,7 @@ fn engine(pool: &sqlx::PgPool, batch_size: u32) -> SyncEngine {
     };
     let settings = SyncSettings {
         batch_size,
+        staged_batch_size,
         max_batches_per_run: u32::MAX,
         ..SyncSettings::default()
     };

@@ -148,6 +148,12 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         let defaults = SyncSettings::default();
         Ok(SyncSettings {
             batch_size: self.number("SYNC_BATCH_SIZE", defaults.batch_size, 1, 100_000)?,
+            staged_batch_size: self.number(
+                "SYNC_STAGED_BATCH_SIZE",
+                defaults.staged_batch_size,
+                0,
+                1_000_000,
+            )?,
             max_batches_per_run: self.number(
                 "SYNC_MAX_BATCHES_PER_RUN",
                 defaults.max_batches_per_run,

@@ -172,8 +172,16 @@ mod tests {
         assert!(!config.allow_private_targets);
         assert_eq!(config.sequencer.batch_size, 1000);
         assert_eq!(config.sync.batch_size, 5000);
+        assert_eq!(config.sync.staged_batch_size, 50_000);
         assert_eq!(config.qstash.clock_tolerance, Duration::from_secs(5));
         assert_eq!(config.database.location().dbname, "app");
+    }
+
+    #[test]
+    fn staging_can_be_turned_off() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("SYNC_STAGED_BATCH_SIZE", "0"));
+        assert_eq!(env(&pairs).config().unwrap().sync.staged_batch_size, 0);
     }
 
     #[test]
@@ -206,6 +214,7 @@ mod tests {
             ("DATABASE_MAX_CONNECTIONS", "lots"),
             ("QSTASH_CLOCK_TOLERANCE_SECS", "-1"),
             ("SYNC_BATCH_SIZE", "0"),
+            ("SYNC_STAGED_BATCH_SIZE", "2000000"),
             ("SYNC_MAX_BATCHES_PER_RUN", "x"),
             ("SYNC_DATABASE_CONCURRENCY", "1000"),
             ("SYNC_CONNECT_TIMEOUT_MS", "0"),

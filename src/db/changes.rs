@@ -28,17 +28,22 @@ pub async fn next_batch(
     watermark: i64,
     limit: u32,
 ) -> Result<Option<Batch>, sqlx::Error> {
-    let sql: &'static str = match mapping {
-        Mapping::Users => &USERS_BATCH,
-        Mapping::ContactChannels => &CONTACT_CHANNELS_BATCH,
-    };
-    let rows = sqlx::query(sql)
+    let rows = sqlx::query(batch_query(mapping))
         .bind(tenancy_id)
         .bind(watermark)
         .bind(i64::from(limit))
         .fetch_all(executor)
         .await?;
     collect_batch(mapping, &rows)
+}
+
+/// The statement [`next_batch`] runs (`$1` tenancy, `$2` watermark, `$3` limit), for
+/// whoever wants to see its plan.
+pub fn batch_query(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => &USERS_BATCH,
+        Mapping::ContactChannels => &CONTACT_CHANNELS_BATCH,
+    }
 }
 
 /// The next batch of `mapping` for each `(tenancy, watermark)` of `after`, in that
@@ -86,6 +91,7 @@ pub async fn next_batches(
 /// order.
 fn batches_sql(one: &str) -> String {
     let each = one
+        .replace("(select $1::uuid)", "asked.tenancy_id")
         .replace("$1", "asked.tenancy_id")
         .replace("$2", "asked.watermark");
     format!(
@@ -168,7 +174,8 @@ const CHANNEL_COLUMNS: &str = r#"
     coalesce(c."usedForAuth", false) as used_for_auth,
     c."createdAt" as created_at"#;
 
-/// The part both batch queries share. `$1` tenancy, `$2` watermark, `$3` limit.
+/// The part both batch queries share. `$1` tenancy, `$2` watermark, `$3` limit; `$T`
+/// the tenancy where a single row is looked up (see [`one_tenancy`]).
 ///
 /// - `live`: rows whose current sequence id is after the watermark, read with their
 ///   values in the same index scan that finds them;
@@ -255,15 +262,29 @@ select
     }
 }
 
+/// [`BatchQuery::sql`] for the tenancy in `$1`.
+///
+/// The look-ups of single rows (a user's primary e-mail, the current row of a deleted
+/// id) name the tenancy as `(select $1::uuid)`, a value the planner does not see, not
+/// as `$1`. Right after a large import, the statistics do not know the new tenancy and
+/// estimate it at a row or two; given the value, the planner then finds one index on
+/// the tenancy as good as the key, and a look-up by the tenancy alone, filtered, read
+/// every channel of the tenancy for every user of the batch (minutes for a batch of a
+/// million-user import). Not knowing the value, it estimates an average tenancy, and
+/// only the key is worth taking.
+fn one_tenancy(query: BatchQuery) -> String {
+    query.sql().replace("$T", "(select $1::uuid)")
+}
+
 static USERS_BATCH: LazyLock<String> = LazyLock::new(|| {
-    BatchQuery {
+    one_tenancy(BatchQuery {
         table: "ProjectUser",
         alias: "u",
         id_column: r#"u."projectUserId""#,
         primary_key_field: "projectUserId",
         columns: USER_COLUMNS,
         current_row: r#"left join "ProjectUser" u
-        on u."tenancyId" = $1 and u."projectUserId" = gone.id"#,
+        on u."tenancyId" = $T and u."projectUserId" = gone.id"#,
         present: r#"u."projectUserId" is not null"#,
         rest: r#",
     email."value" as primary_email,
@@ -272,16 +293,15 @@ from touched
 left join lateral (
     select c."value", c."isVerified"
     from "ContactChannel" c
-    where c."tenancyId" = $1 and c."projectUserId" = touched.id
+    where c."tenancyId" = $T and c."projectUserId" = touched.id
       and c."type" = 'EMAIL' and c."isPrimary"
     limit 1
 ) as email on touched.present"#,
-    }
-    .sql()
+    })
 });
 
 static CONTACT_CHANNELS_BATCH: LazyLock<String> = LazyLock::new(|| {
-    BatchQuery {
+    one_tenancy(BatchQuery {
         table: "ContactChannel",
         alias: "c",
         id_column: r#"c."id""#,
@@ -290,14 +310,13 @@ static CONTACT_CHANNELS_BATCH: LazyLock<String> = LazyLock::new(|| {
         // Channel ids are unique in practice, though the primary key does not say so.
         current_row: r#"left join lateral (
         select * from "ContactChannel" c
-        where c."tenancyId" = $1 and c."id" = gone.id
+        where c."tenancyId" = $T and c."id" = gone.id
         order by c."sequenceId" desc nulls last
         limit 1
     ) as c on true"#,
         present: r#"c."id" is not null"#,
         rest: "\nfrom touched",
-    }
-    .sql()
+    })
 });
 
 /// `COPY … TO STDOUT (FORMAT binary)` of every numbered row of `mapping` for
@@ -357,4 +376,89 @@ pub async fn latest_change(
         .bind(mapping.source_table())
         .fetch_one(executor)
         .await
+}
+
+/// Where the batch [`next_batch`] would read (the first `limit` changes of `mapping`
+/// for `tenancy_id` after `watermark`) ends: its number of changes and its last sequence
+/// id, or `None` when nothing is left. Read in the same snapshot as [`copy_batch`], it
+/// tells what that copy holds before its rows arrive.
+pub async fn batch_cutoff(
+    executor: impl PgExecutor<'_>,
+    mapping: Mapping,
+    tenancy_id: Uuid,
+    watermark: i64,
+    limit: u32,
+) -> Result<Option<Cutoff>, sqlx::Error> {
+    let sql: &'static str = match mapping {
+        Mapping::Users => &USERS_CUTOFF,
+        Mapping::ContactChannels => &CONTACT_CHANNELS_CUTOFF,
+    };
+    let (changes, last_sequence_id): (i64, Option<i64>) = sqlx::query_as(sql)
+        .bind(tenancy_id)
+        .bind(watermark)
+        .bind(i64::from(limit))
+        .fetch_one(executor)
+        .await?;
+    Ok(last_sequence_id.map(|last_sequence_id| Cutoff {
+        changes: u64::try_from(changes).unwrap_or(0),
+        last_sequence_id,
+    }))
+}
+
+/// How far a batch reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cutoff {
+    /// Changes (sequence ids) in the batch.
+    pub changes: u64,
+    /// The batch's last sequence id: the watermark once it is applied.
+    pub last_sequence_id: i64,
+}
+
+/// The batch query up to its `cutoff`, answering that alone.
+fn cutoff_sql(batch: &str) -> String {
+    let end = batch
+        .find("), batch_live as (")
+        .expect("the batch query computes its cutoff before its rows");
+    format!(
+        "{}) select changes, last_sequence_id from cutoff",
+        &batch[..end]
+    )
+}
+
+static USERS_CUTOFF: LazyLock<String> = LazyLock::new(|| cutoff_sql(&USERS_BATCH));
+static CONTACT_CHANNELS_CUTOFF: LazyLock<String> =
+    LazyLock::new(|| cutoff_sql(&CONTACT_CHANNELS_BATCH));
+
+/// `COPY … TO STDOUT (FORMAT binary)` of the rows of the batch [`next_batch`] would read
+/// (the first `limit` changes of `mapping` for `tenancy_id` after `watermark`): one row
+/// per id the batch touches, in id order, as the staging table of
+/// [`crate::sync::statements::create_stage`] takes it: the id, whether the row exists
+/// now, then the mapped columns in the external table's types (null where the row is
+/// gone). Read in one snapshot with [`batch_cutoff`], which tells where it ends.
+///
+/// `COPY` takes no parameters: the tenancy id is a [`Uuid`] and the others are numbers,
+/// formatted here, never text from elsewhere.
+pub fn copy_batch(mapping: Mapping, tenancy_id: Uuid, watermark: i64, limit: u32) -> String {
+    let (batch, columns): (&str, &str) = match mapping {
+        Mapping::Users => (
+            &USERS_BATCH,
+            r#"b.display_name::text, b.profile_image_url::text, b.primary_email::text,
+       b.primary_email_verified::boolean, b.signed_up_at::timestamp,
+       b.client_metadata::jsonb, b.client_read_only_metadata::jsonb,
+       b.server_metadata::jsonb, b.is_anonymous::boolean"#,
+        ),
+        Mapping::ContactChannels => (
+            &CONTACT_CHANNELS_BATCH,
+            r#"b.user_id::uuid, b."type"::text, b."value"::text, b.is_primary::boolean,
+       b.is_verified::boolean, b.used_for_auth::boolean, b.created_at::timestamp"#,
+        ),
+    };
+    let batch = batch
+        .replace("$1", &format!("'{tenancy_id}'::uuid"))
+        .replace("$2", &format!("{watermark}::int8"))
+        .replace("$3", &format!("{limit}::int8"));
+    format!(
+        "copy (select b.id::uuid, b.present::boolean, {columns} \
+         from ({batch}) as b order by b.id) to stdout (format binary)"
+    )
 }

@@ -12,6 +12,7 @@ use super::initial_copy;
 use super::report::{MappingReport, Repair};
 use super::resync;
 use super::sessions::TenantSession;
+use super::staged::{self, Staged, StagedRead};
 use super::statements::{self, Applied, Columns};
 use crate::db;
 use crate::mapping::{Batch, Mapping};
@@ -40,6 +41,11 @@ pub(super) async fn apply_batches(
         }
     }
     let mut watermark_checked = false;
+    // Whether the next batch goes by the staging path (see [`staged`]); once refused by
+    // the tenant database, not again in this run.
+    let mut staging = false;
+    let mut staging_refused = false;
+    let mut staged_ahead: Option<StagedRead> = None;
     loop {
         let known_before = engine.known.watermarks(key);
         let watermarks = begin_locked(session, mapping).await?;
@@ -54,16 +60,67 @@ pub(super) async fn apply_batches(
                 continue;
             }
         }
+        if staging {
+            let limit = settings.staged_batch_size;
+            let mut read = match staged_ahead.take() {
+                Some(read) if read.after() == watermark => read,
+                _ => StagedRead::start(&engine.pool, mapping, key.tenancy_id, watermark, limit),
+            };
+            let Some(cutoff) = read.cutoff().await? else {
+                commit(session).await?;
+                engine.known.set_watermark(key, mapping, watermark);
+                break;
+            };
+            let full = cutoff.changes >= u64::from(limit);
+            let another = full && report.batches + 1 < settings.max_batches_per_run;
+            // Read while this one is merged; used if the watermark is still where it
+            // was read from when the next transaction holds the lock.
+            staged_ahead = another.then(|| {
+                StagedRead::start(
+                    &engine.pool,
+                    mapping,
+                    key.tenancy_id,
+                    cutoff.last_sequence_id,
+                    limit,
+                )
+            });
+            match staged::apply_staged_batch(session, mapping, read, cutoff).await? {
+                Staged::Applied(applied) => {
+                    engine
+                        .known
+                        .set_watermark(key, mapping, cutoff.last_sequence_id);
+                    report.add_staged(cutoff, applied);
+                    if !full {
+                        break;
+                    }
+                    if report.batches >= settings.max_batches_per_run {
+                        report.more_remaining = true;
+                        break;
+                    }
+                    continue;
+                }
+                Staged::Refused => {
+                    tracing::warn!(
+                        tenancy_id = %key.tenancy_id,
+                        database_id = sessions.database_id,
+                        mapping = mapping.name(),
+                        "the tenant database does not allow temporary tables; \
+                         large batches go as upserts"
+                    );
+                    rollback(session).await?;
+                    staging = false;
+                    staging_refused = true;
+                    staged_ahead = None;
+                    continue;
+                }
+            }
+        }
         let batch = match read_ahead.take() {
             Some(ahead) if ahead.after == watermark => ahead.batch,
             _ => read_batch(engine, key.tenancy_id, mapping, watermark).await?,
         };
         let Some(batch) = batch else {
-            session
-                .client()
-                .batch_execute("commit")
-                .await
-                .map_err(SyncError::target)?;
+            commit(session).await?;
             engine.known.set_watermark(key, mapping, watermark);
             break;
         };
@@ -88,7 +145,19 @@ pub(super) async fn apply_batches(
                 continue;
             }
         }
-        let another = full && report.batches + 1 < settings.max_batches_per_run;
+        // After a full batch, the next ones go staged (when staging is on): nothing is
+        // read ahead for them.
+        let stage_next = full && settings.staged_batch_size > 0 && !staging_refused;
+        let another = full && !stage_next && report.batches + 1 < settings.max_batches_per_run;
+        if stage_next && report.batches + 1 < settings.max_batches_per_run {
+            staged_ahead = Some(StagedRead::start(
+                &engine.pool,
+                mapping,
+                key.tenancy_id,
+                batch.last_sequence_id,
+                settings.staged_batch_size,
+            ));
+        }
         let (applied, next) =
             write_reading_next(sessions, session, mapping, &batch, another).await?;
         read_ahead = next;
@@ -96,6 +165,7 @@ pub(super) async fn apply_batches(
         if !full {
             break;
         }
+        staging = stage_next;
         if report.batches >= settings.max_batches_per_run {
             report.more_remaining = true;
             break;
@@ -228,6 +298,24 @@ async fn repair_if_needed(
         complete_through,
         reason,
     }))
+}
+
+/// Commits the transaction that holds the mapping's lock.
+async fn commit(session: &TenantSession) -> Result<(), SyncError> {
+    session
+        .client()
+        .batch_execute("commit")
+        .await
+        .map_err(SyncError::target)
+}
+
+/// Ends the transaction that holds the mapping's lock without keeping anything.
+async fn rollback(session: &TenantSession) -> Result<(), SyncError> {
+    session
+        .client()
+        .batch_execute("rollback")
+        .await
+        .map_err(SyncError::target)
 }
 
 /// In the transaction that holds the mapping's lock: moves the watermark forward to

@@ -36,6 +36,10 @@ use crate::mapping::Mapping;
 pub struct SyncSettings {
     /// Changes read and applied per transaction (`SYNC_BATCH_SIZE`).
     pub batch_size: u32,
+    /// Changes per batch once a run found a full batch (`SYNC_STAGED_BATCH_SIZE`): the
+    /// batches after it go by `COPY` into a staging table and a set-based merge. `0`
+    /// keeps every batch on the upsert path.
+    pub staged_batch_size: u32,
     /// Batches per mapping and database in one run before the tenancy is re-queued
     /// (`SYNC_MAX_BATCHES_PER_RUN`).
     pub max_batches_per_run: u32,
@@ -55,6 +59,7 @@ impl Default for SyncSettings {
     fn default() -> Self {
         Self {
             batch_size: 5000,
+            staged_batch_size: 50_000,
             max_batches_per_run: 20,
             database_concurrency: 4,
             max_databases_per_tenancy: 10,

@@ -12,8 +12,8 @@
 //! Memory holds one chunk (about [`CHUNK_BYTES`]): the bytes are passed on as they come,
 //! never parsed, and `COPY` waits for the tenant database as it takes them.
 
-use bytes::BytesMut;
-use futures::{SinkExt, TryStreamExt};
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, Stream, TryStreamExt};
 use tokio_postgres::types::ToSql;
 
 use super::error::SyncError;
@@ -23,7 +23,7 @@ use crate::db;
 use crate::mapping::Mapping;
 
 /// How many bytes of `COPY` data are passed to the tenant database at a time.
-const CHUNK_BYTES: usize = 256 * 1024;
+pub(super) const CHUNK_BYTES: usize = 256 * 1024;
 
 /// The tenant session's statement timeout for the one `COPY` statement that carries a
 /// whole table, in this transaction only: ten minutes, where a batch's statements get
@@ -73,6 +73,37 @@ pub(super) async fn copy_if_empty(
     copied
 }
 
+/// Streams binary `COPY` data from `source` into the tenant's `COPY … FROM STDIN` of
+/// `target_sql`, a chunk of about [`CHUNK_BYTES`] at a time, and returns how many rows
+/// the tenant database took. The bytes are passed on as they come, never parsed: the
+/// source and the target must agree on columns and types.
+pub(super) async fn pipe(
+    source: impl Stream<Item = Result<Bytes, SyncError>>,
+    session: &TenantSession,
+    target_sql: &str,
+) -> Result<u64, SyncError> {
+    let sink = session
+        .client()
+        .copy_in::<_, Bytes>(target_sql)
+        .await
+        .map_err(SyncError::target)?;
+    futures::pin_mut!(sink);
+    futures::pin_mut!(source);
+    let mut chunk = BytesMut::with_capacity(CHUNK_BYTES);
+    while let Some(data) = source.try_next().await? {
+        chunk.extend_from_slice(&data);
+        if chunk.len() >= CHUNK_BYTES {
+            sink.send(chunk.split().freeze())
+                .await
+                .map_err(SyncError::target)?;
+        }
+    }
+    if !chunk.is_empty() {
+        sink.send(chunk.freeze()).await.map_err(SyncError::target)?;
+    }
+    sink.as_mut().finish().await.map_err(SyncError::target)
+}
+
 async fn copy_snapshot(
     internal: &mut sqlx::PgConnection,
     session: &TenantSession,
@@ -97,28 +128,15 @@ async fn copy_snapshot(
         )
         .await
         .map_err(SyncError::target)?;
-    let sink = session
-        .client()
-        .copy_in::<_, bytes::Bytes>(statements::copy_in(mapping))
-        .await
-        .map_err(SyncError::target)?;
-    futures::pin_mut!(sink);
-    {
-        let mut source = internal.copy_out_raw(&source_sql).await?;
-        let mut chunk = BytesMut::with_capacity(CHUNK_BYTES);
-        while let Some(data) = source.try_next().await? {
-            chunk.extend_from_slice(&data);
-            if chunk.len() >= CHUNK_BYTES {
-                sink.send(chunk.split().freeze())
-                    .await
-                    .map_err(SyncError::target)?;
-            }
-        }
-        if !chunk.is_empty() {
-            sink.send(chunk.freeze()).await.map_err(SyncError::target)?;
-        }
-    }
-    let rows = sink.as_mut().finish().await.map_err(SyncError::target)?;
+    let rows = {
+        let source = internal.copy_out_raw(&source_sql).await?;
+        pipe(
+            source.map_err(SyncError::from),
+            session,
+            statements::copy_in(mapping),
+        )
+        .await?
+    };
     sqlx::query("commit").execute(&mut *internal).await?;
     Ok(Some(Copied { rows, through }))
 }

@@ -7,6 +7,8 @@
 //! - `database`: one database: its sessions, its schema, its mappings side by side;
 //! - `apply`: a mapping's batches, each in one transaction under the mapping's lock;
 //! - `initial_copy`: a large first sync into an empty table, streamed with `COPY`;
+//! - `staged`: a large batch into a table that holds rows, streamed with `COPY` into
+//!   a staging table and merged;
 //! - `resync`: a database that missed pruned deletions, brought back to the source;
 //! - `known`: the watermarks and prepared schemas this process remembers; `gather`:
 //!   small reads of changes that syncs ask at the same moment, made in one statement;
@@ -35,6 +37,7 @@ pub mod report;
 pub mod resync;
 pub mod schema;
 pub mod sessions;
+mod staged;
 pub mod stall;
 pub mod statements;
 pub mod summary;

@@ -138,6 +138,15 @@ impl MappingReport {
         self.watermark = batch.last_sequence_id;
     }
 
+    /// Counts a staged batch (see [`super::staged`]).
+    pub(super) fn add_staged(&mut self, cutoff: crate::db::changes::Cutoff, applied: Applied) {
+        self.batches += 1;
+        self.changes += cutoff.changes;
+        self.upserted += applied.upserted;
+        self.deleted += applied.deleted;
+        self.watermark = cutoff.last_sequence_id;
+    }
+
     /// Counts the rows of an initial copy, which applied every change through
     /// `through`; its rows count as changes.
     pub(super) fn add_copy(&mut self, rows: u64, through: i64) {

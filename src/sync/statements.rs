@@ -127,6 +127,90 @@ pub fn verify_page(mapping: Mapping) -> &'static str {
     }
 }
 
+/// The staging table of a large batch, in the session's temporary schema, dropped when
+/// the transaction ends (committed or not: a failed batch leaves nothing behind). It
+/// takes the rows of [`crate::db::changes::copy_batch`], in its columns and types.
+pub fn create_stage(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => {
+            "create temporary table _stack_sync_stage_users (id uuid, present boolean, \
+             display_name text, \
+             profile_image_url text, primary_email text, primary_email_verified boolean, \
+             signed_up_at timestamp, client_metadata jsonb, client_read_only_metadata jsonb, \
+             server_metadata jsonb, is_anonymous boolean) on commit drop"
+        }
+        Mapping::ContactChannels => {
+            "create temporary table _stack_sync_stage_contact_channels (id uuid, \
+             present boolean, user_id uuid, \
+             type text, value text, is_primary boolean, is_verified boolean, \
+             used_for_auth boolean, created_at timestamp) on commit drop"
+        }
+    }
+}
+
+/// `COPY … FROM STDIN (FORMAT binary)` into the staging table of [`create_stage`].
+pub fn copy_into_stage(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => "copy pg_temp._stack_sync_stage_users from stdin (format binary)",
+        Mapping::ContactChannels => {
+            "copy pg_temp._stack_sync_stage_contact_channels from stdin (format binary)"
+        }
+    }
+}
+
+/// Applies the staged batch and moves the mapping's watermark forward to `through` (the
+/// batch's last sequence id), as one simple query of three statements, so one message
+/// and one answer: deletes the rows that are gone, upserts the rows that exist (the
+/// update and its "changed at all" condition of [`upsert`]), advances. Each id is
+/// staged once, gone or present, so a deletion after an earlier write of the same row
+/// in the batch wins, as with [`delete`] and [`upsert`]. Sent in the transaction that
+/// holds the mapping's lock; the commit goes once it answered, so a link cut while it
+/// runs leaves the transaction to be rolled back.
+pub fn merge_stage(mapping: Mapping, through: i64) -> String {
+    static USERS: LazyLock<String> = LazyLock::new(|| apply_stage_text(Mapping::Users));
+    static CHANNELS: LazyLock<String> =
+        LazyLock::new(|| apply_stage_text(Mapping::ContactChannels));
+    let apply: &str = match mapping {
+        Mapping::Users => &USERS,
+        Mapping::ContactChannels => &CHANNELS,
+    };
+    format!(
+        "{apply};\n\
+         update _stack_sync_metadata \
+         set last_synced_sequence_id = {through}, updated_at = pg_catalog.now() \
+         where mapping_name = '{}' and last_synced_sequence_id < {through}",
+        mapping.name()
+    )
+}
+
+/// The delete and the upsert of [`merge_stage`].
+fn apply_stage_text(mapping: Mapping) -> String {
+    let (table, columns) = match mapping {
+        Mapping::Users => (
+            "users",
+            "id, display_name, profile_image_url, primary_email, primary_email_verified, \
+             signed_up_at, client_metadata, client_read_only_metadata, server_metadata, \
+             is_anonymous",
+        ),
+        Mapping::ContactChannels => (
+            "contact_channels",
+            "id, user_id, type, value, is_primary, is_verified, used_for_auth, created_at",
+        ),
+    };
+    let stage = format!("pg_temp._stack_sync_stage_{table}");
+    let upsert = upsert(mapping);
+    let on_conflict = &upsert[upsert
+        .find("on conflict (id)")
+        .expect("every upsert has an on conflict clause")..];
+    format!(
+        "delete from {table} using {stage} as stage \
+         where {table}.id = stage.id and not stage.present;\n\
+         insert into {table} ({columns}) select {columns} from {stage} where present\n\
+         {}",
+        on_conflict.trim_end()
+    )
+}
+
 /// How many parameters (one array per column) [`upsert`] takes.
 fn column_count(mapping: Mapping) -> usize {
     match mapping {

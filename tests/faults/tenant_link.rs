@@ -9,9 +9,14 @@ use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::harness::app::TestApp;
-use crate::harness::fixtures::{email, rename_user, tenancy, tenant_database, user};
+use external_db_sync::sync::SyncSettings;
+
+use crate::harness::fixtures::{email, rename_user, sequence_all, tenancy, tenant_database, user};
 use crate::harness::postgres::{pool, server};
-use crate::harness::sync::{attach, latest_change, recorded_error, wait_until_equal, watermark};
+use crate::harness::sync::{
+    assert_tenant_matches_source, attach, engine_with, latest_change, recorded_error, sync_only,
+    test_settings, wait_until_equal, watermark, PrivateTargets,
+};
 use crate::harness::wait;
 use crate::proxy::{Direction, Proxy};
 
@@ -225,4 +230,134 @@ async fn a_slow_link_delays_every_change_and_loses_none() {
         .unwrap();
     wait_until_equal(&internal, tenancy, &tenant).await;
     app.stop().await.unwrap();
+}
+
+/// How many of the service's sessions in the tenant database wait for a lock in the
+/// merge of a staged batch.
+async fn staged_merges_waiting(tenant: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity
+         where datname = current_database()
+           and application_name = 'external-db-sync'
+           and wait_event_type = 'Lock'
+           and query like 'delete from users using pg_temp._stack_sync_stage_users%'",
+    )
+    .fetch_one(tenant)
+    .await
+    .unwrap()
+}
+
+/// The link cut while a staged batch is merged (the merge waits for a row the tenant's
+/// owner holds): the batch fails and leaves nothing behind, neither its rows nor its
+/// staging table nor a watermark moved; the batches before it stay, and the next sync
+/// brings the database equal to the source.
+#[tokio::test]
+async fn a_staged_batch_cut_during_its_merge_leaves_nothing_behind() {
+    let internal_url = server().migrated_database().await;
+    let internal = pool(&internal_url).await;
+    let (proxy, proxied_url, tenant) = proxied_tenant().await;
+    let tenancy = tenancy(&internal).await;
+    attach(&internal, tenancy, &[("main", &proxied_url)]).await;
+    users_with_emails(&internal, tenancy, 60).await;
+    sequence_all(&internal, 1000).await;
+    // Batches of 10, then staged batches of 20: 10 + 20 + 20 + 10 renames.
+    let settings = SyncSettings {
+        batch_size: 10,
+        staged_batch_size: 20,
+        max_batches_per_run: 1000,
+        ..test_settings()
+    };
+    let engine = engine_with(&internal, settings.clone(), PrivateTargets::Allowed);
+    sync_only(&engine, tenancy).await;
+    // A process with no session kept: one with a kept session would try the database
+    // once more on a new session after the cut, and the test would see the retry.
+    let engine = engine_with(&internal, settings, PrivateTargets::Allowed);
+    rename_all(&internal, tenancy, "renamed").await;
+    sequence_all(&internal, 1000).await;
+    let numbered_last: Vec<Uuid> = sqlx::query_scalar(
+        r#"select "projectUserId" from "ProjectUser" where "tenancyId" = $1
+           order by "sequenceId" desc limit 10"#,
+    )
+    .bind(tenancy)
+    .fetch_all(&internal)
+    .await
+    .unwrap();
+
+    // The user numbered last is in the last staged batch; its row is held.
+    let blocker = hold_user_row(&tenant, numbered_last[0]).await;
+    let syncing = tokio::spawn(async move {
+        let report = sync_only(&engine, tenancy).await;
+        (engine, report)
+    });
+    wait::until(
+        "the merge of the last staged batch to wait for the held row",
+        Duration::from_secs(30),
+        || async { (staged_merges_waiting(&tenant).await >= 1).then_some(()) },
+    )
+    .await;
+    proxy.cut();
+    blocker.rollback().await.unwrap();
+    let (engine, report) = syncing.await.unwrap();
+    assert!(
+        report.databases[0].result.is_err(),
+        "the cut batch failed: {report:?}"
+    );
+
+    wait::until(
+        "the cut session to end in the tenant database",
+        Duration::from_secs(30),
+        || async { (service_sessions(&tenant).await == 0).then_some(()) },
+    )
+    .await;
+    let staging_tables: i64 = sqlx::query_scalar(
+        r"select count(*) from pg_catalog.pg_class where relname like '\_stack\_sync\_stage%'",
+    )
+    .fetch_one(&tenant)
+    .await
+    .unwrap();
+    assert_eq!(
+        staging_tables, 0,
+        "the staging table went with the transaction"
+    );
+    let renamed_of_the_cut_batch: i64 = sqlx::query_scalar(
+        "select count(*) from users where id = any($1) and display_name like 'renamed%'",
+    )
+    .bind(&numbered_last)
+    .fetch_one(&tenant)
+    .await
+    .unwrap();
+    assert_eq!(
+        renamed_of_the_cut_batch, 0,
+        "nothing of the cut batch was kept"
+    );
+    let renamed: i64 =
+        sqlx::query_scalar("select count(*) from users where display_name like 'renamed%'")
+            .fetch_one(&tenant)
+            .await
+            .unwrap();
+    assert_eq!(renamed, 50, "the batches before it stay");
+    let numbered_before: i64 = sqlx::query_scalar(
+        r#"select max("sequenceId") from "ProjectUser" where "tenancyId" = $1
+           and not "projectUserId" = any($2)"#,
+    )
+    .bind(tenancy)
+    .bind(&numbered_last)
+    .fetch_one(&internal)
+    .await
+    .unwrap();
+    assert_eq!(watermark(&tenant, "users").await, numbered_before);
+
+    sync_only(&engine, tenancy).await;
+    assert_tenant_matches_source(&internal, tenancy, &tenant).await;
+}
+
+/// How many sessions of the service are open in the tenant database.
+async fn service_sessions(tenant: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity
+         where datname = current_database() and application_name = 'external-db-sync'",
+    )
+    .fetch_one(tenant)
+    .await
+    .unwrap()
 }

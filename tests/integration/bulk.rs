@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use external_db_sync::mapping::Mapping;
-use external_db_sync::sync::report::{MappingReport, TenancyReport};
 use external_db_sync::sync::SyncSettings;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -13,51 +12,15 @@ use crate::harness::app::TestApp;
 use crate::harness::fixtures::{self, sequence_all};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
-    assert_tenant_matches_source, engine_with, latest_change, sync_only, tenancy_with_database,
-    test_settings, wait_until_equal, watermark, PrivateTargets,
+    assert_tenant_matches_source, engine_with, latest_change, mapping_report, sync_only,
+    tenancy_with_database, test_settings, wait_until_equal, watermark, PrivateTargets,
 };
 
-/// `users` users of `tenancy`, each with a primary e-mail, inserted in one statement per
-/// table as an application's import would.
-async fn import(pool: &PgPool, tenancy: Uuid, users: i32) {
-    sqlx::query(
-        r#"with users as (
-               insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName",
-                   "clientMetadata", "signedUpAt")
-               select $1, gen_random_uuid(), 'Imported ' || n,
-                      jsonb_build_object('n', n), now() - make_interval(secs => n)
-               from generate_series(1, $2) n
-               returning "projectUserId", "displayName")
-           insert into "ContactChannel"
-               ("tenancyId", "projectUserId", "id", "type", "isPrimary", "usedForAuth",
-                "isVerified", "value")
-           select $1, "projectUserId", gen_random_uuid(), 'EMAIL', true, true, true,
-                  replace(lower("displayName"), ' ', '.') || '@example.com'
-           from users"#,
-    )
-    .bind(tenancy)
-    .bind(users)
-    .execute(pool)
-    .await
-    .unwrap();
-}
-
-fn mapping_report(report: &TenancyReport, mapping: Mapping) -> MappingReport {
-    let synced = report.databases[0]
-        .result
-        .as_ref()
-        .expect("the database synced");
-    synced
-        .mappings
-        .iter()
-        .find(|report| report.mapping == mapping)
-        .expect("every mapping is reported")
-        .clone()
-}
-
+/// Batches of 100 upserts, never staged (the staging path has tests of its own).
 fn small_batches() -> SyncSettings {
     SyncSettings {
         batch_size: 100,
+        staged_batch_size: 0,
         max_batches_per_run: 1000,
         ..test_settings()
     }
@@ -71,7 +34,7 @@ fn small_batches() -> SyncSettings {
 async fn a_first_sync_into_empty_tables_copies_every_numbered_row_at_once() {
     let pool = migrated_pool().await;
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
-    import(&pool, tenancy, 2_500).await;
+    fixtures::import(&pool, tenancy, 2_500, "Imported ").await;
     sqlx::query(
         r#"delete from "ProjectUser" where "tenancyId" = $1
            and "projectUserId" in (select "projectUserId" from "ProjectUser"
@@ -143,7 +106,7 @@ async fn first_user(pool: &PgPool, tenancy: Uuid) -> Uuid {
 async fn a_table_that_holds_rows_goes_by_batches_even_from_the_start() {
     let pool = migrated_pool().await;
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
-    import(&pool, tenancy, 300).await;
+    fixtures::import(&pool, tenancy, 300, "Imported ").await;
     sequence_all(&pool, 1000).await;
     let engine = engine_with(&pool, small_batches(), PrivateTargets::Allowed);
     sync_only(&engine, tenancy).await;
@@ -195,7 +158,7 @@ async fn a_bulk_import_while_small_tenancies_write_leaves_every_database_equal()
             }
         }
     });
-    let importing = import(&pool, big, 20_000);
+    let importing = fixtures::import(&pool, big, 20_000, "Imported ");
     tokio::join!(importing, futures::future::join_all(writers));
 
     wait_until_equal_within(&pool, big, &big_tenant, Duration::from_secs(120)).await;
@@ -260,4 +223,58 @@ async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
     sequencer.step(&pool, &settings).await.unwrap();
 
     assert!(last_analyze().await.is_some(), "the tables were analyzed");
+}
+
+/// Right after an import, the planner's statistics do not know the new tenancy (they
+/// estimate it at a row). The batch query must still look a user's primary e-mail and a
+/// deleted id's current row up by key: a look-up by the tenancy alone, filtered, reads
+/// every channel of the tenancy for every user of the batch.
+#[tokio::test]
+async fn a_batch_of_a_tenancy_the_statistics_do_not_know_looks_rows_up_by_key() {
+    let pool = migrated_pool().await;
+    sqlx::raw_sql(
+        r#"alter table "ProjectUser" set (autovacuum_enabled = false);
+           alter table "ContactChannel" set (autovacuum_enabled = false);
+           alter table "DeletedRow" set (autovacuum_enabled = false)"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (known, _) = tenancy_with_database(&pool).await;
+    fixtures::import(&pool, known, 500, "Imported ").await;
+    sqlx::query(r#"analyze "ProjectUser", "ContactChannel", "DeletedRow""#)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (imported, _) = tenancy_with_database(&pool).await;
+    fixtures::import(&pool, imported, 2_000, "Imported ").await;
+
+    for mapping in Mapping::ALL {
+        let mut connection = pool.acquire().await.unwrap();
+        sqlx::query(&format!(
+            "prepare batch(uuid, int8, int8) as {}",
+            external_db_sync::db::changes::batch_query(mapping)
+        ))
+        .execute(&mut *connection)
+        .await
+        .unwrap();
+        let explain = format!("explain execute batch('{imported}', -1, 5000)");
+        let plan: Vec<String> = sqlx::query_scalar(&explain)
+            .fetch_all(&mut *connection)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        // A filter that compares a row's key with the row it is looked up for: the
+        // look-up went by the tenancy alone.
+        let filtered_lookups: Vec<&str> = plan
+            .lines()
+            .filter(|line| line.contains("Filter:"))
+            .filter(|line| {
+                ["batch_live.id", "tombstones.id", "gone.id", "touched.id"]
+                    .iter()
+                    .any(|outer| line.contains(outer))
+            })
+            .collect();
+        assert_eq!(filtered_lookups, Vec::<&str>::new(), "{mapping:?}:\n{plan}");
+    }
 }

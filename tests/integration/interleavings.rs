@@ -73,11 +73,14 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 /// Two engines of different batch sizes and budgets: small enough that a few changes
-/// take several batches and runs, and an initial copy happens.
+/// take several batches (upserts and staged ones) and runs, and an initial copy happens.
 fn engines(pool: &PgPool, sizes: [(u32, u32); 2]) -> [SyncEngine; 2] {
     sizes.map(|(batch_size, max_batches_per_run)| {
         let mut settings = test_settings();
         settings.batch_size = batch_size;
+        // After a full batch the next ones go staged, a little larger: several of
+        // them within a run too.
+        settings.staged_batch_size = batch_size + 1;
         settings.max_batches_per_run = max_batches_per_run;
         engine_with(pool, settings, PrivateTargets::Allowed)
     })

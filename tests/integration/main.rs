@@ -26,6 +26,7 @@ mod poller;
 mod qstash;
 mod sequencer;
 mod soak;
+mod staged;
 mod status;
 mod sync_engine;
 mod sync_errors;

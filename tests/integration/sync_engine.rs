@@ -454,8 +454,11 @@ async fn a_delete_at_a_batch_boundary_is_not_lost() {
 async fn a_run_stops_after_its_batch_budget_and_requeues_the_tenancy() {
     let pool = migrated_pool().await;
     let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    // Batches of upserts only: staged batches count against the budget too
+    // (`staged::staged_batches_count_against_the_budget_of_a_run`).
     let settings = SyncSettings {
         batch_size: 100,
+        staged_batch_size: 0,
         max_batches_per_run: 2,
         ..test_settings()
     };

@@ -218,3 +218,28 @@ pub async fn tenant_database() -> (String, PgPool) {
     let pool = super::postgres::pool(&url).await;
     (url, pool)
 }
+
+/// `count` users of `tenancy`, each with a primary e-mail, in one statement per table.
+pub async fn import(pool: &PgPool, tenancy: Uuid, count: i32, prefix: &str) {
+    sqlx::query(
+        r#"with users as (
+               insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName",
+                   "clientMetadata", "signedUpAt")
+               select $1, gen_random_uuid(), $3 || n, jsonb_build_object('n', n),
+                      now() - make_interval(secs => n)
+               from generate_series(1, $2) n
+               returning "projectUserId", "displayName")
+           insert into "ContactChannel"
+               ("tenancyId", "projectUserId", "id", "type", "isPrimary", "usedForAuth",
+                "isVerified", "value")
+           select $1, "projectUserId", gen_random_uuid(), 'EMAIL', true, true, true,
+                  replace(lower("displayName"), ' ', '.') || '@example.com'
+           from users"#,
+    )
+    .bind(tenancy)
+    .bind(count)
+    .bind(prefix)
+    .execute(pool)
+    .await
+    .unwrap();
+}

@@ -5,8 +5,10 @@ use std::time::Duration;
 use chrono::NaiveDateTime;
 use external_db_sync::db::sync_status::{Backoff, RetrySchedule};
 use external_db_sync::db::InternalDatabase;
+use external_db_sync::mapping::Mapping;
 pub use external_db_sync::sync::policy::PrivateTargets;
 use external_db_sync::sync::policy::TargetPolicy;
+use external_db_sync::sync::report::MappingReport;
 use external_db_sync::sync::TenancyReport;
 use external_db_sync::sync::{sync_tenancy, SyncEngine, SyncSettings, TenancySync};
 use serde_json::{json, Value};
@@ -419,4 +421,18 @@ pub async fn let_time_pass(pool: &PgPool) {
     .execute(pool)
     .await
     .unwrap();
+}
+
+/// What a sync of the tenancy's first database did for `mapping`; it must have succeeded.
+pub fn mapping_report(report: &TenancyReport, mapping: Mapping) -> MappingReport {
+    let synced = report.databases[0]
+        .result
+        .as_ref()
+        .expect("the database synced");
+    synced
+        .mappings
+        .iter()
+        .find(|report| report.mapping == mapping)
+        .expect("every mapping is reported")
+        .clone()
 }
