@@ -10,10 +10,10 @@
 //! - sequencer: numbering every imported row (batches of `BENCH_SEQUENCER_BATCH`);
 //! - initial sync: `sync_tenancy` into an empty tenant database (reading the internal
 //!   database, creating the tables, writing both tables side by side);
-//! - renames: every user renamed, numbered, then synced into the populated database,
-//!   first by batches of upserts only (`staged_batch_size` 0), then by the staging path
-//!   (the default; see `sync::staged`), the staged one last so that it meets the larger
-//!   table;
+//! - renames: every user renamed, numbered, then synced into the populated database, four
+//!   times: by batches of upserts only (`staged_batch_size` 0), by the staging path (the
+//!   default; see `sync::staged`) twice, by upserts only again, so that each path meets
+//!   the table as it grows with dead rows, on average, alike;
 //! - pipelined end to end: a second tenancy of N users imported, then numbered by the
 //!   sequencer while a sync loop syncs it into a database of its own, until every row is
 //!   there: against the sequencer alone, what syncing while numbering adds;
@@ -155,12 +155,25 @@ async fn run(users: i32) {
         "every user and channel arrived"
     );
 
-    // Every user renamed, twice: synced by upserts only, then by the staging path.
+    // Every user renamed, four times: synced by upserts only, staged, staged, upserts
+    // only, so that both paths meet, on average, the same table (it grows with each
+    // round's dead rows).
     let upserts_only = engine(&pool, batch_size, 0);
-    let (renames_sequencer_time, upsert_time) =
-        rename_and_sync(&pool, &upserts_only, tenancy, &tenant, sequencer_batch, 1).await;
-    let (_, staged_time) =
-        rename_and_sync(&pool, &staged, tenancy, &tenant, sequencer_batch, 2).await;
+    let mut renames_sequencer_time = Duration::ZERO;
+    let (mut upsert_times, mut staged_times) = (Vec::new(), Vec::new());
+    for (round, staging) in [false, true, true, false].into_iter().enumerate() {
+        let path = if staging { &staged } else { &upserts_only };
+        let (sequencer, sync) =
+            rename_and_sync(&pool, path, tenancy, &tenant, sequencer_batch, round).await;
+        renames_sequencer_time += sequencer / 4;
+        if staging {
+            staged_times.push(sync);
+        } else {
+            upsert_times.push(sync);
+        }
+    }
+    let mean = |times: &[Duration]| times.iter().sum::<Duration>() / times.len() as u32;
+    let (upsert_time, staged_time) = (mean(&upsert_times), mean(&staged_times));
 
     // A second import, numbered while it is synced.
     let second = Uuid::new_v4();
@@ -215,14 +228,18 @@ async fn run(users: i32) {
         rows,
         pipelined_time,
     );
-    lines.line("sequencer of the renames", renamed, renames_sequencer_time);
     lines.line(
-        "renames into the populated database, upserts only",
+        "sequencer of the renames (mean of 4)",
+        renamed,
+        renames_sequencer_time,
+    );
+    lines.line(
+        "renames into the populated database, upserts only (mean of 2)",
         renamed,
         upsert_time,
     );
     lines.line(
-        "renames into the populated database, staged",
+        "renames into the populated database, staged (mean of 2)",
         renamed,
         staged_time,
     );
@@ -232,6 +249,18 @@ async fn run(users: i32) {
         autocommit_time,
     );
     println!();
+    let seconds = |times: &[Duration]| {
+        times
+            .iter()
+            .map(|time| format!("{:.3} s", time.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "renames, in the order run: upserts only {}; staged {} (the means above)",
+        seconds(&upsert_times),
+        seconds(&staged_times)
+    );
     println!(
         "import without triggers: {:.3} s before the import with them, {:.3} s after",
         bare_before.as_secs_f64(),
@@ -259,7 +288,7 @@ async fn rename_and_sync(
     tenancy: Uuid,
     tenant: &Client,
     sequencer_batch: u32,
-    round: u32,
+    round: usize,
 ) -> (Duration, Duration) {
     let suffix = format!(" (renamed {round})");
     sqlx::query(

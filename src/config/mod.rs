@@ -172,7 +172,7 @@ mod tests {
         assert!(!config.allow_private_targets);
         assert_eq!(config.sequencer.batch_size, 1000);
         assert_eq!(config.sync.batch_size, 5000);
-        assert_eq!(config.sync.staged_batch_size, 50_000);
+        assert_eq!(config.sync.staged_batch_size, 20_000);
         assert_eq!(config.qstash.clock_tolerance, Duration::from_secs(5));
         assert_eq!(config.database.location().dbname, "app");
     }

@@ -59,7 +59,7 @@ impl Default for SyncSettings {
     fn default() -> Self {
         Self {
             batch_size: 5000,
-            staged_batch_size: 50_000,
+            staged_batch_size: 20_000,
             max_batches_per_run: 20,
             database_concurrency: 4,
             max_databases_per_tenancy: 10,

@@ -258,3 +258,25 @@ async fn a_rolled_back_delete_leaves_no_tombstone() {
         "the user is still there"
     );
 }
+
+/// What this service's triggers run for each row inserted into the tables an import or
+/// a sequencer batch inserts into: nothing. Marking owners and waking the loops happen
+/// once per statement (transition tables say which rows), so a NOTIFY is sent at most
+/// once per statement.
+#[tokio::test]
+async fn no_trigger_of_the_service_runs_per_inserted_row() {
+    let pool = migrated_pool().await;
+    // pg_trigger.tgtype: 1 = for each row, 4 = on insert.
+    let per_row_on_insert: Vec<String> = sqlx::query_scalar(
+        r#"select tgrelid::regclass::text || ' ' || tgname from pg_catalog.pg_trigger
+           where tgname like 'external_db_sync%'
+             and tgrelid in ('"ProjectUser"'::regclass, '"ContactChannel"'::regclass,
+                             '"OutgoingRequest"'::regclass)
+             and tgtype & 1 = 1 and tgtype & 4 = 4
+           order by 1"#,
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(per_row_on_insert, Vec::<String>::new());
+}
