@@ -41,11 +41,7 @@ pub(super) async fn apply_batches(
         }
     }
     let mut watermark_checked = false;
-    // Whether the next batch goes by the staging path (see [`staged`]); once refused by
-    // the tenant database, not again in this run.
-    let mut staging = false;
-    let mut staging_refused = false;
-    let mut staged_ahead: Option<StagedRead> = None;
+    let mut staging = Staging::default();
     loop {
         let known_before = engine.known.watermarks(key);
         let watermarks = begin_locked(session, mapping).await?;
@@ -60,59 +56,19 @@ pub(super) async fn apply_batches(
                 continue;
             }
         }
-        if staging {
-            let limit = settings.staged_batch_size;
-            let mut read = match staged_ahead.take() {
-                Some(read) if read.after() == watermark => read,
-                _ => StagedRead::start(&engine.pool, mapping, key.tenancy_id, watermark, limit),
-            };
-            let Some(cutoff) = read.cutoff().await? else {
-                commit(session).await?;
-                engine.known.set_watermark(key, mapping, watermark);
-                break;
-            };
-            let full = cutoff.changes >= u64::from(limit);
-            let another = full && report.batches + 1 < settings.max_batches_per_run;
-            // Read while this one is merged; used if the watermark is still where it
-            // was read from when the next transaction holds the lock.
-            staged_ahead = another.then(|| {
-                StagedRead::start(
-                    &engine.pool,
-                    mapping,
-                    key.tenancy_id,
-                    cutoff.last_sequence_id,
-                    limit,
-                )
-            });
-            match staged::apply_staged_batch(session, mapping, read, cutoff).await? {
-                Staged::Applied(applied) => {
-                    engine
-                        .known
-                        .set_watermark(key, mapping, cutoff.last_sequence_id);
-                    report.add_staged(cutoff, applied);
-                    if !full {
-                        break;
-                    }
-                    if report.batches >= settings.max_batches_per_run {
-                        report.more_remaining = true;
-                        break;
-                    }
-                    continue;
-                }
-                Staged::Refused => {
-                    tracing::warn!(
-                        tenancy_id = %key.tenancy_id,
-                        database_id = sessions.database_id,
-                        mapping = mapping.name(),
-                        "the tenant database does not allow temporary tables; \
-                         large batches go as upserts"
-                    );
-                    rollback(session).await?;
-                    staging = false;
-                    staging_refused = true;
-                    staged_ahead = None;
-                    continue;
-                }
+        if staging.on {
+            match apply_staged(
+                sessions,
+                session,
+                mapping,
+                watermark,
+                &mut staging,
+                &mut report,
+            )
+            .await?
+            {
+                Step::Next => continue,
+                Step::Done => break,
             }
         }
         let batch = match read_ahead.take() {
@@ -147,10 +103,10 @@ pub(super) async fn apply_batches(
         }
         // After a full batch, the next ones go staged (when staging is on): nothing is
         // read ahead for them.
-        let stage_next = full && settings.staged_batch_size > 0 && !staging_refused;
+        let stage_next = full && settings.staged_batch_size > 0 && !staging.refused;
         let another = full && !stage_next && report.batches + 1 < settings.max_batches_per_run;
         if stage_next && report.batches + 1 < settings.max_batches_per_run {
-            staged_ahead = Some(StagedRead::start(
+            staging.ahead = Some(StagedRead::start(
                 &engine.pool,
                 mapping,
                 key.tenancy_id,
@@ -165,13 +121,94 @@ pub(super) async fn apply_batches(
         if !full {
             break;
         }
-        staging = stage_next;
+        staging.on = stage_next;
         if report.batches >= settings.max_batches_per_run {
             report.more_remaining = true;
             break;
         }
     }
     Ok(report)
+}
+
+/// Where a run stands with the staging path (see [`staged`]).
+#[derive(Default)]
+struct Staging {
+    /// The next batch goes staged: the run applied a full batch.
+    on: bool,
+    /// The tenant database refused a staging table: not again in this run.
+    refused: bool,
+    /// The next staged batch, read ahead.
+    ahead: Option<StagedRead>,
+}
+
+/// What the loop of [`apply_batches`] does after a staged batch.
+enum Step {
+    /// Another transaction: the next batch.
+    Next,
+    /// The mapping is caught up, or the run's budget is spent.
+    Done,
+}
+
+/// In the transaction that holds the mapping's lock, with `watermark` read under it:
+/// applies the next staged batch (the one read ahead if it was read after `watermark`),
+/// reading the one after it meanwhile if more may follow. A database that refuses the
+/// staging table turns staging off for the run.
+async fn apply_staged(
+    sessions: &Sessions<'_>,
+    session: &mut TenantSession,
+    mapping: Mapping,
+    watermark: i64,
+    staging: &mut Staging,
+    report: &mut MappingReport,
+) -> Result<Step, SyncError> {
+    let (engine, key) = (sessions.engine, &sessions.key);
+    let settings = &engine.settings;
+    let limit = settings.staged_batch_size;
+    let start = |after| StagedRead::start(&engine.pool, mapping, key.tenancy_id, after, limit);
+    let mut read = match staging.ahead.take() {
+        Some(read) if read.after() == watermark => read,
+        _ => start(watermark),
+    };
+    let Some(cutoff) = read.cutoff().await? else {
+        commit(session).await?;
+        engine.known.set_watermark(key, mapping, watermark);
+        return Ok(Step::Done);
+    };
+    let full = cutoff.changes >= u64::from(limit);
+    if full && report.batches + 1 < settings.max_batches_per_run {
+        staging.ahead = Some(start(cutoff.last_sequence_id));
+    }
+    match staged::apply_staged_batch(session, mapping, read, cutoff).await? {
+        Staged::Applied(applied) => {
+            engine
+                .known
+                .set_watermark(key, mapping, cutoff.last_sequence_id);
+            report.add_staged(cutoff, applied);
+            if !full {
+                return Ok(Step::Done);
+            }
+            if report.batches >= settings.max_batches_per_run {
+                report.more_remaining = true;
+                return Ok(Step::Done);
+            }
+            Ok(Step::Next)
+        }
+        Staged::Refused => {
+            tracing::warn!(
+                tenancy_id = %key.tenancy_id,
+                database_id = sessions.database_id,
+                mapping = mapping.name(),
+                "the tenant database does not allow temporary tables; large batches go as upserts"
+            );
+            rollback(session).await?;
+            *staging = Staging {
+                on: false,
+                refused: true,
+                ahead: None,
+            };
+            Ok(Step::Next)
+        }
+    }
 }
 
 /// Writes `batch` in the transaction that holds the lock and commits it, while the batch

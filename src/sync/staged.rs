@@ -79,7 +79,8 @@ impl StagedRead {
                     return;
                 }
             };
-            let read = read_batch(&mut connection, mapping, tenancy_id, after, limit, &sender);
+            let read =
+                read_staged_batch(&mut connection, mapping, tenancy_id, after, limit, &sender);
             match read.await {
                 Ok(true) => {}
                 Ok(false) => connection.close_on_drop(),
@@ -129,7 +130,7 @@ fn ended_early() -> SyncError {
 
 /// Reads a staged batch in one snapshot and passes it to `sender`; false when the
 /// reader went away (the connection is then in no state to be reused).
-async fn read_batch(
+async fn read_staged_batch(
     connection: &mut sqlx::PgConnection,
     mapping: Mapping,
     tenancy_id: Uuid,
