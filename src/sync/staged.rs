@@ -15,6 +15,8 @@
 //! the transaction, committed or not, so a batch that fails halfway leaves nothing
 //! behind: not its rows, not the table, not a watermark moved.
 
+use std::task::Poll;
+
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, TryStreamExt};
 use tokio::sync::mpsc;
@@ -56,6 +58,9 @@ pub(super) struct StagedRead {
 enum ReadMessage {
     Cutoff(Option<Cutoff>),
     Chunk(Bytes),
+    /// Every row was sent and the snapshot ended well. Rows that end without it (the
+    /// task stopped) are an error, never a batch that looks complete.
+    End,
     Failed(sqlx::Error),
 }
 
@@ -104,20 +109,34 @@ impl StagedRead {
         match self.messages.recv().await {
             Some(ReadMessage::Cutoff(cutoff)) => Ok(cutoff),
             Some(ReadMessage::Failed(error)) => Err(error.into()),
-            Some(ReadMessage::Chunk(_)) | None => Err(ended_early()),
+            Some(ReadMessage::Chunk(_) | ReadMessage::End) | None => Err(ended_early()),
         }
     }
 
     /// The batch's rows, as binary `COPY` data, after [`StagedRead::cutoff`].
     fn rows(&mut self) -> impl Stream<Item = Result<Bytes, SyncError>> + '_ {
+        let mut ended = false;
         futures::stream::poll_fn(move |context| {
-            self.messages.poll_recv(context).map(|message| {
-                message.map(|message| match message {
-                    ReadMessage::Chunk(chunk) => Ok(chunk),
-                    ReadMessage::Failed(error) => Err(error.into()),
-                    ReadMessage::Cutoff(_) => Err(ended_early()),
+            if ended {
+                return Poll::Ready(None);
+            }
+            self.messages
+                .poll_recv(context)
+                .map(|message| match message {
+                    Some(ReadMessage::Chunk(chunk)) => Some(Ok(chunk)),
+                    Some(ReadMessage::End) => {
+                        ended = true;
+                        None
+                    }
+                    Some(ReadMessage::Failed(error)) => {
+                        ended = true;
+                        Some(Err(error.into()))
+                    }
+                    Some(ReadMessage::Cutoff(_)) | None => {
+                        ended = true;
+                        Some(Err(ended_early()))
+                    }
                 })
-            })
         })
     }
 }
@@ -169,6 +188,7 @@ async fn read_staged_batch(
         }
     }
     sqlx::query("commit").execute(&mut *connection).await?;
+    sender.send(ReadMessage::End).await.ok();
     Ok(true)
 }
 
@@ -213,4 +233,63 @@ pub(super) async fn apply_staged_batch(
         .await
         .map_err(SyncError::target)?;
     Ok(Staged::Applied(Applied { upserted, deleted }))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    fn read_of(messages: Vec<ReadMessage>, end_with_drop: bool) -> StagedRead {
+        let (sender, receiver) = mpsc::channel(messages.len() + 1);
+        for message in messages {
+            assert!(sender.try_send(message).is_ok(), "room for every message");
+        }
+        if !end_with_drop {
+            std::mem::forget(sender);
+        }
+        StagedRead {
+            after: 0,
+            messages: receiver,
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_that_stop_without_their_end_are_an_error_not_a_shorter_batch() {
+        let cutoff = Cutoff {
+            changes: 2,
+            last_sequence_id: 7,
+        };
+        let chunk = Bytes::from_static(b"rows");
+        let mut read = read_of(
+            vec![
+                ReadMessage::Cutoff(Some(cutoff)),
+                ReadMessage::Chunk(chunk.clone()),
+            ],
+            true,
+        );
+        assert_eq!(read.cutoff().await.unwrap(), Some(cutoff));
+        let rows: Vec<_> = read.rows().collect().await;
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].as_ref().unwrap(), &chunk);
+        assert!(rows[1].is_err(), "{:?}", rows[1]);
+    }
+
+    #[tokio::test]
+    async fn rows_that_end_well_end_the_stream() {
+        let chunk = Bytes::from_static(b"rows");
+        let mut read = read_of(
+            vec![
+                ReadMessage::Cutoff(None),
+                ReadMessage::Chunk(chunk.clone()),
+                ReadMessage::End,
+            ],
+            false,
+        );
+        assert_eq!(read.cutoff().await.unwrap(), None);
+        let rows: Vec<_> = read.rows().collect().await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].as_ref().unwrap(), &chunk);
+    }
 }
