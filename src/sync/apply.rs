@@ -338,7 +338,7 @@ async fn repair_if_needed(
 }
 
 /// Commits the transaction that holds the mapping's lock.
-async fn commit(session: &TenantSession) -> Result<(), SyncError> {
+pub(super) async fn commit(session: &TenantSession) -> Result<(), SyncError> {
     session
         .client()
         .batch_execute("commit")
@@ -347,7 +347,7 @@ async fn commit(session: &TenantSession) -> Result<(), SyncError> {
 }
 
 /// Ends the transaction that holds the mapping's lock without keeping anything.
-async fn rollback(session: &TenantSession) -> Result<(), SyncError> {
+pub(super) async fn rollback(session: &TenantSession) -> Result<(), SyncError> {
     session
         .client()
         .batch_execute("rollback")

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::apply::{begin_locked, read_batch};
+use super::apply::{self, begin_locked, read_batch};
 use super::database::{SessionSource, Sessions};
 use super::engine::SyncEngine;
 use super::error::SyncError;
@@ -42,11 +42,7 @@ pub(super) async fn remove_rows_not_in_source(
     // Read first: a deletion numbered later comes with a tombstone after this.
     let complete_through = db::tombstones::latest_sequence_id(&engine.pool).await?;
     let removed = delete_rows_not_in_source(sessions, session.client(), mapping).await?;
-    session
-        .client()
-        .batch_execute("commit")
-        .await
-        .map_err(SyncError::target)?;
+    apply::commit(session).await?;
     tracing::info!(
         %tenancy_id,
         database_id = sessions.database_id,
@@ -296,10 +292,7 @@ async fn resync_mapping(
         .execute(SET_WATERMARK, &params)
         .await
         .map_err(SyncError::target)?;
-    client
-        .batch_execute("commit")
-        .await
-        .map_err(SyncError::target)?;
+    apply::commit(session).await?;
     Ok(MappingResync {
         mapping: name,
         removed: removed + replayed.deleted,

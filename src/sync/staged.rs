@@ -24,6 +24,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::SimpleQueryMessage;
 use uuid::Uuid;
 
+use super::apply;
 use super::error::SyncError;
 use super::initial_copy::{self, CHUNK_BYTES};
 use super::sessions::TenantSession;
@@ -227,11 +228,7 @@ pub(super) async fn apply_staged_batch(
             "the merge of a staged batch did not answer as every server does".to_owned(),
         ));
     };
-    session
-        .client()
-        .batch_execute("commit")
-        .await
-        .map_err(SyncError::target)?;
+    apply::commit(session).await?;
     Ok(Staged::Applied(Applied { upserted, deleted }))
 }
 

@@ -59,6 +59,13 @@ async fn populated(count: i32, settings: SyncSettings) -> Populated {
     }
 }
 
+/// Renames every user of `tenancy`, and numbers the renames.
+async fn rename_every_user(pool: &PgPool, tenancy: Uuid) {
+    let users = users_of(pool, tenancy).await;
+    rename(pool, tenancy, &users, "renamed").await;
+    sequence_all(pool, 1000).await;
+}
+
 /// Renames the users of `tenancy` whose ids are in `users`.
 async fn rename(pool: &PgPool, tenancy: Uuid, users: &[Uuid], name: &str) {
     sqlx::query(
@@ -210,9 +217,7 @@ async fn a_database_without_temporary_tables_gets_large_batches_as_upserts() {
     sequence_all(&pool, 1000).await;
     let engine = engine_with(&pool, staged_batches(), PrivateTargets::Allowed);
     sync_only(&engine, tenancy).await;
-    let users = users_of(&pool, tenancy).await;
-    rename(&pool, tenancy, &users, "renamed").await;
-    sequence_all(&pool, 1000).await;
+    rename_every_user(&pool, tenancy).await;
 
     let report = sync_only(&engine, tenancy).await;
 
@@ -241,9 +246,7 @@ async fn staged_batches_count_against_the_budget_of_a_run() {
         tenant,
         engine,
     } = populated(100, settings).await;
-    let users = users_of(&pool, tenancy).await;
-    rename(&pool, tenancy, &users, "renamed").await;
-    sequence_all(&pool, 1000).await;
+    rename_every_user(&pool, tenancy).await;
 
     let report = sync_only(&engine, tenancy).await;
 
