@@ -170,6 +170,13 @@ pub struct InFlight {
     ends: Arc<Mutex<Ends>>,
 }
 
+/// How soon the in-process loop looks again after a claim that took nothing while a due
+/// request that nothing holds back was there ([`db::queue::AfterEmptyClaim::claimable`]).
+/// Short, since a sync may wait on it; not zero, since a row skipped because a
+/// sequencer batch holds it locked stays so until that batch commits (which then
+/// notifies), and each look costs the internal database two statements.
+const UNCLAIMED_PAUSE: Duration = Duration::from_millis(10);
+
 /// When the in-process loop should look again, besides its wake-ups.
 enum LookAgain {
     /// Only when woken (a request queued, a publish ended that may have freed work).
@@ -381,6 +388,12 @@ impl Poller {
                 // A publish ended during the claim, perhaps the one holding the request
                 // back, and did not wake the caller.
                 look_again = LookAgain::Now;
+            } else if after.claimable {
+                // Due, held back by nothing, and not taken: its holder was settled
+                // between the claim and this read (the end that followed asked by no
+                // one), or the claim skipped it locked. Nothing promises a wake-up.
+                let due_in = after.next_due_in.unwrap_or(UNCLAIMED_PAUSE);
+                look_again = LookAgain::After(due_in.min(UNCLAIMED_PAUSE));
             }
         }
         in_flight.reap(&mut batch)?;

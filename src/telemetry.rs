@@ -5,6 +5,8 @@
 //! says, their targets are held at `info` unless `LOG_UNSAFE_QUERY_PARAMETERS=true`
 //! asks for them.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::filter::Directive;
 use tracing_subscriber::EnvFilter;
 
@@ -75,8 +77,10 @@ fn names_parameter_target(directive: &str) -> bool {
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(settings: &LogSettings) {
+    // Colours only on a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(settings))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match settings.format {
         LogFormat::Pretty => builder.init(),

@@ -313,11 +313,17 @@ pub struct AfterEmptyClaim {
     /// A due request waits because its tenancy has a request in flight (claimed, its
     /// lease not run out): whoever holds that one should look again when it ends.
     pub held_back: bool,
+    /// A due pending request that nothing holds back is there, though the claim took
+    /// none: the claim skipped it while another transaction held it locked, or its
+    /// tenancy's request in flight was settled after the claim's snapshot, and that
+    /// settle's end may have come before anyone asked for it. Either way no wake-up
+    /// is promised for it, so the caller looks again soon.
+    pub claimable: bool,
 }
 
 /// What a poller that claimed nothing needs to know, read in one statement: see
 /// [`AfterEmptyClaim`]. `lease` is the claim's (a claim older than it holds nothing
-/// back).
+/// back). Its snapshot is later than the claim's.
 pub async fn after_empty_claim(
     executor: impl PgExecutor<'_>,
     lease: std::time::Duration,
@@ -330,12 +336,17 @@ pub async fn after_empty_claim(
                 from "OutgoingRequest"
                 where "startedFulfillingAt" is null
                   and "nextAttemptAt" > current_timestamp::timestamp(3)),
-               {held_back}
+               {held_back},
+               exists (select from "OutgoingRequest" as request
+                       where "startedFulfillingAt" is null
+                         and "nextAttemptAt" <= current_timestamp::timestamp(3)
+                         and not exists ({in_flight}))
         "#,
             held_back = held_back("$1"),
+            in_flight = flight_of_request("$1"),
         )
     });
-    let (enabled, seconds, held_back): (bool, Option<f64>, bool) =
+    let (enabled, seconds, held_back, claimable): (bool, Option<f64>, bool, bool) =
         sqlx::query_as(&AFTER_EMPTY_CLAIM)
             .bind(lease.as_secs_f64())
             .fetch_one(executor)
@@ -345,6 +356,7 @@ pub async fn after_empty_claim(
         enabled,
         next_due_in,
         held_back,
+        claimable,
     })
 }
 

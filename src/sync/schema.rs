@@ -155,24 +155,30 @@ pub async fn prepare(
         .await
         .map_err(SyncError::target)?;
     let unguarded = guard_tables(&transaction, &mapping_names).await?;
-    let went_back: BTreeSet<&String> = missing.iter().chain(&unguarded).collect();
-    if !went_back.is_empty() {
-        tracing::warn!(
-            %tenancy_id,
-            tables = ?went_back,
-            "a synced table of a tenant database was created again, or had lost its guard: \
-             its watermark goes back, and the next sync brings it back to the source"
-        );
-        transaction
-            .execute(
+    // A table missing on a database's first sync, or one whose watermark is at the
+    // start already, loses nothing: only a watermark taken back is worth a warning.
+    let suspect: BTreeSet<&String> = missing.iter().chain(&unguarded).collect();
+    if !suspect.is_empty() {
+        let went_back: Vec<String> = transaction
+            .query(
                 "update _stack_sync_metadata set last_synced_sequence_id = -1, \
                         updated_at = pg_catalog.now() \
                  where mapping_name = any($1::pg_catalog.text[]) \
-                   and last_synced_sequence_id <> -1",
-                &[&went_back.into_iter().collect::<Vec<_>>()],
+                   and last_synced_sequence_id <> -1 \
+                 returning mapping_name",
+                &[&suspect.into_iter().collect::<Vec<_>>()],
             )
             .await
+            .and_then(|rows| rows.iter().map(|row| row.try_get(0)).collect())
             .map_err(SyncError::target)?;
+        if !went_back.is_empty() {
+            tracing::warn!(
+                %tenancy_id,
+                tables = ?went_back,
+                "a synced table of a tenant database was created again, or had lost its \
+                 guard: its watermark goes back, and the next sync brings it back to the source"
+            );
+        }
     }
     reconcile_privileges(&transaction, read_roles).await?;
     transaction.commit().await.map_err(SyncError::target)

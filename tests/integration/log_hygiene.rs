@@ -1,5 +1,5 @@
 //! What the logs may hold: at `RUST_LOG=trace`, no user's data and no secret; a tenant's
-//! notice as one escaped line.
+//! notice as one escaped line; in a file, no terminal colour codes.
 
 use std::time::Duration;
 
@@ -32,7 +32,8 @@ async fn wait_for_display_name(tenant: &sqlx::PgPool, name: &str) {
 }
 
 #[tokio::test]
-async fn a_trace_log_of_a_full_sync_holds_no_user_data_or_secret_and_notices_stay_one_line() {
+async fn a_trace_log_of_a_full_sync_holds_no_user_data_secret_or_colour_code_and_notices_stay_one_line(
+) {
     let database_url = server().migrated_database().await;
     let internal = pool(&database_url).await;
     let tenancy = fixtures::tenancy(&internal).await;
@@ -86,6 +87,10 @@ async fn a_trace_log_of_a_full_sync_holds_no_user_data_or_secret_and_notices_sta
     ] {
         assert!(!log.contains(secret), "the log holds {secret}");
     }
+    assert!(
+        !log.contains('\u{1b}'),
+        "a log written to a file holds terminal colour codes"
+    );
     let notice = log
         .lines()
         .find(|line| line.contains("tenant database notice"))
@@ -97,5 +102,46 @@ async fn a_trace_log_of_a_full_sync_holds_no_user_data_or_secret_and_notices_sta
     assert!(
         !log.lines().any(|line| line.starts_with("ERROR forged")),
         "a notice forged a line of its own"
+    );
+}
+
+/// Warnings are for what an operator should look at. The first sync of a new database
+/// creates its tables, which were missing, and warns of nothing; the same table dropped
+/// behind the service's back later takes a watermark back, and that is warned about.
+#[tokio::test]
+async fn a_new_databases_first_sync_warns_of_nothing_and_a_dropped_table_is_warned_about() {
+    let database_url = server().migrated_database().await;
+    let internal = pool(&database_url).await;
+    let tenancy = fixtures::tenancy(&internal).await;
+    let (url, tenant) = tenant_database().await;
+    attach(&internal, tenancy, &[("main", &url)]).await;
+    let ada = user(&internal, tenancy, "first sync").await;
+
+    let log_path = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let (mut child, _address) =
+        serve_logging_to(&database_url, &[("RUST_LOG", "info")], &log_path).await;
+    wait_for_display_name(&tenant, "first sync").await;
+    let read_log = || std::fs::read_to_string(&log_path).unwrap();
+    let warnings = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|line| line.contains("WARN"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(warnings(&read_log()), Vec::<String>::new());
+
+    sqlx::raw_sql("drop table users")
+        .execute(&tenant)
+        .await
+        .unwrap();
+    rename_user(&internal, ada, "after the drop").await;
+    wait_for_display_name(&tenant, "after the drop").await;
+    child.kill().await.unwrap();
+    let warned = warnings(&read_log());
+    assert!(
+        warned.iter().any(|line| line.contains("created again")
+            && line.contains("users")
+            && !line.contains("contact_channels")),
+        "{warned:?}"
     );
 }

@@ -892,6 +892,69 @@ async fn a_claim_that_takes_requests_and_finds_one_held_back_asks_for_the_next_e
     assert_tenant_matches_source(&pool, quick, &quick_tenant).await;
 }
 
+/// What a poller that claimed nothing reads next is a later snapshot than its claim's.
+/// A request the claim found held back by its tenancy's sync in flight may be free by
+/// then: that sync was settled in between, and its end, which came before anyone asked
+/// for it, woke no one. The read says so (claimable), rather than "nothing held back,
+/// nothing due", after which the loop slept with the request due.
+#[tokio::test]
+async fn a_request_freed_between_an_empty_claim_and_the_read_after_it_is_claimable() {
+    let pool = migrated_pool().await;
+    let tenancy = tenancy_with_placeholder_database(&pool).await;
+    let id = user(&pool, tenancy, "first").await;
+    sequence_all(&pool, 1000).await;
+    let lease = Duration::from_secs(300);
+    let first = queue::claim(&pool, 10, lease, Claimant::Syncer)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    rename_user(&pool, id, "second").await;
+    sequence_all(&pool, 1000).await;
+
+    // The claim finds the new request held back.
+    assert!(queue::claim(&pool, 10, lease, Claimant::Syncer)
+        .await
+        .unwrap()
+        .is_empty());
+    let held = queue::after_empty_claim(&pool, lease).await.unwrap();
+    assert!(held.held_back && !held.claimable, "{held:?}");
+
+    // The sync in flight is settled before the read that follows the claim.
+    queue::complete(&pool, first[0].id, None).await.unwrap();
+    let freed = queue::after_empty_claim(&pool, lease).await.unwrap();
+    assert!(!freed.held_back && freed.claimable, "{freed:?}");
+}
+
+/// A loop step whose claim took nothing while a due request that nothing holds back was
+/// there looks again soon, instead of waiting for a wake-up that nothing promises (the
+/// idle timer is 5 s here). The race above cannot be timed from outside; here the claim
+/// misses the request because another transaction holds its row, which the read after
+/// the claim sees the same way.
+#[tokio::test]
+async fn a_loop_step_that_missed_a_due_request_looks_again_soon() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant) = tenancy_with_database(&pool).await;
+    user(&pool, tenancy, "Ada").await;
+    sequence_all(&pool, 1000).await;
+    let poller = direct_poller(&pool, 2);
+    let in_flight = InFlight::for_loop(Arc::new(Notify::new()));
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(r#"select from "OutgoingRequest" for update"#)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    match poller.loop_step(&in_flight).await.unwrap() {
+        Outcome::Recheck(pause) => assert!(pause <= Duration::from_millis(100), "{pause:?}"),
+        other => panic!("not told to look again soon: {other:?}"),
+    }
+
+    holder.commit().await.unwrap();
+    assert_eq!(step(&poller, &in_flight).await.claimed, 1);
+    assert_eq!(poller.finish(&in_flight).await.unwrap().failed, 0);
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
+
 /// A sync that queues a retry (its database is down) wakes the loop when it ends, so
 /// that the loop reads when the retry comes due: moving a retry earlier notifies nobody.
 #[tokio::test]
