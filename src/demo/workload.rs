@@ -184,6 +184,11 @@ async fn insert_user(pool: &PgPool, tenancy: &DemoTenancy, turn: usize) -> anyho
 }
 
 /// Renames a user and flips its email's verification; `false` when none is left.
+///
+/// The user's row is locked before its channel's, in the order a delete of the user
+/// takes them (the user, then its channels by the cascade): the burst's writers run
+/// concurrently and may pick the same user, and the other order deadlocks. The channel
+/// update reads the rename's output, so the rename runs first.
 async fn update_user(pool: &PgPool, tenancy: &DemoTenancy, turn: usize) -> anyhow::Result<bool> {
     let Some(id) = pick(tenancy, false) else {
         return Ok(false);
@@ -193,9 +198,12 @@ async fn update_user(pool: &PgPool, tenancy: &DemoTenancy, turn: usize) -> anyho
         with renamed as (
             update "ProjectUser" set "displayName" = 'Renamed ' || $3::text
             where "tenancyId" = $1 and "projectUserId" = $2
+            returning "tenancyId", "projectUserId"
         )
-        update "ContactChannel" set "isVerified" = not "isVerified"
-        where "tenancyId" = $1 and "projectUserId" = $2
+        update "ContactChannel" as channel set "isVerified" = not channel."isVerified"
+        from renamed
+        where channel."tenancyId" = renamed."tenancyId"
+          and channel."projectUserId" = renamed."projectUserId"
         "#,
     )
     .bind(tenancy.id)

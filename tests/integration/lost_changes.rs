@@ -309,3 +309,95 @@ async fn truncating_the_source_tables_empties_the_tenant_tables() {
         latest_change(&pool, tenancy_id, "ProjectUser").await
     );
 }
+
+/// An application that takes a user's row first and its e-mail after (a user's delete:
+/// the cascade deletes the channels after the user) beside one that changes the e-mail
+/// alone: the capture's mark of the e-mail's owner used to wait for the user's row while
+/// holding the e-mail's, and PostgreSQL aborted one of the two. Now neither waits in a
+/// circle, both commit, and the tenant database ends equal to the source.
+#[tokio::test]
+async fn deleting_a_user_while_its_email_changes_deadlocks_neither() {
+    let pool = migrated_pool().await;
+    let (tenancy_id, tenant) = tenancy_with_database(&pool).await;
+    let sync_engine = engine(&pool);
+    let doomed = user(&pool, tenancy_id, "doomed").await;
+    let channel = email(&pool, tenancy_id, doomed, "doomed@example.com", true).await;
+    user(&pool, tenancy_id, "bystander").await;
+    sync_ok(&pool, &sync_engine, tenancy_id).await;
+
+    let mut deleting = pool.begin().await.unwrap();
+    sqlx::query(r#"update "ProjectUser" set "displayName" = 'leaving' where "projectUserId" = $1"#)
+        .bind(doomed)
+        .execute(&mut *deleting)
+        .await
+        .unwrap();
+    let mut changing = pool.begin().await.unwrap();
+    let change = sqlx::query(r#"update "ContactChannel" set "isVerified" = true where "id" = $1"#)
+        .bind(channel)
+        .execute(&mut *changing);
+    tokio::time::timeout(Duration::from_secs(10), change)
+        .await
+        .expect("the e-mail's change waited for its owner's row")
+        .unwrap();
+    // The delete's cascade waits for the e-mail's row until the change commits.
+    let delete = tokio::spawn(async move {
+        sqlx::query(r#"delete from "ProjectUser" where "projectUserId" = $1"#)
+            .bind(doomed)
+            .execute(&mut *deleting)
+            .await?;
+        deleting.commit().await
+    });
+    changing.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), delete)
+        .await
+        .expect("the delete ends once the change committed")
+        .unwrap()
+        .unwrap();
+
+    sequence_all(&pool, 1000).await;
+    sync_ok(&pool, &sync_engine, tenancy_id).await;
+    assert_tenant_matches_source(&pool, tenancy_id, &tenant).await;
+    assert_eq!(external_users(&tenant).await.len(), 1);
+}
+
+/// A user's e-mail changed while another transaction holds the user's row (and changes
+/// nothing of it): the owner's mark is deferred, and once the row is free the sequencer
+/// numbers the user again, so the tenant database gets its new primary e-mail. Without
+/// the deferred mark the user would keep its old e-mail there.
+#[tokio::test]
+async fn an_email_changed_while_its_user_is_held_reaches_the_tenant_database() {
+    let pool = migrated_pool().await;
+    let (tenancy_id, tenant) = tenancy_with_database(&pool).await;
+    let sync_engine = engine(&pool);
+    let owner = user(&pool, tenancy_id, "owner").await;
+    let channel = email(&pool, tenancy_id, owner, "old@example.com", true).await;
+    sync_ok(&pool, &sync_engine, tenancy_id).await;
+
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(r#"select from "ProjectUser" where "projectUserId" = $1 for no key update"#)
+        .bind(owner)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let change =
+        sqlx::query(r#"update "ContactChannel" set "value" = 'new@example.com' where "id" = $1"#)
+            .bind(channel)
+            .execute(&pool);
+    tokio::time::timeout(Duration::from_secs(10), change)
+        .await
+        .expect("the change waited for its owner's row")
+        .unwrap();
+    sequence_all(&pool, 1000).await;
+    sync_ok(&pool, &sync_engine, tenancy_id).await;
+    holder.commit().await.unwrap();
+    sequence_all(&pool, 1000).await;
+    sync_ok(&pool, &sync_engine, tenancy_id).await;
+
+    assert_tenant_matches_source(&pool, tenancy_id, &tenant).await;
+    let emails: Vec<Option<String>> = external_users(&tenant)
+        .await
+        .into_iter()
+        .map(|user| user.primary_email)
+        .collect();
+    assert_eq!(emails, [Some("new@example.com".to_owned())]);
+}

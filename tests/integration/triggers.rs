@@ -280,3 +280,104 @@ async fn no_trigger_of_the_service_runs_per_inserted_row() {
     .unwrap();
     assert_eq!(per_row_on_insert, Vec::<String>::new());
 }
+
+/// Deferred owner marks (migration 16) waiting for the sequencer, per user.
+async fn deferred_marks(pool: &sqlx::PgPool, user: Uuid) -> i64 {
+    sqlx::query_scalar(
+        r#"select count(*) from "ExternalDbSyncOwnerMark" where "projectUserId" = $1"#,
+    )
+    .bind(user)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A channel write marks its owner without waiting for another transaction that holds
+/// the owner's row (waiting deadlocked with an application that takes the user first and
+/// its channels after, as a user's delete does): the mark is deferred, kept while the
+/// row is held, and applied by the sequencer once it is free, which numbers the owner
+/// again.
+#[tokio::test]
+async fn a_channel_write_never_waits_for_a_transaction_holding_its_owner() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+    sequence_all(&pool, 100).await;
+    let numbered = user_state(&pool, tenancy, user).await.1.unwrap();
+
+    // Held as an update of the user holds it (a delete's lock would also make the
+    // insert's foreign key check wait, as it does without this service).
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(r#"select from "ProjectUser" where "projectUserId" = $1 for no key update"#)
+        .bind(user)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    for statement in [
+        r#"insert into "ContactChannel" ("tenancyId", "projectUserId", "id", "type", "value")
+           values ($1, $2, gen_random_uuid(), 'EMAIL', 'second@example.com')"#,
+        r#"update "ContactChannel" set "value" = 'new@example.com'
+           where "tenancyId" = $1 and "projectUserId" = $2 and "isPrimary""#,
+        r#"delete from "ContactChannel"
+           where "tenancyId" = $1 and "projectUserId" = $2 and "value" = 'second@example.com'"#,
+    ] {
+        let write = sqlx::query(statement)
+            .bind(tenancy)
+            .bind(user)
+            .execute(&pool);
+        tokio::time::timeout(std::time::Duration::from_secs(10), write)
+            .await
+            .unwrap_or_else(|_| panic!("the write waited for the owner's row: {statement}"))
+            .unwrap();
+    }
+    assert_eq!(deferred_marks(&pool, user).await, 3);
+
+    // Held still: the sequencer keeps the marks.
+    sequence_all(&pool, 100).await;
+    assert_eq!(
+        user_state(&pool, tenancy, user).await,
+        (false, Some(numbered))
+    );
+    assert_eq!(deferred_marks(&pool, user).await, 3);
+
+    holder.commit().await.unwrap();
+    sequence_all(&pool, 100).await;
+    let (flagged, renumbered) = user_state(&pool, tenancy, user).await;
+    assert!(!flagged && renumbered > Some(numbered), "{renumbered:?}");
+    assert_eq!(deferred_marks(&pool, user).await, 0);
+}
+
+/// A deferred mark whose owner is deleted before the sequencer comes is dropped.
+#[tokio::test]
+async fn a_deferred_mark_of_a_deleted_owner_is_dropped() {
+    let pool = migrated_pool().await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    let channel = fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+    sequence_all(&pool, 100).await;
+
+    let mut deleting = pool.begin().await.unwrap();
+    sqlx::query(r#"select from "ProjectUser" where "projectUserId" = $1 for update"#)
+        .bind(user)
+        .execute(&mut *deleting)
+        .await
+        .unwrap();
+    let change = sqlx::query(r#"update "ContactChannel" set "isVerified" = true where "id" = $1"#)
+        .bind(channel)
+        .execute(&pool);
+    tokio::time::timeout(std::time::Duration::from_secs(10), change)
+        .await
+        .expect("the change waited for its owner's row")
+        .unwrap();
+    sqlx::query(r#"delete from "ProjectUser" where "projectUserId" = $1"#)
+        .bind(user)
+        .execute(&mut *deleting)
+        .await
+        .unwrap();
+    deleting.commit().await.unwrap();
+    assert_eq!(deferred_marks(&pool, user).await, 1);
+
+    sequence_all(&pool, 100).await;
+    assert_eq!(deferred_marks(&pool, user).await, 0);
+}
