@@ -44,59 +44,26 @@ language sql volatile security definer set search_path from current as $$
 $$;
 grant execute on function external_db_sync_defer_owner_marks(uuid[], uuid[]) to public;
 
--- Step 3. Marking owners, for the channel triggers: the owners named (one per
--- channel, repeats allowed) are read; those no other transaction holds are locked and
--- marked, the others deferred (step 2). On inserts, an owner this transaction wrote and
--- that is marked already is left alone, as migration 13 did: no other transaction can
--- hold or number it before this one commits (an import of users and their e-mails then
--- touches none of its users again).
-create or replace function external_db_sync_mark_owners(
-    tenancies uuid[], users uuid[], inserting boolean) returns void
-language plpgsql as $$
-declare
-    deferred_tenancies uuid[];
-    deferred_users uuid[];
-begin
-    with owners as (
-        select distinct named."tenancyId", named."projectUserId"
-        from unnest(tenancies, users) as named("tenancyId", "projectUserId")
-    ), pending as (
-        select owner."tenancyId", owner."projectUserId"
-        from "ProjectUser" as owner
-        join owners using ("tenancyId", "projectUserId")
-        where not (inserting and owner."shouldUpdateSequenceId"
-                   and owner.xmin = pg_catalog.pg_current_xact_id()::xid)
-    ), lockable as (
-        select owner."tenancyId", owner."projectUserId"
-        from "ProjectUser" as owner
-        join pending using ("tenancyId", "projectUserId")
-        for no key update of owner skip locked
-    ), marked as (
-        update "ProjectUser" as owner set "shouldUpdateSequenceId" = true
-        from lockable
-        where owner."tenancyId" = lockable."tenancyId"
-          and owner."projectUserId" = lockable."projectUserId"
-    )
-    select array_agg(held."tenancyId"), array_agg(held."projectUserId")
-    into deferred_tenancies, deferred_users
-    from pending as held
-    where not exists (select from lockable
-                      where lockable."tenancyId" = held."tenancyId"
-                        and lockable."projectUserId" = held."projectUserId");
-    if deferred_users is not null then
-        perform external_db_sync_defer_owner_marks(deferred_tenancies, deferred_users);
-    end if;
-end;
-$$;
-
--- Step 4. The channel triggers' function (the triggers of migration 13 stay as they
--- are): the owners of the statement's channels, both owners of a channel that moved.
--- The sequencer's own updates of channels are left out by its transaction's setting.
+-- Step 3. The channel triggers' function (the triggers of migration 13 stay as they
+-- are). The owners of the statement's channels (both owners of a channel that moved)
+-- are read; those no other transaction holds are locked and marked, the others
+-- deferred (step 2). The sequencer's own updates of channels are left out by its
+-- transaction's setting. On inserts, an owner this transaction wrote and that is marked
+-- already is left alone, as migration 13 did: no other transaction can hold or number
+-- it before this one commits (an import of users and their e-mails then touches none of
+-- its users again).
+--
+-- The owners go from the transition table into arrays, so that one statement serves
+-- all three triggers. Its plan is the generic one: a custom plan knows the arrays'
+-- length, so the generic one looks dearer, and the statement was planned again at every
+-- call (nearly half of a channel write's time on the server, measured).
 create or replace function external_db_sync_mark_channel_owners() returns trigger
-language plpgsql as $$
+language plpgsql set plan_cache_mode = force_generic_plan as $$
 declare
     tenancies uuid[];
     users uuid[];
+    deferred_tenancies uuid[];
+    deferred_users uuid[];
 begin
     if tg_op = 'INSERT' then
         select array_agg("tenancyId"), array_agg("projectUserId")
@@ -113,14 +80,49 @@ begin
               union
               select "tenancyId", "projectUserId" from new_channels) as moved;
     end if;
-    if users is not null then
-        perform external_db_sync_mark_owners(tenancies, users, tg_op = 'INSERT');
+    if users is null then
+        return null;
+    end if;
+    with owners as (
+        select distinct named."tenancyId", named."projectUserId"
+        from unnest(tenancies, users) as named("tenancyId", "projectUserId")
+    ), pending as (
+        -- Read without a lock. An owner this very transaction deleted (a user's delete
+        -- cascading to its channels) is not there.
+        select owner."tenancyId", owner."projectUserId"
+        from "ProjectUser" as owner
+        join owners using ("tenancyId", "projectUserId")
+        where not (tg_op = 'INSERT' and owner."shouldUpdateSequenceId"
+                   and owner.xmin = pg_catalog.pg_current_xact_id()::xid)
+    ), lockable as (
+        -- The latest version of each owner, locked.
+        select owner."tenancyId", owner."projectUserId", owner."shouldUpdateSequenceId"
+        from "ProjectUser" as owner
+        join pending using ("tenancyId", "projectUserId")
+        for no key update of owner skip locked
+    ), marked as (
+        -- An owner flagged already needs only the lock: the sequencer skips a row held
+        -- by another transaction, so it numbers this one after this transaction ends.
+        update "ProjectUser" as owner set "shouldUpdateSequenceId" = true
+        from lockable
+        where owner."tenancyId" = lockable."tenancyId"
+          and owner."projectUserId" = lockable."projectUserId"
+          and not lockable."shouldUpdateSequenceId"
+    )
+    select array_agg(held."tenancyId"), array_agg(held."projectUserId")
+    into deferred_tenancies, deferred_users
+    from pending as held
+    where not exists (select from lockable
+                      where lockable."tenancyId" = held."tenancyId"
+                        and lockable."projectUserId" = held."projectUserId");
+    if deferred_users is not null then
+        perform external_db_sync_defer_owner_marks(deferred_tenancies, deferred_users);
     end if;
     return null;
 end;
 $$;
 
--- Step 5. The sequencer batch of migration 12, which applies the deferred marks before
+-- Step 4. The sequencer batch of migration 12, which applies the deferred marks before
 -- it numbers, and goes to sleep only when none is left. Same arguments and result
 -- columns, so replicas of the previous release keep working with it.
 create or replace function external_db_sync_sequence_batch(

@@ -1,0 +1,87 @@
+#!/bin/bash
+# What marking a channel's owner costs the application's channel writes: migration 13's
+# trigger function (which waited for a held owner) against migration 16's (which defers
+# it), alternating three times on one throwaway cluster, same rows. Prints the server's
+# CPU per write (every process of the cluster, reaped backends included, from /proc).
+#
+#   bash benches/scripts/channel_writes.sh      # after `cargo build --release`
+#
+# Needs initdb, pg_ctl (PG_BIN, default /usr/lib/postgresql/15/bin), psql and pgbench.
+# Run as root it starts the cluster as the postgres user.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+PORT=${PORT:-55432}
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
+WORK=$(mktemp -d /tmp/channel-writes.XXXXXX)
+chmod 755 "$WORK"
+as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+[ "$(id -u)" = 0 ] && chown postgres "$WORK"
+export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=channel_writes
+D=$WORK/data
+as_owner "$PG_BIN/initdb" -D "$D" -A trust >/dev/null
+as_owner "$PG_BIN/pg_ctl" -D "$D" -w -o "-p $PORT -c listen_addresses=127.0.0.1" -l "$WORK/pg.log" start >/dev/null
+trap 'as_owner "$PG_BIN/pg_ctl" -D "$D" -m fast stop >/dev/null; rm -rf "$WORK"' EXIT
+createdb channel_writes
+DATABASE_URL=postgres://postgres@127.0.0.1:$PORT/channel_writes target/release/external-db-sync migrate \
+  >/dev/null 2>"$WORK/migrate.log" || { cat "$WORK/migrate.log"; exit 1; }
+
+# The two functions, as the migrations define them.
+function_of() {
+  awk '/^create or replace function external_db_sync_mark_channel_owners\(\)/ {on=1}
+       on {print} on && /^\$\$;/ {exit}' "$1"
+}
+function_of migrations/20261127000013_cheaper_change_capture.sql > "$WORK/before.sql"
+function_of migrations/20261205000016_channel_writes_never_wait_for_their_owner.sql > "$WORK/after.sql"
+
+psql -q <<'SQL'
+insert into "Tenancy" ("id", "projectId") values ('00000000-0000-0000-0000-000000000001', 'p');
+with u as (
+    insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
+    select '00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'u' || n
+    from generate_series(1, 10000) n
+    returning "tenancyId", "projectUserId", "displayName")
+insert into "ContactChannel" ("tenancyId", "projectUserId", "id", "type", "isPrimary", "value")
+select "tenancyId", "projectUserId", gen_random_uuid(), 'EMAIL', true, "displayName" || '@example.com'
+from u;
+create index on "ContactChannel" ("value");
+create index on "ProjectUser" ("displayName");
+vacuum analyze;
+SQL
+cat > "$WORK/update.sql" <<'SQL'
+\set n random(1, 10000)
+update "ContactChannel" set "isVerified" = not "isVerified" where "value" = 'u' || :n || '@example.com';
+SQL
+cat > "$WORK/insert.sql" <<'SQL'
+\set n random(1, 10000)
+insert into "ContactChannel" ("tenancyId", "projectUserId", "id", "type", "value")
+select "tenancyId", "projectUserId", gen_random_uuid(), 'EMAIL', 'x' || :n
+from "ProjectUser" where "displayName" = 'u' || :n;
+SQL
+
+cpu() { # clock ticks of the cluster's processes, backends that ended included
+  local pm total=0 p f
+  pm=$(head -1 "$D/postmaster.pid")
+  for p in $pm $(pgrep -P "$pm"); do
+    [ -r "/proc/$p/stat" ] || continue
+    read -r -a f < "/proc/$p/stat" || continue
+    total=$((total + f[13] + f[14]))
+    [ "$p" = "$pm" ] && total=$((total + f[15] + f[16]))
+  done
+  echo $total
+}
+ticks=$(getconf CLK_TCK)
+for write in update insert; do
+  for round in 1 2 3; do
+    for function in before after; do
+      psql -q -f "$WORK/$function.sql"
+      # Every row numbered, so that each write marks a sequenced owner.
+      psql -qAt -c "select from external_db_sync_sequence_batch(1000000, '/x', 'k:', null, false)" >/dev/null
+      started=$(cpu)
+      out=$(PGOPTIONS='-c synchronous_commit=off' pgbench -n -c 1 -T "$SECONDS_PER_RUN" -f "$WORK/$write.sql" 2>&1)
+      ended=$(cpu)
+      writes=$(echo "$out" | awk '/number of transactions actually processed/ {print $NF}' | cut -d/ -f1)
+      echo "channel $write, round $round, $function: $writes writes, server CPU $(( (ended - started) * 1000000 / ticks / writes )) µs per write"
+    done
+  done
+done
