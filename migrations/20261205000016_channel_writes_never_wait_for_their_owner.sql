@@ -46,17 +46,18 @@ grant execute on function external_db_sync_defer_owner_marks(uuid[], uuid[]) to 
 
 -- Step 3. The channel triggers' function (the triggers of migration 13 stay as they
 -- are). The owners of the statement's channels (both owners of a channel that moved)
--- are read; those no other transaction holds are locked and marked, the others
--- deferred (step 2). The sequencer's own updates of channels are left out by its
--- transaction's setting. On inserts, an owner this transaction wrote and that is marked
--- already is left alone, as migration 13 did: no other transaction can hold or number
--- it before this one commits (an import of users and their e-mails then touches none of
--- its users again).
+-- are read without a lock; those no other transaction holds are then locked and marked,
+-- the others deferred (step 2). The sequencer's own updates of channels are left out by
+-- its transaction's setting. An owner this very transaction deleted (a user's delete
+-- cascading to its channels) is not read. On inserts, an owner this transaction wrote
+-- and that is marked already is left alone, as migration 13 did: no other transaction
+-- can hold or number it before this one commits, so an import of users and their
+-- e-mails reads its owners once and locks none of them.
 --
--- The owners go from the transition table into arrays, so that one statement serves
--- all three triggers. Its plan is the generic one: a custom plan knows the arrays'
--- length, so the generic one looks dearer, and the statement was planned again at every
--- call (nearly half of a channel write's time on the server, measured).
+-- The owners read go into arrays, so that one statement locks and marks for all three
+-- triggers. Its plan is the generic one: a custom plan knows the arrays' length, so the
+-- generic one looks dearer, and the statement was planned again at every call (nearly
+-- half of a channel write's time on the server, measured).
 create or replace function external_db_sync_mark_channel_owners() returns trigger
 language plpgsql set plan_cache_mode = force_generic_plan as $$
 declare
@@ -66,34 +67,33 @@ declare
     deferred_users uuid[];
 begin
     if tg_op = 'INSERT' then
-        select array_agg("tenancyId"), array_agg("projectUserId")
+        select array_agg(owner."tenancyId"), array_agg(owner."projectUserId")
         into tenancies, users
-        from new_channels;
+        from "ProjectUser" as owner
+        join (select distinct "tenancyId", "projectUserId" from new_channels) as named
+            using ("tenancyId", "projectUserId")
+        where not (owner."shouldUpdateSequenceId"
+                   and owner.xmin = pg_catalog.pg_current_xact_id()::xid);
     elsif tg_op = 'DELETE' then
-        select array_agg("tenancyId"), array_agg("projectUserId")
+        select array_agg(owner."tenancyId"), array_agg(owner."projectUserId")
         into tenancies, users
-        from old_channels;
+        from "ProjectUser" as owner
+        join (select distinct "tenancyId", "projectUserId" from old_channels) as named
+            using ("tenancyId", "projectUserId");
     elsif current_setting('external_db_sync.sequencing', true) is distinct from 'on' then
-        select array_agg(moved."tenancyId"), array_agg(moved."projectUserId")
+        select array_agg(owner."tenancyId"), array_agg(owner."projectUserId")
         into tenancies, users
-        from (select "tenancyId", "projectUserId" from old_channels
+        from "ProjectUser" as owner
+        join (select "tenancyId", "projectUserId" from old_channels
               union
-              select "tenancyId", "projectUserId" from new_channels) as moved;
+              select "tenancyId", "projectUserId" from new_channels) as named
+            using ("tenancyId", "projectUserId");
     end if;
     if users is null then
         return null;
     end if;
-    with owners as (
-        select distinct named."tenancyId", named."projectUserId"
-        from unnest(tenancies, users) as named("tenancyId", "projectUserId")
-    ), pending as (
-        -- Read without a lock. An owner this very transaction deleted (a user's delete
-        -- cascading to its channels) is not there.
-        select owner."tenancyId", owner."projectUserId"
-        from "ProjectUser" as owner
-        join owners using ("tenancyId", "projectUserId")
-        where not (tg_op = 'INSERT' and owner."shouldUpdateSequenceId"
-                   and owner.xmin = pg_catalog.pg_current_xact_id()::xid)
+    with pending as (
+        select * from unnest(tenancies, users) as pending("tenancyId", "projectUserId")
     ), lockable as (
         -- The latest version of each owner, locked.
         select owner."tenancyId", owner."projectUserId", owner."shouldUpdateSequenceId"
