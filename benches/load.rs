@@ -289,7 +289,8 @@ async fn wait_until_caught_up(internal: &PgPool, limit: Duration) {
         let unnumbered: bool = sqlx::query_scalar(
             r#"select exists (select from "ProjectUser" where "shouldUpdateSequenceId")
                    or exists (select from "ContactChannel" where "shouldUpdateSequenceId")
-                   or exists (select from "DeletedRow" where "shouldUpdateSequenceId")"#,
+                   or exists (select from "DeletedRow" where "shouldUpdateSequenceId")
+                   or exists (select from "ExternalDbSyncOwnerMark")"#,
         )
         .fetch_one(internal)
         .await

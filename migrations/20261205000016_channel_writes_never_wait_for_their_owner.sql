@@ -1,5 +1,4 @@
--- A channel write no longer waits for its owner's row: the application's own lock
--- order cannot deadlock with the change capture.
+-- A channel write no longer waits for its owner's row while it holds the channel's.
 --
 -- Writing a channel marks its owner (migration 13's statement triggers): an update of
 -- the owner's row, in the writing transaction, after the channel's rows are locked. A
@@ -16,10 +15,22 @@
 -- once the owner is free (and drops if the owner is gone). The guarantee is the one the
 -- waiting update gave: the owner is numbered again after the channel write committed,
 -- so the change cannot slip between the sequencer's read and its commit.
+--
+-- What is left: a free owner is still locked until the writing transaction ends (that
+-- lock is what keeps the sequencer from numbering the owner before the write commits).
+-- A transaction that changes two channels of one user, one after the other, beside one
+-- that changes the second channel and then the user, still waits in a circle (the
+-- second holds the channel, the first the user through the first channel's mark).
+-- Deferring every mark would end that too, at the price of the owner's flag no longer
+-- being set in the writing transaction.
 
--- Step 1. The deferred marks: which owners to mark, nothing else. No key, so that a
--- writer never waits on another's mark.
+-- Step 1. The deferred marks: which owners to mark.
+-- The key is generated (a logical replication publication of every table needs one to
+-- replicate the sequencer's deletes); generated values never collide, so a writer still
+-- never waits on another's mark. The table keeps emptying out: vacuum does not truncate
+-- it, which would take a lock that a deferring writer waits on.
 create table if not exists "ExternalDbSyncOwnerMark" (
+    "id" bigint generated always as identity primary key,
     "tenancyId" uuid not null,
     "projectUserId" uuid not null
 );
@@ -27,7 +38,7 @@ do $$
 begin
     alter table "ExternalDbSyncOwnerMark" set (
         autovacuum_vacuum_threshold = 100, autovacuum_vacuum_scale_factor = 0,
-        autovacuum_vacuum_cost_delay = 0);
+        autovacuum_vacuum_cost_delay = 0, vacuum_truncate = false);
 exception when insufficient_privilege then
     raise notice 'external-db-sync: cannot set the autovacuum settings of "ExternalDbSyncOwnerMark": %', sqlerrm;
 end;
@@ -38,11 +49,25 @@ $$;
 -- not make the application's writes fail.
 create or replace function external_db_sync_defer_owner_marks(tenancies uuid[], users uuid[])
 returns void
-language sql volatile security definer set search_path from current as $$
+language sql volatile security definer as $$
     insert into "ExternalDbSyncOwnerMark" ("tenancyId", "projectUserId")
     select * from unnest(tenancies, users)
 $$;
 grant execute on function external_db_sync_defer_owner_marks(uuid[], uuid[]) to public;
+
+-- Both SECURITY DEFINER functions look names up in this service's schema, then in the
+-- caller's temporary schema last: listed nowhere, pg_temp would come first, and any
+-- role that may call them could put a temporary table with a trigger of its own in
+-- place of this service's and run it with the owner's rights. (Migration 8's lease
+-- check captured the search path without pg_temp, and had the same hole.)
+do $$
+begin
+    execute format('alter function external_db_sync_defer_owner_marks(uuid[], uuid[]) '
+                   'set search_path = %I, pg_temp', current_schema());
+    execute format('alter function external_db_sync_sequencer_awake() '
+                   'set search_path = %I, pg_temp', current_schema());
+end;
+$$;
 
 -- Step 3. The channel triggers' function (the triggers of migration 13 stay as they
 -- are). The owners of the statement's channels (both owners of a channel that moved)
@@ -57,7 +82,8 @@ grant execute on function external_db_sync_defer_owner_marks(uuid[], uuid[]) to 
 -- The owners read go into arrays, so that one statement locks and marks for all three
 -- triggers. Its plan is the generic one: a custom plan knows the arrays' length, so the
 -- generic one looks dearer, and the statement was planned again at every call (nearly
--- half of a channel write's time on the server, measured).
+-- half of a channel write's time on the server, measured). The setting holds while the
+-- function runs, so the triggers its owner update fires plan generically too.
 create or replace function external_db_sync_mark_channel_owners() returns trigger
 language plpgsql set plan_cache_mode = force_generic_plan as $$
 declare
@@ -171,11 +197,13 @@ begin
     if exists (select from "ExternalDbSyncOwnerMark") then
         with due as (
             select distinct "tenancyId", "projectUserId" from "ExternalDbSyncOwnerMark"
-            limit batch_size
         ), lockable as (
+            -- Limited after the skip: owners held by long transactions do not keep
+            -- the marks of free ones waiting.
             select owner."tenancyId", owner."projectUserId"
             from "ProjectUser" as owner
             join due using ("tenancyId", "projectUserId")
+            limit batch_size
             for no key update of owner skip locked
         ), marked as (
             update "ProjectUser" as owner set "shouldUpdateSequenceId" = true

@@ -47,7 +47,11 @@ pub async fn measure(
                  union all
                  select "tenancyId", false, true
                  from "DeletedRow"
-                 where "shouldUpdateSequenceId" and "tenancyId" = any($1)) as rows
+                 where "shouldUpdateSequenceId" and "tenancyId" = any($1)
+                 union all
+                 -- Owners whose mark a channel write deferred (migration 16).
+                 select "tenancyId", false, true
+                 from "ExternalDbSyncOwnerMark" where "tenancyId" = any($1)) as rows
            group by "tenancyId""#,
     )
     .bind(&ids)

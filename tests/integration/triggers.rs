@@ -381,3 +381,85 @@ async fn a_deferred_mark_of_a_deleted_owner_is_dropped() {
     sequence_all(&pool, 100).await;
     assert_eq!(deferred_marks(&pool, user).await, 0);
 }
+
+/// The service's `SECURITY DEFINER` functions, which any role may call, look names up in
+/// the caller's temporary schema last: a temporary table named like the service's
+/// cannot take its place (with a trigger of its own there, it would run with the
+/// functions' owner's rights).
+#[tokio::test]
+async fn security_definer_functions_ignore_the_callers_temporary_tables() {
+    let pool = migrated_pool().await;
+    let role = format!("caller_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("create role {role}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut caller = pool.begin().await.unwrap();
+    sqlx::raw_sql(&format!(
+        r#"set local role {role};
+           create temporary table "ExternalDbSyncOwnerMark" ("tenancyId" uuid, "projectUserId" uuid);
+           create temporary table external_db_sync_sequencer_awake_until (last_value bigint);
+           insert into external_db_sync_sequencer_awake_until values (9223372036854775807);"#
+    ))
+    .execute(&mut *caller)
+    .await
+    .unwrap();
+    let user = Uuid::new_v4();
+    sqlx::query("select external_db_sync_defer_owner_marks(array[$1::uuid], array[$1::uuid])")
+        .bind(user)
+        .execute(&mut *caller)
+        .await
+        .unwrap();
+    let awake: bool = sqlx::query_scalar("select external_db_sync_sequencer_awake()")
+        .fetch_one(&mut *caller)
+        .await
+        .unwrap();
+    let in_temporary: i64 =
+        sqlx::query_scalar(r#"select count(*) from pg_temp."ExternalDbSyncOwnerMark""#)
+            .fetch_one(&mut *caller)
+            .await
+            .unwrap();
+    caller.commit().await.unwrap();
+
+    assert!(
+        !awake,
+        "the lease was read from the caller's temporary table"
+    );
+    assert_eq!(
+        in_temporary, 0,
+        "the mark went to the caller's temporary table"
+    );
+    assert_eq!(deferred_marks(&pool, user).await, 1);
+}
+
+/// A publication of every table (logical replication of the internal database) needs a
+/// key to replicate deletes: the sequencer's delete of the marks it applied works under
+/// one.
+#[tokio::test]
+async fn deferred_marks_are_applied_under_a_publication_of_every_table() {
+    let pool = migrated_pool().await;
+    sqlx::query("create publication everything for all tables")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let tenancy = fixtures::tenancy(&pool).await;
+    let user = fixtures::user(&pool, tenancy, "Ada").await;
+    let channel = fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
+    sequence_all(&pool, 100).await;
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(r#"select from "ProjectUser" where "projectUserId" = $1 for no key update"#)
+        .bind(user)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query(r#"update "ContactChannel" set "isVerified" = true where "id" = $1"#)
+        .bind(channel)
+        .execute(&pool)
+        .await
+        .unwrap();
+    holder.commit().await.unwrap();
+    assert_eq!(deferred_marks(&pool, user).await, 1);
+
+    sequence_all(&pool, 100).await;
+    assert_eq!(deferred_marks(&pool, user).await, 0);
+}

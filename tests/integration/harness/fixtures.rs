@@ -114,12 +114,14 @@ pub async fn channel_state(pool: &PgPool, channel: Uuid) -> (bool, Option<i64>) 
     .unwrap()
 }
 
-/// Rows of the three source tables that still wait for the sequencer.
+/// Rows of the three source tables that still wait for the sequencer, and owners whose
+/// mark a channel write deferred (migration 16).
 pub async fn flagged_rows(pool: &PgPool) -> i64 {
     sqlx::query_scalar(
         r#"select (select count(*) from "ProjectUser" where "shouldUpdateSequenceId")
                 + (select count(*) from "ContactChannel" where "shouldUpdateSequenceId")
-                + (select count(*) from "DeletedRow" where "shouldUpdateSequenceId")"#,
+                + (select count(*) from "DeletedRow" where "shouldUpdateSequenceId")
+                + (select count(*) from "ExternalDbSyncOwnerMark")"#,
     )
     .fetch_one(pool)
     .await
