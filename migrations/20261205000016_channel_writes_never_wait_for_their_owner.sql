@@ -79,6 +79,13 @@ $$;
 -- can hold or number it before this one commits, so an import of users and their
 -- e-mails reads its owners once and locks none of them.
 --
+-- Each owner is looked up by its key (a lateral subquery with a limit, which the
+-- planner keeps as it is): a session plans these statements once, with the first
+-- statement's transition table, and under migration 13 a plan made for an import of
+-- 100,000 channels (a hash join over the whole of "ProjectUser") was then used for
+-- every single channel written in that session afterwards. An insert of over 1,000
+-- channels has a statement of its own, which joins them with their owners at once.
+--
 -- The owners read go into arrays, so that one statement locks and marks for all three
 -- triggers. Its plan is the generic one: a custom plan knows the arrays' length, so the
 -- generic one looks dearer, and the statement was planned again at every call (nearly
@@ -93,27 +100,49 @@ declare
     deferred_users uuid[];
 begin
     if tg_op = 'INSERT' then
-        select array_agg(owner."tenancyId"), array_agg(owner."projectUserId")
-        into tenancies, users
-        from "ProjectUser" as owner
-        join (select distinct "tenancyId", "projectUserId" from new_channels) as named
-            using ("tenancyId", "projectUserId")
-        where not (owner."shouldUpdateSequenceId"
-                   and owner.xmin = pg_catalog.pg_current_xact_id()::xid);
+        if (select count(*) > 1000 from new_channels) then
+            -- An import: its owners joined at once (see above).
+            select array_agg(owner."tenancyId"), array_agg(owner."projectUserId")
+            into tenancies, users
+            from "ProjectUser" as owner
+            join (select distinct "tenancyId", "projectUserId" from new_channels) as named
+                using ("tenancyId", "projectUserId")
+            where not (owner."shouldUpdateSequenceId"
+                       and owner.xmin = pg_catalog.pg_current_xact_id()::xid);
+        else
+            select array_agg(owner."tenancyId"), array_agg(owner."projectUserId")
+            into tenancies, users
+            from (select distinct "tenancyId", "projectUserId" from new_channels) as named
+            cross join lateral (
+                select owner."tenancyId", owner."projectUserId", owner."shouldUpdateSequenceId",
+                       owner.xmin as written_by
+                from "ProjectUser" as owner
+                where owner."tenancyId" = named."tenancyId"
+                  and owner."projectUserId" = named."projectUserId"
+                limit 1) as owner
+            where not (owner."shouldUpdateSequenceId"
+                       and owner.written_by = pg_catalog.pg_current_xact_id()::xid);
+        end if;
     elsif tg_op = 'DELETE' then
         select array_agg(owner."tenancyId"), array_agg(owner."projectUserId")
         into tenancies, users
-        from "ProjectUser" as owner
-        join (select distinct "tenancyId", "projectUserId" from old_channels) as named
-            using ("tenancyId", "projectUserId");
+        from (select distinct "tenancyId", "projectUserId" from old_channels) as named
+        cross join lateral (
+            select owner."tenancyId", owner."projectUserId" from "ProjectUser" as owner
+            where owner."tenancyId" = named."tenancyId"
+              and owner."projectUserId" = named."projectUserId"
+            limit 1) as owner;
     elsif current_setting('external_db_sync.sequencing', true) is distinct from 'on' then
         select array_agg(owner."tenancyId"), array_agg(owner."projectUserId")
         into tenancies, users
-        from "ProjectUser" as owner
-        join (select "tenancyId", "projectUserId" from old_channels
+        from (select "tenancyId", "projectUserId" from old_channels
               union
               select "tenancyId", "projectUserId" from new_channels) as named
-            using ("tenancyId", "projectUserId");
+        cross join lateral (
+            select owner."tenancyId", owner."projectUserId" from "ProjectUser" as owner
+            where owner."tenancyId" = named."tenancyId"
+              and owner."projectUserId" = named."projectUserId"
+            limit 1) as owner;
     end if;
     if users is null then
         return null;
@@ -121,19 +150,25 @@ begin
     with pending as (
         select * from unnest(tenancies, users) as pending("tenancyId", "projectUserId")
     ), lockable as (
-        -- The latest version of each owner, locked.
-        select owner."tenancyId", owner."projectUserId", owner."shouldUpdateSequenceId"
-        from "ProjectUser" as owner
-        join pending using ("tenancyId", "projectUserId")
-        for no key update of owner skip locked
+        -- The latest version of each owner, locked, looked up by its key.
+        select owner.*
+        from pending
+        cross join lateral (
+            select owner."tenancyId", owner."projectUserId", owner."shouldUpdateSequenceId",
+                   owner.ctid as locked_version
+            from "ProjectUser" as owner
+            where owner."tenancyId" = pending."tenancyId"
+              and owner."projectUserId" = pending."projectUserId"
+            limit 1
+            for no key update skip locked) as owner
     ), marked as (
         -- An owner flagged already needs only the lock: the sequencer skips a row held
         -- by another transaction, so it numbers this one after this transaction ends.
+        -- The versions locked are the ones updated (no other transaction can change
+        -- them meanwhile).
         update "ProjectUser" as owner set "shouldUpdateSequenceId" = true
-        from lockable
-        where owner."tenancyId" = lockable."tenancyId"
-          and owner."projectUserId" = lockable."projectUserId"
-          and not lockable."shouldUpdateSequenceId"
+        where owner.ctid = any (array(select locked_version from lockable
+                                      where not "shouldUpdateSequenceId"))
     )
     select array_agg(held."tenancyId"), array_agg(held."projectUserId")
     into deferred_tenancies, deferred_users

@@ -463,3 +463,76 @@ async fn deferred_marks_are_applied_under_a_publication_of_every_table() {
     sequence_all(&pool, 100).await;
     assert_eq!(deferred_marks(&pool, user).await, 0);
 }
+
+/// A session plans the trigger's statements once. One that wrote 2,000 channels in a
+/// statement first (an import) and one at a time afterwards must still look each owner
+/// up by its key: under migration 13 the plan made for the import (a hash join over the
+/// whole of `"ProjectUser"`) served every later write of the session. The plans are
+/// read from `auto_explain`'s notices.
+#[tokio::test]
+async fn channel_writes_after_an_import_in_the_same_session_look_owners_up_by_key() {
+    let url = crate::harness::postgres::server().migrated_database().await;
+    let pool = crate::harness::postgres::pool(&url).await;
+    let tenancy = fixtures::tenancy(&pool).await;
+    fixtures::import(&pool, tenancy, 2_000, "imported").await;
+    sequence_all(&pool, 10_000).await;
+    let single = fixtures::user(&pool, tenancy, "single").await;
+    sequence_all(&pool, 100).await;
+
+    let (client, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (notices, mut plans) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = futures::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notice(notice)) = message {
+                let _ = notices.send(notice.message().to_owned());
+            }
+        }
+    });
+    // The import's statement, in this session, rolled back.
+    client
+        .batch_execute(
+            r#"begin;
+               insert into "ContactChannel" ("tenancyId", "projectUserId", "id", "type", "value")
+               select "tenancyId", "projectUserId", gen_random_uuid(), 'EMAIL', 'again'
+               from "ProjectUser";
+               rollback;
+               load 'auto_explain';
+               set auto_explain.log_min_duration = 0;
+               set auto_explain.log_nested_statements = on;
+               set auto_explain.log_level = notice;"#,
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            r#"insert into "ContactChannel" ("tenancyId", "projectUserId", "id", "type", "value")
+               values ($1, $2, gen_random_uuid(), 'EMAIL', 'single@example.com')"#,
+            &[&tenancy, &single],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("reset auto_explain.log_min_duration")
+        .await
+        .unwrap();
+
+    let mut scans = Vec::new();
+    while let Ok(plan) = plans.try_recv() {
+        if plan.contains(r#"on "ProjectUser""#) {
+            scans.push(plan);
+        }
+    }
+    assert!(
+        !scans.is_empty(),
+        "no plan of the trigger's statements was seen"
+    );
+    for plan in &scans {
+        assert!(!plan.contains(r#"Seq Scan on "ProjectUser""#), "{plan}");
+    }
+    assert!(
+        user_state(&pool, tenancy, single).await.0,
+        "the owner is marked"
+    );
+}
