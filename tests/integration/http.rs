@@ -224,13 +224,15 @@ async fn an_in_flight_cron_call_ends_promptly_at_shutdown() {
     let client = reqwest::Client::new();
     let url = format!("{}{PREFIX}/sequencer?maxDurationMs=600000", app.address);
     let call = tokio::spawn(async move { client.get(url).bearer_auth(CRON_SECRET).send().await });
-    // Wait until the call is being served (it has run at least one idle iteration).
+    // Wait until the call is being served (it has run at least one idle iteration). The
+    // cluster is shared with other tests' services: only this database's sessions count.
     crate::harness::wait::until(
         "the cron call to start",
         std::time::Duration::from_secs(10),
         || async {
             let active: i64 = sqlx::query_scalar(
             "select count(*) from pg_stat_activity where application_name = 'external-db-sync' \
+             and datname = current_database() \
              and query like '%external_db_sync_sequence_batch%' and pid <> pg_backend_pid()",
         )
         .fetch_one(&app.pool)
