@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::harness::fixtures::{
-    delete_user, email, rename_user, request_key, sequence_all, tenancy, user,
+    delete_user, email, hold_user, rename_user, request_key, sequence_all, tenancy, user, UserLock,
 };
 use crate::harness::polling::{direct_poller, poll_once};
 use crate::harness::postgres::migrated_pool;
@@ -19,6 +19,7 @@ use crate::harness::sync::{
     sync_ok, tenancy_with_database, watermark,
 };
 use crate::harness::wait;
+use crate::harness::wait::promptly;
 
 /// The advisory lock the claim's stall point waits on.
 const CLAIM_STALL_LOCK: i64 = 16_001;
@@ -335,9 +336,8 @@ async fn deleting_a_user_while_its_email_changes_deadlocks_neither() {
     let change = sqlx::query(r#"update "ContactChannel" set "isVerified" = true where "id" = $1"#)
         .bind(channel)
         .execute(&mut *changing);
-    tokio::time::timeout(Duration::from_secs(10), change)
+    promptly("the e-mail's change beside its held owner", change)
         .await
-        .expect("the e-mail's change waited for its owner's row")
         .unwrap();
     // The delete's cascade waits for the e-mail's row until the change commits.
     let delete = tokio::spawn(async move {
@@ -348,9 +348,8 @@ async fn deleting_a_user_while_its_email_changes_deadlocks_neither() {
         deleting.commit().await
     });
     changing.commit().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), delete)
+    promptly("the delete, once the change committed", delete)
         .await
-        .expect("the delete ends once the change committed")
         .unwrap()
         .unwrap();
 
@@ -373,19 +372,13 @@ async fn an_email_changed_while_its_user_is_held_reaches_the_tenant_database() {
     let channel = email(&pool, tenancy_id, owner, "old@example.com", true).await;
     sync_ok(&pool, &sync_engine, tenancy_id).await;
 
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query(r#"select from "ProjectUser" where "projectUserId" = $1 for no key update"#)
-        .bind(owner)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_user(&pool, owner, UserLock::AsAnUpdate).await;
     let change =
         sqlx::query(r#"update "ContactChannel" set "value" = 'new@example.com' where "id" = $1"#)
             .bind(channel)
             .execute(&pool);
-    tokio::time::timeout(Duration::from_secs(10), change)
+    promptly("the change beside its held owner", change)
         .await
-        .expect("the change waited for its owner's row")
         .unwrap();
     sequence_all(&pool, 1000).await;
     sync_ok(&pool, &sync_engine, tenancy_id).await;

@@ -542,19 +542,29 @@ async fn the_poller_and_fusebox_routes_require_the_bearer() {
     assert_eq!(bad.status(), 400);
 }
 
-#[tokio::test]
-async fn a_pending_request_waits_while_its_tenancy_is_in_flight() {
-    let pool = migrated_pool().await;
-    let tenancy = tenancy_with_placeholder_database(&pool).await;
-    let id = user(&pool, tenancy, "first").await;
-    sequence_all(&pool, 1000).await;
-    let lease = Duration::from_secs(300);
-    let first = queue::claim(&pool, 10, lease, Claimant::Syncer)
+/// A tenancy whose request is claimed (in flight) and whose next change queued another,
+/// pending behind it: the tenancy, its user and the claimed request.
+async fn a_request_pending_behind_one_in_flight(
+    pool: &PgPool,
+    lease: Duration,
+) -> (Uuid, Uuid, queue::ClaimedRequest) {
+    let tenancy = tenancy_with_placeholder_database(pool).await;
+    let id = user(pool, tenancy, "first").await;
+    sequence_all(pool, 1000).await;
+    let mut first = queue::claim(pool, 10, lease, Claimant::Syncer)
         .await
         .unwrap();
     assert_eq!(first.len(), 1);
-    crate::harness::fixtures::rename_user(&pool, id, "second").await;
-    sequence_all(&pool, 1000).await;
+    rename_user(pool, id, "second").await;
+    sequence_all(pool, 1000).await;
+    (tenancy, id, first.remove(0))
+}
+
+#[tokio::test]
+async fn a_pending_request_waits_while_its_tenancy_is_in_flight() {
+    let pool = migrated_pool().await;
+    let lease = Duration::from_secs(300);
+    let (tenancy, id, first) = a_request_pending_behind_one_in_flight(&pool, lease).await;
     assert_eq!(pending_request_keys(&pool).await, [request_key(tenancy)]);
 
     // Due, but its tenancy is in flight: a second sync would only queue behind the first.
@@ -564,12 +574,12 @@ async fn a_pending_request_waits_while_its_tenancy_is_in_flight() {
         .is_empty());
 
     // Settled: the pending request is claimable at once.
-    queue::complete(&pool, first[0].id, None).await.unwrap();
+    queue::complete(&pool, first.id, None).await.unwrap();
     let second = queue::claim(&pool, 10, lease, Claimant::Syncer)
         .await
         .unwrap();
     assert_eq!(second.len(), 1);
-    assert_ne!(second[0].id, first[0].id);
+    assert_ne!(second[0].id, first.id);
 
     // A claim whose lease ran out holds nothing back.
     crate::harness::fixtures::rename_user(&pool, id, "third").await;
@@ -900,16 +910,8 @@ async fn a_claim_that_takes_requests_and_finds_one_held_back_asks_for_the_next_e
 #[tokio::test]
 async fn a_request_freed_between_an_empty_claim_and_the_read_after_it_is_claimable() {
     let pool = migrated_pool().await;
-    let tenancy = tenancy_with_placeholder_database(&pool).await;
-    let id = user(&pool, tenancy, "first").await;
-    sequence_all(&pool, 1000).await;
     let lease = Duration::from_secs(300);
-    let first = queue::claim(&pool, 10, lease, Claimant::Syncer)
-        .await
-        .unwrap();
-    assert_eq!(first.len(), 1);
-    rename_user(&pool, id, "second").await;
-    sequence_all(&pool, 1000).await;
+    let (_, _, first) = a_request_pending_behind_one_in_flight(&pool, lease).await;
 
     // The claim finds the new request held back.
     assert!(queue::claim(&pool, 10, lease, Claimant::Syncer)
@@ -920,7 +922,7 @@ async fn a_request_freed_between_an_empty_claim_and_the_read_after_it_is_claimab
     assert!(held.held_back && !held.claimable, "{held:?}");
 
     // The sync in flight is settled before the read that follows the claim.
-    queue::complete(&pool, first[0].id, None).await.unwrap();
+    queue::complete(&pool, first.id, None).await.unwrap();
     let freed = queue::after_empty_claim(&pool, lease).await.unwrap();
     assert!(!freed.held_back && freed.claimable, "{freed:?}");
 }

@@ -3,8 +3,11 @@
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::harness::fixtures::{self, channel_state, sequence_all, user_state};
+use crate::harness::fixtures::{
+    self, channel_state, hold_user, sequence_all, user_state, UserLock,
+};
 use crate::harness::postgres::migrated_pool;
+use crate::harness::wait::promptly;
 
 #[tokio::test]
 async fn new_rows_are_flagged_for_the_sequencer() {
@@ -308,12 +311,7 @@ async fn a_channel_write_never_waits_for_a_transaction_holding_its_owner() {
 
     // Held as an update of the user holds it (a delete's lock would also make the
     // insert's foreign key check wait, as it does without this service).
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query(r#"select from "ProjectUser" where "projectUserId" = $1 for no key update"#)
-        .bind(user)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_user(&pool, user, UserLock::AsAnUpdate).await;
     for statement in [
         r#"insert into "ContactChannel" ("tenancyId", "projectUserId", "id", "type", "value")
            values ($1, $2, gen_random_uuid(), 'EMAIL', 'second@example.com')"#,
@@ -326,10 +324,12 @@ async fn a_channel_write_never_waits_for_a_transaction_holding_its_owner() {
             .bind(tenancy)
             .bind(user)
             .execute(&pool);
-        tokio::time::timeout(std::time::Duration::from_secs(10), write)
-            .await
-            .unwrap_or_else(|_| panic!("the write waited for the owner's row: {statement}"))
-            .unwrap();
+        promptly(
+            &format!("the write beside a held owner: {statement}"),
+            write,
+        )
+        .await
+        .unwrap();
     }
     assert_eq!(deferred_marks(&pool, user).await, 3);
 
@@ -357,18 +357,12 @@ async fn a_deferred_mark_of_a_deleted_owner_is_dropped() {
     let channel = fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
     sequence_all(&pool, 100).await;
 
-    let mut deleting = pool.begin().await.unwrap();
-    sqlx::query(r#"select from "ProjectUser" where "projectUserId" = $1 for update"#)
-        .bind(user)
-        .execute(&mut *deleting)
-        .await
-        .unwrap();
+    let mut deleting = hold_user(&pool, user, UserLock::AsADelete).await;
     let change = sqlx::query(r#"update "ContactChannel" set "isVerified" = true where "id" = $1"#)
         .bind(channel)
         .execute(&pool);
-    tokio::time::timeout(std::time::Duration::from_secs(10), change)
+    promptly("the change beside a held owner", change)
         .await
-        .expect("the change waited for its owner's row")
         .unwrap();
     sqlx::query(r#"delete from "ProjectUser" where "projectUserId" = $1"#)
         .bind(user)
@@ -446,12 +440,7 @@ async fn deferred_marks_are_applied_under_a_publication_of_every_table() {
     let user = fixtures::user(&pool, tenancy, "Ada").await;
     let channel = fixtures::email(&pool, tenancy, user, "ada@example.com", true).await;
     sequence_all(&pool, 100).await;
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query(r#"select from "ProjectUser" where "projectUserId" = $1 for no key update"#)
-        .bind(user)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_user(&pool, user, UserLock::AsAnUpdate).await;
     sqlx::query(r#"update "ContactChannel" set "isVerified" = true where "id" = $1"#)
         .bind(channel)
         .execute(&pool)

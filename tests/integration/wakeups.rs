@@ -160,12 +160,7 @@ async fn a_flagged_row_that_another_transaction_locks_keeps_the_sequencer_awake(
     rename_user(&pool, user, "changed").await;
 
     // Committed and flagged, but locked: the batch skips it.
-    let mut locker = pool.begin().await.unwrap();
-    sqlx::query(r#"select 1 from "ProjectUser" where "projectUserId" = $1 for update"#)
-        .bind(user)
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let locker = fixtures::hold_user(&pool, user, fixtures::UserLock::AsADelete).await;
     let while_locked = batch(&pool, SLEEPY).await;
     assert_eq!(while_locked.project_users, 0);
     assert!(

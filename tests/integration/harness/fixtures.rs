@@ -103,6 +103,36 @@ pub async fn user_state(pool: &PgPool, tenancy: Uuid, user: Uuid) -> (bool, Opti
     .unwrap()
 }
 
+/// How another transaction holds a user's row: as an update of the user holds it, or as
+/// its delete (or `select … for update`) does. The second also makes a channel insert's
+/// foreign key check wait, as it does without this service.
+#[derive(Clone, Copy, Debug)]
+pub enum UserLock {
+    AsAnUpdate,
+    AsADelete,
+}
+
+/// A transaction that holds `user`'s row until it ends.
+pub async fn hold_user(
+    pool: &PgPool,
+    user: Uuid,
+    lock: UserLock,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let strength = match lock {
+        UserLock::AsAnUpdate => "no key update",
+        UserLock::AsADelete => "update",
+    };
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        r#"select from "ProjectUser" where "projectUserId" = $1 for {strength}"#
+    ))
+    .bind(user)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    holder
+}
+
 /// `("shouldUpdateSequenceId", "sequenceId")` of a contact channel.
 pub async fn channel_state(pool: &PgPool, channel: Uuid) -> (bool, Option<i64>) {
     sqlx::query_as(

@@ -21,3 +21,12 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Awaits `future`, which must end without waiting on anything that does not end by
+/// itself (another transaction's lock, say): panics naming `what` after 10 s.
+pub async fn promptly<T>(what: &str, future: impl Future<Output = T>) -> T {
+    let limit = Duration::from_secs(10);
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not end within {limit:?}"))
+}
