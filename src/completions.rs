@@ -15,12 +15,18 @@
 //!
 //! No durable state is added: a request is deleted when its completion commits, gathered
 //! or not, and one whose process stops before is taken over when its lease runs out.
+//! That is also what happens to a gathered statement still waiting
+//! [`workers::STEP_GRACE_ON_SHUTDOWN`] after shutdown began (the internal database is
+//! down, and the pool waits for a connection): it is dropped, its askers are answered as
+//! if the database were unreachable, and stopping is not held up by it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use futures::FutureExt;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db;
@@ -28,6 +34,7 @@ use crate::db::queue::Completed;
 use crate::db::sync_status::SyncedTenancy;
 use crate::error::error_chain;
 use crate::gathering;
+use crate::workers;
 
 /// The most requests one gathered statement completes.
 const MOST_GATHERED: usize = 128;
@@ -53,6 +60,7 @@ enum Answer {
 /// The completer of one poller, started on first use.
 pub struct Completions {
     pool: PgPool,
+    stopping: CancellationToken,
     completer: OnceLock<mpsc::UnboundedSender<Asked>>,
     counts: Arc<Counts>,
 }
@@ -82,9 +90,12 @@ pub struct GatheredCompletions {
 }
 
 impl Completions {
-    pub fn new(pool: PgPool) -> Self {
+    /// Completions on `pool`; once `stopping` is cancelled, a gathered statement gets
+    /// [`workers::STEP_GRACE_ON_SHUTDOWN`] to end.
+    pub fn new(pool: PgPool, stopping: CancellationToken) -> Self {
         Self {
             pool,
+            stopping,
             completer: OnceLock::new(),
             counts: Arc::default(),
         }
@@ -133,6 +144,7 @@ impl Completions {
             let (asks, asked) = mpsc::unbounded_channel();
             tokio::spawn(complete_gathered(
                 self.pool.clone(),
+                self.stopping.clone(),
                 self.counts.clone(),
                 asked,
             ));
@@ -146,9 +158,15 @@ impl Completions {
 /// completes it in one statement; then the next group, gathered meanwhile.
 async fn complete_gathered(
     pool: PgPool,
+    stopping: CancellationToken,
     counts: Arc<Counts>,
     mut asked: mpsc::UnboundedReceiver<Asked>,
 ) {
+    // One moment for every group: the grace after shutdown began.
+    let stopped_a_while_ago =
+        async move { workers::stopped_for(&stopping, workers::STEP_GRACE_ON_SHUTDOWN).await }
+            .boxed()
+            .shared();
     while let Some(group) = gathering::next_group(&mut asked, MOST_GATHERED).await {
         let completed: Vec<Completed<'_>> = (group.iter())
             .map(|asked| Completed {
@@ -156,7 +174,14 @@ async fn complete_gathered(
                 synced: asked.synced.as_ref(),
             })
             .collect();
-        match db::queue::complete_many(&pool, &completed).await {
+        let completing = tokio::select! {
+            biased;
+            completing = db::queue::complete_many(&pool, &completed) => completing,
+            // Dropping the statement rolls it back; the askers leave their requests to
+            // their leases, as they would with the database unreachable.
+            () = stopped_a_while_ago.clone() => Err(sqlx::Error::PoolTimedOut),
+        };
+        match completing {
             Ok(()) => {
                 counts.completed(group.len());
                 for asked in group {
@@ -178,5 +203,58 @@ async fn complete_gathered(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use sqlx::postgres::PgPoolOptions;
+
+    use super::*;
+
+    /// A pool on a port nothing listens on: each acquire keeps retrying the connection
+    /// until its timeout, a minute, as it does while the internal database is down.
+    fn pool_of_a_database_that_is_down() -> PgPool {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_lazy(&format!("postgres://nobody@127.0.0.1:{port}/nothing"))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_gathered_completion_waiting_for_a_database_that_is_down_gives_up_after_the_shutdown_grace(
+    ) {
+        let pool = pool_of_a_database_that_is_down();
+        let stopping = CancellationToken::new();
+        let completions = Arc::new(Completions::new(pool.clone(), stopping.clone()));
+        let completing = tokio::spawn({
+            let completions = completions.clone();
+            async move { completions.complete(Uuid::new_v4(), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!completing.is_finished(), "it waits for the database");
+
+        let stopped_at = Instant::now();
+        stopping.cancel();
+        let answer = tokio::time::timeout(Duration::from_secs(10), completing)
+            .await
+            .expect("the completion gave up within 10 s of the shutdown")
+            .unwrap();
+        assert!(
+            matches!(answer, Err(sqlx::Error::PoolTimedOut)),
+            "answered as unreachable: {answer:?}"
+        );
+        assert!(stopped_at.elapsed() >= workers::STEP_GRACE_ON_SHUTDOWN);
+        // Nothing is left waiting for a connection, so the pool closes at once.
+        tokio::time::timeout(Duration::from_secs(2), pool.close())
+            .await
+            .expect("the pool closed within 2 s");
     }
 }

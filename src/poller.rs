@@ -309,13 +309,14 @@ impl Drop for InFlight {
 impl Poller {
     pub fn new(pool: PgPool, publisher: Arc<dyn Publisher>, settings: PollerSettings) -> Self {
         let slots = Arc::new(Semaphore::new(settings.sync_concurrency.max(1)));
-        let completions = Arc::new(Completions::new(pool.clone()));
+        let stopping = CancellationToken::new();
+        let completions = Arc::new(Completions::new(pool.clone(), stopping.clone()));
         Self {
             pool,
             publisher,
             settings,
             slots,
-            stopping: CancellationToken::new(),
+            stopping,
             completions,
         }
     }
@@ -328,8 +329,10 @@ impl Poller {
 
     /// The process's shutdown signal: once it is cancelled, publishes get
     /// [`workers::STEP_GRACE_ON_SHUTDOWN`] to end, and a failed settle (retried up to
-    /// [`SETTLE_ATTEMPTS`] times otherwise) is left to the request's lease.
+    /// [`SETTLE_ATTEMPTS`] times otherwise) is left to the request's lease, as is a
+    /// gathered completion that outlasts that grace.
     pub fn stopping_on(mut self, stopping: CancellationToken) -> Self {
+        self.completions = Arc::new(Completions::new(self.pool.clone(), stopping.clone()));
         self.stopping = stopping;
         self
     }
