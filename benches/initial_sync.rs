@@ -6,6 +6,10 @@
 //! - import without triggers: the application's own `insert` into a second internal
 //!   database, with the change-capture triggers off (`session_replication_role =
 //!   replica`): what the import costs without this service;
+//! - import with the application's constraints only: the same `insert` into a third
+//!   database, with this service's triggers disabled (`alter table … disable trigger
+//!   user`) and the foreign keys checked: what the service's triggers add, apart from
+//!   what the application's own schema costs;
 //! - import: the same `insert`, with the change-capture triggers;
 //! - sequencer: numbering every imported row (batches of `BENCH_SEQUENCER_BATCH`);
 //! - initial sync: `sync_tenancy` into an empty tenant database (reading the internal
@@ -125,7 +129,8 @@ async fn run(users: i32) {
     // The import without this service's triggers, each into a database of its own:
     // once before the import with them and once after, so that neither meets only a
     // colder or a warmer server.
-    let bare_before = import_without_capture(&server, users).await;
+    let bare_before = import_without_capture(&server, users, Capture::Off).await;
+    let constrained_before = import_without_capture(&server, users, Capture::ConstraintsOnly).await;
 
     let internal_url = server.migrated_database().await;
     let pool = postgres::pool(&internal_url).await;
@@ -135,8 +140,10 @@ async fn run(users: i32) {
 
     checkpoint(&pool).await;
     let import_time = import(&pool, tenancy, users, Capture::On).await;
-    let bare_after = import_without_capture(&server, users).await;
+    let constrained_after = import_without_capture(&server, users, Capture::ConstraintsOnly).await;
+    let bare_after = import_without_capture(&server, users, Capture::Off).await;
     let bare_import_time = (bare_before + bare_after) / 2;
+    let constrained_import_time = (constrained_before + constrained_after) / 2;
     checkpoint(&pool).await;
     let sequencer_time = sequence_everything(&pool, sequencer_batch).await;
     checkpoint(&pool).await;
@@ -215,6 +222,11 @@ async fn run(users: i32) {
         rows,
         bare_import_time,
     );
+    lines.line(
+        "import, the application's foreign keys only",
+        rows,
+        constrained_import_time,
+    );
     lines.line("import, change-capture triggers on", rows, import_time);
     lines.line("sequencer", rows, sequencer_time);
     lines.line("initial sync (empty tenant database)", rows, sync_time);
@@ -267,9 +279,18 @@ async fn run(users: i32) {
         bare_after.as_secs_f64()
     );
     println!(
-        "import with triggers / without: {:.2}×; pipelined end to end / sequencer: {:.2}× \
-         the sequencer's rate",
+        "import with the foreign keys only: {:.3} s before the import with the triggers, \
+         {:.3} s after",
+        constrained_before.as_secs_f64(),
+        constrained_after.as_secs_f64()
+    );
+    println!(
+        "import with triggers / without: {:.2}× (of which the application's foreign keys: \
+         {:.2}×; this service's triggers over the foreign keys: {:.2}×); pipelined end to \
+         end / sequencer: {:.2}× the sequencer's rate",
         import_time.as_secs_f64() / bare_import_time.as_secs_f64(),
+        constrained_import_time.as_secs_f64() / bare_import_time.as_secs_f64(),
+        import_time.as_secs_f64() / constrained_import_time.as_secs_f64(),
         sequencer_time.as_secs_f64() / pipelined_time.as_secs_f64(),
     );
     println!(
@@ -437,12 +458,37 @@ async fn create_tenancy(pool: &sqlx::PgPool, tenancy: Uuid, tenant_url: &str) {
         .unwrap();
 }
 
-/// [`import`] with the triggers off, into a migrated database of its own.
-async fn import_without_capture(server: &postgres::Server, users: i32) -> Duration {
+/// [`import`] without this service's triggers (`capture` is not [`Capture::On`]), into
+/// a migrated database of its own.
+async fn import_without_capture(
+    server: &postgres::Server,
+    users: i32,
+    capture: Capture,
+) -> Duration {
     let url = server.migrated_database().await;
     let pool = postgres::pool(&url).await;
+    if capture == Capture::ConstraintsOnly {
+        // Every trigger but the foreign keys' (`user` leaves out the internal ones).
+        sqlx::raw_sql(
+            r#"alter table "ProjectUser" disable trigger user;
+               alter table "ContactChannel" disable trigger user"#,
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // The users' tenancy, which the foreign keys look for (without databases: nothing is
+    // queued).
+    let tenancy = Uuid::new_v4();
+    sqlx::query(
+        r#"insert into "Tenancy" ("id", "projectId", "config") values ($1, 'bench', '{}')"#,
+    )
+    .bind(tenancy)
+    .execute(&pool)
+    .await
+    .unwrap();
     checkpoint(&pool).await;
-    let time = import(&pool, Uuid::new_v4(), users, Capture::Off).await;
+    let time = import(&pool, tenancy, users, capture).await;
     pool.close().await;
     time
 }
@@ -454,6 +500,8 @@ enum Capture {
     /// Every trigger off for the import's session (`session_replication_role = replica`),
     /// as an application without this service would write.
     Off,
+    /// This service's triggers disabled on the tables; the foreign keys still checked.
+    ConstraintsOnly,
 }
 
 /// `users` users with one primary e-mail each, inserted as the application would: one

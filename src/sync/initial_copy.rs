@@ -118,6 +118,7 @@ async fn copy_snapshot(
         sqlx::query("rollback").execute(&mut *internal).await?;
         return Ok(None);
     };
+    db::changes::plan_bulk_read(&mut *internal).await?;
     let source_sql = db::changes::copy_current_rows(mapping, tenancy_id);
     let timeout: &(dyn ToSql + Sync) = &COPY_STATEMENT_TIMEOUT;
     session

@@ -44,6 +44,13 @@ async fn a_first_sync_into_empty_tables_copies_every_numbered_row_at_once() {
     .execute(&pool)
     .await
     .unwrap();
+    // A primary e-mail beside another, and another alone: one row per user, with its
+    // primary e-mail or none.
+    let two_emails = fixtures::user(&pool, tenancy, "Two e-mails").await;
+    fixtures::email(&pool, tenancy, two_emails, "primary@example.com", true).await;
+    fixtures::email(&pool, tenancy, two_emails, "other@example.com", false).await;
+    let no_primary = fixtures::user(&pool, tenancy, "No primary").await;
+    fixtures::email(&pool, tenancy, no_primary, "secondary@example.com", false).await;
     sequence_all(&pool, 1000).await;
     // Changed after numbering: the copy takes the row as it is now.
     fixtures::rename_user(&pool, first_user(&pool, tenancy).await, "Renamed since").await;
@@ -55,11 +62,25 @@ async fn a_first_sync_into_empty_tables_copies_every_numbered_row_at_once() {
 
     let users = mapping_report(&report, Mapping::Users);
     let channels = mapping_report(&report, Mapping::ContactChannels);
-    assert_eq!((users.batches, users.upserted), (1, 2_490), "{users:?}");
+    assert_eq!((users.batches, users.upserted), (1, 2_492), "{users:?}");
     assert_eq!(
         (channels.batches, channels.upserted),
-        (1, 2_490),
+        (1, 2_493),
         "{channels:?}"
+    );
+    let emails: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+        "select id, primary_email from users where id = any($1) order by display_name desc",
+    )
+    .bind([two_emails, no_primary])
+    .fetch_all(&tenant)
+    .await
+    .unwrap();
+    assert_eq!(
+        emails,
+        [
+            (two_emails, Some("primary@example.com".to_owned())),
+            (no_primary, None)
+        ]
     );
     assert_eq!(
         watermark(&tenant, "users").await,
@@ -277,4 +298,50 @@ async fn a_batch_of_a_tenancy_the_statistics_do_not_know_looks_rows_up_by_key() 
             .collect();
         assert_eq!(filtered_lookups, Vec::<&str>::new(), "{mapping:?}:\n{plan}");
     }
+}
+
+/// The initial copy reads a whole tenancy, the users with their primary e-mails: even
+/// when the statistics put the tenancy at a row (right after an import), the read joins
+/// them without a nested loop, which would read every channel of the tenancy once per
+/// user it did not expect.
+#[tokio::test]
+async fn the_initial_copy_of_a_tenancy_the_statistics_do_not_know_joins_without_nested_loops() {
+    let pool = migrated_pool().await;
+    sqlx::raw_sql(
+        r#"alter table "ProjectUser" set (autovacuum_enabled = false);
+           alter table "ContactChannel" set (autovacuum_enabled = false)"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (known, _) = tenancy_with_database(&pool).await;
+    fixtures::import(&pool, known, 500, "Imported ").await;
+    sqlx::query(r#"analyze "ProjectUser", "ContactChannel""#)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (imported, _) = tenancy_with_database(&pool).await;
+    fixtures::import(&pool, imported, 2_000, "Imported ").await;
+
+    let mut connection = pool.acquire().await.unwrap();
+    sqlx::query("begin isolation level repeatable read, read only")
+        .execute(&mut *connection)
+        .await
+        .unwrap();
+    external_db_sync::db::changes::plan_bulk_read(&mut *connection)
+        .await
+        .unwrap();
+    for mapping in Mapping::ALL {
+        let read = external_db_sync::db::changes::current_rows(mapping, imported);
+        let plan: Vec<String> = sqlx::query_scalar(&format!("explain {read}"))
+            .fetch_all(&mut *connection)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Nested Loop"), "{mapping:?}:\n{plan}");
+    }
+    sqlx::query("rollback")
+        .execute(&mut *connection)
+        .await
+        .unwrap();
 }
