@@ -18,6 +18,10 @@
 //!   times: by batches of upserts only (`staged_batch_size` 0), by the staging path (the
 //!   default; see `sync::staged`) twice, by upserts only again, so that each path meets
 //!   the table as it grows with dead rows, on average, alike;
+//! - renames, the staged path's halves apart: a fifth round, its staged batches all read
+//!   from the internal database first (as a staged batch reads them, into memory), then
+//!   all written into the tenant database (as a staged batch writes them): what each
+//!   half costs alone, and so the most the staged path could reach were the other free;
 //! - pipelined end to end: a second tenancy of N users imported, then numbered by the
 //!   sequencer while a sync loop syncs it into a database of its own, until every row is
 //!   there: against the sequencer alone, what syncing while numbering adds;
@@ -45,14 +49,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
-use external_db_sync::db::InternalDatabase;
+use external_db_sync::db::{self, InternalDatabase};
+use external_db_sync::mapping::Mapping;
 use external_db_sync::sequencer;
 use external_db_sync::sequencer::SequencerSettings;
 use external_db_sync::sync::policy::{PrivateTargets, TargetPolicy};
+use external_db_sync::sync::statements;
 use external_db_sync::sync::TenancySync;
 use external_db_sync::sync::{sync_tenancy, SyncEngine, SyncSettings};
 use external_db_sync::workers::Outcome;
-use futures::pin_mut;
+use futures::{pin_mut, SinkExt, TryStreamExt};
 use serde_json::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
@@ -200,6 +206,18 @@ async fn run(users: i32) {
     .await;
     let peak_rss_mb = peak_rss_bytes() as f64 / 1_048_576.0;
 
+    // The staged path's halves apart (holding a round's rows in memory: after the peak
+    // RSS was read).
+    let (apart_read_time, apart_write_time) = renames_apart(
+        &pool,
+        tenancy,
+        &tenant,
+        sequencer_batch,
+        staged_batch_size,
+        4,
+    )
+    .await;
+
     // The baselines, on the same rows.
     let (user_rows, channel_rows) = read_rows(&pool, tenancy).await;
     let copy_url = server.empty_database("bench_copy").await;
@@ -254,6 +272,21 @@ async fn run(users: i32) {
         "renames into the populated database, staged (mean of 2)",
         renamed,
         staged_time,
+    );
+    lines.line(
+        "renames, the staged path's read alone (every batch into memory)",
+        renamed,
+        apart_read_time,
+    );
+    lines.line(
+        "renames, the staged path's write alone (every batch from memory)",
+        renamed,
+        apart_write_time,
+    );
+    lines.line(
+        "renames, staged, were the halves wholly overlapped (the slower half)",
+        renamed,
+        apart_read_time.max(apart_write_time),
     );
     lines.line(
         "upsert per row, autocommit",
@@ -311,6 +344,22 @@ async fn rename_and_sync(
     sequencer_batch: u32,
     round: usize,
 ) -> (Duration, Duration) {
+    let (suffix, sequencer_time) = rename_and_number(pool, tenancy, sequencer_batch, round).await;
+    let started = Instant::now();
+    sync_once(engine, tenancy).await;
+    let sync_time = started.elapsed();
+    assert_every_rename_arrived(tenant, &suffix).await;
+    (sequencer_time, sync_time)
+}
+
+/// Renames every user of `tenancy` (the `round`th time) and numbers the renames; returns
+/// the suffix the names got and how long the numbering took.
+async fn rename_and_number(
+    pool: &sqlx::PgPool,
+    tenancy: Uuid,
+    sequencer_batch: u32,
+    round: usize,
+) -> (String, Duration) {
     let suffix = format!(" (renamed {round})");
     sqlx::query(
         r#"update "ProjectUser" set "displayName" = "displayName" || $2 where "tenancyId" = $1"#,
@@ -323,21 +372,118 @@ async fn rename_and_sync(
     checkpoint(pool).await;
     let sequencer_time = sequence_everything(pool, sequencer_batch).await;
     checkpoint(pool).await;
+    (suffix, sequencer_time)
+}
+
+async fn assert_every_rename_arrived(tenant: &Client, suffix: &str) {
+    let row = tenant
+        .query_one(
+            "select count(*) filter (where display_name like '%' || $1), count(*) from users",
+            &[&suffix],
+        )
+        .await
+        .unwrap();
+    let (renamed, users): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(renamed, users, "every rename arrived");
+}
+
+/// A round of renames synced by the staged path's two halves one after the other: every
+/// staged batch read from the internal database (each in a `REPEATABLE READ` snapshot:
+/// its cutoff, then its rows as binary `COPY`) into memory, then every batch written
+/// into the tenant database (each in a transaction under the mapping's lock: a staging
+/// table, `COPY` into it, the merge that also moves the watermark, the commit), with
+/// the statements the staged path sends. Returns how long each half took.
+async fn renames_apart(
+    pool: &sqlx::PgPool,
+    tenancy: Uuid,
+    tenant: &Client,
+    sequencer_batch: u32,
+    staged_batch_size: u32,
+    round: usize,
+) -> (Duration, Duration) {
+    let (suffix, _) = rename_and_number(pool, tenancy, sequencer_batch, round).await;
+    let mapping = Mapping::Users;
+    let watermark: i64 = tenant
+        .query_one(
+            "select last_synced_sequence_id from _stack_sync_metadata where mapping_name = $1",
+            &[&mapping.name()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
     let started = Instant::now();
-    sync_once(engine, tenancy).await;
-    let sync_time = started.elapsed();
-    let (renamed, users): (i64, i64) = {
-        let row = tenant
-            .query_one(
-                "select count(*) filter (where display_name like '%' || $1), count(*) from users",
-                &[&suffix],
-            )
+    let mut internal = pool.acquire().await.unwrap();
+    let mut batches = Vec::new();
+    let mut after = watermark;
+    loop {
+        sqlx::query("begin isolation level repeatable read, read only")
+            .execute(&mut *internal)
             .await
             .unwrap();
-        (row.get(0), row.get(1))
-    };
-    assert_eq!(renamed, users, "every rename arrived");
-    (sequencer_time, sync_time)
+        let cutoff =
+            db::changes::batch_cutoff(&mut *internal, mapping, tenancy, after, staged_batch_size)
+                .await
+                .unwrap();
+        let Some(cutoff) = cutoff else {
+            sqlx::query("rollback")
+                .execute(&mut *internal)
+                .await
+                .unwrap();
+            break;
+        };
+        let copy = db::changes::copy_batch(mapping, tenancy, after, staged_batch_size);
+        // Gathered as the staged path gathers what it passes on: about 256 KiB a time.
+        let mut chunks = Vec::new();
+        let mut chunk = bytes::BytesMut::new();
+        let mut rows = internal.copy_out_raw(&copy).await.unwrap();
+        while let Some(message) = rows.try_next().await.unwrap() {
+            chunk.extend_from_slice(&message);
+            if chunk.len() >= 256 * 1024 {
+                chunks.push(chunk.split().freeze());
+            }
+        }
+        drop(rows);
+        chunks.push(chunk.freeze());
+        sqlx::query("commit").execute(&mut *internal).await.unwrap();
+        after = cutoff.last_sequence_id;
+        batches.push((after, chunks));
+    }
+    let read_time = started.elapsed();
+
+    let started = Instant::now();
+    // The service's own sessions say so to the tables' guard.
+    tenant
+        .batch_execute("set external_db_sync.writer = on")
+        .await
+        .unwrap();
+    for (through, chunks) in batches {
+        tenant
+            .batch_execute(&format!(
+                "{}; {}",
+                statements::begin_and_lock(mapping),
+                statements::create_stage(mapping)
+            ))
+            .await
+            .unwrap();
+        let sink = tenant
+            .copy_in::<_, bytes::Bytes>(statements::copy_into_stage(mapping))
+            .await
+            .unwrap();
+        pin_mut!(sink);
+        for chunk in chunks {
+            sink.send(chunk).await.unwrap();
+        }
+        sink.finish().await.unwrap();
+        tenant
+            .batch_execute(&statements::merge_stage(mapping, through))
+            .await
+            .unwrap();
+        tenant.batch_execute("commit").await.unwrap();
+    }
+    let write_time = started.elapsed();
+    assert_every_rename_arrived(tenant, &suffix).await;
+    (read_time, write_time)
 }
 
 /// Numbers everything while a loop syncs `tenancy` with `engine`, until the sequencer is
