@@ -432,7 +432,7 @@ async fn renames_apart(
                 .unwrap();
             break;
         };
-        let copy = db::changes::copy_batch(mapping, tenancy, after, staged_batch_size);
+        let copy = db::changes::copy_batch(mapping, tenancy, after, cutoff);
         // Gathered as the staged path gathers what it passes on: about 256 KiB a time.
         let mut chunks = Vec::new();
         let mut chunk = bytes::BytesMut::new();

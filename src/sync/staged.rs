@@ -166,8 +166,8 @@ async fn read_staged_batch(
     if sender.send(ReadMessage::Cutoff(cutoff)).await.is_err() {
         return Ok(false);
     }
-    if cutoff.is_some() {
-        let sql = db::changes::copy_batch(mapping, tenancy_id, after, limit);
+    if let Some(cutoff) = cutoff {
+        let sql = db::changes::copy_batch(mapping, tenancy_id, after, cutoff);
         let mut source = connection.copy_out_raw(&sql).await?;
         let mut chunk = BytesMut::with_capacity(CHUNK_BYTES);
         while let Some(data) = source.try_next().await? {

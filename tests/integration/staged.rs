@@ -265,3 +265,78 @@ async fn staged_batches_count_against_the_budget_of_a_run() {
     assert_eq!(users_synced.changes, 50, "{users_synced:?}");
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
+
+/// A staged batch's rows are read with the cutoff read before them in the same
+/// snapshot, not computed again: batch after batch, across deletions, rows created again
+/// and cuts that fall between a row's write and its deletion, each reads exactly the
+/// changes and rows of the batch query of the upsert path.
+#[tokio::test]
+async fn a_staged_read_with_its_cutoff_given_is_the_batch_of_the_upsert_path() {
+    use external_db_sync::db::changes;
+
+    let pool = migrated_pool().await;
+    let (tenancy, _) = tenancy_with_database(&pool).await;
+    fixtures::import(&pool, tenancy, 12, "Imported ").await;
+    sequence_all(&pool, 1000).await;
+    let users = users_of(&pool, tenancy).await;
+    for (n, user) in users.iter().enumerate() {
+        match n % 4 {
+            0 => fixtures::delete_user(&pool, *user).await,
+            1 => fixtures::rename_user(&pool, *user, "Renamed").await,
+            _ => {}
+        }
+        // Numbered one by one, so that the batches' cuts fall between them.
+        sequence_all(&pool, 1000).await;
+    }
+    let again = fixtures::user(&pool, tenancy, "Created again").await;
+    fixtures::delete_user(&pool, again).await;
+    sequence_all(&pool, 1000).await;
+
+    let mut connection = pool.acquire().await.unwrap();
+    let (mut after, mut batches) = (-1, 0);
+    loop {
+        sqlx::query("begin isolation level repeatable read, read only")
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+        let batch = changes::next_batch(&mut *connection, Mapping::Users, tenancy, after, 3)
+            .await
+            .unwrap();
+        let cutoff = changes::batch_cutoff(&mut *connection, Mapping::Users, tenancy, after, 3)
+            .await
+            .unwrap();
+        let (Some(batch), Some(cutoff)) = (batch, cutoff) else {
+            assert!(cutoff.is_none(), "no batch, no cutoff");
+            break;
+        };
+        assert_eq!(
+            (cutoff.changes, cutoff.last_sequence_id),
+            (batch.changes, batch.last_sequence_id)
+        );
+        let copy = changes::copy_batch(Mapping::Users, tenancy, after, cutoff);
+        let rows = copy
+            .strip_prefix("copy (")
+            .and_then(|copy| copy.strip_suffix(") to stdout (format binary)"))
+            .expect("a copy of one query");
+        let read: Vec<(Uuid, bool)> =
+            sqlx::query_as(&format!("select id, present from ({rows}) as b"))
+                .fetch_all(&mut *connection)
+                .await
+                .unwrap();
+        let external_db_sync::mapping::Upserts::Users(upserts) = &batch.upserts else {
+            unreachable!("a batch of users")
+        };
+        let mut expected: Vec<(Uuid, bool)> = (upserts.iter().map(|row| (row.id, true)))
+            .chain(batch.deletes.iter().map(|id| (*id, false)))
+            .collect();
+        expected.sort();
+        assert_eq!(read, expected, "the batch after {after}");
+        sqlx::query("commit")
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+        after = cutoff.last_sequence_id;
+        batches += 1;
+    }
+    assert!(batches >= 4, "{batches} batches");
+}
