@@ -339,7 +339,7 @@ pub fn copy_current_rows(mapping: Mapping, tenancy_id: Uuid) -> String {
 ///
 /// A user's primary e-mail comes from a join with the tenancy's channels (at most one
 /// primary channel per user and type: DESIGN.md §3, and the unique index of migration 1),
-/// which reads the 100,000 users of a tenancy in about 40 % of the time a look-up per
+/// which reads the 100,000 users of a tenancy in less than half the time a look-up per
 /// user takes. Right after a bulk import the planner's statistics may put the tenancy at
 /// a row, and a join planned on that as a nested loop once ran for minutes: the read
 /// runs after [`plan_bulk_read`].
