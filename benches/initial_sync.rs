@@ -27,7 +27,9 @@
 //!   there: against the sequencer alone, what syncing while numbering adds;
 //! - parallel binary `COPY` of the same rows (already in memory) into identical empty
 //!   tables, both tables at once on two connections: the fastest way PostgreSQL can
-//!   ingest them, and the limit the sync is compared with;
+//!   ingest them, and the limit the sync is compared with; run just before the initial
+//!   sync and just after it, each by a process of its own (the rows it holds stay out
+//!   of this one's peak RSS), the limit being their mean;
 //! - one upsert per row, each committing on its own (a sample of `PER_ROW_SAMPLE`), the
 //!   way a naive apply writes.
 //!
@@ -72,6 +74,11 @@ const PER_ROW_SAMPLE: usize = 10_000;
 /// Set in the process that runs one N.
 const CHILD: &str = "BENCH_INITIAL_SYNC_CHILD";
 
+/// Set in a process that times the `COPY` limit once (see [`copy_limit`]): the internal
+/// database's URL, the tenancy whose rows it copies, and the empty database it copies
+/// them into, separated by spaces.
+const COPY_CHILD: &str = "BENCH_INITIAL_SYNC_COPY";
+
 fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -80,6 +87,12 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn main() {
+    if let Ok(arguments) = std::env::var(COPY_CHILD) {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(copy_limit_alone(&arguments));
+        return;
+    }
     if std::env::var_os(CHILD).is_some() {
         tokio::runtime::Runtime::new()
             .unwrap()
@@ -154,13 +167,20 @@ async fn run(users: i32) {
     let sequencer_time = sequence_everything(&pool, sequencer_batch).await;
     checkpoint(&pool).await;
 
-    // The initial sync, into the empty database.
+    // The initial sync, into the empty database, between two runs of the `COPY` limit
+    // (the limit is their mean: the machine's speed moves, and the sync meets it
+    // between them).
+    let copy_before = copy_limit(&server, &internal_url, tenancy).await;
+    checkpoint(&pool).await;
     let staged = engine(&pool, batch_size, staged_batch_size);
     let cpu_before = process_cpu_time();
     let started = Instant::now();
     sync_once(&staged, tenancy).await;
     let sync_time = started.elapsed();
     let sync_cpu = process_cpu_time() - cpu_before;
+    checkpoint(&pool).await;
+    let copy_after = copy_limit(&server, &internal_url, tenancy).await;
+    let copy_time = (copy_before + copy_after) / 2;
     let tenant = connect(&tenant_url).await;
     assert_eq!(
         tenant_rows(&tenant).await,
@@ -220,8 +240,6 @@ async fn run(users: i32) {
 
     // The baselines, on the same rows.
     let (user_rows, channel_rows) = read_rows(&pool, tenancy).await;
-    let copy_url = server.empty_database("bench_copy").await;
-    let copy_time = copy_baseline(&copy_url, &user_rows, &channel_rows).await;
     let sample = PER_ROW_SAMPLE.min(user_rows.len());
     let (users_sample, channels_sample) = (&user_rows[..sample], &channel_rows[..sample]);
     let autocommit_url = server.empty_database("bench_autocommit").await;
@@ -305,6 +323,12 @@ async fn run(users: i32) {
         "renames, in the order run: upserts only {}; staged {} (the means above)",
         seconds(&upsert_times),
         seconds(&staged_times)
+    );
+    println!(
+        "parallel binary COPY (the limit, their mean): {:.3} s before the initial sync, \
+         {:.3} s after",
+        copy_before.as_secs_f64(),
+        copy_after.as_secs_f64()
     );
     println!(
         "import without triggers: {:.3} s before the import with them, {:.3} s after",
@@ -774,6 +798,40 @@ async fn read_rows(pool: &sqlx::PgPool, tenancy: Uuid) -> (Vec<UserRow>, Vec<Cha
     .await
     .unwrap();
     (users, channels)
+}
+
+/// The `COPY` limit once: `tenancy`'s rows, read from the internal database at
+/// `internal_url` into memory, then copied into a new empty database of `server` in the
+/// external tables' shape, by a process of its own, so that the rows it holds stay out
+/// of this process's peak RSS. Returns how long the `COPY` took.
+async fn copy_limit(server: &postgres::Server, internal_url: &str, tenancy: Uuid) -> Duration {
+    let target_url = server.empty_database("bench_copy").await;
+    let output = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .env_remove(CHILD)
+        .env(COPY_CHILD, format!("{internal_url} {tenancy} {target_url}"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .expect("running the COPY limit");
+    assert!(output.status.success(), "the COPY limit failed");
+    let seconds: f64 = String::from_utf8(output.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("the COPY limit prints its time in seconds");
+    Duration::from_secs_f64(seconds)
+}
+
+/// The process [`copy_limit`] starts: prints the time of the `COPY`, in seconds.
+async fn copy_limit_alone(arguments: &str) {
+    let [internal_url, tenancy, target_url] = arguments.split(' ').collect::<Vec<_>>()[..] else {
+        panic!("{COPY_CHILD}: the internal URL, the tenancy and the target URL");
+    };
+    let pool = postgres::pool(internal_url).await;
+    let (users, channels) = read_rows(&pool, tenancy.parse().unwrap()).await;
+    pool.close().await;
+    let time = copy_baseline(target_url, &users, &channels).await;
+    println!("{}", time.as_secs_f64());
 }
 
 /// The external tables, as the sync engine creates them.
