@@ -267,9 +267,9 @@ async fn staged_batches_count_against_the_budget_of_a_run() {
 }
 
 /// A staged batch's rows are read with the cutoff read before them in the same
-/// snapshot, not computed again: batch after batch, across deletions, rows created again
-/// and cuts that fall between a row's write and its deletion, each reads exactly the
-/// changes and rows of the batch query of the upsert path.
+/// snapshot, not computed again: batch after batch, across deletions, renames and a row
+/// created and deleted since, with cuts between any two of them, each reads exactly the
+/// changes, and the ids present or gone, of the upsert path's batch.
 #[tokio::test]
 async fn a_staged_read_with_its_cutoff_given_is_the_batch_of_the_upsert_path() {
     use external_db_sync::db::changes;
