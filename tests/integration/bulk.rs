@@ -246,6 +246,29 @@ async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
     assert!(last_analyze().await.is_some(), "the tables were analyzed");
 }
 
+/// A tenancy of 2,000 users imported after the source tables were analyzed with another
+/// tenancy of 500 (autovacuum off): the statistics do not know it, and estimate it at a
+/// row or two, as right after a bulk import.
+async fn a_tenancy_the_statistics_do_not_know(pool: &PgPool) -> Uuid {
+    sqlx::raw_sql(
+        r#"alter table "ProjectUser" set (autovacuum_enabled = false);
+           alter table "ContactChannel" set (autovacuum_enabled = false);
+           alter table "DeletedRow" set (autovacuum_enabled = false)"#,
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let (known, _) = tenancy_with_database(pool).await;
+    fixtures::import(pool, known, 500, "Imported ").await;
+    sqlx::query(r#"analyze "ProjectUser", "ContactChannel", "DeletedRow""#)
+        .execute(pool)
+        .await
+        .unwrap();
+    let (imported, _) = tenancy_with_database(pool).await;
+    fixtures::import(pool, imported, 2_000, "Imported ").await;
+    imported
+}
+
 /// Right after an import, the planner's statistics do not know the new tenancy (they
 /// estimate it at a row). The batch query must still look a user's primary e-mail and a
 /// deleted id's current row up by key: a look-up by the tenancy alone, filtered, reads
@@ -253,22 +276,7 @@ async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
 #[tokio::test]
 async fn a_batch_of_a_tenancy_the_statistics_do_not_know_looks_rows_up_by_key() {
     let pool = migrated_pool().await;
-    sqlx::raw_sql(
-        r#"alter table "ProjectUser" set (autovacuum_enabled = false);
-           alter table "ContactChannel" set (autovacuum_enabled = false);
-           alter table "DeletedRow" set (autovacuum_enabled = false)"#,
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let (known, _) = tenancy_with_database(&pool).await;
-    fixtures::import(&pool, known, 500, "Imported ").await;
-    sqlx::query(r#"analyze "ProjectUser", "ContactChannel", "DeletedRow""#)
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (imported, _) = tenancy_with_database(&pool).await;
-    fixtures::import(&pool, imported, 2_000, "Imported ").await;
+    let imported = a_tenancy_the_statistics_do_not_know(&pool).await;
 
     for mapping in Mapping::ALL {
         let mut connection = pool.acquire().await.unwrap();
@@ -307,21 +315,7 @@ async fn a_batch_of_a_tenancy_the_statistics_do_not_know_looks_rows_up_by_key() 
 #[tokio::test]
 async fn the_initial_copy_of_a_tenancy_the_statistics_do_not_know_joins_without_nested_loops() {
     let pool = migrated_pool().await;
-    sqlx::raw_sql(
-        r#"alter table "ProjectUser" set (autovacuum_enabled = false);
-           alter table "ContactChannel" set (autovacuum_enabled = false)"#,
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let (known, _) = tenancy_with_database(&pool).await;
-    fixtures::import(&pool, known, 500, "Imported ").await;
-    sqlx::query(r#"analyze "ProjectUser", "ContactChannel""#)
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (imported, _) = tenancy_with_database(&pool).await;
-    fixtures::import(&pool, imported, 2_000, "Imported ").await;
+    let imported = a_tenancy_the_statistics_do_not_know(&pool).await;
 
     let mut connection = pool.acquire().await.unwrap();
     sqlx::query("begin isolation level repeatable read, read only")
