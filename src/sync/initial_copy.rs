@@ -11,10 +11,15 @@
 //!
 //! Memory holds one chunk (about [`CHUNK_BYTES`]): the bytes are passed on as they come,
 //! never parsed, and `COPY` waits for the tenant database as it takes them.
+//!
+//! The rows go into the table without its primary key, which is built once after them
+//! (see [`drop_key_if_alone`]): written row by row, in the random order of uuids, the
+//! key costs a `COPY` about as much as the rows themselves.
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, Stream, TryStreamExt};
 use tokio_postgres::types::ToSql;
+use tokio_postgres::SimpleQueryMessage;
 
 use super::error::SyncError;
 use super::sessions::TenantSession;
@@ -129,6 +134,7 @@ async fn copy_snapshot(
         )
         .await
         .map_err(SyncError::target)?;
+    let key_dropped = drop_key_if_alone(session, mapping).await?;
     let rows = {
         let source = internal.copy_out_raw(&source_sql).await?;
         pipe(
@@ -138,6 +144,59 @@ async fn copy_snapshot(
         )
         .await?
     };
+    if key_dropped {
+        session
+            .client()
+            .batch_execute(statements::add_key(mapping))
+            .await
+            .map_err(SyncError::target)?;
+    }
     sqlx::query("commit").execute(&mut *internal).await?;
     Ok(Some(Copied { rows, through }))
+}
+
+/// Takes the mapping's empty table for this transaction alone and drops its primary key,
+/// so that the copy writes the rows without it and [`statements::add_key`] builds it
+/// once after them, from a sort. Readers of the table wait for the commit meanwhile, and
+/// then see it filled, with its key; nothing outside the transaction ever sees the table
+/// without it.
+///
+/// Where that cannot be done as planned, every part of it is undone and the copy writes
+/// through the key, as it would have: another session holds the table (a reader in an
+/// open transaction, autovacuum: never waited for), the key is not the one this service
+/// creates, another table refers to it, or the role may not alter the table. Only a
+/// broken session is an error.
+async fn drop_key_if_alone(session: &TenantSession, mapping: Mapping) -> Result<bool, SyncError> {
+    let client = session.client();
+    let refused = match client
+        .simple_query(statements::take_table_for_load(mapping))
+        .await
+    {
+        Ok(answer) => {
+            let alone = answer.iter().any(|message| {
+                matches!(message, SimpleQueryMessage::Row(row) if row.get(0) == Some("t"))
+            });
+            if alone {
+                match client.batch_execute(statements::drop_key(mapping)).await {
+                    Ok(()) => return Ok(true),
+                    Err(error) if error.as_db_error().is_some() => error.code().cloned(),
+                    Err(error) => return Err(SyncError::target(error)),
+                }
+            } else {
+                None
+            }
+        }
+        Err(error) if error.as_db_error().is_some() => error.code().cloned(),
+        Err(error) => return Err(SyncError::target(error)),
+    };
+    tracing::debug!(
+        mapping = mapping.name(),
+        sqlstate = refused.as_ref().map(|code| code.code()),
+        "the initial copy writes through the table's primary key"
+    );
+    client
+        .batch_execute(statements::BACK_TO_LOAD_SAVEPOINT)
+        .await
+        .map_err(SyncError::target)?;
+    Ok(false)
 }

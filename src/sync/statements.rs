@@ -75,6 +75,67 @@ pub fn copy_in(mapping: Mapping) -> &'static str {
     }
 }
 
+/// The savepoint an initial copy sets before it takes the mapping's table alone
+/// ([`take_table_for_load`]); going back to it ([`BACK_TO_LOAD_SAVEPOINT`]) undoes
+/// whatever of that step was done, and releases the table's lock.
+const LOAD_SAVEPOINT: &str = "_stack_sync_load";
+
+/// Goes back to the savepoint of [`take_table_for_load`].
+pub const BACK_TO_LOAD_SAVEPOINT: &str = "rollback to savepoint _stack_sync_load";
+
+/// Before an initial copy into the mapping's empty table, in the transaction that holds
+/// the mapping's lock: a savepoint, then the table locked for this transaction alone,
+/// if nobody holds it (`nowait`: the copy never waits for a tenant's reader, and never
+/// makes readers queue behind a lock it waits for), then whether its primary key is the
+/// one `super::schema` creates and no constraint refers to the table, so that
+/// [`drop_key`] can be undone by [`add_key`] exactly. One simple query of three
+/// statements, one answer: a row of one boolean.
+pub fn take_table_for_load(mapping: Mapping) -> &'static str {
+    static USERS: LazyLock<String> = LazyLock::new(|| take_table_text(Mapping::Users));
+    static CHANNELS: LazyLock<String> = LazyLock::new(|| take_table_text(Mapping::ContactChannels));
+    match mapping {
+        Mapping::Users => &USERS,
+        Mapping::ContactChannels => &CHANNELS,
+    }
+}
+
+fn take_table_text(mapping: Mapping) -> String {
+    let table = mapping.name();
+    format!(
+        "savepoint {LOAD_SAVEPOINT}; \
+         lock table only {table} in access exclusive mode nowait; \
+         select exists (select from pg_catalog.pg_constraint \
+                        where conrelid = '{table}'::pg_catalog.regclass \
+                          and conname = '{table}_pkey' and contype = 'p' \
+                          and pg_catalog.pg_get_constraintdef(oid) = 'PRIMARY KEY (id)') \
+            and not exists (select from pg_catalog.pg_constraint \
+                            where confrelid = '{table}'::pg_catalog.regclass)"
+    )
+}
+
+/// Drops the primary key of the mapping's table, taken alone by [`take_table_for_load`]:
+/// the rows of an initial copy then go in without a key, which [`add_key`] builds
+/// once, sorted, in the same transaction.
+pub fn drop_key(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => "alter table only users drop constraint users_pkey",
+        Mapping::ContactChannels => {
+            "alter table only contact_channels drop constraint contact_channels_pkey"
+        }
+    }
+}
+
+/// Builds again the primary key [`drop_key`] dropped, as `super::schema` creates it.
+pub fn add_key(mapping: Mapping) -> &'static str {
+    match mapping {
+        Mapping::Users => "alter table only users add constraint users_pkey primary key (id)",
+        Mapping::ContactChannels => {
+            "alter table only contact_channels \
+             add constraint contact_channels_pkey primary key (id)"
+        }
+    }
+}
+
 /// Whether the mapping's table holds any row: one row of one boolean, whatever the
 /// table holds.
 pub fn has_rows(mapping: Mapping) -> &'static str {

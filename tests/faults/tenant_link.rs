@@ -361,3 +361,121 @@ async fn service_sessions(tenant: &PgPool) -> i64 {
     .await
     .unwrap()
 }
+
+/// The tenant's `table`: its primary key's index, or none.
+async fn primary_key_index(tenant: &PgPool, table: &str) -> Option<i64> {
+    sqlx::query_scalar(
+        "select conindid::int8 from pg_constraint
+         where conrelid = $1::text::regclass and contype = 'p'",
+    )
+    .bind(table)
+    .fetch_optional(tenant)
+    .await
+    .unwrap()
+}
+
+/// Whether a session of the service holds `users` alone: an initial copy that dropped
+/// its key to build it after the rows.
+async fn users_taken_alone(tenant: &PgPool) -> bool {
+    sqlx::query_scalar(
+        "select exists (select from pg_locks l join pg_stat_activity a using (pid)
+                        where a.application_name = 'external-db-sync'
+                          and l.relation = 'users'::regclass
+                          and l.mode = 'AccessExclusiveLock' and l.granted)",
+    )
+    .fetch_one(tenant)
+    .await
+    .unwrap()
+}
+
+/// The link cut while an initial copy has its rows in and its key not built yet (a
+/// trigger of the tenant's holds the copy at the end of its statement): the transaction
+/// is rolled back, and leaves the table as it was, empty and with its key; the next sync
+/// copies every row.
+#[tokio::test]
+async fn an_initial_copy_cut_before_its_key_is_built_leaves_the_table_empty_with_its_key() {
+    let internal_url = server().migrated_database().await;
+    let internal = pool(&internal_url).await;
+    let (proxy, proxied_url, tenant) = proxied_tenant().await;
+    let tenancy = tenancy(&internal).await;
+    attach(&internal, tenancy, &[("main", &proxied_url)]).await;
+    let settings = SyncSettings {
+        batch_size: 10,
+        max_batches_per_run: 1000,
+        ..test_settings()
+    };
+    // No change yet: the tables are created, empty.
+    sync_only(
+        &engine_with(&internal, settings.clone(), PrivateTargets::Allowed),
+        tenancy,
+    )
+    .await;
+    // A process with no session kept: one with a kept session would try the database
+    // once more on a new session after the cut, and the test would see the retry.
+    let engine = engine_with(&internal, settings, PrivateTargets::Allowed);
+    let key = primary_key_index(&tenant, "users").await;
+    assert!(key.is_some());
+    sqlx::raw_sql(
+        "create function hold_copy() returns trigger language plpgsql as $$
+         begin
+             perform pg_advisory_lock(4242);
+             perform pg_advisory_unlock(4242);
+             return null;
+         end $$;
+         create trigger hold_copy after insert on users
+             for each statement execute function hold_copy();",
+    )
+    .execute(&tenant)
+    .await
+    .unwrap();
+    let mut holder = tenant.acquire().await.unwrap();
+    sqlx::query("select pg_advisory_lock(4242)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    users_with_emails(&internal, tenancy, 30).await;
+    sequence_all(&internal, 1000).await;
+
+    let syncing = tokio::spawn(async move { sync_only(&engine, tenancy).await });
+    wait::until(
+        "the copy to wait at the end of its statement, holding users alone",
+        Duration::from_secs(30),
+        || async {
+            (sessions_waiting_for_a_lock(&tenant).await >= 1 && users_taken_alone(&tenant).await)
+                .then_some(())
+        },
+    )
+    .await;
+    proxy.cut();
+    sqlx::query("select pg_advisory_unlock(4242)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let report = syncing.await.unwrap();
+    assert!(
+        report.databases[0].result.is_err(),
+        "the cut copy failed: {report:?}"
+    );
+
+    wait::until(
+        "the cut session to end in the tenant database",
+        Duration::from_secs(30),
+        || async { (service_sessions(&tenant).await == 0).then_some(()) },
+    )
+    .await;
+    let users: i64 = sqlx::query_scalar("select count(*) from users")
+        .fetch_one(&tenant)
+        .await
+        .unwrap();
+    assert_eq!(users, 0, "none of the cut copy's rows was kept");
+    assert_eq!(
+        primary_key_index(&tenant, "users").await,
+        key,
+        "the key is the one it had"
+    );
+    assert_eq!(watermark(&tenant, "users").await, -1);
+
+    let engine = engine_with(&internal, test_settings(), PrivateTargets::Allowed);
+    sync_only(&engine, tenancy).await;
+    assert_tenant_matches_source(&internal, tenancy, &tenant).await;
+}

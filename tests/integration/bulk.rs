@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use external_db_sync::mapping::Mapping;
-use external_db_sync::sync::SyncSettings;
+use external_db_sync::sync::{SyncEngine, SyncSettings};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -13,7 +13,8 @@ use crate::harness::fixtures::{self, sequence_all};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, engine_with, latest_change, mapping_report, sync_only,
-    tenancy_with_database, test_settings, wait_until_equal, watermark, PrivateTargets,
+    table_exists, tenancy_with_database, test_settings, wait_until_equal, watermark,
+    PrivateTargets,
 };
 
 /// Batches of 100 upserts, never staged (the staging path has tests of its own).
@@ -119,6 +120,121 @@ async fn first_user(pool: &PgPool, tenancy: Uuid) -> Uuid {
     .fetch_one(pool)
     .await
     .unwrap()
+}
+
+/// The tenant's `table`: the name, index and definition of its primary key.
+async fn primary_key(tenant: &PgPool, table: &str) -> (String, i64, String) {
+    sqlx::query_as(
+        "select conname::text, conindid::int8, pg_get_constraintdef(oid) from pg_constraint
+         where conrelid = $1::text::regclass and contype = 'p'",
+    )
+    .bind(table)
+    .fetch_one(tenant)
+    .await
+    .unwrap()
+}
+
+/// The first sync of a tenancy with no change yet: the tables are created, empty.
+async fn empty_tables(pool: &PgPool) -> (Uuid, PgPool, SyncEngine) {
+    let (tenancy, tenant) = tenancy_with_database(pool).await;
+    let engine = engine_with(pool, small_batches(), PrivateTargets::Allowed);
+    sync_only(&engine, tenancy).await;
+    assert!(table_exists(&tenant, "users").await);
+    (tenancy, tenant, engine)
+}
+
+/// An initial copy writes the rows without the table's primary key and builds the key
+/// once after them, in the same transaction: the key is there after, as the service
+/// creates it, on an index built anew.
+#[tokio::test]
+async fn an_initial_copy_builds_each_tables_primary_key_after_its_rows() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant, engine) = empty_tables(&pool).await;
+    let users_key = primary_key(&tenant, "users").await;
+    let channels_key = primary_key(&tenant, "contact_channels").await;
+    fixtures::import(&pool, tenancy, 300, "Imported ").await;
+    sequence_all(&pool, 1000).await;
+
+    let report = sync_only(&engine, tenancy).await;
+
+    let users = mapping_report(&report, Mapping::Users);
+    assert_eq!((users.batches, users.upserted), (1, 300), "{users:?}");
+    for (table, (name, index, _)) in [("users", users_key), ("contact_channels", channels_key)] {
+        let (name_after, index_after, definition) = primary_key(&tenant, table).await;
+        assert_eq!(
+            (name_after, definition.as_str()),
+            (name, "PRIMARY KEY (id)"),
+            "{table}"
+        );
+        assert_ne!(index_after, index, "{table}: its key was built again");
+    }
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
+
+/// A tenant's reader in an open transaction holds the empty `users` table: the initial
+/// copy does not wait for it (nor makes the tenant's next readers queue behind a lock it
+/// waits for), and writes through the table's key; `contact_channels`, held by nobody,
+/// gets its key built after its rows.
+#[tokio::test]
+async fn an_initial_copy_does_not_wait_for_a_reader_holding_the_table() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant, engine) = empty_tables(&pool).await;
+    let users_key = primary_key(&tenant, "users").await;
+    let channels_key = primary_key(&tenant, "contact_channels").await;
+    fixtures::import(&pool, tenancy, 300, "Imported ").await;
+    sequence_all(&pool, 1000).await;
+    let mut reader = tenant.begin().await.unwrap();
+    sqlx::query("select count(*) from users")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+
+    // The sessions' lock timeout is 30 s: a copy that waited would still be waiting.
+    let report = tokio::time::timeout(Duration::from_secs(20), sync_only(&engine, tenancy))
+        .await
+        .expect("the copy did not wait for the reader");
+
+    assert!(report.databases[0].result.is_ok(), "{report:?}");
+    let users = mapping_report(&report, Mapping::Users);
+    assert_eq!((users.batches, users.upserted), (1, 300), "{users:?}");
+    assert_eq!(primary_key(&tenant, "users").await, users_key);
+    assert_ne!(
+        primary_key(&tenant, "contact_channels").await.1,
+        channels_key.1
+    );
+    reader.commit().await.unwrap();
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
+
+/// A table of the tenant's refers to `users`: the initial copy leaves the key it refers
+/// to as it is and writes through it, and the reference stays.
+#[tokio::test]
+async fn an_initial_copy_keeps_a_key_another_table_refers_to() {
+    let pool = migrated_pool().await;
+    let (tenancy, tenant, engine) = empty_tables(&pool).await;
+    sqlx::query("create table orders (id bigint primary key, user_id uuid references users (id))")
+        .execute(&tenant)
+        .await
+        .unwrap();
+    let users_key = primary_key(&tenant, "users").await;
+    fixtures::import(&pool, tenancy, 300, "Imported ").await;
+    sequence_all(&pool, 1000).await;
+
+    let report = sync_only(&engine, tenancy).await;
+
+    assert!(report.databases[0].result.is_ok(), "{report:?}");
+    let users = mapping_report(&report, Mapping::Users);
+    assert_eq!((users.batches, users.upserted), (1, 300), "{users:?}");
+    assert_eq!(primary_key(&tenant, "users").await, users_key);
+    let references: i64 = sqlx::query_scalar(
+        "select count(*) from pg_constraint
+         where conrelid = 'orders'::regclass and confrelid = 'users'::regclass",
+    )
+    .fetch_one(&tenant)
+    .await
+    .unwrap();
+    assert_eq!(references, 1);
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
 
 /// A table that already holds rows is never copied into, even with a watermark at the
