@@ -41,6 +41,7 @@ pub(super) async fn apply_batches(
         }
     }
     let mut watermark_checked = false;
+    let mut copy_considered = false;
     let mut staging = Staging::default();
     loop {
         let known_before = engine.known.watermarks(key);
@@ -71,6 +72,34 @@ pub(super) async fn apply_batches(
                 Step::Done => break,
             }
         }
+        // A first sync of more than one batch: an empty table gets every row by `COPY`;
+        // a small one, or a table that holds rows, goes by batches, and costs no more
+        // than the end of its first batch read first (not its rows: a copy drops them).
+        if watermark == -1 && !copy_considered {
+            copy_considered = true;
+            let full = match &read_ahead {
+                Some(ahead) if ahead.after == watermark => ahead
+                    .batch
+                    .as_ref()
+                    .is_some_and(|batch| batch.changes >= u64::from(settings.batch_size)),
+                _ => first_batch_is_full(engine, key.tenancy_id, mapping).await?,
+            };
+            // No slot free: the batches fill the table instead.
+            let copied = match full.then(|| engine.copy_slots.try_acquire()) {
+                Some(Ok(_slot)) => {
+                    initial_copy::copy_if_empty(&engine.pool, session, mapping, key.tenancy_id)
+                        .await?
+                }
+                Some(Err(_)) | None => None,
+            };
+            if let Some(copied) = copied {
+                advance_and_commit(session, mapping, copied.through).await?;
+                engine.known.set_watermark(key, mapping, copied.through);
+                report.add_copy(copied.rows, copied.through);
+                read_ahead = None;
+                continue;
+            }
+        }
         let batch = match read_ahead.take() {
             Some(ahead) if ahead.after == watermark => ahead.batch,
             _ => read_batch(engine, key.tenancy_id, mapping, watermark).await?,
@@ -82,25 +111,6 @@ pub(super) async fn apply_batches(
         };
 
         let full = batch.changes >= u64::from(settings.batch_size);
-        // A first sync of more than one batch: an empty table gets every row by `COPY`
-        // (the batch just read is dropped); a small one, or a table that holds rows,
-        // goes by batches, and costs no more than it did.
-        if watermark == -1 && full {
-            // No slot free: the batches fill the table instead.
-            let copied = match engine.copy_slots.try_acquire() {
-                Ok(_slot) => {
-                    initial_copy::copy_if_empty(&engine.pool, session, mapping, key.tenancy_id)
-                        .await?
-                }
-                Err(_) => None,
-            };
-            if let Some(copied) = copied {
-                advance_and_commit(session, mapping, copied.through).await?;
-                engine.known.set_watermark(key, mapping, copied.through);
-                report.add_copy(copied.rows, copied.through);
-                continue;
-            }
-        }
         // After a full batch, the next ones go staged (when staging is on): nothing is
         // read ahead for them.
         let stage_next = full && settings.staged_batch_size > 0 && !staging.refused;
@@ -503,6 +513,19 @@ pub(super) async fn read_batch(
 ) -> Result<Option<Batch>, SyncError> {
     let batch_size = engine.settings.batch_size;
     Ok(db::changes::next_batch(&engine.pool, mapping, tenancy_id, after, batch_size).await?)
+}
+
+/// Whether a mapping's first batch (after the watermark `-1`) would hold a full batch of
+/// changes: the end of that batch alone is read, not its rows.
+async fn first_batch_is_full(
+    engine: &SyncEngine,
+    tenancy_id: Uuid,
+    mapping: Mapping,
+) -> Result<bool, SyncError> {
+    let batch_size = engine.settings.batch_size;
+    let cutoff =
+        db::changes::batch_cutoff(&engine.pool, mapping, tenancy_id, -1, batch_size).await?;
+    Ok(cutoff.is_some_and(|cutoff| cutoff.changes >= u64::from(batch_size)))
 }
 
 const ADVANCE_WATERMARK: &str = "update _stack_sync_metadata \

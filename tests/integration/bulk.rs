@@ -171,6 +171,37 @@ async fn an_initial_copy_builds_each_tables_primary_key_after_its_rows() {
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
 
+/// Whether a first sync copies is decided before any row is read, from where its first
+/// batch would end: a full batch of changes (tombstones count) is copied, one change
+/// fewer goes by batches. (A copy builds the table's key anew; batches do not.)
+#[tokio::test]
+async fn a_first_sync_copies_from_a_full_first_batch_on() {
+    let pool = migrated_pool().await;
+    for (users, copied) in [(99, true), (98, false)] {
+        let (tenancy, tenant, engine) = empty_tables(&pool).await;
+        let key = primary_key(&tenant, "users").await;
+        fixtures::import(&pool, tenancy, users, "Imported ").await;
+        let gone = fixtures::user(&pool, tenancy, "Gone").await;
+        fixtures::delete_user(&pool, gone).await;
+        sequence_all(&pool, 1000).await;
+
+        let report = sync_only(&engine, tenancy).await;
+
+        let mapping = mapping_report(&report, Mapping::Users);
+        assert_eq!(
+            mapping.upserted,
+            u64::from(users.unsigned_abs()),
+            "{mapping:?}"
+        );
+        assert_eq!(
+            primary_key(&tenant, "users").await.1 != key.1,
+            copied,
+            "{users} users and a tombstone, batches of 100: copied {copied}"
+        );
+        assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+    }
+}
+
 /// A tenant's reader in an open transaction holds the empty `users` table: the initial
 /// copy does not wait for it (nor makes the tenant's next readers queue behind a lock it
 /// waits for), and writes through the table's key; `contact_channels`, held by nobody,
