@@ -24,7 +24,9 @@
 //!   half costs alone, and so the most the staged path could reach were the other free;
 //! - pipelined end to end: a second tenancy of N users imported, then numbered by the
 //!   sequencer while a sync loop syncs it into a database of its own, until every row is
-//!   there: against the sequencer alone, what syncing while numbering adds;
+//!   there: against the sequencer alone, what syncing while numbering adds; and how busy
+//!   the machine was in both (every process on it, and this one, which syncs), since the
+//!   pipelined run's CPU time spread over every core bounds how fast it can end here;
 //! - parallel binary `COPY` of the same rows (already in memory) into identical empty
 //!   tables, both tables at once on two connections: the fastest way PostgreSQL can
 //!   ingest them, and the limit the sync is compared with; run just before the initial
@@ -43,6 +45,8 @@
 //! server of `EXTERNAL_DB_SYNC_TEST_DATABASE_URL`. Internal and tenant databases share
 //! that server, and its machine, with the benchmark itself.
 
+#[path = "support/cpu_times.rs"]
+mod cpu_times;
 #[allow(dead_code)]
 #[path = "../tests/integration/harness/postgres.rs"]
 mod postgres;
@@ -66,6 +70,8 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
+
+use cpu_times::CpuTimes;
 
 /// Rows the per-row baseline writes; its rate does not depend on N, and writing all
 /// rows one by one would only make the benchmark slow.
@@ -164,7 +170,9 @@ async fn run(users: i32) {
     let bare_import_time = (bare_before + bare_after) / 2;
     let constrained_import_time = (constrained_before + constrained_after) / 2;
     checkpoint(&pool).await;
+    let cpu_before = CpuTimes::read();
     let sequencer_time = sequence_everything(&pool, sequencer_batch).await;
+    let sequencer_cpu = Busy::since(cpu_before);
     checkpoint(&pool).await;
 
     // The initial sync, into the empty database, between two runs of the `COPY` limit
@@ -215,6 +223,7 @@ async fn run(users: i32) {
     import(&pool, second, users, Capture::On).await;
     checkpoint(&pool).await;
     let second_tenant = connect(&second_url).await;
+    let cpu_before = CpuTimes::read();
     let pipelined_time = sequence_while_syncing(
         &pool,
         &staged,
@@ -224,6 +233,7 @@ async fn run(users: i32) {
         sequencer_batch,
     )
     .await;
+    let pipelined_cpu = Busy::since(cpu_before);
     let peak_rss_mb = peak_rss_bytes() as f64 / 1_048_576.0;
 
     // The staged path's halves apart (holding a round's rows in memory: after the peak
@@ -356,6 +366,43 @@ async fn run(users: i32) {
         sync_cpu.as_secs_f64(),
         sync_time.as_secs_f64()
     );
+    if let (Some(alone), Some(pipelined)) = (sequencer_cpu, pipelined_cpu) {
+        // The sequencer numbers one batch at a time, so nothing ends before it would
+        // alone; nor before the pipelined run's CPU time, spread over every core.
+        let spread = pipelined.cores * pipelined_time.as_secs_f64() / Busy::machine_cores();
+        println!(
+            "cores busy: the sequencer alone {:.2} (this process {:.2}), pipelined {:.2} \
+             (this process, syncing: {:.2}) of {:.0}; the pipelined run's CPU time spread \
+             over every core: {spread:.2} s, so at most {:.2}× the sequencer's rate here",
+            alone.cores,
+            alone.process,
+            pipelined.cores,
+            pipelined.process,
+            Busy::machine_cores(),
+            sequencer_time.as_secs_f64() / spread.max(sequencer_time.as_secs_f64()),
+        );
+    }
+}
+
+/// How busy the machine was over a window, in cores: everything on it, and this process.
+struct Busy {
+    cores: f64,
+    process: f64,
+}
+
+impl Busy {
+    /// Since `before` (`None` where there is no `/proc/stat` to read).
+    fn since(before: Option<CpuTimes>) -> Option<Busy> {
+        let (after, before) = (CpuTimes::read()?, before?);
+        Some(Busy {
+            cores: after.busy_since(&before) * Self::machine_cores(),
+            process: after.process_since(&before) * Self::machine_cores(),
+        })
+    }
+
+    fn machine_cores() -> f64 {
+        std::thread::available_parallelism().map_or(1, |cores| cores.get()) as f64
+    }
 }
 
 /// Renames every user of `tenancy` (the `round`th time), numbers the renames, then syncs

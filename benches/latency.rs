@@ -25,6 +25,8 @@
 //! `pg_stat_statements`). The service's own variables (`POLLER_*`, `SEQUENCER_*`,
 //! `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) pass through from the environment.
 
+#[path = "support/cpu_times.rs"]
+mod cpu_times;
 #[allow(dead_code)]
 #[path = "../tests/integration/harness/postgres.rs"]
 mod postgres;
@@ -40,6 +42,8 @@ use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use cpu_times::CpuTimes;
 
 const USERS_PER_TENANCY: i32 = 20;
 
@@ -637,55 +641,3 @@ $$;
 create trigger log_arrival after insert or update on users
     for each row execute function log_arrival();
 "#;
-
-/// The machine's CPU time counters (Linux `/proc/stat`, all cores), to tell how busy
-/// the whole machine was: service, writer and servers together.
-#[derive(Clone, Copy)]
-struct CpuTimes {
-    busy: u64,
-    total: u64,
-    /// This process's own (the service's and the writer's), from `/proc/self/stat`.
-    process: u64,
-}
-
-impl CpuTimes {
-    /// `None` where there is no `/proc/stat`.
-    fn read() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|field| field.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal ...: idle and iowait are idle.
-        let total: u64 = fields.iter().take(8).sum();
-        let idle = fields.get(3)? + fields.get(4)?;
-        // After the command name (in parentheses), utime and stime are fields 12 and 13.
-        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let own: Vec<u64> = own
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|field| field.parse().ok())
-            .collect();
-        Some(Self {
-            busy: total - idle,
-            total,
-            process: own.iter().sum(),
-        })
-    }
-
-    /// The share of the machine's time since `before` that this process used.
-    fn process_since(&self, before: &Self) -> f64 {
-        (self.process - before.process) as f64 / (self.total - before.total).max(1) as f64
-    }
-
-    /// The share of the time since `before` that the machine was busy.
-    fn busy_since(&self, before: &Self) -> f64 {
-        (self.busy - before.busy) as f64 / (self.total - before.total).max(1) as f64
-    }
-}
