@@ -387,8 +387,7 @@ async fn run(users: i32) {
     }
     println!(
         "write-ahead log written by the one server: the sequencer alone {:.0} MB, \
-         pipelined {:.0} MB (the tenant's writes share the log: each of the sequencer's \
-         commits waits for what was written before it)",
+         pipelined {:.0} MB (the tenant database shares the server, and so its log)",
         sequencer_wal as f64 / 1_048_576.0,
         pipelined_wal as f64 / 1_048_576.0,
     );
