@@ -431,14 +431,18 @@ pub struct Cutoff {
     pub last_sequence_id: i64,
 }
 
+/// Where the batch query's `cutoff` part ends: its rows (`batch_live`) come next.
+fn cutoff_end(batch: &str) -> usize {
+    batch
+        .find("), batch_live as (")
+        .expect("the batch query computes its cutoff before its rows")
+}
+
 /// The batch query up to its `cutoff`, answering that alone.
 fn cutoff_sql(batch: &str) -> String {
-    let end = batch
-        .find("), batch_live as (")
-        .expect("the batch query computes its cutoff before its rows");
     format!(
         "{}) select changes, last_sequence_id from cutoff",
-        &batch[..end]
+        &batch[..cutoff_end(batch)]
     )
 }
 
@@ -447,9 +451,7 @@ fn with_cutoff(batch: &str, cutoff: Cutoff) -> String {
     let start = batch
         .find("), cutoff as (")
         .expect("the batch query computes its cutoff");
-    let end = batch
-        .find("), batch_live as (")
-        .expect("the batch query computes its cutoff before its rows");
+    let end = cutoff_end(batch);
     format!(
         "{}), cutoff as (\n    select {}::int8 as last_sequence_id, {}::int8 as changes\n{}",
         &batch[..start],
