@@ -81,7 +81,7 @@ pub(super) async fn apply_batches(
                 Some(ahead) if ahead.after == watermark => ahead
                     .batch
                     .as_ref()
-                    .is_some_and(|batch| batch.changes >= u64::from(settings.batch_size)),
+                    .is_some_and(|batch| fills_a_batch(engine, batch.changes)),
                 _ => first_batch_is_full(engine, key.tenancy_id, mapping).await?,
             };
             // No slot free: the batches fill the table instead.
@@ -110,7 +110,7 @@ pub(super) async fn apply_batches(
             break;
         };
 
-        let full = batch.changes >= u64::from(settings.batch_size);
+        let full = fills_a_batch(engine, batch.changes);
         // After a full batch, the next ones go staged (when staging is on): nothing is
         // read ahead for them.
         let stage_next = full && settings.staged_batch_size > 0 && !staging.refused;
@@ -525,7 +525,12 @@ async fn first_batch_is_full(
     let batch_size = engine.settings.batch_size;
     let cutoff =
         db::changes::batch_cutoff(&engine.pool, mapping, tenancy_id, -1, batch_size).await?;
-    Ok(cutoff.is_some_and(|cutoff| cutoff.changes >= u64::from(batch_size)))
+    Ok(cutoff.is_some_and(|cutoff| fills_a_batch(engine, cutoff.changes)))
+}
+
+/// Whether `changes` make a full batch (`SYNC_BATCH_SIZE`): more may follow.
+fn fills_a_batch(engine: &SyncEngine, changes: u64) -> bool {
+    changes >= u64::from(engine.settings.batch_size)
 }
 
 const ADVANCE_WATERMARK: &str = "update _stack_sync_metadata \
