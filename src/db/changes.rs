@@ -66,6 +66,7 @@ pub async fn next_batches(
         .bind(tenancies)
         .bind(watermarks)
         .bind(i64::from(limit))
+        .bind(i64::try_from(after.len()).unwrap_or(i64::MAX))
         .fetch_all(executor)
         .await?;
     let mut batches = Vec::with_capacity(after.len());
@@ -86,9 +87,17 @@ pub async fn next_batches(
 }
 
 /// [`BatchQuery::sql`] for many tenancies at once: `$1` their ids, `$2` their watermarks
-/// (in the same order), `$3` the limit of each batch. Each row also has
-/// `batch_position`, the 1-based position of its tenancy in `$1`; rows come in that
-/// order.
+/// (in the same order), `$3` the limit of each batch, `$4` how many tenancies `$1` holds.
+/// Each row also has `batch_position`, the 1-based position of its tenancy in `$1`;
+/// rows come in that order.
+///
+/// `limit $4` changes no answer (it is the arrays' length); it is there for the plan
+/// cache. Planned for the values bound, the statement is planned anew at every read
+/// (0.43 ms here, seven times its execution): PostgreSQL keeps a plan for any values
+/// only if it looks no costlier than the plans for the values, and a plan for any array
+/// estimates 10 tenancies where the reads ask one to three. Under a limit it cannot
+/// see, the planner estimates a tenth of the rows, so the plan for any values estimates
+/// one tenancy, and the session keeps it after its first five reads.
 fn batches_sql(one: &str) -> String {
     let each = one
         .replace("(select $1::uuid)", "asked.tenancy_id")
@@ -97,7 +106,9 @@ fn batches_sql(one: &str) -> String {
     format!(
         r#"
 select asked.position as batch_position, batch.*
-from unnest($1::uuid[], $2::int8[]) with ordinality as asked(tenancy_id, watermark, position)
+from (select * from unnest($1::uuid[], $2::int8[]) with ordinality
+          as asked(tenancy_id, watermark, position)
+      limit $4) as asked
 cross join lateral ({each}) as batch
 order by asked.position"#
     )

@@ -164,3 +164,50 @@ async fn syncs_started_together_end_equal_to_the_source() {
         assert_tenant_matches_source(&pool, *tenancy, tenant).await;
     }
 }
+
+/// A session plans the gathered read once and keeps that plan: planned anew for each
+/// read's values, it cost seven times the read itself. Counted by the server for the
+/// statement the session prepared (`pg_prepared_statements`, PostgreSQL 14 and newer).
+#[tokio::test]
+async fn a_session_keeps_one_plan_for_its_gathered_reads() {
+    let pool = migrated_pool().await;
+    let mut asked = Vec::new();
+    for n in 0..3 {
+        let tenancy = tenancy(&pool).await;
+        let id = user(&pool, tenancy, &format!("planned {n}")).await;
+        email(&pool, tenancy, id, &format!("planned{n}@example.com"), true).await;
+        asked.push((tenancy, -1));
+    }
+    sequence_all(&pool, 1000).await;
+    let mut session = pool.acquire().await.unwrap();
+    let version: i32 = sqlx::query_scalar("select current_setting('server_version_num')::int")
+        .fetch_one(&mut *session)
+        .await
+        .unwrap();
+    if version < 140000 {
+        eprintln!("PostgreSQL {version} does not count plans per prepared statement; skipped");
+        return;
+    }
+
+    // Reads of one to three tenancies, as claims ask them.
+    for read in 0..12 {
+        let these = &asked[..1 + read % asked.len()];
+        let batches = changes::next_batches(&mut *session, Mapping::Users, these, 256)
+            .await
+            .unwrap();
+        assert!(batches.iter().all(|batch| batch.is_some()));
+    }
+
+    let (generic, custom): (i64, i64) = sqlx::query_as(
+        "select generic_plans, custom_plans from pg_prepared_statements \
+         where statement like '%batch_position%' \
+           and statement not like '%pg_prepared_statements%'",
+    )
+    .fetch_one(&mut *session)
+    .await
+    .unwrap();
+    assert!(
+        custom <= 5 && generic + custom == 12,
+        "12 reads: {custom} planned for their values, {generic} on the kept plan"
+    );
+}
