@@ -10,21 +10,9 @@
 # Run as root it starts the cluster as the postgres user.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
-PORT=${PORT:-55432}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
-WORK=$(mktemp -d /tmp/channel-writes.XXXXXX)
-chmod 755 "$WORK"
-as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-[ "$(id -u)" = 0 ] && chown postgres "$WORK"
-export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=channel_writes
-D=$WORK/data
-as_owner "$PG_BIN/initdb" -D "$D" -A trust >/dev/null
-as_owner "$PG_BIN/pg_ctl" -D "$D" -w -o "-p $PORT -c listen_addresses=127.0.0.1" -l "$WORK/pg.log" start >/dev/null
-trap 'as_owner "$PG_BIN/pg_ctl" -D "$D" -m fast stop >/dev/null; rm -rf "$WORK"' EXIT
-createdb channel_writes
-DATABASE_URL=postgres://postgres@127.0.0.1:$PORT/channel_writes target/release/external-db-sync migrate \
-  >/dev/null 2>"$WORK/migrate.log" || { cat "$WORK/migrate.log"; exit 1; }
+NAME=channel_writes
+. benches/scripts/cluster.sh
 
 # The two functions, as the migrations define them.
 function_of() {
@@ -59,18 +47,6 @@ select "tenancyId", "projectUserId", gen_random_uuid(), 'EMAIL', 'x' || :n
 from "ProjectUser" where "displayName" = 'u' || :n;
 SQL
 
-cpu() { # clock ticks of the cluster's processes, backends that ended included
-  local pm total=0 p f
-  pm=$(head -1 "$D/postmaster.pid")
-  for p in $pm $(pgrep -P "$pm"); do
-    [ -r "/proc/$p/stat" ] || continue
-    read -r -a f < "/proc/$p/stat" || continue
-    total=$((total + f[13] + f[14]))
-    [ "$p" = "$pm" ] && total=$((total + f[15] + f[16]))
-  done
-  echo $total
-}
-ticks=$(getconf CLK_TCK)
 for write in update insert; do
   for round in 1 2 3; do
     for function in before after; do
