@@ -16,6 +16,7 @@ mod harness;
 mod proxy;
 
 mod failing_databases;
+mod internal_pool;
 mod internal_restart;
 mod qstash;
 mod serve_killed;

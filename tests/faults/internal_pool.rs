@@ -1,0 +1,103 @@
+//! The service's pool of connections to the internal database, behind a proxy: a
+//! statement in steady use is sent at once, without a round trip of its own first, and a
+//! connection dropped while it sat idle is replaced, not handed out.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use external_db_sync::db::{self, DatabaseSettings, PING_IDLE_AFTER};
+use sqlx::PgPool;
+
+use crate::harness::postgres::{pool, server};
+use crate::harness::wait;
+use crate::proxy::{Direction, Proxy};
+
+/// A migrated internal database, a pool on it, and the service's pool of one connection
+/// to it through a proxy, that connection opened and back in the pool.
+async fn pool_through_proxy() -> (PgPool, Proxy, PgPool) {
+    let url = server().migrated_database().await;
+    let direct = pool(&url).await;
+    let mut parsed = url::Url::parse(&url).unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{}", parsed.port().unwrap())
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(target).await;
+    parsed.set_port(Some(proxy.port())).unwrap();
+    let settings = DatabaseSettings {
+        connect_options: parsed.as_str().parse().unwrap(),
+        max_connections: 1,
+    };
+    let service = db::connect(&settings).await.unwrap();
+    sqlx::query("select 1").execute(&service).await.unwrap();
+    back_in_the_pool(&service).await;
+    (direct, proxy, service)
+}
+
+/// Waits until the pool's one connection is idle in it: sqlx pings a connection as it
+/// comes back, and only then is it idle.
+async fn back_in_the_pool(service: &PgPool) {
+    wait::until(
+        "the connection back in the pool",
+        Duration::from_secs(10),
+        || async { (service.num_idle() == 1).then_some(()) },
+    )
+    .await;
+}
+
+/// With the server's answers held, a statement on a connection just used still reaches
+/// the server: the pool sent it without waiting for an answer to a ping first (which
+/// cost a round trip per statement).
+#[tokio::test]
+async fn a_connection_in_use_is_not_pinged_before_a_statement() {
+    let (direct, proxy, service) = pool_through_proxy().await;
+    sqlx::query("create table arrived (n int)")
+        .execute(&direct)
+        .await
+        .unwrap();
+    // Once first, so that the session has it prepared (preparing waits for answers).
+    sqlx::query("insert into arrived values (1)")
+        .execute(&service)
+        .await
+        .unwrap();
+    back_in_the_pool(&service).await;
+
+    proxy.hold(Direction::ToClient);
+    let inserting = tokio::spawn(async move {
+        sqlx::query("insert into arrived values (1)")
+            .execute(&service)
+            .await
+    });
+    wait::until(
+        "the insert at the server",
+        Duration::from_secs(10),
+        || async {
+            let count: i64 = sqlx::query_scalar("select count(*) from arrived")
+                .fetch_one(&direct)
+                .await
+                .unwrap();
+            (count == 2).then_some(())
+        },
+    )
+    .await;
+    proxy.resume();
+    inserting.await.unwrap().unwrap();
+}
+
+/// A connection that the network dropped while it sat idle is pinged before it is
+/// handed out, found dead and replaced: the next statement succeeds on a new one.
+#[tokio::test]
+async fn a_connection_dropped_while_idle_is_replaced() {
+    let (_direct, proxy, service) = pool_through_proxy().await;
+    assert_eq!(proxy.accepted(), 1);
+
+    proxy.cut();
+    // What the behaviour is about: the connection idle for as long as the pool waits
+    // before it pings one.
+    tokio::time::sleep(PING_IDLE_AFTER + Duration::from_millis(100)).await;
+    let answer: i32 = sqlx::query_scalar("select 1")
+        .fetch_one(&service)
+        .await
+        .expect("a new connection answers");
+    assert_eq!(answer, 1);
+    assert_eq!(proxy.accepted(), 2, "the dropped connection was replaced");
+}
