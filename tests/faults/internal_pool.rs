@@ -2,7 +2,6 @@
 //! statement in steady use is sent at once, without a round trip of its own first, and a
 //! connection dropped while it sat idle is replaced, not handed out.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use external_db_sync::db::{self, DatabaseSettings, PING_IDLE_AFTER};
@@ -17,14 +16,9 @@ use crate::proxy::{Direction, Proxy};
 async fn pool_through_proxy() -> (PgPool, Proxy, PgPool) {
     let url = server().migrated_database().await;
     let direct = pool(&url).await;
-    let mut parsed = url::Url::parse(&url).unwrap();
-    let target: SocketAddr = format!("127.0.0.1:{}", parsed.port().unwrap())
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(target).await;
-    parsed.set_port(Some(proxy.port())).unwrap();
+    let (proxy, proxied) = Proxy::in_front_of(&url).await;
     let settings = DatabaseSettings {
-        connect_options: parsed.as_str().parse().unwrap(),
+        connect_options: proxied.parse().unwrap(),
         max_connections: 1,
     };
     let service = db::connect(&settings).await.unwrap();

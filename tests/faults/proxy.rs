@@ -95,6 +95,18 @@ impl Proxy {
         }
     }
 
+    /// A proxy in front of the server of the database at `url` (on this machine), and
+    /// the same URL through the proxy.
+    pub async fn in_front_of(url: &str) -> (Proxy, String) {
+        let mut parsed = url::Url::parse(url).unwrap();
+        let target: SocketAddr = format!("127.0.0.1:{}", parsed.port().unwrap())
+            .parse()
+            .unwrap();
+        let proxy = Proxy::start(target).await;
+        parsed.set_port(Some(proxy.port())).unwrap();
+        (proxy, parsed.to_string())
+    }
+
     pub fn port(&self) -> u16 {
         self.address.port()
     }

@@ -2,7 +2,6 @@
 //! middle of a transaction, paused (the server hears nothing and answers nothing), and
 //! slowed down. A proxy the test controls stands between the service and the database.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sqlx::{PgPool, Postgres};
@@ -36,13 +35,8 @@ pub async fn serve(internal_url: &str, extra: &[(&str, &str)]) -> TestApp {
 /// string that goes through the proxy.
 pub async fn proxied_tenant() -> (Proxy, String, PgPool) {
     let (url, tenant) = tenant_database().await;
-    let mut parsed = url::Url::parse(&url).unwrap();
-    let target: SocketAddr = format!("127.0.0.1:{}", parsed.port().unwrap())
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(target).await;
-    parsed.set_port(Some(proxy.port())).unwrap();
-    (proxy, parsed.to_string(), tenant)
+    let (proxy, proxied) = Proxy::in_front_of(&url).await;
+    (proxy, proxied, tenant)
 }
 
 /// Logs every row version written to the tenant's `users`, in the order written: a
