@@ -53,11 +53,7 @@ for write in update insert; do
       psql -q -f "$WORK/$function.sql"
       # Every row numbered, so that each write marks a sequenced owner.
       psql -qAt -c "select from external_db_sync_sequence_batch(1000000, '/x', 'k:', null, false)" >/dev/null
-      started=$(cpu)
-      out=$(PGOPTIONS='-c synchronous_commit=off' pgbench -n -c 1 -T "$SECONDS_PER_RUN" -f "$WORK/$write.sql" 2>&1)
-      ended=$(cpu)
-      writes=$(echo "$out" | awk '/number of transactions actually processed/ {print $NF}' | cut -d/ -f1)
-      echo "channel $write, round $round, $function: $writes writes, server CPU $(( (ended - started) * 1000000 / ticks / writes )) µs per write"
+      echo "channel $write, round $round, $function: $(writes_for "$WORK/$write.sql")"
     done
   done
 done

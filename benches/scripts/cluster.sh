@@ -4,7 +4,8 @@
 # Set NAME (the database) before sourcing. Needs initdb, pg_ctl (PG_BIN, default
 # /usr/lib/postgresql/15/bin), psql, pgbench and target/release/external-db-sync. Run
 # as root it starts the cluster as the postgres user. Leaves PGHOST, PGPORT, PGUSER and
-# PGDATABASE set, WORK (a directory for the script's files) and D (the data directory).
+# PGDATABASE set, WORK (a directory for the script's files) and D (the data directory),
+# and `writes_for`.
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 PORT=${PORT:-55432}
 WORK=$(mktemp -d "/tmp/$NAME.XXXXXX")
@@ -13,9 +14,11 @@ as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@";
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"
 export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=$NAME
 D=$WORK/data
+# Set before the start, so that a cluster that does not start leaves nothing behind.
+trap 'as_owner "$PG_BIN/pg_ctl" -D "$D" -m fast stop >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
 as_owner "$PG_BIN/initdb" -D "$D" -A trust >/dev/null
-as_owner "$PG_BIN/pg_ctl" -D "$D" -w -o "-p $PORT -c listen_addresses=127.0.0.1" -l "$WORK/pg.log" start >/dev/null
-trap 'as_owner "$PG_BIN/pg_ctl" -D "$D" -m fast stop >/dev/null; rm -rf "$WORK"' EXIT
+as_owner "$PG_BIN/pg_ctl" -D "$D" -w -o "-p $PORT -c listen_addresses=127.0.0.1" -l "$WORK/pg.log" start >/dev/null \
+  || { cat "$WORK/pg.log"; exit 1; }
 createdb "$NAME"
 DATABASE_URL=postgres://postgres@127.0.0.1:$PORT/$NAME target/release/external-db-sync migrate \
   >/dev/null 2>"$WORK/migrate.log" || { cat "$WORK/migrate.log"; exit 1; }
@@ -32,3 +35,15 @@ cpu() { # clock ticks of the cluster's processes, backends that ended included
   echo $total
 }
 ticks=$(getconf CLK_TCK)
+
+# writes_for SCRIPT [SETTINGS]: runs the pgbench SCRIPT on one connection for
+# SECONDS_PER_RUN seconds with synchronous_commit off and SETTINGS (more `-c name=value`),
+# and prints how many writes it made and the cluster's CPU per write.
+writes_for() {
+  local started ended out writes
+  started=$(cpu)
+  out=$(PGOPTIONS="-c synchronous_commit=off ${2:-}" pgbench -n -c 1 -T "$SECONDS_PER_RUN" -f "$1" 2>&1)
+  ended=$(cpu)
+  writes=$(echo "$out" | awk '/number of transactions actually processed/ {print $NF}' | cut -d/ -f1)
+  echo "$writes writes, server CPU $(( (ended - started) * 1000000 / ticks / writes )) µs per write"
+}

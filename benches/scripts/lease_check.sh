@@ -43,12 +43,8 @@ SQL
 for round in 1 2 3; do
   for function in sql plpgsql off; do
     psql -q -f "$WORK/$function.sql"
-    options='-c synchronous_commit=off'
-    [ "$function" = off ] && options="$options -c session_replication_role=replica"
-    started=$(cpu)
-    out=$(PGOPTIONS=$options pgbench -n -c 1 -T "$SECONDS_PER_RUN" -f "$WORK/rename.sql" 2>&1)
-    ended=$(cpu)
-    writes=$(echo "$out" | awk '/number of transactions actually processed/ {print $NF}' | cut -d/ -f1)
-    echo "rename, round $round, lease check $function: $writes writes, server CPU $(( (ended - started) * 1000000 / ticks / writes )) µs per write"
+    settings=''
+    [ "$function" = off ] && settings='-c session_replication_role=replica'
+    echo "rename, round $round, lease check $function: $(writes_for "$WORK/rename.sql" "$settings")"
   done
 done
