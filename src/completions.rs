@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use futures::FutureExt;
-use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -32,6 +31,7 @@ use uuid::Uuid;
 use crate::db;
 use crate::db::queue::Completed;
 use crate::db::sync_status::SyncedTenancy;
+use crate::db::warm::WarmConnections;
 use crate::error::error_chain;
 use crate::gathering;
 use crate::workers;
@@ -59,7 +59,7 @@ enum Answer {
 
 /// The completer of one poller, started on first use.
 pub struct Completions {
-    pool: PgPool,
+    connections: WarmConnections,
     stopping: CancellationToken,
     completer: OnceLock<mpsc::UnboundedSender<Asked>>,
     counts: Arc<Counts>,
@@ -90,11 +90,12 @@ pub struct GatheredCompletions {
 }
 
 impl Completions {
-    /// Completions on `pool`; once `stopping` is cancelled, a gathered statement gets
+    /// Completions on the internal database, gathered ones on connections kept warm;
+    /// once `stopping` is cancelled, a gathered statement gets
     /// [`workers::STEP_GRACE_ON_SHUTDOWN`] to end.
-    pub fn new(pool: PgPool, stopping: CancellationToken) -> Self {
+    pub fn new(connections: WarmConnections, stopping: CancellationToken) -> Self {
         Self {
-            pool,
+            connections,
             stopping,
             completer: OnceLock::new(),
             counts: Arc::default(),
@@ -132,7 +133,7 @@ impl Completions {
                 Ok(Answer::Alone) | Err(_) => {}
             }
         }
-        db::queue::complete(&self.pool, id, synced).await?;
+        db::queue::complete(self.connections.pool(), id, synced).await?;
         self.counts.completed(1);
         Ok(())
     }
@@ -143,7 +144,7 @@ impl Completions {
         self.completer.get_or_init(|| {
             let (asks, asked) = mpsc::unbounded_channel();
             tokio::spawn(complete_gathered(
-                self.pool.clone(),
+                self.connections.clone(),
                 self.stopping.clone(),
                 self.counts.clone(),
                 asked,
@@ -157,7 +158,7 @@ impl Completions {
 /// ended together reach their completions), takes everything asked by then, and
 /// completes it in one statement; then the next group, gathered meanwhile.
 async fn complete_gathered(
-    pool: PgPool,
+    connections: WarmConnections,
     stopping: CancellationToken,
     counts: Arc<Counts>,
     mut asked: mpsc::UnboundedReceiver<Asked>,
@@ -176,7 +177,7 @@ async fn complete_gathered(
             .collect();
         let completing = tokio::select! {
             biased;
-            completing = db::queue::complete_many(&pool, &completed) => completing,
+            completing = complete_many(&connections, &completed) => completing,
             // Dropping the statement rolls it back; the askers leave their requests to
             // their leases, as they would with the database unreachable.
             () = stopped_a_while_ago.clone() => Err(sqlx::Error::PoolTimedOut),
@@ -206,11 +207,22 @@ async fn complete_gathered(
     }
 }
 
+/// [`db::queue::complete_many`] on a connection kept warm.
+async fn complete_many(
+    connections: &WarmConnections,
+    completed: &[Completed<'_>],
+) -> Result<(), sqlx::Error> {
+    let mut connection = connections.take().await?;
+    let completing = db::queue::complete_many(&mut *connection, completed).await;
+    connection.settle(completing)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
     use sqlx::postgres::PgPoolOptions;
+    use sqlx::PgPool;
 
     use super::*;
 
@@ -233,7 +245,10 @@ mod tests {
     ) {
         let pool = pool_of_a_database_that_is_down();
         let stopping = CancellationToken::new();
-        let completions = Arc::new(Completions::new(pool.clone(), stopping.clone()));
+        let completions = Arc::new(Completions::new(
+            WarmConnections::new(pool.clone()),
+            stopping.clone(),
+        ));
         let completing = tokio::spawn({
             let completions = completions.clone();
             async move { completions.complete(Uuid::new_v4(), None).await }

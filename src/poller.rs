@@ -19,6 +19,7 @@ use crate::backoff;
 use crate::completions::{Completions, GatheredCompletions};
 use crate::db;
 use crate::db::queue::ClaimedRequest;
+use crate::db::warm::WarmConnections;
 use crate::error::error_chain;
 use crate::instruments;
 use crate::publish::{FailureReason, PublishError, PublishResult, Publisher};
@@ -147,7 +148,8 @@ struct Started {
 /// a slow one, and a slot is refilled as soon as it frees; through QStash it is one
 /// HTTP call for the whole batch.
 pub struct Poller {
-    pool: PgPool,
+    /// The internal database; the claims and completions keep their connections warm.
+    connections: WarmConnections,
     publisher: Arc<dyn Publisher>,
     settings: PollerSettings,
     /// Free publish slots of this process, shared by every caller (`serve`'s loop and
@@ -310,9 +312,10 @@ impl Poller {
     pub fn new(pool: PgPool, publisher: Arc<dyn Publisher>, settings: PollerSettings) -> Self {
         let slots = Arc::new(Semaphore::new(settings.sync_concurrency.max(1)));
         let stopping = CancellationToken::new();
-        let completions = Arc::new(Completions::new(pool.clone(), stopping.clone()));
+        let connections = WarmConnections::new(pool);
+        let completions = Arc::new(Completions::new(connections.clone(), stopping.clone()));
         Self {
-            pool,
+            connections,
             publisher,
             settings,
             slots,
@@ -332,7 +335,7 @@ impl Poller {
     /// [`SETTLE_ATTEMPTS`] times otherwise) is left to the request's lease, as is a
     /// gathered completion that outlasts that grace.
     pub fn stopping_on(mut self, stopping: CancellationToken) -> Self {
-        self.completions = Arc::new(Completions::new(self.pool.clone(), stopping.clone()));
+        self.completions = Arc::new(Completions::new(self.connections.clone(), stopping.clone()));
         self.stopping = stopping;
         self
     }
@@ -380,7 +383,9 @@ impl Poller {
                 look_again = LookAgain::Now;
             }
         } else {
-            let after = db::queue::after_empty_claim(&self.pool, self.settings.lease).await?;
+            let mut connection = self.connections.take().await?;
+            let after = db::queue::after_empty_claim(&mut *connection, self.settings.lease).await;
+            let after = connection.settle(after)?;
             if !after.enabled {
                 return Ok((PollerRun::Disabled, LookAgain::OnWake));
             }
@@ -482,7 +487,7 @@ impl Poller {
                 break;
             }
             let (pool, publisher, settings, stopping, completions) = (
-                self.pool.clone(),
+                self.connections.pool().clone(),
                 self.publisher.clone(),
                 self.settings.clone(),
                 self.stopping.clone(),
@@ -552,7 +557,10 @@ impl Poller {
 
     async fn claim(&self, limit: u32) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
         let claimant = self.publisher.claimant();
-        db::queue::claim(&self.pool, limit, self.settings.lease, claimant).await
+        let mut connection = self.connections.take().await?;
+        let claimed =
+            db::queue::claim(&mut *connection, limit, self.settings.lease, claimant).await;
+        connection.settle(claimed)
     }
 }
 

@@ -19,6 +19,7 @@ use sqlx::PgPool;
 
 use crate::db;
 use crate::db::sequencing::{SequencedBatch, Wakefulness};
+use crate::db::warm::WarmConnections;
 use crate::error::error_chain;
 use crate::instruments;
 use crate::workers::Outcome;
@@ -85,19 +86,35 @@ pub async fn run_once(
     pool: &PgPool,
     settings: &SequencerSettings,
 ) -> Result<SequencerRun, SequencerError> {
-    run_batch(pool, settings, Wakefulness::OneOff).await
+    let started = Instant::now();
+    let batch =
+        db::sequencing::sequence_batch(pool, settings.batch_size, Wakefulness::OneOff).await?;
+    Ok(after_batch(pool, batch, started).await)
 }
 
+/// [`run_once`] for the loop in `serve`, on a connection kept warm between its batches.
 pub(crate) async fn run_batch(
-    pool: &PgPool,
+    connections: &WarmConnections,
     settings: &SequencerSettings,
     wakefulness: Wakefulness,
 ) -> Result<SequencerRun, SequencerError> {
     let started = Instant::now();
-    let Some(batch) =
-        db::sequencing::sequence_batch(pool, settings.batch_size, wakefulness).await?
-    else {
-        return Ok(SequencerRun::Disabled);
+    let mut connection = connections.take().await?;
+    let batched =
+        db::sequencing::sequence_batch(&mut *connection, settings.batch_size, wakefulness).await;
+    let batch = connection.settle(batched)?;
+    Ok(after_batch(connections.pool(), batch, started).await)
+}
+
+/// What follows a batch that started at `started`: its measures, and tombstones pruned
+/// when it found nothing and a prune is due.
+async fn after_batch(
+    pool: &PgPool,
+    batch: Option<SequencedBatch>,
+    started: Instant,
+) -> SequencerRun {
+    let Some(batch) = batch else {
+        return SequencerRun::Disabled;
     };
     let sequenced = batch.project_users + batch.contact_channels + batch.deleted_rows;
     instruments::sequencer_batch(u64::try_from(sequenced).unwrap_or(0), started.elapsed());
@@ -114,7 +131,7 @@ pub(crate) async fn run_batch(
             "sequenced a batch"
         );
     }
-    Ok(SequencerRun::Batch(batch))
+    SequencerRun::Batch(batch)
 }
 
 /// How often a sequencer that found nothing to number prunes tombstones, at most (per

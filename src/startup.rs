@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::qstash::Verifier;
 use crate::config::{Config, SyncQueue};
+use crate::db::warm::WarmConnections;
 use crate::error::error_chain;
 use crate::poller::{InFlight, Poller};
 use crate::publish::direct::DirectPublisher;
@@ -155,12 +156,13 @@ async fn run_sequencer(state: AppState, wake: Arc<Notify>) -> Ended {
     let settings = &state.sequencer;
     let sequencer = tokio::sync::Mutex::new(SequencerLoop::default());
     let sequencer = &sequencer;
+    let connections = &WarmConnections::new(state.pool.clone());
     let dropped = workers::run_loop(
         "sequencer",
         state.shutdown.clone(),
         settings.idle_interval,
         wake,
-        || async { sequencer.lock().await.step(&state.pool, settings).await },
+        || async { sequencer.lock().await.step(connections, settings).await },
     )
     .await;
     if dropped.0 {
@@ -169,7 +171,7 @@ async fn run_sequencer(state: AppState, wake: Arc<Notify>) -> Ended {
         sequencer
             .lock()
             .await
-            .give_up_lease(&state.pool, settings)
+            .give_up_lease(connections, settings)
             .await;
     }
     ("sequencer worker", Ok(()))

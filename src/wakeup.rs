@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
 use crate::db::sequencing::Wakefulness;
+use crate::db::warm::WarmConnections;
 use crate::db::{CHANGES_CHANNEL, REQUESTS_CHANNEL};
 use crate::error::error_chain;
 use crate::sequencer::{self, SequencerError, SequencerRun, SequencerSettings};
@@ -224,7 +225,7 @@ impl SequencerLoop {
     /// Runs one batch and tells the loop what to do next.
     pub async fn step(
         &mut self,
-        pool: &PgPool,
+        connections: &WarmConnections,
         settings: &SequencerSettings,
     ) -> Result<Outcome, SequencerError> {
         let lease = WAKE_LEASE;
@@ -238,11 +239,11 @@ impl SequencerLoop {
             batch_size,
             ..settings.clone()
         };
-        let run = sequencer::run_batch(pool, &grown, wakefulness).await?;
+        let run = sequencer::run_batch(connections, &grown, wakefulness).await?;
         let worked = run.outcome(batch_size);
         self.grow(&worked);
         if self.backlog_drained(&worked) {
-            analyze_source_tables(pool).await;
+            analyze_source_tables(connections.pool()).await;
         }
         Ok(self.after(run, batch_size))
     }
@@ -290,14 +291,16 @@ impl SequencerLoop {
     /// Gives the lease up as the loop ends, so that writers notify the other replicas at
     /// once instead of when the lease runs out. It keeps trying (a writer mid-commit, or
     /// work found) for as long as the lease would last anyway.
-    pub async fn give_up_lease(&self, pool: &PgPool, settings: &SequencerSettings) {
+    pub async fn give_up_lease(&self, connections: &WarmConnections, settings: &SequencerSettings) {
         let deadline = tokio::time::Instant::now() + WAKE_LEASE;
         let sleepy = Wakefulness::Sleepy { lease: WAKE_LEASE };
         while tokio::time::Instant::now() < deadline {
             // Bounded by the lease itself: a database that does not answer (it is down,
             // the pool waits for a connection) is not waited for any longer.
-            let batch =
-                tokio::time::timeout_at(deadline, sequencer::run_batch(pool, settings, sleepy));
+            let batch = tokio::time::timeout_at(
+                deadline,
+                sequencer::run_batch(connections, settings, sleepy),
+            );
             let Ok(batch) = batch.await else {
                 tracing::warn!(
                     "the database did not answer; the sequencer's lease runs out on its own"

@@ -12,6 +12,7 @@ pub mod sync_status;
 pub mod tenancy;
 pub mod tombstones;
 pub mod verify;
+pub mod warm;
 
 use std::fmt;
 use std::time::Duration;

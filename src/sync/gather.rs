@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::db;
+use crate::db::warm::WarmConnections;
 use crate::error::error_chain;
 use crate::gathering;
 use crate::mapping::{Batch, Mapping};
@@ -53,7 +54,8 @@ enum Answer {
 
 /// The gathering reader of each mapping, started on first use.
 pub(super) struct GatheredReads {
-    pool: PgPool,
+    /// The internal database; the gathered reads keep their connections warm.
+    connections: WarmConnections,
     /// Changes per batch (`SYNC_BATCH_SIZE`), gathered or not.
     limit: u32,
     readers: [OnceLock<mpsc::UnboundedSender<Asked>>; Mapping::ALL.len()],
@@ -78,7 +80,7 @@ pub struct GatheredCount {
 impl GatheredReads {
     pub(super) fn new(pool: PgPool, limit: u32) -> Self {
         Self {
-            pool,
+            connections: WarmConnections::new(pool),
             limit,
             readers: Default::default(),
             counts: Arc::default(),
@@ -121,7 +123,14 @@ impl GatheredReads {
                 }
             }
         }
-        db::changes::next_batch(&self.pool, mapping, tenancy_id, after, self.limit).await
+        db::changes::next_batch(
+            self.connections.pool(),
+            mapping,
+            tenancy_id,
+            after,
+            self.limit,
+        )
+        .await
     }
 
     /// The reader of `mapping`, started in the current runtime on first use. A reader
@@ -131,7 +140,7 @@ impl GatheredReads {
         self.readers[mapping.index()].get_or_init(|| {
             let (asks, asked) = mpsc::unbounded_channel();
             let reader = Reader {
-                pool: self.pool.clone(),
+                connections: self.connections.clone(),
                 mapping,
                 limit: self.limit,
                 counts: self.counts.clone(),
@@ -145,7 +154,7 @@ impl GatheredReads {
 /// The reader of one mapping.
 #[derive(Clone)]
 struct Reader {
-    pool: PgPool,
+    connections: WarmConnections,
     mapping: Mapping,
     limit: u32,
     counts: Arc<Counts>,
@@ -161,13 +170,21 @@ impl Reader {
         }
     }
 
+    /// [`db::changes::next_batches`] on a connection kept warm.
+    async fn read(&self, after: &[(Uuid, i64)]) -> Result<Vec<Option<Batch>>, sqlx::Error> {
+        let mut connection = self.connections.take().await?;
+        let read =
+            db::changes::next_batches(&mut *connection, self.mapping, after, self.limit).await;
+        connection.settle(read)
+    }
+
     /// Reads the batches of `group` in one statement and answers each asker: its batch,
     /// or the failure to reach the internal database, or to read alone.
     async fn answer(self, group: Vec<Asked>) {
         let after: Vec<(Uuid, i64)> = (group.iter())
             .map(|asked| (asked.tenancy_id, asked.after))
             .collect();
-        match db::changes::next_batches(&self.pool, self.mapping, &after, self.limit).await {
+        match self.read(&after).await {
             Ok(batches) => {
                 self.counts.statements.fetch_add(1, Ordering::Relaxed);
                 (self.counts.reads).fetch_add(batches.len() as u64, Ordering::Relaxed);

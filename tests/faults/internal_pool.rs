@@ -61,20 +61,25 @@ async fn a_connection_in_use_is_not_pinged_before_a_statement() {
             .execute(&service)
             .await
     });
+    until_arrived(&direct, 2).await;
+    proxy.resume();
+    inserting.await.unwrap().unwrap();
+}
+
+/// Waits until the table `arrived` holds `rows` rows, as `direct` sees it.
+pub(crate) async fn until_arrived(direct: &PgPool, rows: i64) {
     wait::until(
         "the insert at the server",
         Duration::from_secs(10),
         || async {
             let count: i64 = sqlx::query_scalar("select count(*) from arrived")
-                .fetch_one(&direct)
+                .fetch_one(direct)
                 .await
                 .unwrap();
-            (count == 2).then_some(())
+            (count == rows).then_some(())
         },
     )
     .await;
-    proxy.resume();
-    inserting.await.unwrap().unwrap();
 }
 
 /// A connection that the network dropped while it sat idle is pinged before it is

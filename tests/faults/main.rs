@@ -23,3 +23,4 @@ mod serve_killed;
 mod tampering;
 mod tenant_link;
 mod tenant_server;
+mod warm_connections;

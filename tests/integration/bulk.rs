@@ -380,15 +380,16 @@ async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
         idle_interval: Duration::from_millis(50),
     };
     let mut sequencer = external_db_sync::wakeup::SequencerLoop::default();
+    let connections = external_db_sync::db::warm::WarmConnections::new(pool.clone());
 
     let mut steps = 0;
     while fixtures::flagged_rows(&pool).await > 0 {
-        sequencer.step(&pool, &settings).await.unwrap();
+        sequencer.step(&connections, &settings).await.unwrap();
         steps += 1;
         assert!(steps < 100, "the backlog is numbered in growing batches");
     }
     // The batch that finds the backlog gone analyzes.
-    sequencer.step(&pool, &settings).await.unwrap();
+    sequencer.step(&connections, &settings).await.unwrap();
 
     assert!(last_analyze().await.is_some(), "the tables were analyzed");
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use external_db_sync::db::fusebox;
 use external_db_sync::db::sequencing::{sequence_batch, SequencedBatch, Wakefulness};
+use external_db_sync::db::warm::WarmConnections;
 use external_db_sync::db::{CHANGES_CHANNEL, REQUESTS_CHANNEL};
 use external_db_sync::sequencer::SequencerSettings;
 use external_db_sync::wakeup::SequencerLoop;
@@ -207,14 +208,15 @@ async fn a_stopping_loop_gives_its_lease_up() {
         idle_interval: Duration::from_secs(3600),
     };
     let mut worker = SequencerLoop::default();
+    let connections = WarmConnections::new(pool.clone());
     rename_user(&pool, user, "changed").await;
-    worker.step(&pool, &settings).await.unwrap();
+    worker.step(&connections, &settings).await.unwrap();
     assert!(
         sequencer_awake(&pool).await,
         "a loop that found work is awake"
     );
 
-    worker.give_up_lease(&pool, &settings).await;
+    worker.give_up_lease(&connections, &settings).await;
 
     assert!(!sequencer_awake(&pool).await);
 }
