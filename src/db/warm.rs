@@ -17,7 +17,8 @@
 //!   (the pool pings it before handing it out again), by the next take or by a sweep
 //!   every [`SWEEP_EVERY`];
 //! - only [`MOST_KEPT`] at a time, and only while the pool still has a connection for
-//!   everyone else: a connection the pool is out of goes back to it.
+//!   everyone else: a connection settled while the pool has none goes back to it, and
+//!   so do the other kept ones when a take finds the pool out of connections.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -82,15 +83,22 @@ impl WarmConnections {
         self.shared.lock().connections.len()
     }
 
-    /// The connection used last, if it is still warm; one from the pool otherwise.
+    /// The connection used last, if it is still warm; one from the pool otherwise. When
+    /// the pool has no connection left for anyone else, the other kept ones go back to
+    /// it.
     pub async fn take(&self) -> Result<WarmConnection, sqlx::Error> {
-        let (warm, cold) = {
+        let pool_can_spare = self.shared.pool_can_spare();
+        let (warm, given_back) = {
             let mut kept = self.shared.lock();
-            let cold = kept.take_cold();
-            (kept.connections.pop(), cold)
+            let mut given_back = kept.take_cold();
+            let warm = kept.connections.pop();
+            if !pool_can_spare {
+                given_back.append(&mut kept.connections);
+            }
+            (warm, given_back)
         };
         // Back to the pool (dropped), outside the lock.
-        drop(cold);
+        drop(given_back);
         let connection = match warm {
             Some(kept) => kept.connection,
             None => self.shared.pool.acquire().await?,
@@ -107,13 +115,18 @@ impl Shared {
         self.kept.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether the pool has a connection for whoever asks next (an idle one, or room to
+    /// open one), so that nobody waits for the connections kept here.
+    fn pool_can_spare(&self) -> bool {
+        let max = self.pool.options().get_max_connections();
+        !self.pool.is_closed() && (self.pool.num_idle() > 0 || self.pool.size() < max)
+    }
+
     /// Keeps `connection` if there is room and the pool can spare it; gives it back to
     /// the pool otherwise (it is dropped).
     fn keep(self: &Arc<Self>, connection: PoolConnection<Postgres>) {
-        let max = self.pool.options().get_max_connections();
         // Counted with this connection out of the pool, as it is now.
-        let pool_can_spare =
-            !self.pool.is_closed() && (self.pool.num_idle() > 0 || self.pool.size() < max);
+        let pool_can_spare = self.pool_can_spare();
         let mut kept = self.lock();
         if kept.connections.len() >= MOST_KEPT || !pool_can_spare {
             // Dropped after the lock: back to the pool.

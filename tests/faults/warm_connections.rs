@@ -176,6 +176,25 @@ async fn the_pools_last_connection_is_not_kept() {
     assert_eq!(warm.kept(), 1, "kept once the pool can spare it");
 }
 
+/// Connections kept while the pool could spare them go back to it once it cannot: the
+/// next take uses one and gives the others back.
+#[tokio::test]
+async fn kept_connections_go_back_when_the_pool_runs_out() {
+    let (_direct, _proxy, warm) = warm_through_proxy(3).await;
+    let (one, two) = (warm.take().await.unwrap(), warm.take().await.unwrap());
+    backend_of(one).await.unwrap();
+    backend_of(two).await.unwrap();
+    assert_eq!(warm.kept(), 2);
+    let elsewhere = warm.pool().acquire().await.unwrap();
+    assert_eq!(warm.pool().num_idle(), 0, "the pool is out of connections");
+
+    let taken = warm.take().await.unwrap();
+    assert_eq!(warm.kept(), 0, "the other kept connection went back");
+    back_in_the_pool(warm.pool(), 1).await;
+    backend_of(taken).await.unwrap();
+    drop(elsewhere);
+}
+
 /// Closing the pool waits for every connection out of it: the kept ones go back at
 /// once, not when they go cold.
 #[tokio::test]

@@ -394,6 +394,26 @@ async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
     assert!(last_analyze().await.is_some(), "the tables were analyzed");
 }
 
+/// The sequencer's batch is planned for each call (migration 18): a plan kept for the
+/// session, made while it numbered an import's backlog, took the load benchmark's
+/// batches after it 1.1-2.5 s each.
+#[tokio::test]
+async fn the_sequencers_batch_is_planned_for_each_call() {
+    let pool = migrated_pool().await;
+    let settings: Option<Vec<String>> = sqlx::query_scalar(
+        "select proconfig from pg_proc where oid = \
+         'external_db_sync_sequence_batch(bigint, text, text, bigint, boolean)'::regprocedure",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        (settings.unwrap_or_default().iter())
+            .any(|setting| setting == "plan_cache_mode=force_custom_plan"),
+        "the function plans each call"
+    );
+}
+
 /// A tenancy of 2,000 users imported after the source tables were analyzed with another
 /// tenancy of 500 (autovacuum off): the statistics do not know it, and estimate it at a
 /// row or two, as right after a bulk import.
