@@ -69,13 +69,13 @@ pub(super) async fn copy_if_empty(
     }
 
     let mut internal = pool.acquire().await?;
-    let copied = copy_snapshot(&mut internal, session, mapping, tenancy_id).await;
-    if copied.is_err() {
-        // It may have stopped mid-`COPY`, or mid-transaction: the connection is not
-        // worth cleaning up.
-        internal.close_on_drop();
-    }
-    copied
+    // Closed once the copy is done, never given back to the pool: a copy may stop
+    // mid-`COPY` or mid-transaction, when it fails or when its future is dropped (the
+    // other mapping's sync failed first), and a connection left in the read-only
+    // transaction would fail the statements of whoever took it next. One connection per
+    // initial copy of a mapping.
+    internal.close_on_drop();
+    copy_snapshot(&mut internal, session, mapping, tenancy_id).await
 }
 
 /// Streams binary `COPY` data from `source` into the tenant's `COPY … FROM STDIN` of
