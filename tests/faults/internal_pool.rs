@@ -11,29 +11,35 @@ use crate::harness::postgres::{pool, server};
 use crate::harness::wait;
 use crate::proxy::{Direction, Proxy};
 
-/// A migrated internal database, a pool on it, and the service's pool of one connection
-/// to it through a proxy, that connection opened and back in the pool.
-async fn pool_through_proxy() -> (PgPool, Proxy, PgPool) {
+/// A migrated internal database, a pool on it, the proxy, and the service's pool of
+/// `max_connections` to it through the proxy ([`db::connect`]), nothing opened yet.
+pub(crate) async fn service_through_proxy(max_connections: u32) -> (PgPool, Proxy, PgPool) {
     let url = server().migrated_database().await;
     let direct = pool(&url).await;
     let (proxy, proxied) = Proxy::in_front_of(&url).await;
     let settings = DatabaseSettings {
         connect_options: proxied.parse().unwrap(),
-        max_connections: 1,
+        max_connections,
     };
     let service = db::connect(&settings).await.unwrap();
-    sqlx::query("select 1").execute(&service).await.unwrap();
-    back_in_the_pool(&service).await;
     (direct, proxy, service)
 }
 
-/// Waits until the pool's one connection is idle in it: sqlx pings a connection as it
-/// comes back, and only then is it idle.
-async fn back_in_the_pool(service: &PgPool) {
+/// [`service_through_proxy`] with one connection, opened and back in the pool.
+async fn pool_through_proxy() -> (PgPool, Proxy, PgPool) {
+    let (direct, proxy, service) = service_through_proxy(1).await;
+    sqlx::query("select 1").execute(&service).await.unwrap();
+    back_in_the_pool(&service, 1).await;
+    (direct, proxy, service)
+}
+
+/// Waits until `idle` of the pool's connections are idle in it: sqlx pings a connection
+/// as it comes back, and only then is it idle.
+pub(crate) async fn back_in_the_pool(service: &PgPool, idle: usize) {
     wait::until(
         "the connection back in the pool",
         Duration::from_secs(10),
-        || async { (service.num_idle() == 1).then_some(()) },
+        || async { (service.num_idle() == idle).then_some(()) },
     )
     .await;
 }
@@ -53,7 +59,7 @@ async fn a_connection_in_use_is_not_pinged_before_a_statement() {
         .execute(&service)
         .await
         .unwrap();
-    back_in_the_pool(&service).await;
+    back_in_the_pool(&service, 1).await;
 
     proxy.hold(Direction::ToClient);
     let inserting = tokio::spawn(async move {

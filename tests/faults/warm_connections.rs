@@ -7,25 +7,17 @@
 use std::time::{Duration, Instant};
 
 use external_db_sync::db::warm::{WarmConnection, WarmConnections, SWEEP_EVERY};
-use external_db_sync::db::{self, DatabaseSettings, PING_IDLE_AFTER};
+use external_db_sync::db::PING_IDLE_AFTER;
 use sqlx::PgPool;
 
-use crate::harness::postgres::{pool, server};
 use crate::harness::wait;
-use crate::internal_pool::until_arrived;
+use crate::internal_pool::{back_in_the_pool, service_through_proxy, until_arrived};
 use crate::proxy::{Direction, Proxy};
 
 /// A migrated internal database, a pool on it, the proxy, and warm connections on the
 /// service's pool of `max_connections` through the proxy.
 async fn warm_through_proxy(max_connections: u32) -> (PgPool, Proxy, WarmConnections) {
-    let url = server().migrated_database().await;
-    let direct = pool(&url).await;
-    let (proxy, proxied) = Proxy::in_front_of(&url).await;
-    let settings = DatabaseSettings {
-        connect_options: proxied.parse().unwrap(),
-        max_connections,
-    };
-    let service = db::connect(&settings).await.unwrap();
+    let (direct, proxy, service) = service_through_proxy(max_connections).await;
     (direct, proxy, WarmConnections::new(service))
 }
 
@@ -35,15 +27,6 @@ async fn backend_of(mut connection: WarmConnection) -> Result<i32, sqlx::Error> 
         .fetch_one(&mut *connection)
         .await;
     connection.settle(pid)
-}
-
-async fn back_in_the_pool(pool: &PgPool, idle: usize) {
-    wait::until(
-        "the connection back in the pool",
-        Duration::from_secs(10),
-        || async { (pool.num_idle() == idle).then_some(()) },
-    )
-    .await;
 }
 
 /// A settled connection is kept, and the next statement goes out on it at once: with
