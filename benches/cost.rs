@@ -37,8 +37,8 @@
 //! (baseline first), so that a change is measured before and after in one run on the
 //! same servers; the baseline's databases are migrated by the baseline itself, so a
 //! change to the migrations compares too. The service's own
-//! variables (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) pass
-//! through to `serve`. `BENCH_STATEMENTS=1` also prints, for each of the service's modes,
+//! variables (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) and
+//! `TOKIO_WORKER_THREADS` pass through to `serve`. `BENCH_STATEMENTS=1` also prints, for each of the service's modes,
 //! its most frequent statements on each server in the window (calls and execution time
 //! per change), to see where a lever should aim. `BENCH_NATIVE=0` leaves out the two
 //! native modes (quicker, when only builds of the service are compared). The benchmark starts its own clusters, so
@@ -602,6 +602,7 @@ async fn start_serve(source_url: &str, baseline: bool) -> Child {
             .iter()
             .any(|prefix| name.starts_with(prefix))
             || name == "DATABASE_MAX_CONNECTIONS"
+            || name == "TOKIO_WORKER_THREADS"
     });
     let binary = match baseline {
         true => baseline_binary().expect("the baseline's mode runs only with BENCH_BASELINE"),
