@@ -14,7 +14,10 @@
 //! Run: `cargo bench --bench load`. Settings: `LOAD_TENANCIES` (default 100),
 //! `LOAD_USERS` (per tenancy, default 2000), `LOAD_SECONDS` (default 60),
 //! `LOAD_WRITERS` (concurrent writers, default 16: on the 2-core development machine,
-//! 4 writers made 406 writes/s and 16 made 696).
+//! 4 writers made 406 writes/s and 16 made 696). `LOAD_EXPLAIN=1`: the internal
+//! database explains every statement of over 500 ms, nested ones (inside functions)
+//! included, with actual times (`auto_explain`), as warnings that `serve` logs, to
+//! see where a slow statement spent its time (the timing costs the server some CPU).
 //!
 //! Soak: `LOAD_SECONDS=1800 LOAD_FAULTS=1 cargo bench --bench load`. Every
 //! `LOAD_FAULT_EVERY` seconds (default 120) one fault, in turn: `serve` killed with
@@ -99,6 +102,19 @@ async fn main() {
     let internal_server = RestartableServer::start(&internal_setup);
     let internal_url = internal_server.databases().migrated_database().await;
     let internal = pool(&internal_url).await;
+    if setting("LOAD_EXPLAIN", 0) == 1 {
+        // For every session of the benchmark's role: the writers', the probe's, serve's.
+        sqlx::raw_sql(
+            "alter role current_user set session_preload_libraries = 'auto_explain';
+             alter role current_user set auto_explain.log_min_duration = '500ms';
+             alter role current_user set auto_explain.log_nested_statements = on;
+             alter role current_user set auto_explain.log_analyze = on;
+             alter role current_user set auto_explain.log_level = 'warning';",
+        )
+        .execute(&internal)
+        .await
+        .unwrap();
+    }
     let mut tenant_setup = ClusterSetup::durable();
     tenant_setup
         .settings
