@@ -62,14 +62,7 @@ async fn a_tenant_server_killed_mid_batch_is_caught_up_after_its_restart() {
     .await
     .unwrap();
     let started_at = watermark(&tenant, "users").await;
-    sqlx::query(
-        r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
-           select $1, gen_random_uuid(), 'bulk ' || n from generate_series(1, 2000) n"#,
-    )
-    .bind(tenancy)
-    .execute(&internal)
-    .await
-    .unwrap();
+    crate::harness::fixtures::users(&internal, tenancy, 2_000, "bulk ").await;
     let reached = wait::until(
         "the batches to be under way",
         Duration::from_secs(30),

@@ -359,14 +359,7 @@ async fn wait_until_equal_within(pool: &PgPool, tenancy: Uuid, tenant: &PgPool, 
 async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
     let pool = migrated_pool().await;
     let tenancy = fixtures::tenancy(&pool).await;
-    sqlx::query(
-        r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
-           select $1, gen_random_uuid(), 'backlog ' || n from generate_series(1, 30000) n"#,
-    )
-    .bind(tenancy)
-    .execute(&pool)
-    .await
-    .unwrap();
+    fixtures::users(&pool, tenancy, 30_000, "backlog ").await;
     let last_analyze = || async {
         sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
             r#"select last_analyze from pg_stat_user_tables where relname = 'ProjectUser'"#,
@@ -550,14 +543,7 @@ async fn a_batch_planned_while_a_table_was_empty_reads_only_its_flagged_rows() {
         .bind(tenancy)
         .bind(count)
     };
-    sqlx::query(
-        r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
-           select $1, gen_random_uuid(), 'Imported ' || n from generate_series(1, 2300) n"#,
-    )
-    .bind(tenancy)
-    .execute(&pool)
-    .await
-    .unwrap();
+    fixtures::users(&pool, tenancy, 2_300, "Imported ").await;
     sequence_all(&pool, 5000).await;
     delete_users(2000).execute(&pool).await.unwrap();
     sequence_all(&pool, 5000).await;

@@ -231,14 +231,7 @@ async fn the_rows_of_one_answer_add_up_to_the_limit() {
     let internal = migrated_pool().await;
     let (url, _tenant) = crate::harness::fixtures::tenant_database().await;
     let tenancy_id = tenancy_at(&internal, &url).await;
-    sqlx::query(
-        r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
-           select $1, gen_random_uuid(), 'user ' || n from generate_series(1, 2000) n"#,
-    )
-    .bind(tenancy_id)
-    .execute(&internal)
-    .await
-    .unwrap();
+    crate::harness::fixtures::users(&internal, tenancy_id, 2_000, "user ").await;
     let engine = engine(&internal);
     sync_ok(&internal, &engine, tenancy_id).await;
     let mut settings = test_settings();

@@ -57,14 +57,7 @@ async fn verify_finds_rows_changed_by_hand_and_resync_brings_them_back_while_rea
     let (tenant_url, tenant) = tenant_database().await;
     attach(&pool, tenancy, &[("main", &tenant_url)]).await;
     // More users than one page (5,000) on each side, so that the merge crosses pages.
-    sqlx::query(
-        r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
-           select $1, gen_random_uuid(), 'user ' || n from generate_series(1, 6000) as n"#,
-    )
-    .bind(tenancy)
-    .execute(&pool)
-    .await
-    .unwrap();
+    crate::harness::fixtures::users(&pool, tenancy, 6_000, "user ").await;
     let ana = user(&pool, tenancy, "ana").await;
     email(&pool, tenancy, ana, "ana@example.com", true).await;
     sync_ok(&pool, &engine(&pool), tenancy).await;

@@ -251,6 +251,21 @@ pub async fn tenant_database() -> (String, PgPool) {
     (url, pool)
 }
 
+/// `count` users of `tenancy` without e-mails, named `prefix` and their number, in one
+/// statement.
+pub async fn users(pool: &PgPool, tenancy: Uuid, count: i32, prefix: &str) {
+    sqlx::query(
+        r#"insert into "ProjectUser" ("tenancyId", "projectUserId", "displayName")
+           select $1, gen_random_uuid(), $3 || n from generate_series(1, $2) n"#,
+    )
+    .bind(tenancy)
+    .bind(count)
+    .bind(prefix)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// `count` users of `tenancy`, each with a primary e-mail, in one statement per table.
 pub async fn import(pool: &PgPool, tenancy: Uuid, count: i32, prefix: &str) {
     sqlx::query(
