@@ -38,10 +38,18 @@
 //! same servers; the baseline's databases are migrated by the baseline itself, so a
 //! change to the migrations compares too. The service's own
 //! variables (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) and
-//! `TOKIO_WORKER_THREADS` pass through to `serve`. `BENCH_STATEMENTS=1` also prints, for each of the service's modes,
-//! its most frequent statements on each server in the window (calls and execution time
-//! per change), to see where a lever should aim. `BENCH_NATIVE=0` leaves out the two
-//! native modes (quicker, when only builds of the service are compared). The benchmark starts its own clusters, so
+//! `TOKIO_WORKER_THREADS` pass through to `serve`. `BENCH_STATEMENTS=1` also prints,
+//! for each of the service's modes, its costliest statements on each server in the
+//! window (calls and execution time per change, by execution time), to see where a
+//! lever should aim; `BENCH_STATEMENTS=nested` adds the statements run inside functions
+//! (`pg_stat_statements.track = all`), marked as such, their time also counted in the
+//! statement that called them (statements per change still count top-level statements
+//! only). `BENCH_EXPLAIN=<ms>`: the source explains each of the service's statements
+//! that runs at least that many whole milliseconds (0: every one), nested ones included,
+//! with actual times and buffers (`auto_explain`), as warnings in `serve`'s log; the
+//! timing costs the source CPU, so such a run's figures compare with no other.
+//! `BENCH_NATIVE=0` leaves out the two native modes (quicker, when only builds of the
+//! service are compared). The benchmark starts its own clusters, so
 //! `EXTERNAL_DB_SYNC_TEST_DATABASE_URL` must not be set.
 
 #[allow(dead_code)]
@@ -140,6 +148,21 @@ async fn main() {
     let started = Instant::now();
     let source = Cluster::start(tenancy_count).await;
     let target = Cluster::start(tenancy_count).await;
+    if let Ok(milliseconds) = std::env::var("BENCH_EXPLAIN") {
+        let milliseconds: u64 = (milliseconds.parse()).expect("BENCH_EXPLAIN: whole milliseconds");
+        // For every later session of the service's role on the source: serve's.
+        source
+            .server
+            .admin_execute(&format!(
+                "alter role {SERVICE_ROLE} set session_preload_libraries = 'auto_explain';
+                 alter role {SERVICE_ROLE} set auto_explain.log_min_duration = '{milliseconds}ms';
+                 alter role {SERVICE_ROLE} set auto_explain.log_nested_statements = on;
+                 alter role {SERVICE_ROLE} set auto_explain.log_analyze = on;
+                 alter role {SERVICE_ROLE} set auto_explain.log_buffers = on;
+                 alter role {SERVICE_ROLE} set auto_explain.log_level = 'warning';"
+            ))
+            .await;
+    }
     let mut modes = match setting("BENCH_NATIVE", 1) {
         0 => vec![Mode::WriterAlone, Mode::ContractFloor],
         _ => vec![
@@ -198,6 +221,7 @@ impl Cluster {
             // Room for every (role, database, statement) of many tenant databases, so
             // that no entry counted is evicted during the window.
             ("pg_stat_statements.max", "20000".to_owned()),
+            ("pg_stat_statements.track", statement_tracking().to_owned()),
             ("wal_level", "logical".to_owned()),
             ("max_wal_senders", workers.to_string()),
             ("max_replication_slots", workers.to_string()),
@@ -248,7 +272,7 @@ impl Cluster {
                       coalesce(sum(s.calls) filter (
                           where s.query ~* '^\s*(begin|commit|rollback|start transaction)'), 0)::bigint
                from pg_stat_statements s join pg_roles r on r.oid = s.userid
-               where r.rolname = $1"#,
+               where r.rolname = $1 and s.toplevel"#,
         )
         .bind(SERVICE_ROLE)
         .fetch_one(&self.stats)
@@ -266,7 +290,8 @@ impl Cluster {
         }
         let rows: Vec<(i64, f64, String)> = sqlx::query_as(
             r#"select s.calls, s.total_exec_time,
-                      left(regexp_replace(s.query, '\s+', ' ', 'g'), 90)
+                      case when s.toplevel then '' else '(nested) ' end
+                      || left(regexp_replace(s.query, '\s+', ' ', 'g'), 90)
                from pg_stat_statements s join pg_roles r on r.oid = s.userid
                where r.rolname = $1"#,
         )
@@ -973,7 +998,7 @@ fn print_report(outcomes: &[Outcome]) {
             );
             for (server, detail) in ["source", "target"].iter().zip(&used.detail) {
                 let mut top: Vec<_> = detail.iter().collect();
-                top.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+                top.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
                 for (query, (calls, milliseconds)) in top.into_iter().take(STATEMENTS_SHOWN) {
                     println!(
                         "  {server}: {:.3} calls, {:.4} ms per change: {query}",
@@ -983,6 +1008,15 @@ fn print_report(outcomes: &[Outcome]) {
                 }
             }
         }
+    }
+}
+
+/// `pg_stat_statements.track`: `all` with `BENCH_STATEMENTS=nested`, so that the
+/// statements run inside functions are counted too.
+fn statement_tracking() -> &'static str {
+    match std::env::var("BENCH_STATEMENTS").as_deref() {
+        Ok("nested") => "all",
+        _ => "top",
     }
 }
 
