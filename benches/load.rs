@@ -9,15 +9,18 @@
 //! made every half second, and the service's worst-database-lag gauge), the time to
 //! drain once the writers stop, and `serve`'s resident memory: sampled every second,
 //! with its peak, and how much it grew from the first tenth of the run to the end
-//! (it must not grow with the number of rows written).
+//! (it must not grow with the number of rows written). Then where the lag goes: the
+//! mean sequencer batch, claim, request (queued → synced) and tenant database sync
+//! while writing, from `serve`'s histograms (left out when `serve` restarted).
 //!
 //! Run: `cargo bench --bench load`. Settings: `LOAD_TENANCIES` (default 100),
 //! `LOAD_USERS` (per tenancy, default 2000), `LOAD_SECONDS` (default 60),
 //! `LOAD_WRITERS` (concurrent writers, default 16: on the 2-core development machine,
 //! 4 writers made 406 writes/s and 16 made 696). `LOAD_EXPLAIN=1`: the internal
-//! database explains every statement of over 500 ms, nested ones (inside functions)
-//! included, with actual times (`auto_explain`), as warnings that `serve` logs, to
-//! see where a slow statement spent its time (the timing costs the server some CPU).
+//! database explains every statement that takes `LOAD_EXPLAIN_MS` (default 500) or
+//! more, nested ones (inside functions) included, with actual times (`auto_explain`),
+//! as warnings that `serve` logs, to see where a slow statement spent its time (the
+//! timing costs the server some CPU).
 //!
 //! Soak: `LOAD_SECONDS=1800 LOAD_FAULTS=1 cargo bench --bench load`. Every
 //! `LOAD_FAULT_EVERY` seconds (default 120) one fault, in turn: `serve` killed with
@@ -104,16 +107,15 @@ async fn main() {
     let internal = pool(&internal_url).await;
     if setting("LOAD_EXPLAIN", 0) == 1 {
         // For every session of the benchmark's role: the writers', the probe's, serve's.
-        sqlx::raw_sql(
+        let statement = format!(
             "alter role current_user set session_preload_libraries = 'auto_explain';
-             alter role current_user set auto_explain.log_min_duration = '500ms';
+             alter role current_user set auto_explain.log_min_duration = '{}ms';
              alter role current_user set auto_explain.log_nested_statements = on;
              alter role current_user set auto_explain.log_analyze = on;
              alter role current_user set auto_explain.log_level = 'warning';",
-        )
-        .execute(&internal)
-        .await
-        .unwrap();
+            setting("LOAD_EXPLAIN_MS", 500)
+        );
+        sqlx::raw_sql(&statement).execute(&internal).await.unwrap();
     }
     let mut tenant_setup = ClusterSetup::durable();
     tenant_setup
@@ -186,12 +188,14 @@ async fn main() {
     });
 
     let window = Instant::now();
+    let stages_before = stage_totals(&service).await;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();
     }
     let window = window.elapsed();
+    let stages = stage_totals(&service).await.since(&stages_before);
     let drain_started = Instant::now();
     wait_until_caught_up(&internal, Duration::from_secs(600)).await;
     let drained = drain_started.elapsed();
@@ -219,6 +223,7 @@ async fn main() {
         faults: &fault_times,
         unequal: &unequal,
         tenancies: tenancies.len(),
+        stages,
     });
     let mut service = service.lock().await;
     service.child.start_kill().ok();
@@ -593,6 +598,95 @@ fn metric(metrics: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// What `serve`'s histograms and counters had recorded at one moment, over every label:
+/// each stage's total seconds and count, and the rows the sequencer numbered.
+#[derive(Debug, Clone, Copy, Default)]
+struct StageTotals {
+    sequencer_batches: (f64, f64),
+    claims: (f64, f64),
+    /// A request's lag: from its queuing (the start of the batch that queued it) to
+    /// the end of its publish, which in direct mode is its tenancy's sync.
+    requests: (f64, f64),
+    database_syncs: (f64, f64),
+    rows_sequenced: f64,
+}
+
+/// The running `serve`'s [`StageTotals`] (zero where its metrics cannot be read).
+async fn stage_totals(service: &tokio::sync::Mutex<Service>) -> StageTotals {
+    let address = service.lock().await.address.clone();
+    let metrics = metrics(&address).await.unwrap_or_default();
+    let histogram = |name: &str| {
+        (
+            summed(&metrics, &format!("{name}_sum")),
+            summed(&metrics, &format!("{name}_count")),
+        )
+    };
+    StageTotals {
+        sequencer_batches: histogram("external_db_sync_sequencer_batch_duration_seconds"),
+        claims: histogram("external_db_sync_poller_claim_duration_seconds"),
+        requests: histogram("external_db_sync_request_lag_seconds"),
+        database_syncs: histogram("external_db_sync_database_sync_duration_seconds"),
+        rows_sequenced: summed(&metrics, "external_db_sync_rows_sequenced_total"),
+    }
+}
+
+impl StageTotals {
+    /// What was recorded since `before`; `None` if a total went down (a new process).
+    fn since(&self, before: &StageTotals) -> Option<StageTotals> {
+        let minus = |(sum, count): (f64, f64), (sum_before, count_before): (f64, f64)| {
+            (sum - sum_before, count - count_before)
+        };
+        let since = StageTotals {
+            sequencer_batches: minus(self.sequencer_batches, before.sequencer_batches),
+            claims: minus(self.claims, before.claims),
+            requests: minus(self.requests, before.requests),
+            database_syncs: minus(self.database_syncs, before.database_syncs),
+            rows_sequenced: self.rows_sequenced - before.rows_sequenced,
+        };
+        let counts = [
+            since.sequencer_batches.1,
+            since.claims.1,
+            since.requests.1,
+            since.database_syncs.1,
+            since.rows_sequenced,
+        ];
+        counts.iter().all(|count| *count >= 0.0).then_some(since)
+    }
+
+    /// Where a change's lag goes, as means over the window of `seconds`.
+    fn print(&self, seconds: f64) {
+        let mean_ms = |(sum, count): (f64, f64)| match count > 0.0 {
+            true => format!("{:.1} ms", sum / count * 1000.0),
+            false => "—".to_owned(),
+        };
+        let (_, batches) = self.sequencer_batches;
+        println!(
+            "stages while writing (means, from serve's histograms): sequencer batch {} \
+             ({:.1} a second, {:.0} rows each); claim {} ({:.1} a second); request \
+             queued → synced {}; one tenant database's sync {}",
+            mean_ms(self.sequencer_batches),
+            batches / seconds,
+            self.rows_sequenced / batches.max(1.0),
+            mean_ms(self.claims),
+            self.claims.1 / seconds,
+            mean_ms(self.requests),
+            mean_ms(self.database_syncs),
+        );
+    }
+}
+
+/// The sum of every series of the metric `name` in Prometheus text (each label set of
+/// it); 0 when absent.
+fn summed(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(name))
+        .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        .filter_map(|rest| rest.rsplit(' ').next())
+        .filter_map(|value| value.trim().parse::<f64>().ok())
+        .sum()
+}
+
 /// Rows written to tenant databases (upserted and deleted) by the running `serve`.
 async fn rows_written(service: &tokio::sync::Mutex<Service>) -> f64 {
     let address = service.lock().await.address.clone();
@@ -731,6 +825,8 @@ struct Report<'a> {
     faults: &'a [Fault],
     unequal: &'a [(Uuid, Value)],
     tenancies: usize,
+    /// `None` when `serve` restarted during the window (its totals began again).
+    stages: Option<StageTotals>,
 }
 
 fn report(report: Report<'_>) {
@@ -777,6 +873,9 @@ fn report(report: Report<'_>) {
         .map(|sample| sample.worst_lag_seconds)
         .fold(0.0, f64::max);
     println!("service's worst database lag gauge: max {worst_lag:.2} s");
+    if let Some(stages) = &report.stages {
+        stages.print(seconds);
+    }
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     let peak = report
         .samples
