@@ -7,9 +7,9 @@
 -- every tenant database. Under the load benchmark a session planned it while
 -- "DeletedRow" was nearly empty (a sequential scan is then the cheapest read) and kept
 -- that plan while the writers' deletes grew the table to 5,000 tombstones: each look-up
--- read all of them, 30-50 ms on the saturated machine, 2.7 ms per request claimed on
--- average. The poller's loop spent its time in claims (mean 35-41 ms, 24-28 a second)
--- and requests waited to be claimed.
+-- read all of them, 30-50 ms on the saturated machine (one claim of 19 requests spent 52
+-- of its 62 ms in them). The poller's loop spent its time in claims (mean 34-51 ms,
+-- 19-29 a second) and requests waited to be claimed.
 --
 -- Sequential scans off for the function: each of its reads is then the index on
 -- ("tenancyId", ["tableName",] "sequenceId"), read backwards from the tenancy's highest
