@@ -19,7 +19,7 @@ pub struct Backlog {
 }
 
 /// Reads the backlog. Costs a scan of the pending requests and, per recorded database
-/// status, a few index lookups.
+/// status, a few index lookups (none of them reads a table whole).
 ///
 /// A database's lag is how long it has lacked a change: for a failing one, the time
 /// since its last success; for a healthy one that is behind, the age of its tenancy's
@@ -48,9 +48,17 @@ pub async fn read(executor: impl PgExecutor<'_>) -> Result<Backlog, sqlx::Error>
                        > coalesce(status."contactChannelsSyncedThrough",
                                   status."lastSyncedSequenceId", -1))
         ), lags as (
+            -- The tenancy's oldest request, pending or in flight: each kind looked up
+            -- through its own partial index on the key (no index covers both, and a
+            -- condition on the key alone read the whole queue for each database).
             select case when failing then "lastSuccessAt"
-                        else (select min(request."createdAt") from "OutgoingRequest" as request
-                              where request."deduplicationKey" = $1 || databases."tenancyId")
+                        else least(
+                            (select min(request."createdAt") from "OutgoingRequest" as request
+                             where request."deduplicationKey" = $1 || databases."tenancyId"
+                               and request."startedFulfillingAt" is null),
+                            (select min(request."createdAt") from "OutgoingRequest" as request
+                             where request."deduplicationKey" = $1 || databases."tenancyId"
+                               and request."startedFulfillingAt" is not null))
                    end as lacking_since
             from databases
         )

@@ -226,3 +226,55 @@ async fn metrics_parse_as_prometheus_text_and_move_as_work_is_done() {
         }
     }
 }
+
+/// The worst-lag gauge of a healthy database that lacks a change is the age of its
+/// tenancy's oldest outstanding sync request, whether that request is pending or in
+/// flight (each kind is looked up through its own partial index on the key).
+#[tokio::test]
+async fn the_worst_lag_is_the_age_of_the_oldest_request_pending_or_in_flight() {
+    let pool = crate::harness::postgres::migrated_pool().await;
+    let (tenancy, _tenant) = crate::harness::sync::tenancy_with_database(&pool).await;
+    let engine = crate::harness::sync::engine(&pool);
+    user(&pool, tenancy, "First").await;
+    crate::harness::sync::sync_ok(&pool, &engine, tenancy).await;
+    assert_eq!(
+        worst_lag(&pool).await,
+        0.0,
+        "a database with every change lags not"
+    );
+
+    user(&pool, tenancy, "Second").await;
+    crate::harness::fixtures::sequence_all(&pool, 1000).await;
+    let age_requests_by = |seconds: i32| {
+        sqlx::query(
+            r#"update "OutgoingRequest"
+               set "createdAt" = "createdAt" - make_interval(secs => $1)"#,
+        )
+        .bind(f64::from(seconds))
+    };
+    age_requests_by(60).execute(&pool).await.unwrap();
+    let pending = worst_lag(&pool).await;
+    assert!(
+        (60.0..90.0).contains(&pending),
+        "pending for a minute: {pending}"
+    );
+
+    sqlx::query(r#"update "OutgoingRequest" set "startedFulfillingAt" = clock_timestamp()"#)
+        .execute(&pool)
+        .await
+        .unwrap();
+    age_requests_by(60).execute(&pool).await.unwrap();
+    let in_flight = worst_lag(&pool).await;
+    assert!(
+        (120.0..150.0).contains(&in_flight),
+        "queued two minutes ago, in flight: {in_flight}"
+    );
+}
+
+/// The worst-lag gauge's value, as `/metrics` reads it.
+async fn worst_lag(pool: &sqlx::PgPool) -> f64 {
+    external_db_sync::db::backlog::read(pool)
+        .await
+        .unwrap()
+        .worst_lag_seconds
+}
