@@ -590,14 +590,16 @@ async fn metrics(address: &str) -> Result<String, reqwest::Error> {
         .await
 }
 
-/// The value of an unlabelled metric in Prometheus text; 0 when absent.
+/// The value of the metric `name` in Prometheus text, summed over its label sets (an
+/// unlabelled metric has one); 0 when absent.
 fn metric(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
         .filter_map(|line| line.strip_prefix(name))
-        .filter_map(|rest| rest.strip_prefix(' '))
-        .find_map(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
+        .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        .filter_map(|rest| rest.rsplit(' ').next())
+        .filter_map(|value| value.trim().parse::<f64>().ok())
+        .sum()
 }
 
 /// What `serve`'s histograms and counters had recorded at one moment, over every label:
@@ -619,8 +621,8 @@ async fn stage_totals(service: &tokio::sync::Mutex<Service>) -> StageTotals {
     let metrics = metrics(&address).await.unwrap_or_default();
     let histogram = |name: &str| {
         (
-            summed(&metrics, &format!("{name}_sum")),
-            summed(&metrics, &format!("{name}_count")),
+            metric(&metrics, &format!("{name}_sum")),
+            metric(&metrics, &format!("{name}_count")),
         )
     };
     StageTotals {
@@ -628,7 +630,7 @@ async fn stage_totals(service: &tokio::sync::Mutex<Service>) -> StageTotals {
         claims: histogram("external_db_sync_poller_claim_duration_seconds"),
         requests: histogram("external_db_sync_request_lag_seconds"),
         database_syncs: histogram("external_db_sync_database_sync_duration_seconds"),
-        rows_sequenced: summed(&metrics, "external_db_sync_rows_sequenced_total"),
+        rows_sequenced: metric(&metrics, "external_db_sync_rows_sequenced_total"),
     }
 }
 
@@ -675,18 +677,6 @@ impl StageTotals {
             mean_ms(self.database_syncs),
         );
     }
-}
-
-/// The sum of every series of the metric `name` in Prometheus text (each label set of
-/// it); 0 when absent.
-fn summed(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix(name))
-        .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        .filter_map(|rest| rest.rsplit(' ').next())
-        .filter_map(|value| value.trim().parse::<f64>().ok())
-        .sum()
 }
 
 /// Rows written to tenant databases (upserted and deleted) by the running `serve`.

@@ -652,12 +652,7 @@ async fn the_latest_change_planned_while_a_table_was_empty_reads_no_table_whole(
         .await
         .unwrap();
     sequence_all(&pool, 1000).await;
-    let tombstone: i64 =
-        sqlx::query_scalar(r#"select "sequenceId" from "DeletedRow" where "tenancyId" = $1"#)
-            .bind(tenancy)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let tombstone = fixtures::tombstone(&pool, tenancy).await;
 
     sqlx::query("begin").execute(&mut *session).await.unwrap();
     let before = source_table_counts(&mut session).await;

@@ -10,7 +10,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::harness::fixtures::{
-    delete_user, email, hold_user, rename_user, request_key, sequence_all, tenancy, user, UserLock,
+    delete_user, email, hold_user, rename_user, request_key, sequence_all, tenancy, tombstone,
+    user, UserLock,
 };
 use crate::harness::polling::{direct_poller, poll_once};
 use crate::harness::postgres::migrated_pool;
@@ -191,12 +192,7 @@ async fn a_watermark_reaches_the_tombstone_of_a_row_created_again() {
 
     assert_tenant_matches_source(&pool, tenancy_id, &tenant).await;
     let latest = latest_change(&pool, tenancy_id, "ProjectUser").await;
-    let tombstone: i64 =
-        sqlx::query_scalar(r#"select "sequenceId" from "DeletedRow" where "tenancyId" = $1"#)
-            .bind(tenancy_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let tombstone = tombstone(&pool, tenancy_id).await;
     assert_eq!(latest, tombstone, "the tombstone is the latest change");
     assert_eq!(watermark(&tenant, "users").await, latest);
     assert_eq!(

@@ -15,9 +15,9 @@ use uuid::Uuid;
 
 use crate::harness::app::{CRON_SECRET, PREFIX};
 use crate::harness::binary::{command, free_address, wait_until_healthy};
-use crate::harness::fixtures::{tenancy, tenant_database, user};
-use crate::harness::postgres::{pool, server};
-use crate::harness::sync::attach;
+use crate::harness::fixtures::{sequence_all, tenancy, tenant_database, user};
+use crate::harness::postgres::{migrated_pool, pool, server};
+use crate::harness::sync::{attach, engine, sync_ok, tenancy_with_database};
 use crate::harness::wait;
 
 /// `serve` on `database_url` with its loops off: each stage runs when a test calls it.
@@ -232,11 +232,11 @@ async fn metrics_parse_as_prometheus_text_and_move_as_work_is_done() {
 /// flight (each kind is looked up through its own partial index on the key).
 #[tokio::test]
 async fn the_worst_lag_is_the_age_of_the_oldest_request_pending_or_in_flight() {
-    let pool = crate::harness::postgres::migrated_pool().await;
-    let (tenancy, _tenant) = crate::harness::sync::tenancy_with_database(&pool).await;
-    let engine = crate::harness::sync::engine(&pool);
+    let pool = migrated_pool().await;
+    let (tenancy, _tenant) = tenancy_with_database(&pool).await;
+    let engine = engine(&pool);
     user(&pool, tenancy, "First").await;
-    crate::harness::sync::sync_ok(&pool, &engine, tenancy).await;
+    sync_ok(&pool, &engine, tenancy).await;
     assert_eq!(
         worst_lag(&pool).await,
         0.0,
@@ -244,7 +244,7 @@ async fn the_worst_lag_is_the_age_of_the_oldest_request_pending_or_in_flight() {
     );
 
     user(&pool, tenancy, "Second").await;
-    crate::harness::fixtures::sequence_all(&pool, 1000).await;
+    sequence_all(&pool, 1000).await;
     let age_requests_by = |seconds: i32| {
         sqlx::query(
             r#"update "OutgoingRequest"

@@ -144,6 +144,15 @@ pub async fn channel_state(pool: &PgPool, channel: Uuid) -> (bool, Option<i64>) 
     .unwrap()
 }
 
+/// The sequence id of the tenancy's tombstone (the first found, if it has several).
+pub async fn tombstone(pool: &PgPool, tenancy: Uuid) -> i64 {
+    sqlx::query_scalar(r#"select "sequenceId" from "DeletedRow" where "tenancyId" = $1"#)
+        .bind(tenancy)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// Rows of the three source tables that still wait for the sequencer, and owners whose
 /// mark a channel write deferred (migration 16).
 pub async fn flagged_rows(pool: &PgPool) -> i64 {
