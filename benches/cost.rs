@@ -28,7 +28,10 @@
 //! server's postmaster with its children (children that exit are counted through the
 //! postmaster's `cutime`/`cstime` once reaped), `serve`, and this process (the writer,
 //! the probe and its listeners). Per-change figures are per change the writer made, so a
-//! mode whose writer fell behind its rate is not flattered.
+//! mode whose writer fell behind its rate is not flattered. For `serve` it also counts
+//! task switches (its threads switched off their core, waiting or preempted, from
+//! `/proc/<pid>/task/*/status`): a process that moves small messages spends its CPU
+//! mostly on those waits and wake-ups.
 //!
 //! Run: `cargo bench --bench cost`. Settings: `BENCH_TENANCIES` (default 50, 20 users
 //! each), `BENCH_RATE` (default 400), `BENCH_SECONDS` (default 20). `BENCH_BASELINE`, the
@@ -319,6 +322,27 @@ fn proc_stat(pid: impl std::fmt::Display) -> Option<(u32, u64, u64)> {
     let field = |number: usize| fields.get(number - 3)?.parse::<u64>().ok();
     let ppid = field(4)? as u32;
     Some((ppid, field(14)? + field(15)?, field(16)? + field(17)?))
+}
+
+/// How many times a process's threads have been switched off their core so far,
+/// waiting (voluntary) or preempted, summed over its threads alive now: each wait for a
+/// socket, a lock or a task costs a switch and a wake-up, the kernel's share of a
+/// process that moves small messages. `None` when the process is gone.
+fn task_switches(pid: u32) -> Option<u64> {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let switches = (threads.flatten())
+        .filter_map(|thread| std::fs::read_to_string(thread.path().join("status")).ok())
+        .flat_map(|status| {
+            (status.lines())
+                .filter_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.ends_with("ctxt_switches")
+                        .then(|| value.trim().parse::<u64>().ok())?
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    Some(switches)
 }
 
 /// A process's own CPU seconds so far (not its children's).
@@ -686,6 +710,8 @@ struct Reading {
     source: f64,
     target: f64,
     serve: Option<f64>,
+    /// `serve`'s task switches (see [`task_switches`]).
+    serve_switches: Option<u64>,
     writer: f64,
     /// The service's statements on the source and the target, each as (all, of which
     /// transaction control).
@@ -708,6 +734,7 @@ impl Reading {
             source: source.cpu_seconds(),
             target: target.cpu_seconds(),
             serve: serve.and_then(own_cpu_seconds),
+            serve_switches: serve.and_then(task_switches),
             writer: own_cpu_seconds("self").expect("reading /proc/self/stat"),
             statements,
             detail,
@@ -723,6 +750,8 @@ impl Reading {
             source: self.source - before.source,
             target: self.target - before.target,
             serve: self.serve.zip(before.serve).map(|(after, b)| after - b),
+            serve_switches: (self.serve_switches.zip(before.serve_switches))
+                .map(|(after, b)| after.saturating_sub(b)),
             writer: self.writer - before.writer,
             statements: [0, 1].map(|n| minus(self.statements[n], before.statements[n])),
             detail: [0, 1].map(|n| {
@@ -976,6 +1005,26 @@ fn print_report(outcomes: &[Outcome]) {
     println!("CPU in cores: CPU seconds over the wall seconds of the measured window.");
     println!("Source extra: the source's CPU per change beyond the writer-alone mode's,");
     println!("as a multiple of it.\n");
+    print_table(&rows);
+    // The same per change, in CPU-milliseconds, finer than the cores above: how the
+    // README's table states each goal.
+    let header = "mode|source above write|target|serve|serve task switches";
+    let mut rows = vec![header.split('|').map(str::to_owned).collect::<Vec<_>>()];
+    for outcome in outcomes.iter().filter(|outcome| outcome.mode.runs_serve()) {
+        let (used, changes) = (&outcome.used, outcome.changes.max(1) as f64);
+        let per_change = |seconds: f64| format!("{:.3}", seconds / changes * 1000.0);
+        rows.push(vec![
+            outcome.mode.label().to_owned(),
+            per_change(used.source - write_cost * changes),
+            per_change(used.target),
+            used.serve.map_or_else(|| "—".to_owned(), per_change),
+            (used.serve_switches).map_or_else(
+                || "—".to_owned(),
+                |switches| format!("{:.1}", switches as f64 / changes),
+            ),
+        ]);
+    }
+    println!("\nPer change, CPU-milliseconds (task switches: `serve`'s threads, waiting or preempted):\n");
     print_table(&rows);
     for Outcome {
         mode,
