@@ -17,7 +17,8 @@
 //!    the tenant databases are filled: the change-capture triggers and the sequencer's
 //!    numbering and queuing, which DESIGN.md's data model requires whatever the sync
 //!    does, and nothing else (the switched-off poller still answers each queue
-//!    notification with a claim that takes nothing: a little above the floor).
+//!    notification with a claim that takes nothing and a read of the fusebox: a little
+//!    above the floor).
 //!
 //! The writer: 4 connections renaming random users at `BENCH_RATE` changes/s together,
 //! plus a probe that renames a dedicated user every 50 ms (round-robin over tenancies) and

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 
+use external_db_sync::db::fusebox;
 use external_db_sync::db::queue::{self, Claimant};
 use external_db_sync::db::sync_status::{Backoff, RetrySchedule, RETRY_REQUEST_KEY_PREFIX};
 use external_db_sync::mapping::Mapping;
@@ -925,6 +926,49 @@ async fn a_request_freed_between_an_empty_claim_and_the_read_after_it_is_claimab
     queue::complete(&pool, first.id, None).await.unwrap();
     let freed = queue::after_empty_claim(&pool, lease).await.unwrap();
     assert!(!freed.held_back && freed.claimable, "{freed:?}");
+}
+
+/// A switched-off poller still claims at each queue notification (to notice being
+/// switched on), and reads after each empty claim; then only the fusebox is read, not
+/// the queue. Switched on, the same read looks at the queue (and finds the request due).
+#[tokio::test]
+async fn a_switched_off_poller_reads_no_request_after_an_empty_claim() {
+    let pool = migrated_pool().await;
+    let lease = Duration::from_secs(300);
+    // Configuring the database queued the tenancy's first sync.
+    let (tenancy, _) = tenancy_with_database(&pool).await;
+    queue::enqueue_sync(&pool, tenancy).await.unwrap();
+    assert_eq!(pending_request_keys(&pool).await.len(), 1);
+
+    // Reads of the queue in one transaction of one session, before and after the read.
+    async fn queue_reads(pool: &PgPool, lease: Duration) -> (queue::AfterEmptyClaim, i64) {
+        let scans = r#"select seq_scan + coalesce(idx_scan, 0) from pg_stat_xact_user_tables
+                       where relname = 'OutgoingRequest'"#;
+        let mut transaction = pool.begin().await.unwrap();
+        let before: i64 = sqlx::query_scalar(scans)
+            .fetch_one(&mut *transaction)
+            .await
+            .unwrap();
+        let after = queue::after_empty_claim(&mut *transaction, lease)
+            .await
+            .unwrap();
+        let scanned: i64 = sqlx::query_scalar(scans)
+            .fetch_one(&mut *transaction)
+            .await
+            .unwrap();
+        transaction.rollback().await.unwrap();
+        (after, scanned - before)
+    }
+
+    fusebox::write(&pool, None, Some(false)).await.unwrap();
+    let (off, scans) = queue_reads(&pool, lease).await;
+    assert!(!off.enabled, "{off:?}");
+    assert_eq!(scans, 0, "the queue was read while the poller was off");
+
+    fusebox::write(&pool, None, Some(true)).await.unwrap();
+    let (on, scans) = queue_reads(&pool, lease).await;
+    assert!(on.enabled && on.claimable && !on.held_back, "{on:?}");
+    assert!(scans > 0, "switched on, the read looks at the queue");
 }
 
 /// A loop step whose claim took nothing while a due request that nothing holds back was
