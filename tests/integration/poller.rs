@@ -935,7 +935,7 @@ async fn a_request_freed_between_an_empty_claim_and_the_read_after_it_is_claimab
 async fn a_switched_off_poller_reads_no_request_after_an_empty_claim() {
     let pool = migrated_pool().await;
     let lease = Duration::from_secs(300);
-    // Configuring the database queued the tenancy's first sync.
+    // One request pending (configuring the database may have queued it already).
     let (tenancy, _) = tenancy_with_database(&pool).await;
     queue::enqueue_sync(&pool, tenancy).await.unwrap();
     assert_eq!(pending_request_keys(&pool).await.len(), 1);
