@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::harness::app::TestApp;
 use crate::harness::fixtures::{self, sequence_all};
 use crate::harness::postgres::migrated_pool;
+use crate::harness::reads::{self, TableReads};
 use crate::harness::sync::{
     assert_tenant_matches_source, engine_with, latest_change, mapping_report, sync_only,
     table_exists, tenancy_with_database, test_settings, wait_until_equal, watermark,
@@ -388,70 +389,22 @@ async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
     assert!(last_analyze().await.is_some(), "the tables were analyzed");
 }
 
-/// What a sequencer batch read of one source table.
-#[derive(Debug)]
-struct TableReads {
-    table: String,
-    /// Sequential scans: the table read whole.
-    whole: i64,
-    by_index: i64,
-    fetched_by_index: i64,
-}
-
-/// One sequencer batch on `session`, and what it read of each source table (in name
-/// order): this backend's counts not yet sent to the statistics, which include earlier
-/// statements' until they are sent, so read before and after the batch in one
-/// transaction.
+/// One sequencer batch on `session`, in a transaction of its own, and what it read of
+/// each source table (in name order, [`reads`]).
 async fn batch_reading(session: &mut PgConnection) -> (SequencedBatch, Vec<TableReads>) {
     sqlx::query("begin").execute(&mut *session).await.unwrap();
-    let before = source_table_counts(session).await;
+    let before = reads::counts(session, &SOURCE_TABLES).await;
     let batch = sequence_batch(&mut *session, 1000, Wakefulness::OneOff)
         .await
         .unwrap()
         .expect("the sequencer is on");
-    let reads = reads_since(session, before).await;
+    let reads = reads::since(session, before).await;
     sqlx::query("commit").execute(&mut *session).await.unwrap();
     (batch, reads)
 }
 
-/// This backend's counts of reads of each source table in the transaction so far (see
-/// [`batch_reading`]), in name order: table, sequential scans, index scans, rows fetched
-/// through indexes.
-async fn source_table_counts(session: &mut PgConnection) -> Vec<(String, i64, i64, i64)> {
-    sqlx::query_as(
-        r#"select relname::text, seq_scan, idx_scan, idx_tup_fetch
-           from pg_stat_xact_user_tables
-           where relname in ('ProjectUser', 'ContactChannel', 'DeletedRow')
-           order by relname"#,
-    )
-    .fetch_all(&mut *session)
-    .await
-    .unwrap()
-}
-
-/// What was read of each source table since `before` ([`source_table_counts`]), in the
-/// same transaction.
-async fn reads_since(
-    session: &mut PgConnection,
-    before: Vec<(String, i64, i64, i64)>,
-) -> Vec<TableReads> {
-    let after = source_table_counts(session).await;
-    (after.into_iter().zip(before))
-        .map(
-            |(
-                (table, whole, by_index, fetched),
-                (_, whole_before, by_index_before, fetched_before),
-            )| {
-                TableReads {
-                    table,
-                    whole: whole - whole_before,
-                    by_index: by_index - by_index_before,
-                    fetched_by_index: fetched - fetched_before,
-                }
-            },
-        )
-        .collect()
-}
+/// The source tables a sequencer batch reads.
+const SOURCE_TABLES: [&str; 3] = ["ContactChannel", "DeletedRow", "ProjectUser"];
 
 /// The sequencer's batch keeps one plan per session that is right whatever the
 /// statistics say (migration 19). Analyzed while an import's 3,000 users and e-mails were
@@ -655,9 +608,9 @@ async fn the_latest_change_planned_while_a_table_was_empty_reads_no_table_whole(
     let tombstone = fixtures::tombstone(&pool, tenancy).await;
 
     sqlx::query("begin").execute(&mut *session).await.unwrap();
-    let before = source_table_counts(&mut session).await;
+    let before = reads::counts(&mut session, &SOURCE_TABLES).await;
     let latest = latest_change_of(&mut session, Mapping::Users, tenancy).await;
-    let reads = reads_since(&mut session, before).await;
+    let reads = reads::since(&mut session, before).await;
     sqlx::query("commit").execute(&mut *session).await.unwrap();
 
     assert_eq!(

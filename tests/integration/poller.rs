@@ -29,6 +29,7 @@ use crate::harness::polling::{
     direct_poller, direct_poller_leasing, direct_poller_with, poll_once, step,
 };
 use crate::harness::postgres::migrated_pool;
+use crate::harness::reads;
 use crate::harness::sync::{
     assert_tenant_matches_source, attach, external_channels, external_users, hold_mapping_lock,
     let_time_pass, recorded_error, recorded_status, tenancy_with_database, test_settings,
@@ -940,24 +941,16 @@ async fn a_switched_off_poller_reads_no_request_after_an_empty_claim() {
     queue::enqueue_sync(&pool, tenancy).await.unwrap();
     assert_eq!(pending_request_keys(&pool).await.len(), 1);
 
-    // Reads of the queue in one transaction of one session, before and after the read.
+    // Scans of the queue by the read, in a transaction of its own.
     async fn queue_reads(pool: &PgPool, lease: Duration) -> (queue::AfterEmptyClaim, i64) {
-        let scans = r#"select seq_scan + coalesce(idx_scan, 0) from pg_stat_xact_user_tables
-                       where relname = 'OutgoingRequest'"#;
         let mut transaction = pool.begin().await.unwrap();
-        let before: i64 = sqlx::query_scalar(scans)
-            .fetch_one(&mut *transaction)
-            .await
-            .unwrap();
+        let before = reads::counts(&mut transaction, &["OutgoingRequest"]).await;
         let after = queue::after_empty_claim(&mut *transaction, lease)
             .await
             .unwrap();
-        let scanned: i64 = sqlx::query_scalar(scans)
-            .fetch_one(&mut *transaction)
-            .await
-            .unwrap();
+        let read = reads::since(&mut transaction, before).await;
         transaction.rollback().await.unwrap();
-        (after, scanned - before)
+        (after, read[0].scans())
     }
 
     fusebox::write(&pool, None, Some(false)).await.unwrap();
@@ -969,6 +962,64 @@ async fn a_switched_off_poller_reads_no_request_after_an_empty_claim() {
     let (on, scans) = queue_reads(&pool, lease).await;
     assert!(on.enabled && on.claimable && !on.held_back, "{on:?}");
     assert!(scans > 0, "switched on, the read looks at the queue");
+}
+
+/// A claim reads the queue a few times over, however many requests it looks at: the keys
+/// of the requests in flight once (not once for each pending request, to see whether its
+/// tenancy has one), and each claimed request's message with the claim itself (not read
+/// again for each). Measured with every read a sequential scan, the plan the planner
+/// chose under `cost` while it took the queue for small (each claim of four requests
+/// read it about twelve times over, a few hundred pages of rows its churn had left).
+#[tokio::test]
+async fn a_claim_reads_the_queue_a_few_times_over_however_many_requests_it_takes() {
+    let pool = migrated_pool().await;
+    let lease = Duration::from_secs(300);
+    const TAKEN: usize = 12;
+    // TAKEN tenancies with a request in flight, then TAKEN others with one pending, and
+    // one pending behind a request in flight (held back).
+    for _ in 0..TAKEN {
+        queue::enqueue_sync(&pool, Uuid::new_v4()).await.unwrap();
+    }
+    let in_flight = queue::claim(&pool, TAKEN as u32, lease, Claimant::Publisher)
+        .await
+        .unwrap();
+    assert_eq!(in_flight.len(), TAKEN);
+    let held = in_flight[0].tenancy_id().unwrap();
+    queue::enqueue_sync(&pool, held).await.unwrap();
+    for _ in 0..TAKEN {
+        queue::enqueue_sync(&pool, Uuid::new_v4()).await.unwrap();
+    }
+    let queued = (2 * TAKEN + 1) as i64;
+
+    let mut transaction = pool.begin().await.unwrap();
+    // Every read of the queue a sequential scan, as the planner chose under `cost`.
+    for setting in ["enable_indexscan", "enable_bitmapscan"] {
+        sqlx::query(&format!("set local {setting} = off"))
+            .execute(&mut *transaction)
+            .await
+            .unwrap();
+    }
+    let before = reads::counts(&mut transaction, &["OutgoingRequest"]).await;
+    let claimed = queue::claim(&mut *transaction, TAKEN as u32 + 1, lease, Claimant::Syncer)
+        .await
+        .unwrap();
+    let read = reads::since(&mut transaction, before).await;
+    transaction.rollback().await.unwrap();
+
+    assert_eq!(claimed.len(), TAKEN, "the request held back is not taken");
+    assert!(claimed.iter().all(|request| request.held_back));
+    assert!(claimed
+        .iter()
+        .all(|request| request.tenancy_id().unwrap() != held));
+    // Five reads (the expired leases, the keys in flight, the pending requests, whether
+    // one is held back, the claimed rows updated), each of every row at most; it was 19
+    // reads, 415 rows, with the keys in flight and the messages read once per request.
+    assert!(read[0].scans() <= 5, "{read:?}");
+    assert!(
+        read[0].rows() <= 5 * queued,
+        "{} rows read for {queued} queued: {read:?}",
+        read[0].rows()
+    );
 }
 
 /// A loop step whose claim took nothing while a due request that nothing holds back was

@@ -9,6 +9,7 @@ pub mod polling;
 pub mod postgres;
 pub mod qstash;
 pub mod qstash_standin;
+pub mod reads;
 pub mod sync;
 pub mod tls;
 pub mod wait;
