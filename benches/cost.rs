@@ -44,7 +44,8 @@
 //! variables (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) and
 //! `TOKIO_WORKER_THREADS` pass through to `serve`. `BENCH_STATEMENTS=1` also prints,
 //! for each of the service's modes, its costliest statements on each server in the
-//! window (calls and execution time per change, by execution time), to see where a
+//! window (calls, and execution plus planning time per change, by that time; planning is
+//! counted, `pg_stat_statements.track_planning`, only in such runs), to see where a
 //! lever should aim; `BENCH_STATEMENTS=nested` adds the statements run inside functions
 //! (`pg_stat_statements.track = all`), marked as such, their time also counted in the
 //! statement that called them (statements per change still count top-level statements
@@ -226,6 +227,12 @@ impl Cluster {
             // that no entry counted is evicted during the window.
             ("pg_stat_statements.max", "20000".to_owned()),
             ("pg_stat_statements.track", statement_tracking().to_owned()),
+            // Planning is CPU too, and not in the execution time: counted when the
+            // statements are shown (a prepared statement may be planned at each call).
+            (
+                "pg_stat_statements.track_planning",
+                std::env::var_os("BENCH_STATEMENTS").is_some().to_string(),
+            ),
             ("wal_level", "logical".to_owned()),
             ("max_wal_senders", workers.to_string()),
             ("max_replication_slots", workers.to_string()),
@@ -286,14 +293,13 @@ impl Cluster {
     }
 
     /// Each statement of the service's role so far, by its first words (one statement
-    /// has a query id per database): calls and execution milliseconds. Read only with
-    /// `BENCH_STATEMENTS`.
-    async fn service_statements(&self) -> HashMap<String, (f64, f64)> {
+    /// has a query id per database). Read only with `BENCH_STATEMENTS`.
+    async fn service_statements(&self) -> HashMap<String, StatementUse> {
         if std::env::var_os("BENCH_STATEMENTS").is_none() {
             return HashMap::new();
         }
-        let rows: Vec<(i64, f64, String)> = sqlx::query_as(
-            r#"select s.calls, s.total_exec_time,
+        let rows: Vec<(i64, f64, f64, String)> = sqlx::query_as(
+            r#"select s.calls, s.total_exec_time, s.total_plan_time,
                       case when s.toplevel then '' else '(nested) ' end
                       || left(regexp_replace(s.query, '\s+', ' ', 'g'), 90)
                from pg_stat_statements s join pg_roles r on r.oid = s.userid
@@ -303,13 +309,37 @@ impl Cluster {
         .fetch_all(&self.stats)
         .await
         .expect("reading pg_stat_statements");
-        let mut statements: HashMap<String, (f64, f64)> = HashMap::new();
-        for (calls, milliseconds, query) in rows {
+        let mut statements: HashMap<String, StatementUse> = HashMap::new();
+        for (calls, executing, planning, query) in rows {
             let entry = statements.entry(query).or_default();
-            entry.0 += calls as f64;
-            entry.1 += milliseconds;
+            entry.calls += calls as f64;
+            entry.executing += executing;
+            entry.planning += planning;
         }
         statements
+    }
+}
+
+/// What one statement cost a server: its calls, and the milliseconds spent executing
+/// and planning it.
+#[derive(Debug, Default, Clone, Copy)]
+struct StatementUse {
+    calls: f64,
+    executing: f64,
+    planning: f64,
+}
+
+impl StatementUse {
+    fn minus(self, before: StatementUse) -> StatementUse {
+        StatementUse {
+            calls: self.calls - before.calls,
+            executing: self.executing - before.executing,
+            planning: self.planning - before.planning,
+        }
+    }
+
+    fn milliseconds(&self) -> f64 {
+        self.executing + self.planning
     }
 }
 
@@ -719,7 +749,7 @@ struct Reading {
     statements: [(f64, f64); 2],
     /// With `BENCH_STATEMENTS`: each statement of the service on the source and the
     /// target (see [`Cluster::service_statements`]).
-    detail: [HashMap<String, (f64, f64)>; 2],
+    detail: [HashMap<String, StatementUse>; 2],
 }
 
 impl Reading {
@@ -757,13 +787,11 @@ impl Reading {
             statements: [0, 1].map(|n| minus(self.statements[n], before.statements[n])),
             detail: [0, 1].map(|n| {
                 (self.detail[n].iter())
-                    .map(|(query, (calls, milliseconds))| {
-                        let (calls_before, ms_before) =
-                            before.detail[n].get(query).copied().unwrap_or_default();
-                        let used = (calls - calls_before, milliseconds - ms_before);
-                        (query.clone(), used)
+                    .map(|(query, used)| {
+                        let before = before.detail[n].get(query).copied().unwrap_or_default();
+                        (query.clone(), used.minus(before))
                     })
-                    .filter(|(_, (calls, _))| *calls > 0.0)
+                    .filter(|(_, used)| used.calls > 0.0)
                     .collect()
             }),
         }
@@ -1048,12 +1076,14 @@ fn print_report(outcomes: &[Outcome]) {
             );
             for (server, detail) in ["source", "target"].iter().zip(&used.detail) {
                 let mut top: Vec<_> = detail.iter().collect();
-                top.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-                for (query, (calls, milliseconds)) in top.into_iter().take(STATEMENTS_SHOWN) {
+                top.sort_by(|a, b| b.1.milliseconds().total_cmp(&a.1.milliseconds()));
+                for (query, used) in top.into_iter().take(STATEMENTS_SHOWN) {
                     println!(
-                        "  {server}: {:.3} calls, {:.4} ms per change: {query}",
-                        calls / changes,
-                        milliseconds / changes
+                        "  {server}: {:.3} calls, {:.4} ms per change ({:.4} of it planning): \
+                         {query}",
+                        used.calls / changes,
+                        used.milliseconds() / changes,
+                        used.planning / changes,
                     );
                 }
             }

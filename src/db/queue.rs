@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::sync_status::{
     not_due_databases, pruned_through_columns, reserve_due_databases, DatabaseStates,
-    SuccessColumns, SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
+    SuccessColumns, SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES, SYNCED,
 };
 
 /// Where a sync request is delivered: QStash calls `PUBLIC_URL` followed by this path
@@ -425,24 +425,33 @@ pub async fn complete_many(
 ) -> Result<(), sqlx::Error> {
     static RECORD_AND_DELETE: LazyLock<String> = LazyLock::new(|| {
         format!(
-            r#"with cleared as ({CLEAR_CONFIGURATION_PROBLEM}), recorded as ({RECORD_SUCCESSES})
-            delete from "OutgoingRequest" where "id" = any($6::uuid[])"#
+            r#"with synced as ({SYNCED}), cleared as ({CLEAR_CONFIGURATION_PROBLEM}),
+                 recorded as ({RECORD_SUCCESSES})
+            delete from "OutgoingRequest"
+            where "id" in (select * from unnest($7::uuid[]) limit $8)"#
         )
     });
     let ids: Vec<Uuid> = completed.iter().map(|completed| completed.id).collect();
+    // The arrays' length, for the plan cache (see [`SYNCED`]).
+    let count = ids.len() as i64;
     let mut successes = SuccessColumns::default();
     for synced in completed.iter().filter_map(|completed| completed.synced) {
         successes.add(synced);
     }
     if successes.is_empty() {
-        sqlx::query(r#"delete from "OutgoingRequest" where "id" = any($1::uuid[])"#)
-            .bind(ids)
-            .execute(executor)
-            .await?;
+        sqlx::query(
+            r#"delete from "OutgoingRequest"
+               where "id" in (select * from unnest($1::uuid[]) limit $2)"#,
+        )
+        .bind(ids)
+        .bind(count)
+        .execute(executor)
+        .await?;
     } else {
         successes
             .bind(sqlx::query(&RECORD_AND_DELETE))
             .bind(ids)
+            .bind(count)
             .execute(executor)
             .await?;
     }

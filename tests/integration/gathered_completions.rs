@@ -11,10 +11,23 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::harness::fixtures::{rename_user, sequence_all, tenancy, user};
+use crate::harness::plans;
 use crate::harness::polling::{direct_poller, poll_once};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{assert_tenant_matches_source, latest_change, tenancy_with_database};
 use crate::harness::wait;
+
+/// A request queued for `tenancy` under a key of its own (`n`), not for publishing.
+async fn queued_request(pool: &PgPool, tenancy: Uuid, n: usize) -> Uuid {
+    sqlx::query_scalar(
+        r#"insert into "OutgoingRequest" ("deduplicationKey", "qstashOptions")
+           values ($1, '{}'::jsonb) returning "id""#,
+    )
+    .bind(format!("test-{tenancy}-{n}"))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
 
 async fn pending_requests(pool: &PgPool, tenancies: &[Uuid]) -> i64 {
     sqlx::query_scalar(
@@ -119,15 +132,7 @@ async fn completions_of_the_same_database_together_record_the_furthest() {
     let tenancy = tenancy(&pool).await;
     let mut requests = Vec::new();
     for n in 0..2 {
-        let id: Uuid = sqlx::query_scalar(
-            r#"insert into "OutgoingRequest" ("deduplicationKey", "qstashOptions")
-               values ($1, '{}'::jsonb) returning "id""#,
-        )
-        .bind(format!("test-{tenancy}-{n}"))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        requests.push(id);
+        requests.push(queued_request(&pool, tenancy, n).await);
     }
     let synced = |through: i64, users: i64, channels: i64| SyncedTenancy {
         tenancy_id: tenancy,
@@ -170,4 +175,93 @@ async fn completions_of_the_same_database_together_record_the_furthest() {
             .await
             .unwrap();
     assert_eq!(left, 0);
+}
+
+/// A session plans each completion statement once and keeps that plan, whether the
+/// completions record databases' successes or only delete their requests: planned anew
+/// for each call's values, the completion's planning cost the source nearly as much as
+/// running it (`cost`). Counted by the server for the statements the session prepared.
+#[tokio::test]
+async fn a_session_keeps_one_plan_for_its_completions() {
+    let pool = migrated_pool().await;
+    let tenancies = [
+        tenancy(&pool).await,
+        tenancy(&pool).await,
+        tenancy(&pool).await,
+    ];
+    // The queue's pages as its churn leaves them in service (every request inserted,
+    // claimed and deleted, the pages kept until a vacuum): the planner then takes the
+    // queue for large, and a plan for any ten requests for dearer than one for two.
+    for churn in [
+        r#"insert into "OutgoingRequest" ("deduplicationKey", "qstashOptions")
+           select 'churn-' || n, '{}'::jsonb from generate_series(1, 2000) as n"#,
+        r#"delete from "OutgoingRequest" where "deduplicationKey" like 'churn-%'"#,
+    ] {
+        sqlx::query(churn).execute(&pool).await.unwrap();
+    }
+    let mut session = pool.acquire().await.unwrap();
+    // Completions of one to three requests, as they are gathered: twelve that record
+    // successes, twelve that do not.
+    for call in 0..24 {
+        let these = &tenancies[..1 + call % tenancies.len()];
+        let mut requests = Vec::new();
+        for (n, tenancy) in these.iter().enumerate() {
+            requests.push(queued_request(&pool, *tenancy, call * 10 + n).await);
+        }
+        let through = call as i64 + 1;
+        let synced: Vec<SyncedTenancy> = (these.iter())
+            .map(|tenancy| SyncedTenancy {
+                tenancy_id: *tenancy,
+                databases: vec![SyncSuccess {
+                    database_id: "main".to_owned(),
+                    last_synced_sequence_id: through,
+                    watermarks: [through, through],
+                }],
+            })
+            .collect();
+        let completed: Vec<Completed> = (requests.iter().zip(&synced))
+            .map(|(id, synced)| Completed {
+                id: *id,
+                synced: (call < 12).then_some(synced),
+            })
+            .collect();
+        queue::complete_many(&mut *session, &completed)
+            .await
+            .unwrap();
+        assert_eq!(pending_requests_by_id(&pool, &requests).await, 0);
+    }
+    // Each tenancy's status as its last recording completion (the twelfth) left it.
+    let recorded: Vec<i64> = sqlx::query_scalar(
+        r#"select "lastSyncedSequenceId" from "ExternalDbSyncStatus"
+           where "tenancyId" = any($1) and "databaseId" = 'main' order by "tenancyId""#,
+    )
+    .bind(&tenancies[..])
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded, [12, 12, 12]);
+
+    for (marker, what) in [
+        ("recorded as", "completions that record successes"),
+        (
+            r#"^\s*delete from "OutgoingRequest""#,
+            "completions that only delete",
+        ),
+    ] {
+        let Some((generic, custom)) = plans::of_statement(&mut session, marker).await else {
+            return;
+        };
+        assert!(
+            custom <= 5 && generic + custom == 12,
+            "12 {what}: {custom} planned for their values, {generic} on the kept plan"
+        );
+    }
+}
+
+async fn pending_requests_by_id(pool: &PgPool, ids: &[Uuid]) -> i64 {
+    sqlx::query_scalar(r#"select count(*) from "OutgoingRequest" where "id" = any($1)"#)
+        .bind(ids)
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
