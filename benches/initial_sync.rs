@@ -820,6 +820,7 @@ async fn sequence_batches(
     let settings = SequencerSettings {
         batch_size,
         idle_interval: Duration::from_millis(50),
+        ..Default::default()
     };
     let started = Instant::now();
     loop {

@@ -146,11 +146,6 @@ pub const WAKE_LEASE: Duration = Duration::from_secs(2);
 /// woken by the very next writer, who pays for the notification. A write that comes
 /// during a pause waits for the pause's end, so they stay short.
 const AWAKE_PAUSES_MS: [u64; 6] = [1, 2, 4, 8, 8, 8];
-/// How long an awake loop waits after a batch that numbered what there was, before the
-/// next: under a steady stream of writes every batch would otherwise number one change,
-/// and each batch costs the internal database a transaction and a commit whatever its
-/// size. A change waits half of it on average.
-const GATHER_PAUSE: Duration = Duration::from_millis(5);
 /// Once the loop tries to sleep, it may not while a writer that saw its lease has not
 /// committed (a transaction left open after its write), or while a flagged row is held
 /// locked by another transaction; it then looks again after pauses that double up to
@@ -245,7 +240,7 @@ impl SequencerLoop {
         if self.backlog_drained(&worked) {
             analyze_source_tables(connections.pool()).await;
         }
-        Ok(self.after(run, batch_size))
+        Ok(self.after(run, batch_size, settings.gather_pause))
     }
 
     /// Counts the rows of a run of full batches; true once such a run of at least
@@ -321,7 +316,11 @@ impl SequencerLoop {
         }
     }
 
-    fn after(&mut self, run: SequencerRun, batch_size: u32) -> Outcome {
+    /// What the loop does after `run`: `gather` is how long it waits after a batch that
+    /// numbered what there was ([`SequencerSettings::gather_pause`]): under a steady
+    /// stream of writes every batch would otherwise number one change, and each batch
+    /// costs the internal database a transaction and a commit whatever its size.
+    fn after(&mut self, run: SequencerRun, batch_size: u32, gather: Duration) -> Outcome {
         let outcome = run.outcome(batch_size);
         let sleeping = matches!(run, SequencerRun::Batch(batch) if batch.sleeping);
         match outcome {
@@ -330,7 +329,7 @@ impl SequencerLoop {
             // statement, one commit) instead of one change each.
             Outcome::Worked { more: false, .. } => {
                 self.empty_looks = 0;
-                return Outcome::Recheck(GATHER_PAUSE);
+                return Outcome::Recheck(gather);
             }
             Outcome::Worked { .. } => self.empty_looks = 0,
             Outcome::Idle if !sleeping => {
@@ -418,23 +417,25 @@ mod tests {
             })
         };
         let recheck = |ms| Outcome::Recheck(Duration::from_millis(ms));
+        // The pause after a batch that took everything is the setting's.
+        const GATHER: Duration = Duration::from_millis(7);
         let mut worker = SequencerLoop::default();
         assert_eq!(worker.empty_looks, AWAKE_PAUSES_MS.len(), "starts sleepy");
 
         assert_eq!(
-            worker.after(batch(2, 0, 0), 10),
-            Outcome::Recheck(GATHER_PAUSE),
+            worker.after(batch(2, 0, 0), 10, GATHER),
+            Outcome::Recheck(GATHER),
             "a batch that took everything is followed after a pause that gathers more"
         );
         assert_eq!(
-            worker.after(batch(10, 0, 0), 10),
+            worker.after(batch(10, 0, 0), 10, GATHER),
             Outcome::Worked { n: 10, more: true },
             "a full batch is followed at once"
         );
         // Awake: short pauses, without trying to sleep...
         for ms in AWAKE_PAUSES_MS {
             assert!(worker.empty_looks < AWAKE_PAUSES_MS.len(), "stays awake");
-            assert_eq!(worker.after(idle(false), 10), recheck(ms));
+            assert_eq!(worker.after(idle(false), 10, GATHER), recheck(ms));
         }
         // ...then it tries at every look; refused, it looks again ever later.
         for ms in [16, 32, 50, 50] {
@@ -442,19 +443,26 @@ mod tests {
                 worker.empty_looks >= AWAKE_PAUSES_MS.len(),
                 "tries to sleep"
             );
-            assert_eq!(worker.after(idle(false), 10), recheck(ms));
+            assert_eq!(worker.after(idle(false), 10, GATHER), recheck(ms));
         }
-        assert_eq!(worker.after(idle(true), 10), Outcome::Idle);
+        assert_eq!(worker.after(idle(true), 10, GATHER), Outcome::Idle);
         assert!(
             worker.empty_looks >= AWAKE_PAUSES_MS.len(),
             "woken with nothing to do, it goes back to sleep"
         );
         assert_eq!(
-            worker.after(batch(1, 0, 0), 10),
-            Outcome::Recheck(GATHER_PAUSE)
+            worker.after(batch(1, 0, 0), 10, GATHER),
+            Outcome::Recheck(GATHER)
         );
-        assert_eq!(worker.after(idle(false), 10), recheck(1), "short again");
-        assert_eq!(worker.after(SequencerRun::Disabled, 10), Outcome::Disabled);
+        assert_eq!(
+            worker.after(idle(false), 10, GATHER),
+            recheck(1),
+            "short again"
+        );
+        assert_eq!(
+            worker.after(SequencerRun::Disabled, 10, GATHER),
+            Outcome::Disabled
+        );
         assert!(worker.empty_looks >= AWAKE_PAUSES_MS.len());
     }
 }

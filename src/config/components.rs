@@ -112,13 +112,20 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
 
     /// `SEQUENCER_*`.
     pub(super) fn sequencer_settings(&self) -> Result<SequencerSettings, ConfigError> {
+        let defaults = SequencerSettings::default();
         Ok(SequencerSettings {
-            batch_size: self.number("SEQUENCER_BATCH_SIZE", 1000, 1, 100_000)?,
+            batch_size: self.number("SEQUENCER_BATCH_SIZE", defaults.batch_size, 1, 100_000)?,
             idle_interval: self.millis(
                 "SEQUENCER_IDLE_INTERVAL_MS",
-                Duration::from_secs(5),
+                defaults.idle_interval,
                 HOUR_MS,
             )?,
+            gather_pause: Duration::from_millis(self.number(
+                "SEQUENCER_GATHER_MS",
+                defaults.gather_pause.as_millis() as u64,
+                0,
+                1000,
+            )?),
         })
     }
 

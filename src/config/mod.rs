@@ -211,6 +211,7 @@ mod tests {
             ("RUN_WORKERS", "maybe"),
             ("ALLOW_PRIVATE_TARGETS", "2"),
             ("SEQUENCER_BATCH_SIZE", "0"),
+            ("SEQUENCER_GATHER_MS", "1001"),
             ("DATABASE_MAX_CONNECTIONS", "lots"),
             ("QSTASH_CLOCK_TOLERANCE_SECS", "-1"),
             ("SYNC_BATCH_SIZE", "0"),
@@ -233,6 +234,25 @@ mod tests {
             assert!(error.to_string().contains(variable));
             assert!(!error.to_string().contains('\n'));
         }
+    }
+
+    #[test]
+    fn the_sequencer_gathers_for_five_milliseconds_unless_told_otherwise() {
+        let gather = |pairs: &[(&str, &str)]| {
+            let mut all = BASE.to_vec();
+            all.extend_from_slice(pairs);
+            env(&all).config().unwrap().sequencer.gather_pause
+        };
+        assert_eq!(gather(&[]), Duration::from_millis(5));
+        assert_eq!(
+            gather(&[("SEQUENCER_GATHER_MS", "20")]),
+            Duration::from_millis(20)
+        );
+        assert_eq!(
+            gather(&[("SEQUENCER_GATHER_MS", "0")]),
+            Duration::ZERO,
+            "no pause"
+        );
     }
 
     #[test]

@@ -373,6 +373,7 @@ async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
     let settings = external_db_sync::sequencer::SequencerSettings {
         batch_size: 1000,
         idle_interval: Duration::from_millis(50),
+        ..Default::default()
     };
     let mut sequencer = external_db_sync::wakeup::SequencerLoop::default();
     let connections = external_db_sync::db::warm::WarmConnections::new(pool.clone());

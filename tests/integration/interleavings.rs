@@ -207,6 +207,7 @@ async fn run_case(pool: &PgPool, sizes: [(u32, u32); 2], steps: Vec<Step>) {
                 let settings = SequencerSettings {
                     batch_size,
                     idle_interval: std::time::Duration::from_millis(50),
+                    ..Default::default()
                 };
                 sequencer::run_once(pool, &settings).await.unwrap();
             }

@@ -511,6 +511,7 @@ async fn assert_the_sequencer_is_switched_off(pool: &PgPool) {
     let settings = external_db_sync::sequencer::SequencerSettings {
         batch_size: 100,
         idle_interval: Duration::from_millis(50),
+        ..Default::default()
     };
     let run = external_db_sync::sequencer::run_once(pool, &settings)
         .await

@@ -206,6 +206,7 @@ async fn a_stopping_loop_gives_its_lease_up() {
     let settings = SequencerSettings {
         batch_size: 100,
         idle_interval: Duration::from_secs(3600),
+        ..Default::default()
     };
     let mut worker = SequencerLoop::default();
     let connections = WarmConnections::new(pool.clone());

@@ -12,7 +12,7 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_external-db-sync");
 
 /// Every variable the service reads, cleared so that the caller's environment cannot leak
 /// into a test.
-const VARIABLES: [&str; 17] = [
+const VARIABLES: [&str; 18] = [
     "DATABASE_URL",
     "EMBEDDED_DATA_DIR",
     "DATABASE_MAX_CONNECTIONS",
@@ -30,6 +30,7 @@ const VARIABLES: [&str; 17] = [
     "LOG_FORMAT",
     "SEQUENCER_BATCH_SIZE",
     "SEQUENCER_IDLE_INTERVAL_MS",
+    "SEQUENCER_GATHER_MS",
 ];
 
 /// The binary with `args`, only the variables in `env`, no input, killed when dropped.

@@ -188,6 +188,7 @@ pub async fn sequence_all(pool: &PgPool, batch_size: u32) -> u32 {
     let settings = SequencerSettings {
         batch_size,
         idle_interval: Duration::from_millis(50),
+        ..Default::default()
     };
     let mut batches = 0;
     loop {
