@@ -417,6 +417,16 @@ pub struct Completed<'a> {
     pub synced: Option<&'a SyncedTenancy>,
 }
 
+/// Deletes the requests whose ids are the array `ids`, of `count` elements: a parameter
+/// bound to the array's length, which changes no answer and is there for the plan cache
+/// (see [`SYNCED`]).
+fn requests_deleted(ids: &str, count: &str) -> String {
+    format!(
+        r#"delete from "OutgoingRequest"
+           where "id" in (select * from unnest({ids}::uuid[]) limit {count})"#
+    )
+}
+
 /// [`complete`] for several requests in one statement: each deleted, and the statuses of
 /// every database their syncs brought up to date recorded.
 pub async fn complete_many(
@@ -427,26 +437,23 @@ pub async fn complete_many(
         format!(
             r#"with synced as ({SYNCED}), cleared as ({CLEAR_CONFIGURATION_PROBLEM}),
                  recorded as ({RECORD_SUCCESSES})
-            delete from "OutgoingRequest"
-            where "id" in (select * from unnest($7::uuid[]) limit $8)"#
+            {}"#,
+            requests_deleted("$7", "$8")
         )
     });
     let ids: Vec<Uuid> = completed.iter().map(|completed| completed.id).collect();
-    // The arrays' length, for the plan cache (see [`SYNCED`]).
     let count = ids.len() as i64;
     let mut successes = SuccessColumns::default();
     for synced in completed.iter().filter_map(|completed| completed.synced) {
         successes.add(synced);
     }
     if successes.is_empty() {
-        sqlx::query(
-            r#"delete from "OutgoingRequest"
-               where "id" in (select * from unnest($1::uuid[]) limit $2)"#,
-        )
-        .bind(ids)
-        .bind(count)
-        .execute(executor)
-        .await?;
+        static DELETE: LazyLock<String> = LazyLock::new(|| requests_deleted("$1", "$2"));
+        sqlx::query(&DELETE)
+            .bind(ids)
+            .bind(count)
+            .execute(executor)
+            .await?;
     } else {
         successes
             .bind(sqlx::query(&RECORD_AND_DELETE))

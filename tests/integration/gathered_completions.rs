@@ -29,6 +29,15 @@ async fn queued_request(pool: &PgPool, tenancy: Uuid, n: usize) -> Uuid {
     .unwrap()
 }
 
+/// How many of the requests `ids` are still queued (pending or in flight).
+async fn requests_left(pool: &PgPool, ids: &[Uuid]) -> i64 {
+    sqlx::query_scalar(r#"select count(*) from "OutgoingRequest" where "id" = any($1)"#)
+        .bind(ids)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 async fn pending_requests(pool: &PgPool, tenancies: &[Uuid]) -> i64 {
     sqlx::query_scalar(
         r#"select count(*) from "OutgoingRequest"
@@ -168,13 +177,7 @@ async fn completions_of_the_same_database_together_record_the_furthest() {
     .await
     .unwrap();
     assert_eq!((through, users, channels), (12, 10, 12));
-    let left: i64 =
-        sqlx::query_scalar(r#"select count(*) from "OutgoingRequest" where "id" = any($1)"#)
-            .bind(&requests)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(left, 0);
+    assert_eq!(requests_left(&pool, &requests).await, 0);
 }
 
 /// A session plans each completion statement once and keeps that plan, whether the
@@ -228,7 +231,7 @@ async fn a_session_keeps_one_plan_for_its_completions() {
         queue::complete_many(&mut *session, &completed)
             .await
             .unwrap();
-        assert_eq!(pending_requests_by_id(&pool, &requests).await, 0);
+        assert_eq!(requests_left(&pool, &requests).await, 0);
     }
     // Each tenancy's status as its last recording completion (the twelfth) left it.
     let recorded: Vec<i64> = sqlx::query_scalar(
@@ -256,12 +259,4 @@ async fn a_session_keeps_one_plan_for_its_completions() {
             "12 {what}: {custom} planned for their values, {generic} on the kept plan"
         );
     }
-}
-
-async fn pending_requests_by_id(pool: &PgPool, ids: &[Uuid]) -> i64 {
-    sqlx::query_scalar(r#"select count(*) from "OutgoingRequest" where "id" = any($1)"#)
-        .bind(ids)
-        .fetch_one(pool)
-        .await
-        .unwrap()
 }
