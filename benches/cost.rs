@@ -32,7 +32,13 @@
 //! mode whose writer fell behind its rate is not flattered. For `serve` it also counts
 //! task switches (its threads switched off their core, waiting or preempted, from
 //! `/proc/<pid>/task/*/status`): a process that moves small messages spends its CPU
-//! mostly on those waits and wake-ups.
+//! mostly on those waits and wake-ups. The source's CPU is also split by the kind of
+//! process that spent it, told by the title PostgreSQL gives each one: the writer's
+//! sessions (the application's write and the capture triggers it fires), the service's
+//! sessions, autovacuum (with any other process that ended in the window), and the
+//! server's background processes (the WAL writer, the checkpointer, WAL senders…). The
+//! writer's connections stay open until after the last reading, so their sessions are
+//! counted as theirs.
 //!
 //! Run: `cargo bench --bench cost`. Settings: `BENCH_TENANCIES` (default 50, 20 users
 //! each), `BENCH_RATE` (default 400), `BENCH_SECONDS` (default 20). `BENCH_BASELINE`, the
@@ -259,19 +265,42 @@ impl Cluster {
     /// CPU seconds of the server so far: the postmaster's own and its reaped children's,
     /// and those of its children still alive.
     fn cpu_seconds(&self) -> f64 {
+        self.cpu_by_process().total()
+    }
+
+    /// [`Cluster::cpu_seconds`], split by the kind of process that spent it.
+    fn cpu_by_process(&self) -> ServerCpu {
         let lock = std::fs::read_to_string(self.data.join("postmaster.pid"))
             .expect("the server is running: postmaster.pid");
         let postmaster: u32 = (lock.lines().next())
             .and_then(|line| line.trim().parse().ok())
             .expect("postmaster.pid starts with the postmaster's pid");
         let (_, own, reaped) = proc_stat(postmaster).expect("the postmaster is alive");
-        let children: u64 = std::fs::read_dir("/proc")
-            .expect("a /proc file system")
-            .flatten()
-            .filter_map(|entry| proc_stat(entry.file_name().to_str()?.parse::<u32>().ok()?))
-            .filter_map(|(ppid, child, _)| (ppid == postmaster).then_some(child))
-            .sum();
-        ticks_to_seconds(own + reaped + children)
+        let mut cpu = ServerCpu {
+            ended: ticks_to_seconds(reaped),
+            background: ticks_to_seconds(own),
+            ..ServerCpu::default()
+        };
+        let processes = std::fs::read_dir("/proc").expect("a /proc file system");
+        for entry in processes.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some((ppid, ticks, _)) = proc_stat(pid) else {
+                continue;
+            };
+            if ppid != postmaster {
+                continue;
+            }
+            let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let seconds = ticks_to_seconds(ticks);
+            *cpu.kind(&String::from_utf8_lossy(&title)) += seconds;
+        }
+        cpu
     }
 
     /// Statements the service's role has run on this server so far, over all its
@@ -353,6 +382,56 @@ fn proc_stat(pid: impl std::fmt::Display) -> Option<(u32, u64, u64)> {
     let field = |number: usize| fields.get(number - 3)?.parse::<u64>().ok();
     let ppid = field(4)? as u32;
     Some((ppid, field(14)? + field(15)?, field(16)? + field(17)?))
+}
+
+/// A server's CPU seconds by the kind of process that spent them, told by the title
+/// PostgreSQL gives each process (`postgres: <role> <database> <client> <state>` for a
+/// session).
+#[derive(Debug, Clone, Copy, Default)]
+struct ServerCpu {
+    /// Sessions of the service's role (`serve`'s, and the benchmark's few reads of
+    /// `pg_stat_statements`).
+    service: f64,
+    /// Sessions of the benchmark's role: the writers and the probe.
+    writer: f64,
+    /// Autovacuum workers still running.
+    autovacuum: f64,
+    /// Processes that ended (their CPU is the postmaster's reaped children's): mostly
+    /// autovacuum workers, which end after each table they visit.
+    ended: f64,
+    /// Every other process: the postmaster, the WAL writer, the checkpointer, the
+    /// background writer, the launchers, WAL senders and apply workers.
+    background: f64,
+}
+
+impl ServerCpu {
+    fn total(&self) -> f64 {
+        self.service + self.writer + self.autovacuum + self.ended + self.background
+    }
+
+    /// Where the CPU of a process titled `title` is counted.
+    fn kind(&mut self, title: &str) -> &mut f64 {
+        let mut words = title
+            .strip_prefix("postgres: ")
+            .unwrap_or(title)
+            .split_whitespace();
+        match words.next() {
+            Some(SERVICE_ROLE) => &mut self.service,
+            Some(BENCH_ROLE) => &mut self.writer,
+            Some("autovacuum") if words.next() == Some("worker") => &mut self.autovacuum,
+            _ => &mut self.background,
+        }
+    }
+
+    fn minus(self, before: ServerCpu) -> ServerCpu {
+        ServerCpu {
+            service: self.service - before.service,
+            writer: self.writer - before.writer,
+            autovacuum: self.autovacuum - before.autovacuum,
+            ended: self.ended - before.ended,
+            background: self.background - before.background,
+        }
+    }
 }
 
 /// How many times a process's threads have been switched off their core so far,
@@ -739,6 +818,8 @@ async fn tear_down(teardown: Teardown) {
 struct Reading {
     wall: f64,
     source: f64,
+    /// The source's CPU seconds by kind of process.
+    source_by_process: ServerCpu,
     target: f64,
     serve: Option<f64>,
     /// `serve`'s task switches (see [`task_switches`]).
@@ -760,9 +841,11 @@ impl Reading {
             source.service_statements().await,
             target.service_statements().await,
         ];
+        let source_cpu = source.cpu_by_process();
         Reading {
             wall: EPOCH.get_or_init(Instant::now).elapsed().as_secs_f64(),
-            source: source.cpu_seconds(),
+            source: source_cpu.total(),
+            source_by_process: source_cpu,
             target: target.cpu_seconds(),
             serve: serve.and_then(own_cpu_seconds),
             serve_switches: serve.and_then(task_switches),
@@ -779,6 +862,7 @@ impl Reading {
         Reading {
             wall: self.wall - before.wall,
             source: self.source - before.source,
+            source_by_process: self.source_by_process.minus(before.source_by_process),
             target: self.target - before.target,
             serve: self.serve.zip(before.serve).map(|(after, b)| after - b),
             serve_switches: (self.serve_switches.zip(before.serve_switches))
@@ -873,11 +957,15 @@ async fn measure(
             ))
         })
         .collect();
-    let committed = probe.await.expect("the probe task");
+    let (committed, probe_connection) = probe.await.expect("the probe task");
+    let mut open = vec![probe_connection];
     for writer in writers {
-        writer.await.expect("a writer task");
+        open.push(writer.await.expect("a writer task").1);
     }
     let used = Reading::take(source, target, serve).await.since(&before);
+    for connection in open {
+        connection.close().await.ok();
+    }
     let (latencies, probes_lost) = match listeners.is_empty() {
         true => (Vec::new(), 0),
         false => probe_latencies(&committed, &mut arrived).await,
@@ -933,14 +1021,16 @@ async fn writer_connection(url: &str, captures_changes: bool) -> PgConnection {
 
 /// Renames a user every `period` until `deadline` (a tick missed while a rename was slow
 /// is skipped, not made up in a burst), `next` choosing the n-th rename's tenancy, user
-/// and name. Returns each rename's number with the instant its commit was acknowledged.
+/// and name. Returns each rename's number with the instant its commit was acknowledged,
+/// and the connection, still open: a session that ended would count its server
+/// process's CPU with the ended ones.
 async fn rename_loop(
     mut connection: PgConnection,
     period: Duration,
     deadline: Instant,
     changes: Arc<AtomicU64>,
     mut next: impl FnMut(u64, &mut rand::rngs::StdRng) -> (Uuid, Uuid, String),
-) -> Vec<(u64, Instant)> {
+) -> (Vec<(u64, Instant)>, PgConnection) {
     let mut random = rand::rngs::StdRng::from_os_rng();
     let mut committed = Vec::new();
     let mut ticker = tokio::time::interval(period);
@@ -957,8 +1047,7 @@ async fn rename_loop(
             changes.fetch_add(1, Ordering::Relaxed);
         }
     }
-    connection.close().await.ok();
-    committed
+    (committed, connection)
 }
 
 /// Listens on [`PROBE_CHANNEL`] in the database of `url` and passes on each probe's
@@ -1054,6 +1143,30 @@ fn print_report(outcomes: &[Outcome]) {
         ]);
     }
     println!("\nPer change, CPU-milliseconds (task switches: `serve`'s threads, waiting or preempted):\n");
+    print_table(&rows);
+    // Which processes of the source spend it: the write's own sessions, the service's,
+    // and the server's own work that the writes cause (vacuuming the versions they
+    // leave, writing the WAL out).
+    let header =
+        "mode|all|the writer's sessions|the service's sessions|autovacuum and ended processes|\
+                  WAL writer, checkpointer and the rest";
+    let mut rows = vec![header.split('|').map(str::to_owned).collect::<Vec<_>>()];
+    for outcome in outcomes {
+        let (cpu, changes) = (
+            &outcome.used.source_by_process,
+            outcome.changes.max(1) as f64,
+        );
+        let per_change = |seconds: f64| format!("{:.3}", seconds / changes * 1000.0);
+        rows.push(vec![
+            outcome.mode.label().to_owned(),
+            per_change(cpu.total()),
+            per_change(cpu.writer),
+            per_change(cpu.service),
+            per_change(cpu.autovacuum + cpu.ended),
+            per_change(cpu.background),
+        ]);
+    }
+    println!("\nThe source's CPU per change by process, CPU-milliseconds (a process that ended in the window is counted with the ended ones):\n");
     print_table(&rows);
     for Outcome {
         mode,
