@@ -22,6 +22,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
@@ -34,10 +35,15 @@ use crate::db::sync_status::SyncedTenancy;
 use crate::db::warm::WarmConnections;
 use crate::error::error_chain;
 use crate::gathering;
+use crate::lazy_statuses::LazyStatuses;
 use crate::workers;
 
 /// The most requests one gathered statement completes.
 const MOST_GATHERED: usize = 128;
+
+/// How long writing the statuses kept for later may take once the process is stopping:
+/// one statement, done in milliseconds when the internal database answers.
+const STATUS_GRACE_ON_SHUTDOWN: Duration = Duration::from_secs(1);
 
 /// One completion asked of the completer, and where its answer goes.
 struct Asked {
@@ -63,6 +69,7 @@ pub struct Completions {
     stopping: CancellationToken,
     completer: OnceLock<mpsc::UnboundedSender<Asked>>,
     counts: Arc<Counts>,
+    statuses: Arc<LazyStatuses>,
 }
 
 #[derive(Debug, Default)]
@@ -92,14 +99,45 @@ pub struct GatheredCompletions {
 impl Completions {
     /// Completions on the internal database, gathered ones on connections kept warm;
     /// once `stopping` is cancelled, a gathered statement gets
-    /// [`workers::STEP_GRACE_ON_SHUTDOWN`] to end.
-    pub fn new(connections: WarmConnections, stopping: CancellationToken) -> Self {
+    /// [`workers::STEP_GRACE_ON_SHUTDOWN`] to end. A plain success is written to its
+    /// database's status at most every `status_interval` ([`crate::lazy_statuses`]).
+    pub fn new(
+        connections: WarmConnections,
+        stopping: CancellationToken,
+        status_interval: Duration,
+    ) -> Self {
         Self {
             connections,
             stopping,
             completer: OnceLock::new(),
             counts: Arc::default(),
+            statuses: Arc::new(LazyStatuses::new(status_interval)),
         }
+    }
+
+    /// Writes every success kept for later ([`crate::lazy_statuses`]): when the caller's
+    /// publishes are all settled. A failure is logged (the statuses lag; the next
+    /// success of each database is written at once by the next process or pass).
+    ///
+    /// Once the process is stopping, it gets [`STATUS_GRACE_ON_SHUTDOWN`]: the internal
+    /// database may be down, and stopping does not wait for it.
+    pub async fn write_kept_statuses(&self) {
+        let written = tokio::select! {
+            biased;
+            written = self.statuses.write_kept(&self.connections, true) => written,
+            () = workers::stopped_for(&self.stopping, STATUS_GRACE_ON_SHUTDOWN) => {
+                tracing::warn!("the internal database did not answer; the statuses of recent syncs are left to the next sync of each database");
+                return;
+            }
+        };
+        if let Err(error) = written {
+            tracing::warn!(error = %error_chain(&error), "cannot write the statuses of recent syncs; trying again later");
+        }
+    }
+
+    /// Database successes kept, not written yet.
+    pub fn kept_statuses(&self) -> usize {
+        self.statuses.kept()
     }
 
     pub fn count(&self) -> GatheredCompletions {
@@ -112,12 +150,18 @@ impl Completions {
 
     /// Deletes the published request `id` and records the statuses of `synced`, as
     /// [`db::queue::complete`] does, with whatever other completions are asked at the
-    /// same moment.
+    /// same moment; a plain success only if its database's was not written lately
+    /// (`statuses_failing`: the claim found the tenancy with a status a success
+    /// changes, so every success is written now; see [`crate::lazy_statuses`]).
     pub async fn complete(
         &self,
         id: Uuid,
         synced: Option<&SyncedTenancy>,
+        statuses_failing: bool,
     ) -> Result<(), sqlx::Error> {
+        self.completer();
+        let synced = self.statuses.write_now(synced, statuses_failing);
+        let synced = synced.as_ref();
         let (answer, answered) = oneshot::channel();
         let asked = Asked {
             id,
@@ -149,9 +193,47 @@ impl Completions {
                 self.counts.clone(),
                 asked,
             ));
+            if let Some(every) = self.statuses.pass_every() {
+                tokio::spawn(write_kept_statuses(
+                    self.statuses.clone(),
+                    self.connections.clone(),
+                    self.stopping.clone(),
+                    every,
+                ));
+            }
             asks
         })
     }
+}
+
+/// Every `every`, writes the successes kept whose database's last write is an interval
+/// old; once `stopping` is cancelled, writes every success at once from then on and
+/// what is kept. Ends with the runtime, or once stopped.
+async fn write_kept_statuses(
+    statuses: Arc<LazyStatuses>,
+    connections: WarmConnections,
+    stopping: CancellationToken,
+    every: Duration,
+) {
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+        // A pass waiting for a connection when the process stops is dropped after the
+        // grace (the pool would wait for a database that is down); it took nothing yet.
+        let written = tokio::select! {
+            biased;
+            written = statuses.write_kept(&connections, false) => written,
+            () = workers::stopped_for(&stopping, STATUS_GRACE_ON_SHUTDOWN) => break,
+        };
+        if let Err(error) = written {
+            tracing::warn!(error = %error_chain(&error), "cannot write the statuses of recent syncs; trying again");
+        }
+    }
+    statuses
+        .stop_keeping(&connections, STATUS_GRACE_ON_SHUTDOWN)
+        .await;
 }
 
 /// Takes the first completion asked, lets the other ready tasks run (publishes that
@@ -248,10 +330,11 @@ mod tests {
         let completions = Arc::new(Completions::new(
             WarmConnections::new(pool.clone()),
             stopping.clone(),
+            Duration::ZERO,
         ));
         let completing = tokio::spawn({
             let completions = completions.clone();
-            async move { completions.complete(Uuid::new_v4(), None).await }
+            async move { completions.complete(Uuid::new_v4(), None, false).await }
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!completing.is_finished(), "it waits for the database");

@@ -24,6 +24,7 @@ pub mod embedded;
 pub mod error;
 pub mod gathering;
 pub mod instruments;
+pub mod lazy_statuses;
 pub mod mapping;
 pub mod poller;
 pub mod publish;

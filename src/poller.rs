@@ -43,6 +43,10 @@ pub struct PollerSettings {
     /// Smallest and largest wait before a failed request is tried again.
     pub retry_base: Duration,
     pub retry_cap: Duration,
+    /// How often a database's plain success is written to its status at most
+    /// (`POLLER_STATUS_INTERVAL_MS`); zero writes every success with its completion.
+    /// A change of state is written at once (see [`crate::completions`]).
+    pub status_interval: Duration,
 }
 
 impl Default for PollerSettings {
@@ -54,6 +58,7 @@ impl Default for PollerSettings {
             sync_concurrency: 32,
             retry_base: Duration::from_secs(1),
             retry_cap: Duration::from_secs(300),
+            status_interval: Duration::from_secs(2),
         }
     }
 }
@@ -313,7 +318,11 @@ impl Poller {
         let slots = Arc::new(Semaphore::new(settings.sync_concurrency.max(1)));
         let stopping = CancellationToken::new();
         let connections = WarmConnections::new(pool);
-        let completions = Arc::new(Completions::new(connections.clone(), stopping.clone()));
+        let completions = Arc::new(Completions::new(
+            connections.clone(),
+            stopping.clone(),
+            settings.status_interval,
+        ));
         Self {
             connections,
             publisher,
@@ -330,12 +339,22 @@ impl Poller {
         self.completions.count()
     }
 
+    /// Database successes whose statuses are kept for later, not written yet (see
+    /// [`crate::lazy_statuses`]).
+    pub fn kept_statuses(&self) -> usize {
+        self.completions.kept_statuses()
+    }
+
     /// The process's shutdown signal: once it is cancelled, publishes get
     /// [`workers::STEP_GRACE_ON_SHUTDOWN`] to end, and a failed settle (retried up to
     /// [`SETTLE_ATTEMPTS`] times otherwise) is left to the request's lease, as is a
     /// gathered completion that outlasts that grace.
     pub fn stopping_on(mut self, stopping: CancellationToken) -> Self {
-        self.completions = Arc::new(Completions::new(self.connections.clone(), stopping.clone()));
+        self.completions = Arc::new(Completions::new(
+            self.connections.clone(),
+            stopping.clone(),
+            self.settings.status_interval,
+        ));
         self.stopping = stopping;
         self
     }
@@ -443,7 +462,8 @@ impl Poller {
         })
     }
 
-    /// Waits for every publish in `in_flight` to end and counts them.
+    /// Waits for every publish in `in_flight` to end and counts them, then writes the
+    /// statuses kept for later ([`crate::lazy_statuses`]).
     pub async fn finish(&self, in_flight: &InFlight) -> Result<PolledBatch, PollerError> {
         let mut batch = PolledBatch::default();
         let mut first_error = None;
@@ -460,6 +480,9 @@ impl Poller {
             }
             in_flight.ended().notified().await;
         }
+        // Every publish is settled: the statuses of their successes, and of any others
+        // kept for later, are written now, not at the next pass.
+        self.completions.write_kept_statuses().await;
         first_error.map_or(Ok(batch), Err)
     }
 
@@ -746,7 +769,11 @@ async fn settle(
     match result {
         Ok(published) => {
             (settling.completions)
-                .complete(request.id, published.synced.as_ref())
+                .complete(
+                    request.id,
+                    published.synced.as_ref(),
+                    request.statuses_failing,
+                )
                 .await?;
             Ok(true)
         }

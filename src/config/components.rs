@@ -146,6 +146,12 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 1,
                 1000,
             )?,
+            status_interval: Duration::from_millis(self.number(
+                "POLLER_STATUS_INTERVAL_MS",
+                defaults.status_interval.as_millis() as u64,
+                0,
+                60_000,
+            )?),
             ..defaults
         })
     }

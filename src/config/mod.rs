@@ -227,6 +227,7 @@ mod tests {
             ("POLLER_LEASE_SECS", "0"),
             ("POLLER_IDLE_INTERVAL_MS", "-5"),
             ("POLLER_SYNC_CONCURRENCY", "0"),
+            ("POLLER_STATUS_INTERVAL_MS", "60001"),
         ];
         for (variable, value) in cases {
             let error = error_for(&[(variable, value)]);
@@ -252,6 +253,25 @@ mod tests {
             gather(&[("SEQUENCER_GATHER_MS", "0")]),
             Duration::ZERO,
             "no pause"
+        );
+    }
+
+    #[test]
+    fn a_plain_success_is_written_at_most_every_two_seconds_unless_told_otherwise() {
+        let interval = |pairs: &[(&str, &str)]| {
+            let mut all = BASE.to_vec();
+            all.extend_from_slice(pairs);
+            env(&all).config().unwrap().poller.status_interval
+        };
+        assert_eq!(interval(&[]), Duration::from_secs(2));
+        assert_eq!(
+            interval(&[("POLLER_STATUS_INTERVAL_MS", "500")]),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            interval(&[("POLLER_STATUS_INTERVAL_MS", "0")]),
+            Duration::ZERO,
+            "every success written with its completion"
         );
     }
 

@@ -12,8 +12,9 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::sync_status::{
-    not_due_databases, pruned_through_columns, reserve_due_databases, DatabaseStates,
-    SuccessColumns, SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES, SYNCED,
+    not_due_databases, pruned_through_columns, reserve_due_databases, statuses_failing,
+    DatabaseStates, SuccessColumns, SyncedTenancy, CLEAR_CONFIGURATION_PROBLEM, RECORD_SUCCESSES,
+    SYNCED,
 };
 
 /// Where a sync request is delivered: QStash calls `PUBLIC_URL` followed by this path
@@ -92,6 +93,11 @@ pub struct ClaimedRequest {
     /// holds that one should look again when it ends.
     #[sqlx(rename = "heldBack")]
     pub held_back: bool,
+    /// Whether, as of the claim, the tenancy had a status that a success changes (a
+    /// database failing or waiting for its next attempt): this sync's successes are then
+    /// written at once, not lazily ([`crate::completions`]).
+    #[sqlx(rename = "statusesFailing")]
+    pub statuses_failing: bool,
 }
 
 /// A request whose message is not one this service queues (edited by hand, or written
@@ -276,7 +282,8 @@ pub async fn claim(
                       as "latestChannelChange",
                   {} as "notDueDatabases",
                   {pruned},
-                  {held_back} as "heldBack"
+                  {held_back} as "heldBack",
+                  {failing} as "statusesFailing"
         "#,
             not_due_databases(
                 "due.tenancy_id",
@@ -288,6 +295,7 @@ pub async fn claim(
             lease_running = lease_running("flight", "$2"),
             key_in_flight = KEY_IN_FLIGHT,
             held_back = held_back(KEY_IN_FLIGHT),
+            failing = statuses_failing("due.tenancy_id"),
             reserved = reserve_due_databases(
                 "(select tenancy_id as tenancy from due where $4) as claimed"
             ),

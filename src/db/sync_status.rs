@@ -140,6 +140,71 @@ pub async fn record_successes(
     Ok(())
 }
 
+/// A success kept to be written later ([`crate::lazy_statuses`]): its database, how far,
+/// and how long ago it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeptSuccess {
+    pub tenancy_id: Uuid,
+    pub success: SyncSuccess,
+    pub seconds_ago: f64,
+}
+
+/// Writes successes kept for later: each database's watermarks move forward and its
+/// last success is dated when it happened, in one statement. Nothing else changes: a
+/// failure or a configuration problem recorded since (by this process or another) is
+/// left as it is, and a database whose status row is gone (removed from its tenancy's
+/// configuration) gets none back.
+pub async fn record_kept_successes(
+    executor: impl PgExecutor<'_>,
+    kept: &[KeptSuccess],
+) -> Result<(), sqlx::Error> {
+    if kept.is_empty() {
+        return Ok(());
+    }
+    let mut tenancies = Vec::with_capacity(kept.len());
+    let mut databases = Vec::with_capacity(kept.len());
+    let (mut through, mut users, mut channels, mut ages) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for kept in kept {
+        tenancies.push(kept.tenancy_id);
+        databases.push(kept.success.database_id.clone());
+        through.push(kept.success.last_synced_sequence_id);
+        users.push(kept.success.watermarks[0]);
+        channels.push(kept.success.watermarks[1]);
+        ages.push(kept.seconds_ago);
+    }
+    // `limit $7` as in [`SYNCED`]: one plan for any number of rows.
+    sqlx::query(
+        r#"
+        update "ExternalDbSyncStatus" as status set
+            "lastSyncedSequenceId" = greatest(status."lastSyncedSequenceId", kept.synced_through),
+            "usersSyncedThrough" = greatest(status."usersSyncedThrough", kept.users),
+            "contactChannelsSyncedThrough" =
+                greatest(status."contactChannelsSyncedThrough", kept.contact_channels),
+            "lastSuccessAt" = greatest(
+                status."lastSuccessAt",
+                (current_timestamp - make_interval(secs => kept.seconds_ago))::timestamp(3)),
+            "updatedAt" = current_timestamp
+        from (select * from unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[],
+                                   $5::bigint[], $6::float8[])
+                  as kept(tenancy_id, database_id, synced_through, users, contact_channels,
+                          seconds_ago)
+              limit $7) as kept
+        where status."tenancyId" = kept.tenancy_id and status."databaseId" = kept.database_id
+        "#,
+    )
+    .bind(tenancies)
+    .bind(databases)
+    .bind(through)
+    .bind(users)
+    .bind(channels)
+    .bind(ages)
+    .bind(kept.len() as i64)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 /// How long a failing database waits before its next attempt: `first · 2^(n-1)` after
 /// its `n`th failure in a row, capped at `max`, of which a random part up to half is
 /// taken off (as [`crate::backoff::delay`]).
@@ -349,6 +414,19 @@ impl DatabaseStates {
     pub fn pruned_through(&self) -> [Option<i64>; 2] {
         [self.users_pruned_through, self.channels_pruned_through]
     }
+}
+
+/// The SQL expression, true when the tenancy `tenancy` (an expression of the enclosing
+/// query) has a status that a success changes: a database failing, or waiting for its
+/// next attempt, or a problem recorded for its configuration as a whole. A sync's
+/// successes are then written at once, not lazily ([`crate::completions`]).
+pub(crate) fn statuses_failing(tenancy: &str) -> String {
+    format!(
+        r#"exists (select from "ExternalDbSyncStatus" as status
+                   where status."tenancyId" = {tenancy}
+                     and (status."consecutiveFailures" > 0
+                          or status."nextAttemptAt" is not null))"#
+    )
 }
 
 /// The SQL expressions of how far the tombstones of tenancy `tenancy` (an expression of

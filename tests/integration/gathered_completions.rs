@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use external_db_sync::db::queue::{self, Completed};
 use external_db_sync::db::sync_status::{SyncSuccess, SyncedTenancy};
+use external_db_sync::poller::PollerSettings;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::harness::fixtures::{rename_user, sequence_all, tenancy, user};
 use crate::harness::plans;
-use crate::harness::polling::{direct_poller, poll_once};
+use crate::harness::polling::{direct_poller_settled, poll_once};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{assert_tenant_matches_source, latest_change, tenancy_with_database};
 use crate::harness::wait;
@@ -76,7 +77,16 @@ async fn requests_whose_syncs_end_while_a_completion_runs_are_completed_together
         tenancies.push((tenancy, tenant, id));
     }
     sequence_all(&pool, 1000).await;
-    let poller = Arc::new(direct_poller(&pool, 8));
+    // Every success written with its completion (not kept for later, see
+    // `lazy_statuses`): the status rows locked below are what holds the first statement.
+    let poller = Arc::new(direct_poller_settled(
+        &pool,
+        PollerSettings {
+            sync_concurrency: 8,
+            status_interval: Duration::ZERO,
+            ..PollerSettings::default()
+        },
+    ));
     assert_eq!(poll_once(&poller).await.published, 6);
     let ids: Vec<Uuid> = tenancies.iter().map(|(tenancy, ..)| *tenancy).collect();
 

@@ -17,6 +17,7 @@ mod guarded_writes;
 mod hostile_tenants;
 mod http;
 mod interleavings;
+mod lazy_statuses;
 mod log_hygiene;
 mod lost_changes;
 mod metrics;

@@ -45,6 +45,11 @@ pub fn direct_poller_leasing(pool: &PgPool, sync_concurrency: usize, lease: Dura
     )
 }
 
+/// [`direct_poller`] with the poller's `settings`.
+pub fn direct_poller_settled(pool: &PgPool, settings: PollerSettings) -> Poller {
+    direct_poller_of(pool, test_settings(), settings)
+}
+
 fn direct_poller_of(pool: &PgPool, sync: SyncSettings, poller: PollerSettings) -> Poller {
     let engine = engine_with(pool, sync, PrivateTargets::Allowed);
     direct_poller_on_engine(pool, Arc::new(engine), poller)
