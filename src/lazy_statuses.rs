@@ -14,6 +14,9 @@
 //! Otherwise the success is kept here, the furthest of each database, and written by a
 //! background pass every half interval once the database's last write is an interval
 //! old, and all at once when the poller finishes (a cron call's end, `serve` stopping).
+//! A kept success, written later, only moves its database's watermarks forward and
+//! dates its last success: it never undoes a failure or a configuration problem recorded
+//! since.
 //! A process that dies loses what it kept, a few seconds of progress of its databases'
 //! recorded statuses: nothing of the data (the tenant databases have it), and nothing a
 //! reader acts on is ever ahead of the truth. The status route's "synced through" and

@@ -95,7 +95,7 @@ pub struct ClaimedRequest {
     pub held_back: bool,
     /// Whether, as of the claim, the tenancy had a status that a success changes (a
     /// database failing or waiting for its next attempt): this sync's successes are then
-    /// written at once, not lazily ([`crate::completions`]).
+    /// written at once, not lazily ([`crate::lazy_statuses`]).
     #[sqlx(rename = "statusesFailing")]
     pub statuses_failing: bool,
 }

@@ -419,7 +419,7 @@ impl DatabaseStates {
 /// The SQL expression, true when the tenancy `tenancy` (an expression of the enclosing
 /// query) has a status that a success changes: a database failing, or waiting for its
 /// next attempt, or a problem recorded for its configuration as a whole. A sync's
-/// successes are then written at once, not lazily ([`crate::completions`]).
+/// successes are then written at once, not lazily ([`crate::lazy_statuses`]).
 pub(crate) fn statuses_failing(tenancy: &str) -> String {
     format!(
         r#"exists (select from "ExternalDbSyncStatus" as status

@@ -201,6 +201,8 @@ async fn a_success_after_a_failure_is_written_with_its_completion() {
     assert_eq!(poller.kept_statuses(), 0);
 }
 
+/// A failure recorded after a kept success (by this process or another) stays: writing
+/// the kept success later moves the watermark it reached forward and nothing else.
 #[tokio::test]
 async fn a_kept_success_written_later_never_undoes_a_failure_recorded_since() {
     let pool = migrated_pool().await;
@@ -213,7 +215,8 @@ async fn a_kept_success_written_later_never_undoes_a_failure_recorded_since() {
     sqlx::query(
         r#"update "ExternalDbSyncStatus" set "consecutiveFailures" = 1, "lastError" = 'refused',
                "lastErrorAt" = current_timestamp,
-               "nextAttemptAt" = current_timestamp + interval '1 minute'
+               "nextAttemptAt" = current_timestamp + interval '1 minute',
+               "updatedAt" = current_timestamp
            where "tenancyId" = $1"#,
     )
     .bind(tenancy)
@@ -238,6 +241,7 @@ async fn a_kept_success_written_later_never_undoes_a_failure_recorded_since() {
         Some(second),
         "the watermark it reached is recorded"
     );
+    assert_eq!(poller.kept_statuses(), 0);
 }
 
 /// A process that dies loses what it kept: the status lags, the data does not, and the
