@@ -159,7 +159,8 @@ impl Completions {
         synced: Option<&SyncedTenancy>,
         statuses_failing: bool,
     ) -> Result<(), sqlx::Error> {
-        self.completer();
+        // Started before anything is kept: the pass that writes it starts with it.
+        let completer = self.completer();
         let synced = self.statuses.write_now(synced, statuses_failing);
         let synced = synced.as_ref();
         let (answer, answered) = oneshot::channel();
@@ -169,7 +170,7 @@ impl Completions {
             answer,
         };
         self.counts.asked.fetch_add(1, Ordering::Relaxed);
-        if self.completer().send(asked).is_ok() {
+        if completer.send(asked).is_ok() {
             match answered.await {
                 Ok(Answer::Done) => return Ok(()),
                 Ok(Answer::Unreachable(error)) => return Err(error),

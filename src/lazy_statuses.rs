@@ -74,8 +74,8 @@ impl LazyStatuses {
     }
 
     /// How often a pass looks for kept successes that are due: every half interval,
-    /// so a kept success waits at most one and a half intervals. `None` when nothing is
-    /// kept.
+    /// so a kept success waits at most one and a half intervals. `None` with a zero
+    /// interval, which keeps nothing.
     pub fn pass_every(&self) -> Option<Duration> {
         (!self.interval.is_zero()).then(|| self.interval / 2)
     }
