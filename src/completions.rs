@@ -13,8 +13,21 @@
 //! failure (and retries as it would have); when the statement itself fails, each
 //! completes alone, so one request can never keep another from being completed.
 //!
-//! No durable state is added: a request is deleted when its completion commits, gathered
-//! or not, and one whose process stops before is taken over when its lease runs out.
+//! A completion with nothing to write at once (its statuses kept for later, or none: a
+//! publish to QStash) does not even need a statement of its own: it is left for the
+//! poller's next claim, which deletes it in the same statement
+//! ([`db::queue::claim_completing`]) and meanwhile leaves it out of the requests in
+//! flight, so that the claim may take the request it held back. Under load a claim
+//! follows each sequencer batch, and carries the completions of the syncs that ended
+//! since the last one. One that no claim takes within the wait
+//! (`POLLER_COMPLETION_WAIT_MS`, 20 ms) is completed by a statement of its own, with the
+//! others left by then; and so are those left when the poller finishes or the process
+//! stops. Until then its request still counts as in flight for other processes: a change
+//! to its tenancy that one of them would claim waits for that much longer.
+//!
+//! No durable state is added: a request is deleted when its completion commits, gathered,
+//! carried by a claim or alone, and one whose process stops before is taken over when
+//! its lease runs out (and synced again, finding nothing to do).
 //! That is also what happens to a gathered statement still waiting
 //! [`workers::STEP_GRACE_ON_SHUTDOWN`] after shutdown began (the internal database is
 //! down, and the pool waits for a connection): it is dropped, its askers are answered as
@@ -40,6 +53,10 @@ use crate::workers;
 
 /// The most requests one gathered statement completes.
 const MOST_GATHERED: usize = 128;
+
+/// The most completions one claim carries, or one statement of their own completes when
+/// no claim took them.
+const MOST_LEFT: usize = 1024;
 
 /// How long writing the statuses kept for later may take once the process is stopping:
 /// one statement, done in milliseconds when the internal database answers.
@@ -70,6 +87,10 @@ pub struct Completions {
     completer: OnceLock<mpsc::UnboundedSender<Asked>>,
     counts: Arc<Counts>,
     statuses: Arc<LazyStatuses>,
+    /// Completions left for the next claim, and how long one waits for it (zero: none
+    /// is left).
+    left: Arc<Left>,
+    claim_wait: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +98,7 @@ struct Counts {
     asked: AtomicU64,
     completed: AtomicU64,
     statements: AtomicU64,
+    by_claims: AtomicU64,
 }
 
 impl Counts {
@@ -87,13 +109,47 @@ impl Counts {
     }
 }
 
-/// Completions asked so far, the requests completed, and the statements that completed
-/// them, gathered or alone (see [`crate::poller::Poller::gathered_completions`]).
+/// Completions asked so far, the requests completed, the statements of their own that
+/// completed them, gathered or alone, and the requests that claims completed (see
+/// [`crate::poller::Poller::gathered_completions`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GatheredCompletions {
     pub asked: u64,
     pub completed: u64,
     pub statements: u64,
+    pub by_claims: u64,
+}
+
+/// The requests whose completions wait for the next claim, oldest first; `waiting` is
+/// notified when one is left, for the task that completes those no claim took.
+#[derive(Debug, Default)]
+struct Left {
+    requests: std::sync::Mutex<Vec<Uuid>>,
+    waiting: tokio::sync::Notify,
+}
+
+impl Left {
+    fn requests(&self) -> std::sync::MutexGuard<'_, Vec<Uuid>> {
+        (self.requests.lock()).expect("the completions left are never locked across a panic")
+    }
+
+    /// Takes the oldest, at most [`MOST_LEFT`].
+    fn take(&self) -> Vec<Uuid> {
+        let mut requests = self.requests();
+        let taken = requests.len().min(MOST_LEFT);
+        requests.drain(..taken).collect()
+    }
+
+    /// Puts back `taken`, ahead of those left since.
+    fn put_back(&self, taken: Vec<Uuid>) {
+        if taken.is_empty() {
+            return;
+        }
+        let mut requests = self.requests();
+        requests.splice(0..0, taken);
+        drop(requests);
+        self.waiting.notify_one();
+    }
 }
 
 impl Completions {
@@ -101,10 +157,13 @@ impl Completions {
     /// once `stopping` is cancelled, a gathered statement gets
     /// [`workers::STEP_GRACE_ON_SHUTDOWN`] to end. A plain success is written to its
     /// database's status at most every `status_interval` ([`crate::lazy_statuses`]).
+    /// A completion with nothing to write at once waits up to `claim_wait` for the next
+    /// claim to carry it (zero: none waits).
     pub fn new(
         connections: WarmConnections,
         stopping: CancellationToken,
         status_interval: Duration,
+        claim_wait: Duration,
     ) -> Self {
         Self {
             connections,
@@ -112,7 +171,35 @@ impl Completions {
             completer: OnceLock::new(),
             counts: Arc::default(),
             statuses: Arc::new(LazyStatuses::new(status_interval)),
+            left: Arc::default(),
+            claim_wait,
         }
+    }
+
+    /// The completions left for the next claim ([`db::queue::claim_completing`]), at most
+    /// [`MOST_LEFT`] of them, taken: the claim tells how it went with
+    /// [`Completions::claimed`].
+    pub fn take_for_claim(&self) -> Vec<Uuid> {
+        self.left.take()
+    }
+
+    /// The claim that carried `taken` ([`Completions::take_for_claim`]) committed
+    /// (`true`), or failed: then they wait again, for the next claim or the wait's end.
+    pub fn claimed(&self, taken: Vec<Uuid>, committed: bool) {
+        if committed {
+            (self.counts.by_claims).fetch_add(taken.len() as u64, Ordering::Relaxed);
+            (self.counts.completed).fetch_add(taken.len() as u64, Ordering::Relaxed);
+        } else {
+            self.left.put_back(taken);
+        }
+    }
+
+    /// Completes at once every completion left for a claim: when the caller's publishes
+    /// are all settled and no claim may follow. A failure is logged: those requests are
+    /// taken over when their leases run out, and synced again for nothing.
+    pub async fn complete_left(&self) {
+        let connections = &self.connections;
+        complete_left_now(&self.left, connections, &self.stopping, &self.counts).await;
     }
 
     /// Writes every success kept for later ([`crate::lazy_statuses`]): when the caller's
@@ -145,6 +232,7 @@ impl Completions {
             asked: self.counts.asked.load(Ordering::Relaxed),
             completed: self.counts.completed.load(Ordering::Relaxed),
             statements: self.counts.statements.load(Ordering::Relaxed),
+            by_claims: self.counts.by_claims.load(Ordering::Relaxed),
         }
     }
 
@@ -163,13 +251,18 @@ impl Completions {
         let completer = self.completer();
         let synced = self.statuses.write_now(synced, statuses_failing);
         let synced = synced.as_ref();
+        self.counts.asked.fetch_add(1, Ordering::Relaxed);
+        if synced.is_none() && !self.claim_wait.is_zero() && !self.stopping.is_cancelled() {
+            self.left.requests().push(id);
+            self.left.waiting.notify_one();
+            return Ok(());
+        }
         let (answer, answered) = oneshot::channel();
         let asked = Asked {
             id,
             synced: synced.cloned(),
             answer,
         };
-        self.counts.asked.fetch_add(1, Ordering::Relaxed);
         if completer.send(asked).is_ok() {
             match answered.await {
                 Ok(Answer::Done) => return Ok(()),
@@ -194,6 +287,15 @@ impl Completions {
                 self.counts.clone(),
                 asked,
             ));
+            if !self.claim_wait.is_zero() {
+                tokio::spawn(complete_left_unclaimed(
+                    self.left.clone(),
+                    self.connections.clone(),
+                    self.stopping.clone(),
+                    self.counts.clone(),
+                    self.claim_wait,
+                ));
+            }
             if let Some(every) = self.statuses.pass_every() {
                 tokio::spawn(write_kept_statuses(
                     self.statuses.clone(),
@@ -235,6 +337,76 @@ async fn write_kept_statuses(
     statuses
         .stop_keeping(&connections, STATUS_GRACE_ON_SHUTDOWN)
         .await;
+}
+
+/// Completes the completions that no claim took within `wait` of being left (with those
+/// left since), each time one is left; once `stopping` is cancelled, those left then.
+/// Ends with the runtime, or once stopped.
+async fn complete_left_unclaimed(
+    left: Arc<Left>,
+    connections: WarmConnections,
+    stopping: CancellationToken,
+    counts: Arc<Counts>,
+    wait: Duration,
+) {
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => break,
+            () = left.waiting.notified() => {}
+        }
+        tokio::select! {
+            () = stopping.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
+        if !complete_left_now(&left, &connections, &stopping, &counts).await {
+            // The internal database did not answer: not again at once.
+            tokio::select! {
+                () = stopping.cancelled() => break,
+                () = tokio::time::sleep(wait.max(UNANSWERED_PAUSE)) => {}
+            }
+        }
+    }
+    complete_left_now(&left, &connections, &stopping, &counts).await;
+}
+
+/// How long the completions left wait after their statement failed before the next.
+const UNANSWERED_PAUSE: Duration = Duration::from_millis(100);
+
+/// Completes the completions left by now, in statements of at most [`MOST_LEFT`];
+/// whether all went. What a failed statement took is put back, for a claim or the next
+/// try; once `stopping` is cancelled, a statement gets [`STATUS_GRACE_ON_SHUTDOWN`].
+async fn complete_left_now(
+    left: &Left,
+    connections: &WarmConnections,
+    stopping: &CancellationToken,
+    counts: &Counts,
+) -> bool {
+    loop {
+        let taken = left.take();
+        if taken.is_empty() {
+            return true;
+        }
+        let completed: Vec<Completed<'_>> = (taken.iter())
+            .map(|&id| Completed { id, synced: None })
+            .collect();
+        let completing = tokio::select! {
+            biased;
+            completing = complete_many(connections, &completed) => completing,
+            () = workers::stopped_for(stopping, STATUS_GRACE_ON_SHUTDOWN) => {
+                Err(sqlx::Error::PoolTimedOut)
+            }
+        };
+        if let Err(error) = completing {
+            tracing::warn!(
+                requests = taken.len(),
+                error = %error_chain(&error),
+                "cannot complete synced requests; trying again (or their leases run out)"
+            );
+            left.put_back(taken);
+            return false;
+        }
+        counts.completed(taken.len());
+    }
 }
 
 /// Takes the first completion asked, lets the other ready tasks run (publishes that
@@ -323,6 +495,21 @@ mod tests {
             .unwrap()
     }
 
+    #[test]
+    fn completions_a_failed_claim_carried_wait_again_ahead_of_those_left_since() {
+        let left = Left::default();
+        let ids: Vec<Uuid> = (0..MOST_LEFT + 3).map(|_| Uuid::new_v4()).collect();
+        left.requests().extend(&ids[..MOST_LEFT + 1]);
+        let taken = left.take();
+        assert_eq!(taken, ids[..MOST_LEFT], "the oldest, at most MOST_LEFT");
+        left.requests().extend(&ids[MOST_LEFT + 1..]);
+        left.put_back(taken);
+        let mut again = left.take();
+        again.extend(left.take());
+        assert_eq!(again, ids);
+        assert!(left.take().is_empty());
+    }
+
     #[tokio::test]
     async fn a_gathered_completion_waiting_for_a_database_that_is_down_gives_up_after_the_shutdown_grace(
     ) {
@@ -331,6 +518,7 @@ mod tests {
         let completions = Arc::new(Completions::new(
             WarmConnections::new(pool.clone()),
             stopping.clone(),
+            Duration::ZERO,
             Duration::ZERO,
         ));
         let completing = tokio::spawn({

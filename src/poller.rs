@@ -47,6 +47,11 @@ pub struct PollerSettings {
     /// (`POLLER_STATUS_INTERVAL_MS`); zero writes every success with its completion.
     /// A change of state is written at once (see [`crate::completions`]).
     pub status_interval: Duration,
+    /// How long a completion with nothing to write at once waits for the next claim to
+    /// carry it, before it goes in a statement of its own
+    /// (`POLLER_COMPLETION_WAIT_MS`); zero completes each at once (see
+    /// [`crate::completions`]).
+    pub completion_wait: Duration,
 }
 
 impl Default for PollerSettings {
@@ -59,6 +64,7 @@ impl Default for PollerSettings {
             retry_base: Duration::from_secs(1),
             retry_cap: Duration::from_secs(300),
             status_interval: Duration::from_secs(2),
+            completion_wait: Duration::from_millis(20),
         }
     }
 }
@@ -322,6 +328,7 @@ impl Poller {
             connections.clone(),
             stopping.clone(),
             settings.status_interval,
+            settings.completion_wait,
         ));
         Self {
             connections,
@@ -354,6 +361,7 @@ impl Poller {
             self.connections.clone(),
             stopping.clone(),
             self.settings.status_interval,
+            self.settings.completion_wait,
         ));
         self.stopping = stopping;
         self
@@ -480,8 +488,10 @@ impl Poller {
             }
             in_flight.ended().notified().await;
         }
-        // Every publish is settled: the statuses of their successes, and of any others
-        // kept for later, are written now, not at the next pass.
+        // Every publish is settled: their completions left for a claim go now, and the
+        // statuses of their successes, and of any others kept for later, are written
+        // now, not at the next pass.
+        self.completions.complete_left().await;
         self.completions.write_kept_statuses().await;
         first_error.map_or(Ok(batch), Err)
     }
@@ -578,12 +588,18 @@ impl Poller {
         slots
     }
 
+    /// Claims up to `limit` requests, and completes those whose completions were left
+    /// for it ([`crate::completions`]) in the same statement.
     async fn claim(&self, limit: u32) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
         let claimant = self.publisher.claimant();
         let mut connection = self.connections.take().await?;
+        let completed = self.completions.take_for_claim();
+        let (lease, claimed) = (self.settings.lease, &*completed);
         let claimed =
-            db::queue::claim(&mut *connection, limit, self.settings.lease, claimant).await;
-        connection.settle(claimed)
+            db::queue::claim_completing(&mut *connection, limit, lease, claimant, claimed).await;
+        let claimed = connection.settle(claimed);
+        self.completions.claimed(completed, claimed.is_ok());
+        claimed
     }
 }
 

@@ -152,6 +152,12 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
                 0,
                 60_000,
             )?),
+            completion_wait: Duration::from_millis(self.number(
+                "POLLER_COMPLETION_WAIT_MS",
+                defaults.completion_wait.as_millis() as u64,
+                0,
+                1000,
+            )?),
             ..defaults
         })
     }

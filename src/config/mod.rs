@@ -228,6 +228,7 @@ mod tests {
             ("POLLER_IDLE_INTERVAL_MS", "-5"),
             ("POLLER_SYNC_CONCURRENCY", "0"),
             ("POLLER_STATUS_INTERVAL_MS", "60001"),
+            ("POLLER_COMPLETION_WAIT_MS", "1001"),
         ];
         for (variable, value) in cases {
             let error = error_for(&[(variable, value)]);
@@ -272,6 +273,25 @@ mod tests {
             interval(&[("POLLER_STATUS_INTERVAL_MS", "0")]),
             Duration::ZERO,
             "every success written with its completion"
+        );
+    }
+
+    #[test]
+    fn a_completion_waits_twenty_milliseconds_for_a_claim_unless_told_otherwise() {
+        let wait = |pairs: &[(&str, &str)]| {
+            let mut all = BASE.to_vec();
+            all.extend_from_slice(pairs);
+            env(&all).config().unwrap().poller.completion_wait
+        };
+        assert_eq!(wait(&[]), Duration::from_millis(20));
+        assert_eq!(
+            wait(&[("POLLER_COMPLETION_WAIT_MS", "100")]),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            wait(&[("POLLER_COMPLETION_WAIT_MS", "0")]),
+            Duration::ZERO,
+            "each completion at once"
         );
     }
 

@@ -218,19 +218,40 @@ pub async fn claim(
     lease: std::time::Duration,
     claimant: Claimant,
 ) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
+    claim_completing(executor, limit, lease, claimant, &[]).await
+}
+
+/// [`claim`], which first deletes the requests `completed` (published, their syncs
+/// ended, their statuses written or kept for later: see [`crate::completions`]) in the
+/// same statement: the claim no longer counts them in flight, so it may claim the
+/// requests they held back, and they cost no statement of their own.
+pub async fn claim_completing(
+    executor: impl PgExecutor<'_>,
+    limit: u32,
+    lease: std::time::Duration,
+    claimant: Claimant,
+    completed: &[Uuid],
+) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
     static CLAIM: LazyLock<String> = LazyLock::new(|| {
         format!(
             r#"
-        with switched_on as (
+        with completed as (
+            -- Read only when there are some (the test is a one-time filter): a claim
+            -- that carries none reads the queue no more than before.
+            {completed} and $6 > 0
+        ), switched_on as (
             select {POLLER_ENABLED} as "on"
         ), in_flight as (
             -- The keys of the requests in flight, read once (for the pending requests,
-            -- then for "heldBack"), not once for each pending request looked at.
+            -- then for "heldBack"), not once for each pending request looked at. The
+            -- statement's snapshot still has the completed ones: they are left out.
             select "deduplicationKey" from "OutgoingRequest" as flight
             where {lease_running}
+              and flight."id" <> all ($5::uuid[])
         ), expired as (
             select "id", "qstashOptions" from "OutgoingRequest"
             where "startedFulfillingAt" < current_timestamp - make_interval(secs => $2)
+              and "id" <> all ($5::uuid[])
               and (select "on" from switched_on)
             order by "startedFulfillingAt"
             limit $1
@@ -299,6 +320,7 @@ pub async fn claim(
             reserved = reserve_due_databases(
                 "(select tenancy_id as tenancy from due where $4) as claimed"
             ),
+            completed = requests_deleted("$5", "$6"),
         )
     });
     sqlx::query_as(&CLAIM)
@@ -306,6 +328,8 @@ pub async fn claim(
         .bind(lease.as_secs_f64())
         .bind(UUID_PATTERN)
         .bind(claimant == Claimant::Syncer)
+        .bind(completed)
+        .bind(completed.len() as i64)
         .fetch_all(executor)
         .await
 }

@@ -1,12 +1,13 @@
 //! A `serve` process killed with SIGKILL in the middle of a sync, and another one
 //! started: the request is taken over once its lease runs out, nothing is lost, and the
 //! dead process's last transaction, delivered to the tenant database after the new
-//! process wrote a newer version, changes nothing.
+//! process wrote a newer version, changes nothing. Killed after a sync, before its
+//! completion went, it leaves that request to the next process the same way.
 
 use std::time::{Duration, Instant};
 
 use crate::harness::binary::serve_logging_to;
-use crate::harness::fixtures::{rename_user, tenancy, user};
+use crate::harness::fixtures::{rename_user, tenancy, tenant_database, user};
 use crate::harness::postgres::{pool, server};
 use crate::harness::sync::{attach, wait_until_equal};
 use crate::harness::wait;
@@ -98,4 +99,80 @@ async fn a_killed_serve_is_taken_over_after_its_lease_and_its_last_transaction_i
         taken_over.as_secs_f64()
     );
     second.start_kill().unwrap();
+}
+
+/// A `serve` killed after a sync committed in the tenant database and before its
+/// completion went (left for a claim that never came, `POLLER_COMPLETION_WAIT_MS`): the
+/// request stays claimed, and the next process takes it over when its lease runs out,
+/// syncs again for nothing and completes it. Nothing is lost or left behind.
+#[tokio::test]
+async fn a_serve_killed_before_a_completion_left_for_a_claim_went_leaves_it_to_the_next() {
+    let internal_url = server().migrated_database().await;
+    let internal = pool(&internal_url).await;
+    let (tenant_url, tenant) = tenant_database().await;
+    let tenancy = tenancy(&internal).await;
+    attach(&internal, tenancy, &[("main", &tenant_url)]).await;
+    let id = user(&internal, tenancy, "original").await;
+    let directory = tempfile::tempdir().unwrap();
+    let env = [
+        ("RUN_WORKERS", "true"),
+        ("POLLER_LEASE_SECS", "2"),
+        ("POLLER_COMPLETION_WAIT_MS", "1000"),
+    ];
+    let (mut first, _) =
+        serve_logging_to(&internal_url, &env, &directory.path().join("first.log")).await;
+    // The first sync of the database writes its status at once, and its completion
+    // with it: only a later one is left for a claim.
+    wait_until_equal(&internal, tenancy, &tenant).await;
+    wait::until(
+        "the first request to be completed",
+        Duration::from_secs(30),
+        || async { (requests(&internal).await == 0).then_some(()) },
+    )
+    .await;
+
+    // The kill must land in the window, within the wait after the sync: on a machine
+    // too slow for that, the completion went first, and the next rename tries again.
+    let mut renames = 0;
+    loop {
+        renames += 1;
+        rename_user(&internal, id, &format!("renamed {renames}")).await;
+        wait_until_equal(&internal, tenancy, &tenant).await;
+        first.start_kill().unwrap();
+        first.wait().await.unwrap();
+        if requests(&internal).await == 1 {
+            break;
+        }
+        assert!(renames < 3, "the completion always went before the kill");
+        (first, _) =
+            serve_logging_to(&internal_url, &env, &directory.path().join("first.log")).await;
+    }
+    let in_flight: bool =
+        sqlx::query_scalar(r#"select "startedFulfillingAt" is not null from "OutgoingRequest""#)
+            .fetch_one(&internal)
+            .await
+            .unwrap();
+    assert!(
+        in_flight,
+        "the request left is the synced one, still claimed"
+    );
+
+    let (mut second, _) =
+        serve_logging_to(&internal_url, &env, &directory.path().join("second.log")).await;
+    wait::until(
+        "the request to be taken over and completed",
+        Duration::from_secs(60),
+        || async { (requests(&internal).await == 0).then_some(()) },
+    )
+    .await;
+    wait_until_equal(&internal, tenancy, &tenant).await;
+    second.start_kill().unwrap();
+}
+
+/// Requests queued, pending or in flight.
+async fn requests(internal: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(r#"select count(*) from "OutgoingRequest""#)
+        .fetch_one(internal)
+        .await
+        .unwrap()
 }

@@ -9,6 +9,7 @@ mod bulk;
 mod cli_sync;
 mod cli_tenancy;
 mod command_line;
+mod completions_in_claims;
 mod demo;
 mod embedded;
 mod gathered_completions;
