@@ -122,10 +122,23 @@ pub struct GatheredCompletions {
 
 /// The requests whose completions wait for the next claim, oldest first; `waiting` is
 /// notified when one is left, for the task that completes those no claim took.
+///
+/// One statement at a time completes what it took from here (`turn`): a claim, or a
+/// statement of their own. Were a claim to run while such a statement has taken a
+/// request and not yet committed, the claim would still see it in flight and hold its
+/// tenancy's next request back, and nothing would wake the poller when it commits.
 #[derive(Debug, Default)]
 struct Left {
     requests: std::sync::Mutex<Vec<Uuid>>,
     waiting: tokio::sync::Notify,
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// Completions taken for a claim to carry ([`Completions::carried_by_claim`]), and the
+/// turn that no other statement completing them runs meanwhile.
+pub struct Carried<'a> {
+    pub requests: Vec<Uuid>,
+    _turn: tokio::sync::MutexGuard<'a, ()>,
 }
 
 impl Left {
@@ -177,15 +190,21 @@ impl Completions {
     }
 
     /// The completions left for the next claim ([`db::queue::claim_completing`]), at most
-    /// [`MOST_LEFT`] of them, taken: the claim tells how it went with
-    /// [`Completions::claimed`].
-    pub fn take_for_claim(&self) -> Vec<Uuid> {
-        self.left.take()
+    /// [`MOST_LEFT`] of them, taken once no other statement is completing some: the
+    /// claim tells how it went with [`Completions::claimed`]. Taken before the claim's
+    /// connection, so that the statement whose turn it waits for can have one.
+    pub async fn carried_by_claim(&self) -> Carried<'_> {
+        let turn = self.left.turn.lock().await;
+        Carried {
+            requests: self.left.take(),
+            _turn: turn,
+        }
     }
 
-    /// The claim that carried `taken` ([`Completions::take_for_claim`]) committed
-    /// (`true`), or failed: then they wait again, for the next claim or the wait's end.
-    pub fn claimed(&self, taken: Vec<Uuid>, committed: bool) {
+    /// The claim that carried `carried` committed (`true`), or failed: then they wait
+    /// again, for the next claim or the wait's end.
+    pub fn claimed(&self, carried: Carried<'_>, committed: bool) {
+        let taken = carried.requests;
         if committed {
             (self.counts.by_claims).fetch_add(taken.len() as u64, Ordering::Relaxed);
             (self.counts.completed).fetch_add(taken.len() as u64, Ordering::Relaxed);
@@ -372,9 +391,10 @@ async fn complete_left_unclaimed(
 /// How long the completions left wait after their statement failed before the next.
 const UNANSWERED_PAUSE: Duration = Duration::from_millis(100);
 
-/// Completes the completions left by now, in statements of at most [`MOST_LEFT`];
-/// whether all went. What a failed statement took is put back, for a claim or the next
-/// try; once `stopping` is cancelled, a statement gets [`STATUS_GRACE_ON_SHUTDOWN`].
+/// Completes the completions left by now, in statements of at most [`MOST_LEFT`], in
+/// turn with claims; whether all went. What a failed statement took is put back, for a
+/// claim or the next try; once `stopping` is cancelled, a statement gets
+/// [`STATUS_GRACE_ON_SHUTDOWN`].
 async fn complete_left_now(
     left: &Left,
     connections: &WarmConnections,
@@ -382,6 +402,12 @@ async fn complete_left_now(
     counts: &Counts,
 ) -> bool {
     loop {
+        // A claim holding the turn when the process stops is dropped with the loop.
+        let _turn = tokio::select! {
+            biased;
+            turn = left.turn.lock() => turn,
+            () = workers::stopped_for(stopping, STATUS_GRACE_ON_SHUTDOWN) => return false,
+        };
         let taken = left.take();
         if taken.is_empty() {
             return true;

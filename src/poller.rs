@@ -592,13 +592,19 @@ impl Poller {
     /// for it ([`crate::completions`]) in the same statement.
     async fn claim(&self, limit: u32) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
         let claimant = self.publisher.claimant();
-        let mut connection = self.connections.take().await?;
-        let completed = self.completions.take_for_claim();
-        let (lease, claimed) = (self.settings.lease, &*completed);
+        let carried = self.completions.carried_by_claim().await;
+        let mut connection = match self.connections.take().await {
+            Ok(connection) => connection,
+            Err(error) => {
+                self.completions.claimed(carried, false);
+                return Err(error);
+            }
+        };
+        let (lease, completed) = (self.settings.lease, &*carried.requests);
         let claimed =
-            db::queue::claim_completing(&mut *connection, limit, lease, claimant, claimed).await;
+            db::queue::claim_completing(&mut *connection, limit, lease, claimant, completed).await;
         let claimed = connection.settle(claimed);
-        self.completions.claimed(completed, claimed.is_ok());
+        self.completions.claimed(carried, claimed.is_ok());
         claimed
     }
 }

@@ -191,3 +191,57 @@ async fn a_completion_left_by_a_poller_that_goes_away_is_taken_over_after_the_le
     .await;
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
+
+/// A claim never runs while a statement of their own completes requests left (no claim
+/// took them within the wait): it waits for that statement's commit. Run at the same
+/// time, it would see such a request in flight, hold its tenancy's next request back,
+/// and nothing would wake the poller when the statement commits.
+#[tokio::test]
+async fn a_claim_waits_for_the_statement_completing_requests_left_and_takes_what_they_held_back() {
+    let pool = migrated_pool().await;
+    let poller = poller(&pool, Duration::from_millis(50));
+    let (tenancy, tenant, ada) = synced_tenancy(&pool, &poller).await;
+    let in_flight = InFlight::default();
+    sync_a_rename(&pool, &poller, &in_flight, ada, "ada 2").await;
+    let [(left, true)] = requests(&pool, tenancy).await[..] else {
+        panic!("the synced request is left, still claimed");
+    };
+    // The statement of their own that completes it waits for this lock.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(r#"select from "OutgoingRequest" where "id" = $1 for update"#)
+        .bind(left)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    wait::until(
+        "the statement completing the request left to wait for its lock",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                r#"select count(*) from pg_stat_activity
+                   where wait_event_type = 'Lock' and query like 'delete from "OutgoingRequest"%'"#,
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+
+    rename_user(&pool, ada, "ada 3").await;
+    sequence_all(&pool, 1000).await;
+    let claiming = async { step(&poller, &in_flight).await.claimed };
+    let releasing = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        holder.commit().await.unwrap();
+    };
+    let (claimed, ()) = tokio::join!(claiming, releasing);
+    assert_eq!(
+        claimed, 1,
+        "the claim took the request held back until then"
+    );
+    poller.finish(&in_flight).await.unwrap();
+    assert_eq!(requests(&pool, tenancy).await, []);
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
