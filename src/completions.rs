@@ -134,11 +134,31 @@ struct Left {
     turn: tokio::sync::Mutex<()>,
 }
 
-/// Completions taken for a claim to carry ([`Completions::carried_by_claim`]), and the
-/// turn that no other statement completing them runs meanwhile.
+/// Completions taken for one statement to complete (a claim's,
+/// [`Completions::carried_by_claim`], or one of their own), and the turn that no other
+/// statement completing them runs meanwhile. Dropped before the statement committed (it
+/// failed, or was dropped when the process stopped), they are put back.
 pub struct Carried<'a> {
-    pub requests: Vec<Uuid>,
+    requests: Vec<Uuid>,
+    left: &'a Left,
     _turn: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl Carried<'_> {
+    pub fn requests(&self) -> &[Uuid] {
+        &self.requests
+    }
+
+    /// The statement committed: how many it completed.
+    fn committed(mut self) -> usize {
+        std::mem::take(&mut self.requests).len()
+    }
+}
+
+impl Drop for Carried<'_> {
+    fn drop(&mut self) {
+        self.left.put_back(std::mem::take(&mut self.requests));
+    }
 }
 
 impl Left {
@@ -151,6 +171,17 @@ impl Left {
         let mut requests = self.requests();
         let taken = requests.len().min(MOST_LEFT);
         requests.drain(..taken).collect()
+    }
+
+    /// Takes the oldest, at most [`MOST_LEFT`], once no other statement is completing
+    /// some.
+    async fn carry(&self) -> Carried<'_> {
+        let turn = self.turn.lock().await;
+        Carried {
+            requests: self.take(),
+            left: self,
+            _turn: turn,
+        }
     }
 
     /// Puts back `taken`, ahead of those left since.
@@ -194,22 +225,16 @@ impl Completions {
     /// claim tells how it went with [`Completions::claimed`]. Taken before the claim's
     /// connection, so that the statement whose turn it waits for can have one.
     pub async fn carried_by_claim(&self) -> Carried<'_> {
-        let turn = self.left.turn.lock().await;
-        Carried {
-            requests: self.left.take(),
-            _turn: turn,
-        }
+        self.left.carry().await
     }
 
     /// The claim that carried `carried` committed (`true`), or failed: then they wait
     /// again, for the next claim or the wait's end.
     pub fn claimed(&self, carried: Carried<'_>, committed: bool) {
-        let taken = carried.requests;
         if committed {
-            (self.counts.by_claims).fetch_add(taken.len() as u64, Ordering::Relaxed);
-            (self.counts.completed).fetch_add(taken.len() as u64, Ordering::Relaxed);
-        } else {
-            self.left.put_back(taken);
+            let taken = carried.committed() as u64;
+            (self.counts.by_claims).fetch_add(taken, Ordering::Relaxed);
+            (self.counts.completed).fetch_add(taken, Ordering::Relaxed);
         }
     }
 
@@ -393,46 +418,43 @@ const UNANSWERED_PAUSE: Duration = Duration::from_millis(100);
 
 /// Completes the completions left by now, in statements of at most [`MOST_LEFT`], in
 /// turn with claims; whether all went. What a failed statement took is put back, for a
-/// claim or the next try; once `stopping` is cancelled, a statement gets
-/// [`STATUS_GRACE_ON_SHUTDOWN`].
+/// claim or the next try. Once `stopping` is cancelled, all of it gets
+/// [`STATUS_GRACE_ON_SHUTDOWN`], waiting for its turn included (the internal database
+/// may be down, and stopping does not wait for it).
 async fn complete_left_now(
     left: &Left,
     connections: &WarmConnections,
     stopping: &CancellationToken,
     counts: &Counts,
 ) -> bool {
-    loop {
-        // A claim holding the turn when the process stops is dropped with the loop.
-        let _turn = tokio::select! {
-            biased;
-            turn = left.turn.lock() => turn,
-            () = workers::stopped_for(stopping, STATUS_GRACE_ON_SHUTDOWN) => return false,
-        };
-        let taken = left.take();
-        if taken.is_empty() {
-            return true;
-        }
-        let completed: Vec<Completed<'_>> = (taken.iter())
-            .map(|&id| Completed { id, synced: None })
-            .collect();
-        let completing = tokio::select! {
-            biased;
-            completing = complete_many(connections, &completed) => completing,
-            () = workers::stopped_for(stopping, STATUS_GRACE_ON_SHUTDOWN) => {
-                Err(sqlx::Error::PoolTimedOut)
+    let completing = async {
+        loop {
+            let carried = left.carry().await;
+            if carried.requests().is_empty() {
+                return Ok(());
             }
-        };
-        if let Err(error) = completing {
-            tracing::warn!(
-                requests = taken.len(),
-                error = %error_chain(&error),
-                "cannot complete synced requests; trying again (or their leases run out)"
-            );
-            left.put_back(taken);
-            return false;
+            let completed: Vec<Completed<'_>> = (carried.requests().iter())
+                .map(|&id| Completed { id, synced: None })
+                .collect();
+            complete_many(connections, &completed).await?;
+            counts.completed(carried.committed());
         }
-        counts.completed(taken.len());
+    };
+    let completed = tokio::select! {
+        biased;
+        completed = completing => completed,
+        () = workers::stopped_for(stopping, STATUS_GRACE_ON_SHUTDOWN) => {
+            Err(sqlx::Error::PoolTimedOut)
+        }
+    };
+    if let Err(error) = &completed {
+        tracing::warn!(
+            requests = left.requests().len(),
+            error = %error_chain(error),
+            "cannot complete synced requests; trying again (or their leases run out)"
+        );
     }
+    completed.is_ok()
 }
 
 /// Takes the first completion asked, lets the other ready tasks run (publishes that

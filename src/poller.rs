@@ -491,8 +491,10 @@ impl Poller {
         // Every publish is settled: their completions left for a claim go now, and the
         // statuses of their successes, and of any others kept for later, are written
         // now, not at the next pass.
-        self.completions.complete_left().await;
-        self.completions.write_kept_statuses().await;
+        tokio::join!(
+            self.completions.complete_left(),
+            self.completions.write_kept_statuses()
+        );
         first_error.map_or(Ok(batch), Err)
     }
 
@@ -592,15 +594,10 @@ impl Poller {
     /// for it ([`crate::completions`]) in the same statement.
     async fn claim(&self, limit: u32) -> Result<Vec<ClaimedRequest>, sqlx::Error> {
         let claimant = self.publisher.claimant();
+        // What it carries goes back for the next claim unless this one commits.
         let carried = self.completions.carried_by_claim().await;
-        let mut connection = match self.connections.take().await {
-            Ok(connection) => connection,
-            Err(error) => {
-                self.completions.claimed(carried, false);
-                return Err(error);
-            }
-        };
-        let (lease, completed) = (self.settings.lease, &*carried.requests);
+        let mut connection = self.connections.take().await?;
+        let (lease, completed) = (self.settings.lease, carried.requests());
         let claimed =
             db::queue::claim_completing(&mut *connection, limit, lease, claimant, completed).await;
         let claimed = connection.settle(claimed);
