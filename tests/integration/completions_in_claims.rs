@@ -219,7 +219,8 @@ async fn a_claim_waits_for_the_statement_completing_requests_left_and_takes_what
         || async {
             let waiting: i64 = sqlx::query_scalar(
                 r#"select count(*) from pg_stat_activity
-                   where wait_event_type = 'Lock' and query like 'delete from "OutgoingRequest"%'"#,
+                   where datname = current_database() and wait_event_type = 'Lock'
+                     and query like 'delete from "OutgoingRequest"%'"#,
             )
             .fetch_one(&pool)
             .await
