@@ -239,8 +239,10 @@ impl Completions {
     }
 
     /// Completes at once every completion left for a claim: when the caller's publishes
-    /// are all settled and no claim may follow. A failure is logged: those requests are
-    /// taken over when their leases run out, and synced again for nothing.
+    /// are all settled and no claim may follow. A failure is logged, and what failed
+    /// waits again for a claim or the task that completes those no claim took; once the
+    /// process stops, those requests are taken over when their leases run out, and
+    /// synced again for nothing.
     pub async fn complete_left(&self) {
         let connections = &self.connections;
         complete_left_now(&self.left, connections, &self.stopping, &self.counts).await;

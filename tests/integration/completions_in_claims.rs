@@ -11,10 +11,10 @@ use external_db_sync::poller::{InFlight, Poller, PollerSettings};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::harness::fixtures::{rename_user, request_key, sequence_all, user};
-use crate::harness::polling::{direct_poller_settled, poll_once, step};
+use crate::harness::fixtures::{rename_user, request_key, sequence_all};
+use crate::harness::polling::{direct_poller_settled, poll_once, step, tenancy_synced_once};
 use crate::harness::postgres::migrated_pool;
-use crate::harness::sync::{assert_tenant_matches_source, tenancy_with_database};
+use crate::harness::sync::assert_tenant_matches_source;
 use crate::harness::wait;
 
 /// A poller whose completions wait up to `wait` for a claim.
@@ -43,10 +43,7 @@ async fn requests(pool: &PgPool, tenancy: Uuid) -> Vec<(Uuid, bool)> {
 /// A tenancy with a database and a user, synced once (its first success is written at
 /// once, so its completion goes at once too); the user's id.
 async fn synced_tenancy(pool: &PgPool, poller: &Poller) -> (Uuid, PgPool, Uuid) {
-    let (tenancy, tenant) = tenancy_with_database(pool).await;
-    let ada = user(pool, tenancy, "ada").await;
-    sequence_all(pool, 1000).await;
-    assert_eq!(poll_once(poller).await.published, 1);
+    let (tenancy, tenant, ada) = tenancy_synced_once(pool, poller).await;
     assert_eq!(requests(pool, tenancy).await, []);
     (tenancy, tenant, ada)
 }

@@ -12,12 +12,11 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::harness::fixtures::{rename_user, request_key, sequence_all, user};
-use crate::harness::polling::{direct_poller_settled, poll_once, step};
+use crate::harness::fixtures::{rename_user, request_key, sequence_all};
+use crate::harness::polling::{direct_poller_settled, step, tenancy_synced_once};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{
     assert_tenant_matches_source, latest_change, recorded_error, recorded_status,
-    tenancy_with_database,
 };
 use crate::harness::wait;
 
@@ -35,10 +34,7 @@ fn poller(pool: &PgPool, interval: Duration) -> Poller {
 /// A tenancy with a database and a user, synced once (its first success is written at
 /// once); the user's id.
 async fn synced_tenancy(pool: &PgPool, poller: &Poller) -> (Uuid, PgPool, Uuid) {
-    let (tenancy, tenant) = tenancy_with_database(pool).await;
-    let ada = user(pool, tenancy, "ada").await;
-    sequence_all(pool, 1000).await;
-    assert_eq!(poll_once(poller).await.published, 1);
+    let (tenancy, tenant, ada) = tenancy_synced_once(pool, poller).await;
     let through = latest_change(pool, tenancy, "ProjectUser").await;
     assert_eq!(users_synced_through(pool, tenancy).await, Some(through));
     (tenancy, tenant, ada)

@@ -8,8 +8,9 @@ use external_db_sync::publish::direct::DirectPublisher;
 use sqlx::PgPool;
 
 use external_db_sync::sync::{SyncEngine, SyncSettings};
+use uuid::Uuid;
 
-use super::sync::{engine_with, test_settings, PrivateTargets};
+use super::sync::{engine_with, tenancy_with_database, test_settings, PrivateTargets};
 
 /// A poller that syncs in-process on an engine of its own, `sync_concurrency` at once.
 pub fn direct_poller(pool: &PgPool, sync_concurrency: usize) -> Poller {
@@ -88,4 +89,14 @@ pub async fn poll_once(poller: &Poller) -> PolledBatch {
     let mut batch = step(poller, &in_flight).await;
     batch.add(&poller.finish(&in_flight).await.unwrap());
     batch
+}
+
+/// A new tenancy with a database and one user, `ada`, synced once by `poller`: the
+/// tenancy, its tenant database and the user's id.
+pub async fn tenancy_synced_once(pool: &PgPool, poller: &Poller) -> (Uuid, PgPool, Uuid) {
+    let (tenancy, tenant) = tenancy_with_database(pool).await;
+    let ada = super::fixtures::user(pool, tenancy, "ada").await;
+    super::fixtures::sequence_all(pool, 1000).await;
+    assert_eq!(poll_once(poller).await.published, 1);
+    (tenancy, tenant, ada)
 }
