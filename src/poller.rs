@@ -514,6 +514,19 @@ impl Poller {
             held_back: claimed.first().is_some_and(|request| request.held_back),
         };
         instruments::requests_claimed(started.claimed, claiming.elapsed());
+        self.spawn_publishes(in_flight, slots, claimed);
+        Ok(started)
+    }
+
+    /// Starts one publish per slot for the `claimed` requests (as many to a slot as the
+    /// publisher takes); the slots left over are freed.
+    fn spawn_publishes(
+        &self,
+        in_flight: &InFlight,
+        slots: Vec<OwnedSemaphorePermit>,
+        claimed: Vec<ClaimedRequest>,
+    ) {
+        let per_slot = self.publisher.batch_limit().max(1);
         let mut tasks = in_flight.tasks();
         let mut claimed = claimed.into_iter();
         for slot in slots {
@@ -567,7 +580,51 @@ impl Poller {
                 settled
             });
         }
-        Ok(started)
+    }
+
+    /// Free slots for a sequencer batch to claim the requests it queues for
+    /// ([`Poller::claimed_at_enqueue`]), taken without waiting: in `direct` mode only (a
+    /// publish to QStash is claimed by the poller, which gathers them), and none once
+    /// the process is stopping.
+    pub fn slots_for_enqueue(&self) -> Vec<OwnedSemaphorePermit> {
+        let direct = self.publisher.claimant() == db::queue::Claimant::Syncer
+            && self.publisher.batch_limit() == 1;
+        let mut slots = Vec::new();
+        while direct
+            && !self.stopping.is_cancelled()
+            && slots.len() < self.settings.batch_size as usize
+        {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slots.push(slot),
+                Err(_) => break,
+            }
+        }
+        slots
+    }
+
+    /// The completions left for the next claim, which a sequencer batch that claims
+    /// carries like one ([`crate::completions::Completions::carried_by_claim`]).
+    pub async fn carried_by_claim(&self) -> crate::completions::Carried<'_> {
+        self.completions.carried_by_claim().await
+    }
+
+    /// What follows a sequencer batch that claimed at enqueue: what it carried is
+    /// completed when it `committed`, and the publishes of the requests it `claimed`
+    /// start in `in_flight` on the `slots` taken for it ([`Poller::slots_for_enqueue`]).
+    pub fn claimed_at_enqueue(
+        &self,
+        in_flight: &InFlight,
+        carried: crate::completions::Carried<'_>,
+        committed: bool,
+        slots: Vec<OwnedSemaphorePermit>,
+        claimed: Vec<ClaimedRequest>,
+        took: Duration,
+    ) {
+        self.completions.claimed(carried, committed);
+        if !claimed.is_empty() {
+            instruments::requests_claimed(claimed.len() as u64, took);
+        }
+        self.spawn_publishes(in_flight, slots, claimed);
     }
 
     /// Waits for one free slot, then takes the others that are free, as many as the

@@ -22,6 +22,7 @@ use crate::db::sequencing::{SequencedBatch, Wakefulness};
 use crate::db::warm::WarmConnections;
 use crate::error::error_chain;
 use crate::instruments;
+use crate::poller::{InFlight, Poller};
 use crate::workers::Outcome;
 
 /// Tuning of the sequencer.
@@ -109,18 +110,56 @@ pub async fn run_once(
     Ok(after_batch(pool, batch, started).await)
 }
 
-/// [`run_once`] for the loop in `serve`, on a connection kept warm between its batches.
+/// The poller of the process whose loop runs a batch, when the batch claims for it the
+/// requests it queues (`direct` mode, DESIGN.md §11), and the caller's publishes that
+/// those claims start in.
+pub struct ClaimFor<'a> {
+    pub poller: &'a Poller,
+    pub in_flight: &'a InFlight,
+}
+
+/// [`run_once`] for the loop in `serve`, on a connection kept warm between its batches;
+/// with `claim_for`, the batch claims what it queues for that poller's free slots
+/// ([`db::sequencing::sequence_batch_claiming`]) and carries the completions left for a
+/// claim.
 pub(crate) async fn run_batch(
     connections: &WarmConnections,
     settings: &SequencerSettings,
     wakefulness: Wakefulness,
+    claim_for: Option<&ClaimFor<'_>>,
 ) -> Result<SequencerRun, SequencerError> {
     let started = Instant::now();
+    let Some(ClaimFor { poller, in_flight }) = claim_for else {
+        let mut connection = connections.take().await?;
+        let batched =
+            db::sequencing::sequence_batch(&mut *connection, settings.batch_size, wakefulness)
+                .await;
+        let batch = connection.settle(batched)?;
+        return Ok(after_batch(connections.pool(), batch, started).await);
+    };
+    let slots = poller.slots_for_enqueue();
+    // Taken before the connection, as a claim does; put back unless the batch commits.
+    let carried = poller.carried_by_claim().await;
     let mut connection = connections.take().await?;
-    let batched =
-        db::sequencing::sequence_batch(&mut *connection, settings.batch_size, wakefulness).await;
-    let batch = connection.settle(batched)?;
-    Ok(after_batch(connections.pool(), batch, started).await)
+    let batched = db::sequencing::sequence_batch_claiming(
+        &mut *connection,
+        settings.batch_size,
+        wakefulness,
+        slots.len(),
+        carried.requests(),
+    )
+    .await;
+    match connection.settle(batched) {
+        Ok(batched) => {
+            let took = started.elapsed();
+            poller.claimed_at_enqueue(in_flight, carried, true, slots, batched.claimed, took);
+            Ok(after_batch(connections.pool(), batched.batch, started).await)
+        }
+        Err(error) => {
+            poller.claimed_at_enqueue(in_flight, carried, false, slots, Vec::new(), Duration::ZERO);
+            Err(error.into())
+        }
+    }
 }
 
 /// What follows a batch that started at `started`: its measures, and tombstones pruned

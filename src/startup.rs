@@ -20,6 +20,7 @@ use crate::publish::direct::DirectPublisher;
 use crate::publish::qstash::QstashPublisher;
 use crate::publish::Publisher;
 use crate::routes::{self, AppState};
+use crate::sequencer::ClaimFor;
 use crate::sync::policy::{PrivateTargets, TargetPolicy};
 use crate::sync::SyncEngine;
 use crate::wakeup::{self, SequencerLoop, Wakeups};
@@ -130,8 +131,23 @@ impl Application {
                 wakeup::listen(state.pool.clone(), wakeups.clone(), shutdown.clone())
                     .map(|()| ("change listener", Ok(()))),
             );
-            tasks.spawn(run_sequencer(state.clone(), wakeups.changes.clone()));
-            tasks.spawn(run_poller(state.clone(), wakeups.requests.clone()));
+            // The poller loop's publishes, which the sequencer's batches start too when
+            // they claim what they queue; they wake the poller loop when they end and
+            // it may find more work, as new requests do.
+            let in_flight = Arc::new(InFlight::for_loop(wakeups.requests.clone()));
+            let sequencer_stopped = CancellationToken::new();
+            tasks.spawn(run_sequencer(
+                state.clone(),
+                wakeups.changes.clone(),
+                in_flight.clone(),
+                sequencer_stopped.clone(),
+            ));
+            tasks.spawn(run_poller(
+                state.clone(),
+                wakeups.requests.clone(),
+                in_flight,
+                sequencer_stopped,
+            ));
         }
         join_all(tasks, &shutdown).await
     }
@@ -151,20 +167,37 @@ async fn keep_metrics_bounded(shutdown: CancellationToken) -> Ended {
 /// A task of the service: its name, and how it ended.
 type Ended = (&'static str, anyhow::Result<()>);
 
-/// The sequencer's loop, until shutdown; then it gives its lease up.
-async fn run_sequencer(state: AppState, wake: Arc<Notify>) -> Ended {
+/// The sequencer's loop, until shutdown; then it gives its lease up. Its batches claim
+/// what they queue for the process's poller, whose publishes start in `in_flight`;
+/// `stopped` is cancelled once the loop ran its last batch (the poller then finishes).
+async fn run_sequencer(
+    state: AppState,
+    wake: Arc<Notify>,
+    in_flight: Arc<InFlight>,
+    stopped: CancellationToken,
+) -> Ended {
+    let stopped = stopped.drop_guard();
     let settings = &state.sequencer;
     let sequencer = tokio::sync::Mutex::new(SequencerLoop::default());
     let sequencer = &sequencer;
     let connections = &WarmConnections::new(state.pool.clone());
+    let claim_for = ClaimFor {
+        poller: &state.poller,
+        in_flight: &in_flight,
+    };
+    let claim_for = &claim_for;
     let dropped = workers::run_loop(
         "sequencer",
         state.shutdown.clone(),
         settings.idle_interval,
         wake,
-        || async { sequencer.lock().await.step(connections, settings).await },
+        || async {
+            let mut sequencer = sequencer.lock().await;
+            sequencer.step(connections, settings, Some(claim_for)).await
+        },
     )
     .await;
+    drop(stopped);
     if dropped.0 {
         tracing::warn!("the database does not answer; the sequencer's lease runs out on its own");
     } else {
@@ -177,14 +210,17 @@ async fn run_sequencer(state: AppState, wake: Arc<Notify>) -> Ended {
     ("sequencer worker", Ok(()))
 }
 
-/// The poller's loop, until shutdown; then it settles the syncs it started.
-async fn run_poller(state: AppState, wake: Arc<Notify>) -> Ended {
+/// The poller's loop, until shutdown; then it settles the syncs it and the sequencer's
+/// batches started (once `sequencer_stopped`: no batch starts one after that).
+async fn run_poller(
+    state: AppState,
+    wake: Arc<Notify>,
+    in_flight: Arc<InFlight>,
+    sequencer_stopped: CancellationToken,
+) -> Ended {
     let poller = &state.poller;
     let settings = poller.settings();
-    // The loop's publishes wake it when they end and it may find more work, as new
-    // requests do.
-    let in_flight = InFlight::for_loop(wake.clone());
-    let in_flight = &in_flight;
+    let in_flight = &*in_flight;
     let _ = workers::run_loop(
         "poller",
         state.shutdown.clone(),
@@ -193,6 +229,7 @@ async fn run_poller(state: AppState, wake: Arc<Notify>) -> Ended {
         || poller.loop_step(in_flight),
     )
     .await;
+    sequencer_stopped.cancelled().await;
     // Syncs already started are finished and settled before the process ends, rather
     // than left claimed until their lease runs out.
     if let Err(error) = poller.finish(in_flight).await {

@@ -43,7 +43,7 @@ use crate::db::sequencing::Wakefulness;
 use crate::db::warm::WarmConnections;
 use crate::db::{CHANGES_CHANNEL, REQUESTS_CHANNEL};
 use crate::error::error_chain;
-use crate::sequencer::{self, SequencerError, SequencerRun, SequencerSettings};
+use crate::sequencer::{self, ClaimFor, SequencerError, SequencerRun, SequencerSettings};
 use crate::workers::Outcome;
 
 /// The permits the listener hands out.
@@ -222,6 +222,7 @@ impl SequencerLoop {
         &mut self,
         connections: &WarmConnections,
         settings: &SequencerSettings,
+        claim_for: Option<&ClaimFor<'_>>,
     ) -> Result<Outcome, SequencerError> {
         let lease = WAKE_LEASE;
         let wakefulness = if self.empty_looks >= AWAKE_PAUSES_MS.len() {
@@ -234,7 +235,7 @@ impl SequencerLoop {
             batch_size,
             ..settings.clone()
         };
-        let run = sequencer::run_batch(connections, &grown, wakefulness).await?;
+        let run = sequencer::run_batch(connections, &grown, wakefulness, claim_for).await?;
         let worked = run.outcome(batch_size);
         self.grow(&worked);
         if self.backlog_drained(&worked) {
@@ -294,7 +295,7 @@ impl SequencerLoop {
             // the pool waits for a connection) is not waited for any longer.
             let batch = tokio::time::timeout_at(
                 deadline,
-                sequencer::run_batch(connections, settings, sleepy),
+                sequencer::run_batch(connections, settings, sleepy, None),
             );
             let Ok(batch) = batch.await else {
                 tracing::warn!(

@@ -8,10 +8,10 @@
 
 use std::time::Duration;
 
-use sqlx::PgExecutor;
+use sqlx::{FromRow, PgExecutor, Row};
+use uuid::Uuid;
 
-use super::queue::{SYNC_ENGINE_PATH, SYNC_REQUEST_KEY_PREFIX};
-use super::REQUESTS_CHANNEL;
+use super::queue::{ClaimedRequest, SYNC_ENGINE_PATH, SYNC_REQUEST_KEY_PREFIX};
 
 /// How many rows one batch numbered, per table, and what it queued.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
@@ -81,24 +81,62 @@ pub async fn sequence_batch(
     batch_size: u32,
     wakefulness: Wakefulness,
 ) -> Result<Option<SequencedBatch>, sqlx::Error> {
-    // A tenancy that already had a pending request got no new one, so no insert
-    // notified the pollers; but the batch locked that request until it commits, and a
-    // poller that tried to claim it meanwhile skipped it and went to sleep. So the batch
-    // notifies them itself, delivered at its commit: without it, such a request waited
-    // for the pollers' timer (`POLLER_IDLE_INTERVAL_MS`, 5 s by default).
-    let row = sqlx::query_as::<_, BatchRow>(
-        "select batch.*, \
-                (select count(*) from (select pg_notify($6, '') \
-                 where batch.tenancies > batch.requests_enqueued) as relied) as announced \
-         from external_db_sync_sequence_batch($1, $2, $3, $4, $5) as batch",
+    let claiming = sequence_batch_claiming(executor, batch_size, wakefulness, 0, &[]).await?;
+    Ok(claiming.batch)
+}
+
+/// What [`sequence_batch_claiming`] did.
+#[derive(Debug)]
+pub struct ClaimingBatch {
+    /// The batch, as [`sequence_batch`] answers it.
+    pub batch: Option<SequencedBatch>,
+    /// The requests it queued already claimed, as a claim answers them
+    /// ([`super::queue::claim`]).
+    pub claimed: Vec<ClaimedRequest>,
+}
+
+/// [`sequence_batch`], which also claims, as it queues them, the requests of up to
+/// `claim_limit` tenancies for the caller to sync at once (`direct` mode; DESIGN.md §11),
+/// and first deletes the requests `completed` (their syncs settled, left for the next
+/// claim: see [`crate::completions`]).
+///
+/// A tenancy's request is claimed at its insert only when its queue has nothing else (no
+/// request pending or claimed) and it has no failing database (whose attempts the
+/// poller's claim reserves); none while the fusebox has the poller switched off. A
+/// request claimed so is not announced to the pollers (migration 21): it has its
+/// claimant. It holds a lease as a claim's does, kept by the same renewals, and a
+/// process that dies leaves it to be taken over when that lease runs out.
+pub async fn sequence_batch_claiming(
+    executor: impl PgExecutor<'_>,
+    batch_size: u32,
+    wakefulness: Wakefulness,
+    claim_limit: usize,
+    completed: &[Uuid],
+) -> Result<ClaimingBatch, sqlx::Error> {
+    let rows = sqlx::query(
+        "select * from external_db_sync_sequence_and_claim($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(i64::from(batch_size))
     .bind(SYNC_ENGINE_PATH)
     .bind(SYNC_REQUEST_KEY_PREFIX)
     .bind(wakefulness.lease_ms())
     .bind(matches!(wakefulness, Wakefulness::Sleepy { .. }))
-    .bind(REQUESTS_CHANNEL)
-    .fetch_one(executor)
+    .bind(i64::try_from(claim_limit).unwrap_or(i64::MAX))
+    .bind(completed)
+    .fetch_all(executor)
     .await?;
-    Ok(row.sequencer_enabled.then_some(row.batch))
+    let Some(first) = rows.first() else {
+        return Err(sqlx::Error::RowNotFound);
+    };
+    let counts = BatchRow::from_row(first)?;
+    let mut claimed = Vec::new();
+    for row in &rows {
+        if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+            claimed.push(ClaimedRequest::from_row(row)?);
+        }
+    }
+    Ok(ClaimingBatch {
+        batch: counts.sequencer_enabled.then_some(counts.batch),
+        claimed,
+    })
 }

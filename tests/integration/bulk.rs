@@ -380,12 +380,12 @@ async fn a_sequencer_loop_analyzes_the_source_tables_after_a_large_backlog() {
 
     let mut steps = 0;
     while fixtures::flagged_rows(&pool).await > 0 {
-        sequencer.step(&connections, &settings).await.unwrap();
+        sequencer.step(&connections, &settings, None).await.unwrap();
         steps += 1;
         assert!(steps < 100, "the backlog is numbered in growing batches");
     }
     // The batch that finds the backlog gone analyzes.
-    sequencer.step(&connections, &settings).await.unwrap();
+    sequencer.step(&connections, &settings, None).await.unwrap();
 
     assert!(last_analyze().await.is_some(), "the tables were analyzed");
 }
@@ -464,7 +464,8 @@ async fn a_batch_after_an_import_finds_its_rows_by_index_whatever_the_statistics
     assert_eq!(whole, [], "scans of whole tables by the batch");
     let settings: Option<Vec<String>> = sqlx::query_scalar(
         "select proconfig from pg_proc where oid = \
-         'external_db_sync_sequence_batch(bigint, text, text, bigint, boolean)'::regprocedure",
+         'external_db_sync_sequence_and_claim(bigint, text, text, bigint, boolean, bigint, uuid[])'\
+         ::regprocedure",
     )
     .fetch_one(&pool)
     .await

@@ -233,7 +233,7 @@ async fn an_in_flight_cron_call_ends_promptly_at_shutdown() {
             let active: i64 = sqlx::query_scalar(
             "select count(*) from pg_stat_activity where application_name = 'external-db-sync' \
              and datname = current_database() \
-             and query like '%external_db_sync_sequence_batch%' and pid <> pg_backend_pid()",
+             and query like '%external_db_sync_sequence_and_claim%' and pid <> pg_backend_pid()",
         )
         .fetch_one(&app.pool)
         .await

@@ -6,6 +6,7 @@
 mod harness;
 
 mod bulk;
+mod claims_at_enqueue;
 mod cli_sync;
 mod cli_tenancy;
 mod command_line;

@@ -211,7 +211,7 @@ async fn a_stopping_loop_gives_its_lease_up() {
     let mut worker = SequencerLoop::default();
     let connections = WarmConnections::new(pool.clone());
     rename_user(&pool, user, "changed").await;
-    worker.step(&connections, &settings).await.unwrap();
+    worker.step(&connections, &settings, None).await.unwrap();
     assert!(
         sequencer_awake(&pool).await,
         "a loop that found work is awake"
