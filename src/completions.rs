@@ -17,9 +17,10 @@
 //! publish to QStash) does not even need a statement of its own: it is left for the
 //! poller's next claim, which deletes it in the same statement
 //! ([`db::queue::claim_completing`]) and meanwhile leaves it out of the requests in
-//! flight, so that the claim may take the request it held back. Under load a claim
-//! follows each sequencer batch, and carries the completions of the syncs that ended
-//! since the last one. One that no claim takes within the wait
+//! flight, so that the claim may take the request it held back. In `direct` mode the
+//! sequencer's batches of `serve`'s loop claim too, as they queue requests, and carry
+//! them the same way ([`db::sequencing::sequence_batch_claiming`]): under load each
+//! batch carries the completions of the syncs that ended since the last one. One that no claim takes within the wait
 //! (`POLLER_COMPLETION_WAIT_MS`, 20 ms) is completed by a statement of its own, with the
 //! others left by then; and so are those left when the poller finishes or the process
 //! stops. Until then its request still counts as in flight for other processes: a change
@@ -184,6 +185,16 @@ impl Left {
         }
     }
 
+    /// [`Left::carry`], if no other statement is completing some now; `None` otherwise.
+    fn carry_if_free(&self) -> Option<Carried<'_>> {
+        let turn = self.turn.try_lock().ok()?;
+        Some(Carried {
+            requests: self.take(),
+            left: self,
+            _turn: turn,
+        })
+    }
+
     /// Puts back `taken`, ahead of those left since.
     fn put_back(&self, taken: Vec<Uuid>) {
         if taken.is_empty() {
@@ -226,6 +237,15 @@ impl Completions {
     /// connection, so that the statement whose turn it waits for can have one.
     pub async fn carried_by_claim(&self) -> Carried<'_> {
         self.left.carry().await
+    }
+
+    /// [`Completions::carried_by_claim`] for a statement that does not wait for its turn
+    /// (a sequencer batch, which would hold every change behind it): `None` while another
+    /// statement completes some. A batch that carries none then sees those requests
+    /// still in flight and leaves their tenancies' new requests pending, announced, for
+    /// the poller's claim, which waits for its turn.
+    pub fn carried_if_free(&self) -> Option<Carried<'_>> {
+        self.left.carry_if_free()
     }
 
     /// The claim that carried `carried` committed (`true`), or failed: then they wait

@@ -64,7 +64,10 @@ fn describe() {
         ROWS_SEQUENCED,
         "Changed rows (users, contact channels, tombstones) given a sequence id"
     );
-    describe_counter!(REQUESTS_CLAIMED, "Sync requests claimed by the poller");
+    describe_counter!(
+        REQUESTS_CLAIMED,
+        "Sync requests claimed by the poller, or by a sequencer batch as it queued them"
+    );
     describe_counter!(
         REQUESTS_PUBLISHED,
         "Sync requests published (direct: synced; qstash: handed to QStash)"
@@ -138,6 +141,12 @@ pub fn sequencer_batch(rows: u64, took: Duration) {
 pub fn requests_claimed(requests: u64, took: Duration) {
     counter!(REQUESTS_CLAIMED).increment(requests);
     histogram!(POLLER_CLAIM_DURATION).record(took.as_secs_f64());
+}
+
+/// Requests a sequencer batch claimed as it queued them (`direct` mode): counted with
+/// the poller's claims; the batch's time is the sequencer's.
+pub fn requests_claimed_at_enqueue(requests: u64) {
+    counter!(REQUESTS_CLAIMED).increment(requests);
 }
 
 /// A request published, `lag` after it was queued.

@@ -6,6 +6,12 @@
 //! the table with its attempt count and last error instead of vanishing. A poller that
 //! dies mid-flight leaves its claims behind; their leases expire and the next run takes
 //! them over.
+//!
+//! In `direct` mode the sequencer's batches of `serve`'s loop claim most requests
+//! themselves, as they queue them, for this process's poller: they take its free slots
+//! ([`Poller::slots_for_enqueue`]) and the publishes start in the loop's [`InFlight`]
+//! ([`Poller::claimed_at_enqueue`]), settled like any other. The poller claims the rest:
+//! requests of tenancies that were busy or failing, retries, leases run out.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -603,27 +609,28 @@ impl Poller {
     }
 
     /// The completions left for the next claim, which a sequencer batch that claims
-    /// carries like one ([`crate::completions::Completions::carried_by_claim`]).
-    pub async fn carried_by_claim(&self) -> crate::completions::Carried<'_> {
-        self.completions.carried_by_claim().await
+    /// carries like one, unless another statement is completing some now
+    /// ([`crate::completions::Completions::carried_if_free`]).
+    pub fn carried_if_free(&self) -> Option<crate::completions::Carried<'_>> {
+        self.completions.carried_if_free()
     }
 
     /// What follows a sequencer batch that claimed at enqueue: what it carried is
     /// completed when it `committed`, and the publishes of the requests it `claimed`
-    /// start in `in_flight` on the `slots` taken for it ([`Poller::slots_for_enqueue`]).
+    /// start in `in_flight` on the `slots` taken for it ([`Poller::slots_for_enqueue`]);
+    /// the slots they do not use are freed.
     pub fn claimed_at_enqueue(
         &self,
         in_flight: &InFlight,
-        carried: crate::completions::Carried<'_>,
+        carried: Option<crate::completions::Carried<'_>>,
         committed: bool,
         slots: Vec<OwnedSemaphorePermit>,
         claimed: Vec<ClaimedRequest>,
-        took: Duration,
     ) {
-        self.completions.claimed(carried, committed);
-        if !claimed.is_empty() {
-            instruments::requests_claimed(claimed.len() as u64, took);
+        if let Some(carried) = carried {
+            self.completions.claimed(carried, committed);
         }
+        instruments::requests_claimed_at_enqueue(claimed.len() as u64);
         self.spawn_publishes(in_flight, slots, claimed);
     }
 

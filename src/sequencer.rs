@@ -138,25 +138,27 @@ pub(crate) async fn run_batch(
         return Ok(after_batch(connections.pool(), batch, started).await);
     };
     let slots = poller.slots_for_enqueue();
-    // Taken before the connection, as a claim does; put back unless the batch commits.
-    let carried = poller.carried_by_claim().await;
+    // Put back unless the batch commits.
+    let carried = poller.carried_if_free();
+    let completed = carried
+        .as_ref()
+        .map_or(&[][..], |carried| carried.requests());
     let mut connection = connections.take().await?;
     let batched = db::sequencing::sequence_batch_claiming(
         &mut *connection,
         settings.batch_size,
         wakefulness,
         slots.len(),
-        carried.requests(),
+        completed,
     )
     .await;
     match connection.settle(batched) {
         Ok(batched) => {
-            let took = started.elapsed();
-            poller.claimed_at_enqueue(in_flight, carried, true, slots, batched.claimed, took);
+            poller.claimed_at_enqueue(in_flight, carried, true, slots, batched.claimed);
             Ok(after_batch(connections.pool(), batched.batch, started).await)
         }
         Err(error) => {
-            poller.claimed_at_enqueue(in_flight, carried, false, slots, Vec::new(), Duration::ZERO);
+            poller.claimed_at_enqueue(in_flight, carried, false, slots, Vec::new());
             Err(error.into())
         }
     }

@@ -20,8 +20,9 @@
 //! moment it looks at the lease until it commits; it then checks that no flagged row is
 //! left and clears the lease, in the same transaction. So a writer that saw the lease
 //! and stayed quiet is either committed (and its row seen) or still holding the lock (and
-//! the sequencer stays awake). The SQL is migration 8's `external_db_sync_sequence_batch`,
-//! called through [`crate::db::sequencing::sequence_batch`] with a [`Wakefulness`].
+//! the sequencer stays awake). The SQL is migration 8's (now in migration 21's
+//! `external_db_sync_sequence_and_claim`), called through
+//! [`crate::db::sequencing::sequence_batch`] with a [`Wakefulness`].
 //!
 //! **The sequencer's loop** ([`SequencerLoop`]) stays awake after work for a few short
 //! pauses (the next write is rarely further away), then asks to sleep at every batch;

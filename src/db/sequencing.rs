@@ -1,10 +1,12 @@
 //! The sequencer's query: numbering changed rows and queueing their tenancies.
 //!
-//! The batch itself is the SQL function `external_db_sync_sequence_batch` (see the
-//! migrations), so that one batch is one round trip and one transaction: it reads the
-//! fusebox, takes the sequencer's advisory lock, numbers the flagged rows and queues
-//! their tenancies. It also keeps the lease by which an awake sequencer loop tells
-//! writers that they need not notify it (migration 8, [`Wakefulness`]).
+//! The batch itself is the SQL function `external_db_sync_sequence_and_claim` (migration
+//! 21; `external_db_sync_sequence_batch` before it), so that one batch is one round trip
+//! and one transaction: it reads the fusebox, takes the sequencer's advisory lock,
+//! numbers the flagged rows and queues their tenancies, in `direct` mode claiming some of
+//! those requests for the caller's poller ([`sequence_batch_claiming`]). It also keeps
+//! the lease by which an awake sequencer loop tells writers that they need not notify it
+//! (migration 8, [`Wakefulness`]).
 
 use std::time::Duration;
 

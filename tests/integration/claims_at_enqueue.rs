@@ -312,3 +312,59 @@ async fn a_request_claimed_at_enqueue_by_a_process_that_died_is_taken_over_after
     assert_eq!(requests(&pool, tenancy).await, []);
     assert_tenant_matches_source(&pool, tenancy, &tenant).await;
 }
+
+/// A batch does not wait for a statement that is completing requests left for a claim
+/// (it would hold every change behind it): it carries none, and claims all the same.
+#[tokio::test]
+async fn a_batch_does_not_wait_for_a_statement_completing_requests_left() {
+    let pool = migrated_pool().await;
+    let poller = direct_poller(&pool, 4);
+    let (tenancy, tenant, ada) = tenancy_synced_once(&pool, &poller).await;
+    let turn = poller
+        .carried_if_free()
+        .expect("no statement completes any");
+    assert!(
+        poller.carried_if_free().is_none(),
+        "one statement at a time"
+    );
+
+    rename_user(&pool, ada, "ada 2").await;
+    let in_flight = InFlight::default();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        batch_claiming(&pool, &poller, &in_flight),
+    )
+    .await
+    .expect("the batch ran while the turn was held");
+    assert!(matches!(requests(&pool, tenancy).await[..], [(_, true, 1)]));
+    drop(turn);
+    assert_eq!(poller.finish(&in_flight).await.unwrap().published, 1);
+    assert_eq!(requests(&pool, tenancy).await, []);
+    assert_tenant_matches_source(&pool, tenancy, &tenant).await;
+}
+
+/// Once the process is stopping, a batch claims nothing: its poller is finishing what it
+/// started, and a publish started now would outlive it. The request stays pending for
+/// the next process.
+#[tokio::test]
+async fn a_stopping_process_claims_nothing_at_enqueue() {
+    let pool = migrated_pool().await;
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let poller = direct_poller(&pool, 4).stopping_on(stopping.clone());
+    let tenancy = tenancy_with_placeholder_database(&pool).await;
+    user(&pool, tenancy, "ada").await;
+    assert!(
+        !poller.slots_for_enqueue().is_empty(),
+        "free slots while running"
+    );
+
+    stopping.cancel();
+    assert!(poller.slots_for_enqueue().is_empty());
+    let in_flight = InFlight::default();
+    batch_claiming(&pool, &poller, &in_flight).await;
+    assert!(matches!(
+        requests(&pool, tenancy).await[..],
+        [(_, false, 0)]
+    ));
+    assert_eq!(poller.finish(&in_flight).await.unwrap().published, 0);
+}
