@@ -32,7 +32,7 @@
 //! mode whose writer fell behind its rate is not flattered. For `serve` it also counts
 //! task switches (its threads switched off their core, waiting or preempted, from
 //! `/proc/<pid>/task/*/status`): a process that moves small messages spends its CPU
-//! mostly on those waits and wake-ups. The source's CPU is also split by the kind of
+//! mostly on those waits and wake-ups. Each server's CPU is also split by the kind of
 //! process that spent it, told by the title PostgreSQL gives each one: the writer's
 //! sessions (the application's write and the capture triggers it fires), the service's
 //! sessions, autovacuum (with any other process that ended in the window), and the
@@ -262,13 +262,8 @@ impl Cluster {
         }
     }
 
-    /// CPU seconds of the server so far: the postmaster's own and its reaped children's,
-    /// and those of its children still alive.
-    fn cpu_seconds(&self) -> f64 {
-        self.cpu_by_process().total()
-    }
-
-    /// [`Cluster::cpu_seconds`], split by the kind of process that spent it.
+    /// CPU seconds of the server so far, by the kind of process that spent them: the
+    /// postmaster's own and its reaped children's, and those of its children still alive.
     fn cpu_by_process(&self) -> ServerCpu {
         let lock = std::fs::read_to_string(self.data.join("postmaster.pid"))
             .expect("the server is running: postmaster.pid");
@@ -821,6 +816,9 @@ struct Reading {
     /// The source's CPU seconds by kind of process.
     source_by_process: ServerCpu,
     target: f64,
+    /// The target's CPU seconds by kind of process (the service's sessions are its
+    /// connections to the tenant databases).
+    target_by_process: ServerCpu,
     serve: Option<f64>,
     /// `serve`'s task switches (see [`task_switches`]).
     serve_switches: Option<u64>,
@@ -842,11 +840,13 @@ impl Reading {
             target.service_statements().await,
         ];
         let source_cpu = source.cpu_by_process();
+        let target_cpu = target.cpu_by_process();
         Reading {
             wall: EPOCH.get_or_init(Instant::now).elapsed().as_secs_f64(),
             source: source_cpu.total(),
             source_by_process: source_cpu,
-            target: target.cpu_seconds(),
+            target: target_cpu.total(),
+            target_by_process: target_cpu,
             serve: serve.and_then(own_cpu_seconds),
             serve_switches: serve.and_then(task_switches),
             writer: own_cpu_seconds("self").expect("reading /proc/self/stat"),
@@ -864,6 +864,7 @@ impl Reading {
             source: self.source - before.source,
             source_by_process: self.source_by_process.minus(before.source_by_process),
             target: self.target - before.target,
+            target_by_process: self.target_by_process.minus(before.target_by_process),
             serve: self.serve.zip(before.serve).map(|(after, b)| after - b),
             serve_switches: (self.serve_switches.zip(before.serve_switches))
                 .map(|(after, b)| after.saturating_sub(b)),
@@ -1144,30 +1145,35 @@ fn print_report(outcomes: &[Outcome]) {
     }
     println!("\nPer change, CPU-milliseconds (task switches: `serve`'s threads, waiting or preempted):\n");
     print_table(&rows);
-    // Which processes of the source spend it: the write's own sessions, the service's,
-    // and the server's own work that the writes cause (vacuuming the versions they
-    // leave, writing the WAL out).
+    // Which processes of each server spend it: the write's own sessions (the probe's
+    // listener, on the target), the service's, and the server's own work that the writes
+    // cause (vacuuming the versions they leave, writing the WAL out).
     let header =
         "mode|all|the writer's sessions|the service's sessions|autovacuum and ended processes|\
                   WAL writer, checkpointer and the rest";
-    let mut rows = vec![header.split('|').map(str::to_owned).collect::<Vec<_>>()];
-    for outcome in outcomes {
-        let (cpu, changes) = (
-            &outcome.used.source_by_process,
-            outcome.changes.max(1) as f64,
-        );
-        let per_change = |seconds: f64| format!("{:.3}", seconds / changes * 1000.0);
-        rows.push(vec![
-            outcome.mode.label().to_owned(),
-            per_change(cpu.total()),
-            per_change(cpu.writer),
-            per_change(cpu.service),
-            per_change(cpu.autovacuum + cpu.ended),
-            per_change(cpu.background),
-        ]);
+    for (server, by_process) in [
+        (
+            "source",
+            (|used: &Reading| used.source_by_process) as fn(&Reading) -> ServerCpu,
+        ),
+        ("target", |used: &Reading| used.target_by_process),
+    ] {
+        let mut rows = vec![header.split('|').map(str::to_owned).collect::<Vec<_>>()];
+        for outcome in outcomes {
+            let (cpu, changes) = (by_process(&outcome.used), outcome.changes.max(1) as f64);
+            let per_change = |seconds: f64| format!("{:.3}", seconds / changes * 1000.0);
+            rows.push(vec![
+                outcome.mode.label().to_owned(),
+                per_change(cpu.total()),
+                per_change(cpu.writer),
+                per_change(cpu.service),
+                per_change(cpu.autovacuum + cpu.ended),
+                per_change(cpu.background),
+            ]);
+        }
+        println!("\nThe {server}'s CPU per change by process, CPU-milliseconds (a process that ended in the window is counted with the ended ones):\n");
+        print_table(&rows);
     }
-    println!("\nThe source's CPU per change by process, CPU-milliseconds (a process that ended in the window is counted with the ended ones):\n");
-    print_table(&rows);
     for Outcome {
         mode,
         used,

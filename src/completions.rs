@@ -20,11 +20,12 @@
 //! flight, so that the claim may take the request it held back. In `direct` mode the
 //! sequencer's batches of `serve`'s loop claim too, as they queue requests, and carry
 //! them the same way ([`db::sequencing::sequence_batch_claiming`]): under load each
-//! batch carries the completions of the syncs that ended since the last one. One that no claim takes within the wait
-//! (`POLLER_COMPLETION_WAIT_MS`, 20 ms) is completed by a statement of its own, with the
-//! others left by then; and so are those left when the poller finishes or the process
-//! stops. Until then its request still counts as in flight for other processes: a change
-//! to its tenancy that one of them would claim waits for that much longer.
+//! batch carries the completions of the syncs that ended since the last one. One that
+//! no claim takes within the wait (`POLLER_COMPLETION_WAIT_MS`, 20 ms) is completed by a
+//! statement of its own, with the others left by then; and so are those left when the
+//! poller finishes or the process stops. Until then its request still counts as in
+//! flight for other processes: a change to its tenancy that one of them would claim
+//! waits for that much longer.
 //!
 //! No durable state is added: a request is deleted when its completion commits, gathered,
 //! carried by a claim or alone, and one whose process stops before is taken over when

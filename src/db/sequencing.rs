@@ -24,8 +24,9 @@ pub struct SequencedBatch {
     /// Tenancies with at least one newly numbered row and a tenant database: those a
     /// request is queued for (a tenancy without databases costs no sync).
     pub tenancies: i64,
-    /// New pending `"OutgoingRequest"` rows; a tenancy that already had one pending gets
-    /// no second one (the batch relies on that one).
+    /// New `"OutgoingRequest"` rows, pending or claimed at their insert
+    /// ([`sequence_batch_claiming`]); a tenancy that already had one pending gets no
+    /// second one (the batch relies on that one).
     pub requests_enqueued: i64,
     /// The caller may sleep until notified: it asked to ([`Wakefulness::Sleepy`]), the
     /// batch found nothing, no writer was between checking the lease and committing,
