@@ -178,22 +178,21 @@ impl Left {
     /// Takes the oldest, at most [`MOST_LEFT`], once no other statement is completing
     /// some.
     async fn carry(&self) -> Carried<'_> {
-        let turn = self.turn.lock().await;
+        self.carried(self.turn.lock().await)
+    }
+
+    /// [`Left::carry`], if no other statement is completing some now; `None` otherwise.
+    fn carry_if_free(&self) -> Option<Carried<'_>> {
+        Some(self.carried(self.turn.try_lock().ok()?))
+    }
+
+    /// Takes the oldest, at most [`MOST_LEFT`], for the statement whose `turn` it is.
+    fn carried<'a>(&'a self, turn: tokio::sync::MutexGuard<'a, ()>) -> Carried<'a> {
         Carried {
             requests: self.take(),
             left: self,
             _turn: turn,
         }
-    }
-
-    /// [`Left::carry`], if no other statement is completing some now; `None` otherwise.
-    fn carry_if_free(&self) -> Option<Carried<'_>> {
-        let turn = self.turn.try_lock().ok()?;
-        Some(Carried {
-            requests: self.take(),
-            left: self,
-            _turn: turn,
-        })
     }
 
     /// Puts back `taken`, ahead of those left since.

@@ -630,7 +630,9 @@ impl Poller {
         if let Some(carried) = carried {
             self.completions.claimed(carried, committed);
         }
-        instruments::requests_claimed_at_enqueue(claimed.len() as u64);
+        if !claimed.is_empty() {
+            instruments::requests_claimed_at_enqueue(claimed.len() as u64);
+        }
         self.spawn_publishes(in_flight, slots, claimed);
     }
 

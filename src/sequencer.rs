@@ -129,17 +129,14 @@ pub(crate) async fn run_batch(
     claim_for: Option<&ClaimFor<'_>>,
 ) -> Result<SequencerRun, SequencerError> {
     let started = Instant::now();
-    let Some(ClaimFor { poller, in_flight }) = claim_for else {
-        let mut connection = connections.take().await?;
-        let batched =
-            db::sequencing::sequence_batch(&mut *connection, settings.batch_size, wakefulness)
-                .await;
-        let batch = connection.settle(batched)?;
-        return Ok(after_batch(connections.pool(), batch, started).await);
+    // What it carries is put back unless the batch commits.
+    let (slots, carried) = match claim_for {
+        Some(claim_for) => (
+            claim_for.poller.slots_for_enqueue(),
+            claim_for.poller.carried_if_free(),
+        ),
+        None => (Vec::new(), None),
     };
-    let slots = poller.slots_for_enqueue();
-    // Put back unless the batch commits.
-    let carried = poller.carried_if_free();
     let completed = carried
         .as_ref()
         .map_or(&[][..], |carried| carried.requests());
@@ -152,16 +149,14 @@ pub(crate) async fn run_batch(
         completed,
     )
     .await;
-    match connection.settle(batched) {
-        Ok(batched) => {
-            poller.claimed_at_enqueue(in_flight, carried, true, slots, batched.claimed);
-            Ok(after_batch(connections.pool(), batched.batch, started).await)
-        }
-        Err(error) => {
-            poller.claimed_at_enqueue(in_flight, carried, false, slots, Vec::new());
-            Err(error.into())
-        }
+    let (batch, claimed) = match connection.settle(batched) {
+        Ok(batched) => (Ok(batched.batch), batched.claimed),
+        Err(error) => (Err(error), Vec::new()),
+    };
+    if let Some(ClaimFor { poller, in_flight }) = claim_for {
+        poller.claimed_at_enqueue(in_flight, carried, batch.is_ok(), slots, claimed);
     }
+    Ok(after_batch(connections.pool(), batch?, started).await)
 }
 
 /// What follows a batch that started at `started`: its measures, and tombstones pruned

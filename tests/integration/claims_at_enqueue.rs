@@ -13,11 +13,11 @@ use external_db_sync::db::{fusebox, REQUESTS_CHANNEL};
 use external_db_sync::poller::{InFlight, PollerSettings};
 use external_db_sync::sequencer::{ClaimFor, SequencerSettings};
 use external_db_sync::wakeup::SequencerLoop;
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::harness::fixtures::{rename_user, request_key, tenancy_with_placeholder_database, user};
+use crate::harness::notifications::{listener_on, notified};
 use crate::harness::polling::{
     direct_poller, direct_poller_leasing, poll_once, tenancy_synced_once,
 };
@@ -35,21 +35,6 @@ async fn requests(pool: &PgPool, tenancy: Uuid) -> Vec<(Uuid, bool, i32)> {
     .fetch_all(pool)
     .await
     .unwrap()
-}
-
-/// Whether anything was announced on the requests channel before now: another session
-/// sends a marker, and the listener's first notification tells.
-async fn announced_before_now(pool: &PgPool, listener: &mut PgListener) -> bool {
-    sqlx::query("select pg_notify($1, 'marker')")
-        .bind(REQUESTS_CHANNEL)
-        .execute(pool)
-        .await
-        .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-        .await
-        .expect("the marker arrives")
-        .unwrap();
-    first.payload() != "marker"
 }
 
 /// A batch of the sequencer's loop, claiming for `poller` into `in_flight`.
@@ -77,14 +62,13 @@ async fn a_batch_claims_the_request_it_queues_and_its_sync_settles_it() {
     let pool = migrated_pool().await;
     let poller = direct_poller(&pool, 4);
     let (tenancy, tenant, ada) = tenancy_synced_once(&pool, &poller).await;
-    let mut listener = PgListener::connect_with(&pool).await.unwrap();
-    listener.listen(REQUESTS_CHANNEL).await.unwrap();
+    let mut listener = listener_on(&pool, REQUESTS_CHANNEL).await;
 
     rename_user(&pool, ada, "ada 2").await;
     let in_flight = InFlight::default();
     batch_claiming(&pool, &poller, &in_flight).await;
     assert!(
-        !announced_before_now(&pool, &mut listener).await,
+        !notified(&pool, &mut listener, REQUESTS_CHANNEL).await,
         "a request inserted claimed is announced to no poller"
     );
     let settled = poller.finish(&in_flight).await.unwrap();
@@ -167,8 +151,7 @@ async fn a_batch_claims_only_tenancies_with_nothing_queued_and_nothing_failing_u
         .unwrap();
     fusebox::write(&pool, None, Some(true)).await.unwrap();
 
-    let mut listener = PgListener::connect_with(&pool).await.unwrap();
-    listener.listen(REQUESTS_CHANNEL).await.unwrap();
+    let mut listener = listener_on(&pool, REQUESTS_CHANNEL).await;
     for (_, user) in &tenancies {
         rename_user(&pool, *user, "second").await;
     }
@@ -219,11 +202,10 @@ async fn a_batch_claims_only_tenancies_with_nothing_queued_and_nothing_failing_u
         matches!(requests(&pool, pending.0).await[..], [(_, false, 1)]),
         "the pending one is relied on"
     );
-    let first_heard = tokio::time::timeout(Duration::from_secs(10), listener.recv())
-        .await
-        .expect("the pending requests are announced")
-        .unwrap();
-    assert_eq!(first_heard.payload(), "");
+    assert!(
+        notified(&pool, &mut listener, REQUESTS_CHANNEL).await,
+        "the pending requests are announced"
+    );
 }
 
 /// Completions left for a claim go with the batch, first: the tenancy whose request

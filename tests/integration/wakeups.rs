@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::harness::app::TestApp;
 use crate::harness::fixtures::{self, rename_user, sequence_all};
+use crate::harness::notifications::{listener_on, notified};
 use crate::harness::postgres::migrated_pool;
 use crate::harness::sync::{assert_tenant_matches_source, tenancy_with_database, wait_for_user};
 use crate::harness::wait;
@@ -22,7 +23,6 @@ use crate::harness::wait;
 const LEASE: Duration = Duration::from_secs(600);
 const AWAKE: Wakefulness = Wakefulness::Awake { lease: LEASE };
 const SLEEPY: Wakefulness = Wakefulness::Sleepy { lease: LEASE };
-const SENTINEL: &str = "sentinel";
 
 async fn batch(pool: &PgPool, wakefulness: Wakefulness) -> SequencedBatch {
     sequence_batch(pool, 1000, wakefulness)
@@ -35,37 +35,9 @@ async fn listener(pool: &PgPool) -> PgListener {
     listener_on(pool, CHANGES_CHANNEL).await
 }
 
-async fn listener_on(pool: &PgPool, channel: &str) -> PgListener {
-    let mut listener = PgListener::connect_with(pool).await.unwrap();
-    listener.listen(channel).await.unwrap();
-    listener
-}
-
 /// Whether the writes committed since the last call sent a change notification.
 async fn writes_notified(pool: &PgPool, listener: &mut PgListener) -> bool {
     notified(pool, listener, CHANGES_CHANNEL).await
-}
-
-/// Whether anything committed since the last call notified `channel` (`listener` listens
-/// on it alone). Notifications arrive in commit order, so a sentinel sent now arrives
-/// after any sent before: what comes first tells.
-async fn notified(pool: &PgPool, listener: &mut PgListener, channel: &str) -> bool {
-    sqlx::query("select pg_notify($1, $2)")
-        .bind(channel)
-        .bind(SENTINEL)
-        .execute(pool)
-        .await
-        .unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(30), listener.recv())
-        .await
-        .expect("the sentinel arrives")
-        .unwrap();
-    if first.payload() == SENTINEL {
-        return false;
-    }
-    // Drain up to the sentinel, so that the next call starts clean.
-    while listener.recv().await.unwrap().payload() != SENTINEL {}
-    true
 }
 
 async fn sequencer_awake(pool: &PgPool) -> bool {

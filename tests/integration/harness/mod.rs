@@ -5,6 +5,7 @@
 pub mod app;
 pub mod binary;
 pub mod fixtures;
+pub mod notifications;
 pub mod plans;
 pub mod polling;
 pub mod postgres;
