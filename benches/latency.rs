@@ -22,8 +22,11 @@
 //! default 1000), `BENCH_SECONDS` (default 10), `BENCH_TENANCIES` (default 50),
 //! `BENCH_DURABLE=0` (no `fsync`, to see what disk flushes cost), `BENCH_STATEMENTS=1`
 //! (print the statements that took the servers' time while writing, from
-//! `pg_stat_statements`). The service's own variables (`POLLER_*`, `SEQUENCER_*`,
-//! `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) pass through from the environment.
+//! `pg_stat_statements`), `BENCH_TAIL=<ms>` (the writes slower than that, by the tenth of
+//! a second they were written in and by tenancy). Before measuring, one change per
+//! tenancy goes through unmeasured (a warm-up). The service's own variables
+//! (`POLLER_*`, `SEQUENCER_*`, `SYNC_*`, `DATABASE_MAX_CONNECTIONS`) pass through from
+//! the environment.
 
 #[path = "support/cpu_times.rs"]
 mod cpu_times;
@@ -46,6 +49,13 @@ use uuid::Uuid;
 use cpu_times::CpuTimes;
 
 const USERS_PER_TENANCY: i32 = 20;
+
+/// One change: the write time goes into the user's metadata, to be read back where it
+/// arrives.
+const WRITE: &str = r#"update "ProjectUser"
+    set "serverMetadata" = jsonb_build_object('writtenAt', clock_timestamp())
+    where "tenancyId" = $1 and "projectUserId" = $2
+    returning ("serverMetadata" ->> 'writtenAt')::timestamptz"#;
 
 /// A version of a user that reached a tenant database: `(written_at, arrived_at)`.
 type Arrival = (DateTime<Utc>, DateTime<Utc>);
@@ -245,6 +255,29 @@ async fn main() {
     // freshly filled tables whole (each sequencer batch read every user twice) until
     // autovacuum's first analyze, a minute or so into a run.
     sqlx::raw_sql("analyze").execute(&pool).await.unwrap();
+    // One change per tenancy, not measured. Without it the first change of each
+    // tenancy after the arrival log's trigger was created (and the analyze) came late:
+    // with `BENCH_TAIL`, every write over 60 ms at 400 changes/s was in a run's first
+    // half second, over 40 of 50 tenancies, up to 300 ms, and at 1,000 changes/s that
+    // half second is 5 % of the writes, p99's whole margin.
+    let warming = Instant::now();
+    for (tenancy, user) in users.iter().step_by(USERS_PER_TENANCY as usize) {
+        sqlx::query(WRITE)
+            .bind(tenancy)
+            .bind(user)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    }
+    for (_, tenant) in &tenants {
+        wait_for(Duration::from_secs(120), || async {
+            sqlx::query_scalar::<_, bool>("select exists (select from arrivals)")
+                .fetch_one(tenant)
+                .await
+                .unwrap_or(false)
+        })
+        .await;
+    }
     sqlx::raw_sql(
         "create extension if not exists pg_stat_statements; select pg_stat_statements_reset()",
     )
@@ -252,7 +285,11 @@ async fn main() {
     .await
     .unwrap();
     let metrics_before = Ticks::read();
-    println!("initial sync done; writing");
+    println!(
+        "initial sync done; one change per tenancy arrived in {:.0} ms (warming up: not \
+         measured); writing",
+        warming.elapsed().as_secs_f64() * 1000.0
+    );
 
     // The writer: one change per tick, each its own transaction.
     let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -270,16 +307,11 @@ async fn main() {
         let permit = in_flight.clone().acquire_owned().await.unwrap();
         let (pool, writes, errors) = (pool.clone(), writes.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            let written: Result<DateTime<Utc>, _> = sqlx::query_scalar(
-                r#"update "ProjectUser"
-                   set "serverMetadata" = jsonb_build_object('writtenAt', clock_timestamp())
-                   where "tenancyId" = $1 and "projectUserId" = $2
-                   returning ("serverMetadata" ->> 'writtenAt')::timestamptz"#,
-            )
-            .bind(tenancy)
-            .bind(user)
-            .fetch_one(&pool)
-            .await;
+            let written: Result<DateTime<Utc>, _> = sqlx::query_scalar(WRITE)
+                .bind(tenancy)
+                .bind(user)
+                .fetch_one(&pool)
+                .await;
             match written {
                 Ok(at) => writes.lock().unwrap().push((user, at)),
                 Err(_) => {
@@ -375,6 +407,12 @@ async fn main() {
             (arrived - *written).num_microseconds().unwrap_or(0) as f64 / 1000.0
         })
         .collect();
+    if let Some(over) = std::env::var("BENCH_TAIL")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        print_tail(&writes, &latencies, &users, over);
+    }
     latencies.sort_by(f64::total_cmp);
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     let failures: i64 = sqlx::query_scalar(
@@ -433,11 +471,16 @@ async fn main() {
 /// The statements the service sent while the writer ran (every statement but the
 /// writer's, which is the only one the benchmark sends meanwhile), from
 /// `pg_stat_statements`: to the internal database, and to the tenant databases added up.
+/// The writer's are told apart by their text without its constants: `pg_stat_statements`
+/// keeps a statement first parsed after its reset normalized (`jsonb_build_object($1,
+/// …)`), one prepared before it as written (before this, a filter on the constant
+/// counted the writer's statements of the connections opened after the reset as the
+/// service's, up to one per change).
 async fn print_busy_statements(pool: &PgPool, writing: Duration, changes: usize) {
     let (internal, tenant): (i64, i64) = sqlx::query_as(
         r#"select coalesce(sum(s.calls) filter (
                       where d.datname not like '%bench_tenant%'
-                        and s.query not like '%writtenAt%'
+                        and s.query not like '%set "serverMetadata" = jsonb_build_object(%'
                         and s.query not like '%pg_stat_statements%'), 0)::bigint,
                   coalesce(sum(s.calls) filter (where d.datname like '%bench_tenant%'), 0)::bigint
            from pg_stat_statements s join pg_database d on d.oid = s.dbid"#,
@@ -534,6 +577,41 @@ async fn print_statements(pool: &PgPool) {
 }
 
 /// The users of the tenancy whose database is `tenant`.
+/// `BENCH_TAIL=<ms>`: the writes slower than that, by the tenth of a second they were
+/// written in (counted from the first write) and by tenancy, to tell a stall of the whole pipeline
+/// (slow writes of many tenancies in one moment) from one tenancy's path.
+fn print_tail(
+    writes: &[(Uuid, DateTime<Utc>)],
+    latencies: &[f64],
+    users: &[(Uuid, Uuid)],
+    over: f64,
+) {
+    let Some(first) = writes.iter().map(|(_, at)| *at).min() else {
+        return;
+    };
+    let tenancy_of: HashMap<Uuid, Uuid> = users.iter().map(|(t, u)| (*u, *t)).collect();
+    let mut by_second: std::collections::BTreeMap<
+        i64,
+        (usize, f64, std::collections::HashSet<Uuid>),
+    > = Default::default();
+    for ((user, at), latency) in writes.iter().zip(latencies).filter(|(_, l)| **l > over) {
+        let tenth = (*at - first).num_milliseconds() / 100;
+        let entry = by_second.entry(tenth).or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(*latency);
+        entry.2.insert(tenancy_of[user]);
+    }
+    let slow: usize = by_second.values().map(|(count, _, _)| count).sum();
+    println!("writes slower than {over} ms: {slow} of {}", writes.len());
+    for (tenth, (count, worst, tenancies)) in by_second {
+        println!(
+            "  written at {:.1} s: {count} (worst {worst:.0} ms) over {} tenancies",
+            tenth as f64 / 10.0,
+            tenancies.len()
+        );
+    }
+}
+
 fn users_of(users: &[(Uuid, Uuid)], tenant: &PgPool, tenants: &[(Uuid, PgPool)]) -> Vec<Uuid> {
     let tenancy = tenants
         .iter()
