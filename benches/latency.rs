@@ -576,10 +576,9 @@ async fn print_statements(pool: &PgPool) {
     }
 }
 
-/// The users of the tenancy whose database is `tenant`.
 /// `BENCH_TAIL=<ms>`: the writes slower than that, by the tenth of a second they were
-/// written in (counted from the first write) and by tenancy, to tell a stall of the whole pipeline
-/// (slow writes of many tenancies in one moment) from one tenancy's path.
+/// written in (counted from the first write) and by tenancy, to tell a stall of the
+/// whole pipeline (slow writes of many tenancies in one moment) from one tenancy's path.
 fn print_tail(
     writes: &[(Uuid, DateTime<Utc>)],
     latencies: &[f64],
@@ -590,20 +589,20 @@ fn print_tail(
         return;
     };
     let tenancy_of: HashMap<Uuid, Uuid> = users.iter().map(|(t, u)| (*u, *t)).collect();
-    let mut by_second: std::collections::BTreeMap<
+    let mut by_tenth: std::collections::BTreeMap<
         i64,
         (usize, f64, std::collections::HashSet<Uuid>),
     > = Default::default();
     for ((user, at), latency) in writes.iter().zip(latencies).filter(|(_, l)| **l > over) {
         let tenth = (*at - first).num_milliseconds() / 100;
-        let entry = by_second.entry(tenth).or_default();
+        let entry = by_tenth.entry(tenth).or_default();
         entry.0 += 1;
         entry.1 = entry.1.max(*latency);
         entry.2.insert(tenancy_of[user]);
     }
-    let slow: usize = by_second.values().map(|(count, _, _)| count).sum();
+    let slow: usize = by_tenth.values().map(|(count, _, _)| count).sum();
     println!("writes slower than {over} ms: {slow} of {}", writes.len());
-    for (tenth, (count, worst, tenancies)) in by_second {
+    for (tenth, (count, worst, tenancies)) in by_tenth {
         println!(
             "  written at {:.1} s: {count} (worst {worst:.0} ms) over {} tenancies",
             tenth as f64 / 10.0,
@@ -612,6 +611,7 @@ fn print_tail(
     }
 }
 
+/// The users of the tenancy whose database is `tenant`.
 fn users_of(users: &[(Uuid, Uuid)], tenant: &PgPool, tenants: &[(Uuid, PgPool)]) -> Vec<Uuid> {
     let tenancy = tenants
         .iter()

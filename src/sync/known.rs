@@ -12,8 +12,8 @@ use crate::mapping::Mapping;
 /// checked again: each database its own time in this range, drawn when it is prepared.
 /// With one time for all, every tenancy first synced in one moment (a process starting,
 /// an initial sync of all of them) prepared again in one moment a minute later, and
-/// again each minute after: at 400 changes/s over 50 tenancies that was 1.6 s in which
-/// the writes of 40 tenancies came 100–500 ms late (`latency` with `BENCH_TAIL`).
+/// again each minute after: at 400 changes/s over 50 tenancies that was 1.5 s in which
+/// the writes of 30–40 tenancies came up to 0.5 s late (`latency` with `BENCH_TAIL`).
 const RECHECK_AFTER: std::ops::Range<Duration> = Duration::from_secs(45)..Duration::from_secs(75);
 
 /// What this process learned about tenant databases it synced recently, by tenancy and
@@ -128,7 +128,8 @@ mod tests {
             assert!(*at >= marked + RECHECK_AFTER.start, "not before the range");
             assert!(*at < after_mark + RECHECK_AFTER.end, "not after the range");
         }
-        // 200 draws over 30 s all within 10 s of each other: a chance of 3^-199.
+        // 200 draws over 30 s all within 10 s of one another: a chance of about
+        // 200 × 3^-199.
         let (first, last) = (until.iter().min().unwrap(), until.iter().max().unwrap());
         assert!(
             *last - *first > Duration::from_secs(10),
